@@ -1,0 +1,3 @@
+from livetower.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""The `livetower` command line. Thin: parses flags into config dataclasses and calls the parts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("var/livetower")
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _server_config(args):
+    from server.config import ServerConfig
+    from server.engine.manager import EngineManagerConfig
+
+    return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
+                        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s),
+                        torch_threads=args.threads)
+
+
+def _train_config(args):
+    from trainer.config import TrainConfig
+
+    base = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
+    changes = {k: v for k, v in dict(backend=args.backend, round_min_events=args.round_min_events,
+                                      round_interval_s=args.round_interval_s, epochs_per_round=args.epochs,
+                                      precision=args.precision).items() if v is not None}
+    changes["inductor_cache_dir"] = args.data_dir / "inductor-cache"
+    return base.replace(**changes)
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0 = any free, -1 = off)")
+    p.add_argument("--poll-interval-s", type=float, default=1.0, help="registry check interval")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for serving")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("aoti", "onnx", "torch"), help="engine backend (default aoti)")
+    p.add_argument("--round-min-events", type=int, help="start a round at this backlog (default 1000)")
+    p.add_argument("--round-interval-s", type=float, help="or after this long with any backlog (default 30)")
+    p.add_argument("--epochs", type=int, help="passes over each round's events (default 2)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast precision (default bf16)")
+    p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from server.app import serve
+
+    torch.set_num_threads(args.threads)
+    asyncio.run(serve(_server_config(args), on_started=lambda s, port: print(
+        f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from livetower.eventlog import SqliteEventLog
+    from livetower.registry import Registry
+    from trainer.loop import Trainer
+
+    torch.set_num_threads(args.train_threads)
+    cfg = _train_config(args)
+    event_log = SqliteEventLog(args.data_dir / "events.sqlite")
+    trainer = Trainer(cfg, event_log, Registry(args.data_dir / "registry"), args.data_dir / "trainer")
+    if args.once:
+        result = trainer.run_round()
+        print(json.dumps(None if result is None else dataclasses.asdict(result), indent=1))
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("livetower.trainer").info("trainer running on %s (backend %s, backlog %d events)",
+                                                args.data_dir, cfg.backend, trainer.backlog())
+    trainer.run(stop)
+    return 0
+
+
+def cmd_up(args) -> int:
+    from livetower.up import run_up
+
+    train_args = []
+    for flag in ("backend", "round_min_events", "round_interval_s", "epochs", "precision"):
+        if getattr(args, flag) is not None:
+            train_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.tiny:
+        train_args.append("--tiny")
+    run_up(_server_config(args), train_args=train_args, bootstrap_users=args.bootstrap_users)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from livetower.eventlog import SqliteEventLog
+
+    if args.source == "synthetic":
+        from trainer.data.synthetic import SyntheticConfig, generate
+
+        events = list(generate(SyntheticConfig(n_users=args.users, seed=args.seed)))
+    else:
+        from trainer.data.movielens import load_ml100k
+
+        events = load_ml100k(args.path)
+    log = SqliteEventLog(args.data_dir / "events.sqlite")
+    added = sum(log.append(events[i:i + 10_000]) for i in range(0, len(events), 10_000))
+    print(f"appended {added} new events ({len(events) - added} already present) to {log.path}")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from google.protobuf import json_format
+
+    from livetower.client import Client
+
+    c = Client(args.target)
+    history = args.history.split(",") if args.history else None
+    if args.what == "recommend":
+        resp = c.recommend(args.user, k=args.k, history=history, exclude_seen=args.exclude_seen)
+    elif args.what == "score":
+        resp = c.score(args.user, args.candidates.split(","), history=history)
+    else:
+        resp = c.log_event(args.user, args.item)
+    print(json_format.MessageToJson(resp, preserving_proto_field_name=True))
+    return 0
+
+
+def cmd_engines(args) -> int:
+    from google.protobuf import json_format
+
+    from livetower.client import Client
+
+    c = Client(args.target)
+    if args.what == "status":
+        print(json_format.MessageToJson(c.rollout(), preserving_proto_field_name=True))
+        return 0
+    resp = c.list_engines()
+    print(f"serving: {resp.serving_version}")
+    for m in resp.engines:
+        metrics = {k: round(v, 4) for k, v in m.eval_metrics.items() if "recall" in k}
+        print(f"v{m.version} parent={m.parent} backend={m.backend} items={m.item_count} "
+              f"events={m.trained_events} parity={m.parity_max_abs_diff:.1e} build={m.build_seconds:.1f}s {metrics}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.data.movielens import load_ml100k
+    from trainer.offline import leave_last_out
+
+    cfg = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
+    cfg = cfg.replace(precision=args.precision or cfg.precision)
+    result = leave_last_out(load_ml100k(args.path), cfg, epochs=args.epochs)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livetower", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("LIVETOWER_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="server + trainer sidecar on embedded defaults")
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument("--bootstrap-users", type=int, default=2000, help="synthetic users when the log is empty")
+    _add_server_flags(up)
+    _add_train_flags(up)
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="the gRPC server alone")
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    _add_server_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser("train", help="the trainer alone")
+    train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    train.add_argument("--once", action="store_true", help="run one round and exit")
+    train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    ingest = sub.add_parser("ingest", help="append events to the log from a generator or data set")
+    ingest.add_argument("source", choices=("synthetic", "ml100k"))
+    ingest.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    ingest.add_argument("--path", type=Path, default=Path("../shared/data/ml-100k"))
+    ingest.add_argument("--users", type=int, default=2000)
+    ingest.add_argument("--seed", type=int, default=0)
+    ingest.set_defaults(func=cmd_ingest)
+
+    query = sub.add_parser("query", help="call the native API")
+    query.add_argument("what", choices=("recommend", "score", "log"))
+    query.add_argument("--target", default=DEFAULT_TARGET)
+    query.add_argument("--user", required=True)
+    query.add_argument("--k", type=int, default=10)
+    query.add_argument("--history", help="comma-separated item ids, newest last")
+    query.add_argument("--candidates", default="", help="comma-separated item ids (score)")
+    query.add_argument("--item", help="item id (log)")
+    query.add_argument("--exclude-seen", action="store_true")
+    query.set_defaults(func=cmd_query)
+
+    engines = sub.add_parser("engines", help="engine registry and rollout")
+    engines.add_argument("what", choices=("list", "status"))
+    engines.add_argument("--target", default=DEFAULT_TARGET)
+    engines.set_defaults(func=cmd_engines)
+
+    ev = sub.add_parser("eval", help="offline leave-last-out evaluation on ml-100k vs popularity")
+    ev.add_argument("--path", type=Path, default=Path("../shared/data/ml-100k"))
+    ev.add_argument("--epochs", type=int, default=30)
+    ev.add_argument("--precision", choices=("bf16", "fp32"))
+    ev.add_argument("--tiny", action="store_true")
+    ev.add_argument("--out", help="write the JSON result here too")
+    ev.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import grpc
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1

@@ -1,0 +1,39 @@
+"""The event contract: validation shared by every producer path (LogEvents, log readers, Kafka later)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from proto import livetower_v1_pb2 as pb
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class EventLimits:
+    max_id_chars: int = 256          # user_id / item_id length limit
+    max_event_id_chars: int = 128    # event_id length limit
+    max_action_chars: int = 32       # action length limit
+    max_abs_weight: float = 1e6      # |weight| limit
+    max_future_ms: int = 24 * 3600 * 1000  # how far past "now" a timestamp may lie (clock skew)
+
+
+DEFAULT_LIMITS = EventLimits()
+
+
+def event_problem(ev: pb.Event, now_ms: int, limits: EventLimits = DEFAULT_LIMITS) -> str | None:
+    """Why `ev` cannot be accepted (naming the field and the limit), or None when it is valid."""
+    for field, limit in (("event_id", limits.max_event_id_chars), ("user_id", limits.max_id_chars),
+                         ("item_id", limits.max_id_chars), ("action", limits.max_action_chars)):
+        value = getattr(ev, field)
+        if not value:
+            return f"{field} is empty; it must be 1..{limit} characters"
+        if len(value) > limit:
+            return f"{field} has {len(value)} characters; the limit is {limit}"
+    if not math.isfinite(ev.weight) or abs(ev.weight) > limits.max_abs_weight:
+        return f"weight is {ev.weight}; it must be finite with |weight| <= {limits.max_abs_weight:g}"
+    if ev.timestamp_ms <= 0:
+        return f"timestamp_ms is {ev.timestamp_ms}; it must be > 0 (Unix epoch milliseconds)"
+    if ev.timestamp_ms > now_ms + limits.max_future_ms:
+        return (f"timestamp_ms is {ev.timestamp_ms}, more than {limits.max_future_ms} ms after the "
+                f"server's clock ({now_ms}); send epoch milliseconds")
+    return None

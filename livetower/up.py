@@ -1,0 +1,95 @@
+"""`livetower up`: the whole loop on one machine — bootstrap events, trainer sidecar, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from livetower.eventlog import SqliteEventLog
+from server.app import serve
+from server.config import ServerConfig
+
+log = logging.getLogger("livetower.up")
+
+
+def bootstrap_if_empty(event_log: SqliteEventLog, *, users: int, seed: int = 0) -> int:
+    """Fill an empty log from the synthetic generator so a first engine can be trained."""
+    if event_log.count() > 0:
+        return 0
+    from trainer.data.synthetic import SyntheticConfig, generate  # trainer code, in the bootstrap step only
+
+    cfg = SyntheticConfig(n_users=users, seed=seed)
+    total, chunk = cfg.n_users * cfg.events_per_user, []
+    print(f"event log is empty: writing {total} synthetic events ({cfg.n_users} users, {cfg.n_items} items, "
+          f"{cfg.n_clusters} drifting interest clusters)", flush=True)
+    written = 0
+    for ev in generate(cfg):
+        chunk.append(ev)
+        if len(chunk) == 10_000:
+            written += event_log.append(chunk)
+            chunk.clear()
+            print(f"  {written}/{total} events", flush=True)
+    written += event_log.append(chunk)
+    return written
+
+
+def trainer_command(data_dir: Path, train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "livetower", "train", "--data-dir", str(data_dir), *train_args]
+
+
+async def supervise_trainer(cmd: list[str], stop: asyncio.Event) -> None:
+    """Run the trainer as a child process; restart it (with back-off) if it dies; stop it on exit."""
+    backoff = 1.0
+    while not stop.is_set():
+        proc = subprocess.Popen(cmd)
+        started = time.monotonic()
+        while proc.poll() is None and not stop.is_set():
+            await asyncio.sleep(0.5)
+        if stop.is_set():
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        log.error("trainer exited with code %s; restarting in %.0fs (it resumes from its checkpoint)",
+                  proc.returncode, backoff)
+        await asyncio.sleep(backoff)
+
+
+def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int) -> None:
+    event_log = SqliteEventLog(config.events_path)
+    try:
+        bootstrap_if_empty(event_log, users=bootstrap_users)
+    finally:
+        event_log.close()
+
+    def announce(server, port: int) -> None:
+        target = f"{'localhost' if config.host in ('127.0.0.1', 'localhost') else config.host}:{port}"
+        metrics = f"http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
+        print(f"""
+livetower is up: gRPC on {target}, metrics {metrics}, data in {config.data_dir}
+The trainer sidecar is training the first engine (about a minute); until then Recommend says UNAVAILABLE.
+Try, in another shell:
+  livetower engines status --target {target}
+  livetower query recommend --target {target} --user user-7 --k 5
+  livetower query log --target {target} --user user-7 --item item-42     # then watch a new engine appear
+  grpcurl -plaintext -d '{{"user_id":"user-7","k":5}}' {target} livetower.v1.Recommender/Recommend
+Ctrl-C stops both.
+""", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        sidecar = asyncio.create_task(supervise_trainer(trainer_command(Path(config.data_dir), train_args), stop))
+        try:
+            await serve(config, on_started=announce)
+        finally:
+            stop.set()
+            await sidecar
+
+    asyncio.run(main())

@@ -1,0 +1,136 @@
+"""Server assembly: gRPC server with the servicers, health, reflection, metrics and the engine watcher.
+
+`create_server(config)` returns (server, port) so tests can bind port 0. `serve(config)` runs until
+SIGINT/SIGTERM and shuts down gracefully: NOT_SERVING, stop the watcher, drain, `server.stop(grace)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from livetower.eventlog import SqliteEventLog
+from livetower.registry import Registry
+from proto import livetower_v1_pb2 as pb
+from proto import livetower_v1_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.engine.manager import EngineManager
+from server.history import RecentHistory
+from server.interceptors import ObservabilityInterceptor
+from server.metrics import ServerMetrics
+from server.servicer import EngineAdminServicer, RecommenderServicer
+
+log = logging.getLogger("livetower.server")
+RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+ADMIN = pb.DESCRIPTOR.services_by_name["EngineAdmin"].full_name
+GRPC_MAX_MESSAGE_BYTES = 64 << 20  # transport cap; the friendlier per-request limit is in RequestLimits
+
+
+@dataclass(slots=True)
+class LivetowerServer:
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    manager: EngineManager
+    health: health.aio.HealthServicer
+    event_log: SqliteEventLog
+    history: RecentHistory
+    metrics: ServerMetrics
+    metrics_port: int | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _metrics_http: object | None = None
+    _port: int = 0
+
+    async def start(self) -> None:
+        warm = await asyncio.to_thread(self.event_log.latest, self.config.history_warm_events)
+        for ev in warm:
+            self.history.append(ev.user_id, ev.item_id)
+        if self.config.metrics_port is not None:
+            httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                         registry=self.metrics.registry)
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
+        await self.grpc_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
+        self._tasks.append(asyncio.create_task(self._track_health()))
+        log.info("gRPC on %s:%d; %d users' history warmed from %d events", self.config.host,
+                 self.grpc_server_port, len(self.history), len(warm))
+
+    @property
+    def grpc_server_port(self) -> int:
+        return self._port
+
+    async def _track_health(self) -> None:
+        serving = False
+        while not self._stop.is_set():
+            now = self.manager.current is not None
+            if now != serving:
+                serving = now
+                await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.SERVING if now
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=0.2)
+            except TimeoutError:
+                pass
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers drain us
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self.event_log.close()
+
+
+def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
+    """Build (not start) the server bound to config.host:config.port; returns it and the bound port."""
+    registry = Registry(config.registry_path)
+    event_log = SqliteEventLog(config.events_path)
+    metrics = ServerMetrics()
+    manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event)
+    history = RecentHistory(max_users=config.history_users, per_user=config.history_len)
+    grpc_server = grpc.aio.server(
+        interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes)],
+        options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)])
+    pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderServicer(manager=manager, history=history, event_log=event_log, limits=config.limits,
+                            metrics=metrics), grpc_server)
+    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server)
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind gRPC on {config.host}:{config.port}: is another server running there?")
+    server = LivetowerServer(config=config, grpc_server=grpc_server, manager=manager, health=health_servicer,
+                             event_log=event_log, history=history, metrics=metrics)
+    server._port = port
+    return server, port
+
+
+async def serve(config: ServerConfig, *, on_started=None) -> None:
+    server, port = create_server(config)
+    await server.start()
+    if on_started is not None:
+        on_started(server, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", config.grace_s)
+    await server.stop()

@@ -1,0 +1,59 @@
+"""Server configuration: one typed, validated dataclass passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.engine.manager import EngineManagerConfig
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class RequestLimits:
+    max_k: int = 1000                    # Recommend.k must be in 1..max_k
+    max_candidates: int = 10_000         # Score.candidate_ids per request
+    max_history: int = 512               # items in a request's history
+    max_id_chars: int = 256              # user/item id length
+    max_events: int = 10_000             # LogEvents.events per request
+    max_request_bytes: int = 4 << 20     # serialized request size; larger gets INVALID_ARGUMENT
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_candidates", "max_history", "max_id_chars", "max_events", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path                        # holds events.sqlite and registry/
+    host: str = "127.0.0.1"               # interface the gRPC server binds
+    port: int = 50051                     # gRPC port (0 = pick a free one)
+    metrics_port: int | None = 9464       # Prometheus /metrics port (0 = free one, None = off)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    engines: EngineManagerConfig = field(default_factory=EngineManagerConfig)
+    history_users: int = 100_000          # users whose recent history is kept in memory (LRU)
+    history_len: int = 50                 # recent items kept per user
+    history_warm_events: int = 200_000    # newest logged events replayed into the history at start
+    grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
+    torch_threads: int = 1                # torch intra-op threads for serving (retrieval + torch runners)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 or None, got {self.metrics_port}")
+        for name in ("history_users", "history_len", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.history_warm_events < 0:
+            raise ValueError(f"history_warm_events must be >= 0, got {self.history_warm_events}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+
+    @property
+    def events_path(self) -> Path:
+        return Path(self.data_dir) / "events.sqlite"
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.data_dir) / "registry"

@@ -1,0 +1,129 @@
+"""A loaded serving engine: user-tower runner + item matrix + id vocabulary + popularity.
+
+Backend-agnostic and grpc-free. Immutable after construction, so requests that started on it
+finish on it while a newer engine takes over; it is freed when the last reference goes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kernels.retrieval import topk_cosine_reference
+from livetower.registry import ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE
+from proto import livetower_v1_pb2 as pb
+from server.engine.backends import UserTowerRunner, load_runner
+
+PAD_ROW = 0
+
+
+class EngineRejected(Exception):
+    """An engine that must not take traffic (parity failure, unloadable files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    item_ids: list[str]
+    scores: list[float]
+    source: str  # "model" | "popularity"
+
+
+class Engine:
+    def __init__(self, manifest: pb.EngineManifest, runner: UserTowerRunner, item_ids: list[str],
+                 items_ND: np.ndarray, popularity_ids: list[str], popularity_scores: list[float]) -> None:
+        if items_ND.shape != (len(item_ids), manifest.dim):
+            raise EngineRejected(f"items matrix is {items_ND.shape}, expected ({len(item_ids)}, {manifest.dim})")
+        self.manifest = manifest
+        self.version = int(manifest.version)
+        self.max_history = int(manifest.max_history)
+        self.runner = runner
+        self.item_ids = item_ids
+        self.row_of = {item: i + 1 for i, item in enumerate(item_ids)}  # vocab row (0 = pad)
+        self.items_ND = torch.from_numpy(items_ND)
+        self.popularity_ids = popularity_ids
+        self.popularity_scores = popularity_scores
+
+    @classmethod
+    def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1) -> "Engine":
+        engine_dir = Path(engine_dir)
+        if manifest.backend not in USER_TOWER_FILE:
+            raise EngineRejected(f"engine {manifest.version}: unknown backend {manifest.backend!r}")
+        runner = load_runner(manifest.backend, engine_dir / USER_TOWER_FILE[manifest.backend], num_threads=num_threads)
+        item_ids = json.loads((engine_dir / ITEM_IDS_FILE).read_text())
+        items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
+        pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
+        return cls(manifest, runner, item_ids, items_ND, pop["item_ids"], pop["scores"])
+
+    # ---- checks before taking traffic
+    def golden_max_abs_diff(self) -> float:
+        g = self.manifest.golden
+        rows_BT = np.asarray(g.history_rows, dtype=np.int64).reshape(g.batch, g.seq_len)
+        want_BD = np.asarray(g.user_embeddings, dtype=np.float32).reshape(g.batch, g.dim)
+        got_BD = self.runner(rows_BT)
+        if got_BD.shape != want_BD.shape:
+            raise EngineRejected(f"engine {self.version}: golden output shape {got_BD.shape} != {want_BD.shape}")
+        diff = float(np.max(np.abs(got_BD - want_BD)))
+        if not np.isfinite(diff):
+            raise EngineRejected(f"engine {self.version}: golden outputs are not finite")
+        return diff
+
+    def warm_up(self, calls: int) -> float:
+        """Run representative requests so lazy init and allocator growth happen off the request path."""
+        t0 = time.perf_counter()
+        hist = self.item_ids[: self.max_history]
+        for _ in range(calls):
+            self.recommend(hist, k=min(100, max(1, len(self.item_ids))), exclude_seen=True)
+        return time.perf_counter() - t0
+
+    # ---- serving
+    def history_rows(self, history: Sequence[str]) -> np.ndarray:
+        """Known items of the history, newest last, truncated to the newest max_history, left-padded."""
+        rows = [r for r in (self.row_of.get(h) for h in history) if r is not None][-self.max_history:]
+        out_T = np.zeros(self.max_history, dtype=np.int64)
+        if rows:
+            out_T[-len(rows):] = rows
+        return out_T
+
+    def _user_vector(self, history: Sequence[str]) -> torch.Tensor | None:
+        rows_T = self.history_rows(history)
+        if rows_T[-1] == PAD_ROW:
+            return None  # no known item: popularity
+        return torch.from_numpy(self.runner(rows_T[None, :]))  # (1, D)
+
+    def recommend(self, history: Sequence[str], k: int, exclude_seen: bool) -> Ranked:
+        seen = set(history) if exclude_seen else set()
+        u_1D = self._user_vector(history)
+        if u_1D is None:
+            picked = [(i, s) for i, s in zip(self.popularity_ids, self.popularity_scores) if i not in seen][:k]
+            return Ranked([i for i, _ in picked], [s for _, s in picked], "popularity")
+        exclude_1N = None
+        if seen:
+            idx = [self.row_of[h] - 1 for h in seen if h in self.row_of]
+            exclude_1N = torch.zeros(1, self.items_ND.shape[0], dtype=torch.bool)
+            exclude_1N[0, idx] = True
+        scores_1K, idx_1K = topk_cosine_reference(u_1D, self.items_ND, k, items_normalized=True,
+                                                  exclude_BN=exclude_1N)
+        scores = scores_1K[0].tolist()
+        idx = idx_1K[0].tolist()
+        n = sum(1 for s in scores if s != float("-inf"))
+        return Ranked([self.item_ids[i] for i in idx[:n]], scores[:n], "model")
+
+    def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
+        """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""
+        unknown = [c for c in candidates if c not in self.row_of]
+        u_1D = self._user_vector(history)
+        if u_1D is None:
+            pop = dict(zip(self.popularity_ids, self.popularity_scores))
+            return ([pop.get(c, 0.0) if c in self.row_of else float("nan") for c in candidates],
+                    unknown, "popularity")
+        idx = torch.tensor([self.row_of.get(c, 1) - 1 for c in candidates], dtype=torch.long)
+        scores = (self.items_ND[idx] @ u_1D[0]).tolist()
+        if unknown:
+            scores = [s if c in self.row_of else float("nan") for s, c in zip(scores, candidates)]
+        return scores, unknown, "model"

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the server, on a registry owned by the server instance (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("livetower_request_seconds", "Server-side handling time by method and engine version",
+                                 ["method", "engine_version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.responses = Counter("livetower_responses_total", "Responses by method and gRPC status code",
+                                 ["method", "code"], registry=r)
+        self.serving_version = Gauge("livetower_serving_engine_version", "Engine version serving traffic", registry=r)
+        self.engine_events = Counter("livetower_engine_events_total", "Engine loads, swaps and refusals",
+                                     ["kind"], registry=r)
+        self.engine_load_seconds = Histogram("livetower_engine_load_seconds", "Verify+load+parity+warm-up time",
+                                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
+        self.events_accepted = Counter("livetower_events_accepted_total", "Events appended to the log", registry=r)
+        self.events_rejected = Counter("livetower_events_rejected_total", "Events sent to the dead-letter table",
+                                       ["field"], registry=r)
+
+    def on_engine_event(self, kind: str, version: int, seconds: float) -> None:
+        self.engine_events.labels(kind).inc()
+        if kind == "load":
+            self.engine_load_seconds.observe(seconds)
+        elif kind == "swap":
+            self.serving_version.set(version)

@@ -1,0 +1,1 @@
+"""Event sources for bootstrapping, tests and studies: a synthetic generator and real data loaders."""

@@ -1,0 +1,124 @@
+"""Build and publish a serving engine from the trainer's model.
+
+Steps: compile the user tower for the backend into a staging dir; check it against the eager torch
+reference on golden inputs (the diff goes into the manifest; over tolerance = no publish); write
+the item matrix, item ids and popularity; publish atomically through the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from livetower.registry import (ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE, Registry)
+from proto import livetower_v1_pb2 as pb
+from server.engine.backends import load_runner
+from trainer.export.compile import CompileOptions, compile_user_tower
+from trainer.model import TwoTower
+
+log = logging.getLogger("livetower.build")
+POPULARITY_TOP = 1000
+GOLDEN_BATCH = 4
+
+
+class BuildFailed(Exception):
+    pass
+
+
+class UserTowerExport(nn.Module):
+    """The exported function: left-padded history rows (B, T) -> L2-normalised user embeddings (B, D)."""
+
+    def __init__(self, model: TwoTower) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_BT: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_users(history_BT)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class BuildInfo:
+    parent: int                      # version the model was trained from (0: none)
+    stream_offsets: dict[str, int]   # source -> next offset to read
+    watermark_ms: int                # newest event time trained on
+    trained_events: int              # events trained on in total
+    eval_metrics: dict[str, float]   # round metrics for the manifest
+
+
+def architecture_hash(model: TwoTower, backend: str) -> str:
+    """Same hash => same compiled graph (names, shapes, dtypes, config, backend, torch version)."""
+    shapes = sorted((n, tuple(t.shape), str(t.dtype)) for n, t in
+                    [*model.named_parameters(), *model.named_buffers()])
+    blob = json.dumps([model.cfg.to_dict(), shapes, backend, torch.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def golden_histories(n_items: int, T: int, seed: int = 1234) -> torch.Tensor:
+    """(GOLDEN_BATCH, T) histories with different lengths (1, T/2, T, random) of real item rows."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(GOLDEN_BATCH, T, dtype=torch.long)
+    for b, n in enumerate((1, max(1, T // 2), T, int(torch.randint(1, T + 1, (1,), generator=g)))):
+        out[b, T - n:] = torch.randint(1, n_items + 1, (n,), generator=g)
+    return out
+
+
+def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
+                 info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
+                 progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
+    t0 = time.perf_counter()
+    n_items = len(vocab_ids)
+    if n_items < 1:
+        raise BuildFailed("no items in the vocabulary yet")
+    frozen = copy.deepcopy(model).float().eval()
+    tower = UserTowerExport(frozen).eval()
+    T = frozen.cfg.max_history
+    golden_BT = golden_histories(n_items, T)
+    staging = registry.staging_dir()
+    try:
+        progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
+        compile_user_tower(tower, golden_BT, staging, options, progress=progress)
+        with torch.no_grad():
+            want_BD = tower(golden_BT).numpy()
+            runner = load_runner(options.backend, staging / USER_TOWER_FILE[options.backend])
+            got_BD = runner(golden_BT.numpy())
+            diff = float(np.max(np.abs(got_BD - want_BD)))
+            if not diff <= parity_tolerance:
+                raise BuildFailed(f"{options.backend} engine differs from the torch reference by {diff:.3g} "
+                                  f"(tolerance {parity_tolerance:g}); not publishing")
+            items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
+        del runner
+        np.save(staging / ITEMS_FILE, items_ND)
+        (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
+        counts = item_counts[1:n_items + 1].astype(np.float64)
+        top = np.argsort(-counts, kind="stable")[:POPULARITY_TOP]
+        total = max(counts.sum(), 1.0)
+        (staging / POPULARITY_FILE).write_text(json.dumps(
+            {"item_ids": [vocab_ids[i] for i in top], "scores": [float(counts[i] / total) for i in top]}))
+        manifest = pb.EngineManifest(
+            parent=info.parent, architecture_hash=architecture_hash(frozen, options.backend),
+            backend=options.backend, item_count=n_items, dim=frozen.cfg.out_dim, max_history=T,
+            stream_offsets=info.stream_offsets, watermark_ms=info.watermark_ms, eval_metrics=info.eval_metrics,
+            golden=pb.GoldenSet(batch=GOLDEN_BATCH, seq_len=T, dim=frozen.cfg.out_dim,
+                                history_rows=golden_BT.flatten().tolist(),
+                                user_embeddings=want_BD.flatten().tolist()),
+            parity_max_abs_diff=diff, model_config_json=json.dumps(frozen.cfg.to_dict()),
+            trained_events=info.trained_events)
+        manifest.build_seconds = time.perf_counter() - t0
+        version = registry.publish(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"published engine {version} ({options.backend}, parity {diff:.2g}, "
+             f"{manifest.build_seconds:.1f}s)")
+    return manifest

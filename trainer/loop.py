@@ -1,0 +1,215 @@
+"""The sidecar trainer: consume the event log in rounds, train, evaluate, gate, checkpoint, publish.
+
+A round: read events after the checkpointed offset → grow the vocabulary → hold out each user's
+newest event (up to max_eval_users) → train on the rest → Recall/NDCG@10 of model and popularity
+on the holdout → fold the holdout in → checkpoint atomically (offsets included) → build + publish
+an engine if the gate passed. Crash anywhere: the next start resumes from the last checkpoint,
+so every event is trained at least once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livetower.eventlog import SOURCE_KEY, SqliteEventLog
+from livetower.registry import Registry
+from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.evaluate import evaluate_model, evaluate_popularity
+from trainer.examples import stack_windows, windows_for_new
+from trainer.export.build import BuildFailed, BuildInfo, build_engine
+from trainer.export.compile import CompileOptions
+from trainer.model import ModelConfig, TwoTower
+from trainer.training import grow_table, make_optimizer, train_windows
+from trainer.vocab import ItemVocab, table_rows_for
+
+log = logging.getLogger("livetower.trainer")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    events: int
+    holdout_users: int
+    metrics: dict[str, float]
+    gate: str               # "passed" | "failed" | "skipped"
+    published_version: int  # 0 when nothing was published
+    seconds: float
+
+
+def left_pad(rows: list[int], T: int) -> np.ndarray:
+    out = np.zeros(T, np.int64)
+    rows = rows[-T:]
+    if rows:
+        out[T - len(rows):] = rows
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, event_log: SqliteEventLog, registry: Registry, checkpoint_dir: Path) -> None:
+        self.cfg = cfg
+        self.event_log = event_log
+        self.registry = registry
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if removed := registry.remove_stale_staging():
+            log.info("removed %d half-built engine dir(s) left by an earlier crash", removed)
+        state = load_checkpoint(self.checkpoint_dir)
+        if state is None:
+            model_cfg = cfg.model
+            self.vocab = ItemVocab()
+            torch.manual_seed(cfg.seed)
+            self.model = TwoTower(model_cfg, table_rows_for(0))
+            self.opt = make_optimizer(self.model, cfg)
+            self.state = TrainerState(model_config=model_cfg.to_dict(), model={}, optimizer={}, vocab=[],
+                                      item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs={},
+                                      offsets={SOURCE_KEY: 1})
+            log.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
+        else:
+            model_cfg = ModelConfig.from_dict(state.model_config)
+            if model_cfg != cfg.model:
+                log.warning("checkpoint model config differs from the configured one; keeping the checkpoint's")
+            self.vocab = ItemVocab(state.vocab)
+            self.model = TwoTower(model_cfg, state.model["item_embedding.weight"].shape[0])
+            self.model.load_state_dict(state.model)
+            self.opt = make_optimizer(self.model, cfg)
+            self.opt.load_state_dict(state.optimizer)
+            self.state = state
+            log.info("resumed from checkpoint: round %d, %d events trained, next offset %d, %d items",
+                     state.step, state.trained_events, state.offsets[SOURCE_KEY], len(self.vocab))
+        self.model.eval()
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.state.step)
+
+    @property
+    def next_offset(self) -> int:
+        return self.state.offsets[SOURCE_KEY]
+
+    def backlog(self) -> int:
+        return self.event_log.end_offset() - self.next_offset
+
+    def _item_prob(self) -> torch.Tensor:
+        c = torch.from_numpy(self.state.item_counts.astype(np.float64))
+        return (c / c.sum().clamp_min(1)).float()
+
+    def _count(self, rows: list[int]) -> None:
+        np.add.at(self.state.item_counts, rows, 1)
+
+    def run_round(self) -> RoundResult | None:
+        cfg, T, st = self.cfg, self.model.cfg.max_history, self.state
+        events = self.event_log.read(self.next_offset, cfg.max_round_events)
+        if not events:
+            return None
+        t0 = time.perf_counter()
+        new_by_user: dict[str, list[int]] = defaultdict(list)
+        for ev in events:
+            new_by_user[ev.user_id].append(self.vocab.add(ev.item_id))
+        rows_needed = table_rows_for(len(self.vocab))
+        if rows_needed > self.model.num_rows:
+            log.info("growing the item table %d -> %d rows", self.model.num_rows, rows_needed)
+            grow_table(self.model, self.opt, rows_needed)
+            st.item_counts = np.concatenate([st.item_counts, np.zeros(rows_needed - len(st.item_counts), np.int64)])
+
+        # Hold out each user's newest event (when it has a history) for evaluation.
+        seqs = {u: st.user_seqs.get(u, []) + new for u, new in new_by_user.items()}
+        eligible = [u for u in new_by_user if len(seqs[u]) >= 2]
+        pick = np.random.default_rng(cfg.seed + st.step).permutation(len(eligible))[:cfg.max_eval_users]
+        holdout = sorted(eligible[i] for i in pick)
+        held = set(holdout)
+
+        train_rows, windows = [], []
+        for u, new in new_by_user.items():
+            seq, n_new = (seqs[u][:-1], len(new) - 1) if u in held else (seqs[u], len(new))
+            train_rows.extend(new[:n_new])
+            windows.extend(windows_for_new(seq, n_new, T))
+        self._count(train_rows)
+        n_items = len(self.vocab)
+        log.info("round %d: %d events from %d users (%d windows), %d held out, %d items",
+                 st.step + 1, len(events), len(new_by_user), len(windows), len(holdout), n_items)
+        if windows:
+            train_windows(self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(),
+                          n_items=n_items, cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator,
+                          progress=lambda m: log.info("round %d %s", st.step + 1, m))
+
+        metrics: dict[str, float] = {"holdout_users": float(len(holdout))}
+        if len(holdout) >= cfg.min_eval_users:
+            hist_BT = np.stack([left_pad(seqs[u][:-1], T) for u in holdout])
+            tgt_B = np.asarray([seqs[u][-1] for u in holdout], np.int64)
+            model_m = evaluate_model(self.model, hist_BT, tgt_B, n_items)
+            pop_m = evaluate_popularity(st.item_counts, tgt_B, n_items)
+            metrics.update({f"model_{k}": v for k, v in model_m.items()})
+            metrics.update({f"popularity_{k}": v for k, v in pop_m.items()})
+            ok = model_m["recall@10"] >= cfg.gate_min_ratio * pop_m["recall@10"]
+            gate = "passed" if ok else "failed"
+            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | popularity R@10 %.4f "
+                     "N@10 %.4f -> gate %s", st.step + 1, len(holdout), model_m["recall@10"], model_m["ndcg@10"],
+                     pop_m["recall@10"], pop_m["ndcg@10"], gate)
+        else:
+            gate = "skipped"
+            log.info("round %d: %d held-out users < min_eval_users=%d: gate skipped", st.step + 1, len(holdout),
+                     cfg.min_eval_users)
+
+        # Fold the held-out events in so nothing consumed goes untrained.
+        if holdout:
+            self._count([seqs[u][-1] for u in holdout])
+            fold = [w for u in holdout for w in windows_for_new(seqs[u], 1, T)]
+            train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
+                          n_items=n_items, cfg=cfg, epochs=1, generator=self.generator)
+
+        for u, seq in seqs.items():
+            st.user_seqs[u] = seq[-T:]
+        st.offsets = {SOURCE_KEY: events[-1].offset + 1}
+        st.trained_events += len(events)
+        st.watermark_ms = max(st.watermark_ms, max(ev.timestamp_ms for ev in events))
+        st.step += 1
+        st.history.append({"round": st.step, "events": len(events), "gate": gate, **metrics})
+        self._checkpoint()
+
+        version = 0
+        if gate != "failed":
+            version = self._publish(metrics, gate)
+        return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
+
+    def _checkpoint(self) -> None:
+        st = self.state
+        st.model = self.model.state_dict()
+        st.optimizer = self.opt.state_dict()
+        st.vocab = list(self.vocab.ids)
+        save_checkpoint(self.checkpoint_dir, st)
+
+    def _publish(self, metrics: dict[str, float], gate: str) -> int:
+        st = self.state
+        info = BuildInfo(parent=st.published_version, stream_offsets=dict(st.offsets),
+                         watermark_ms=st.watermark_ms, trained_events=st.trained_events,
+                         eval_metrics={**metrics, "gate_passed": float(gate == "passed")})
+        options = CompileOptions(backend=self.cfg.backend,
+                                 inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
+        try:
+            manifest = build_engine(self.model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
+                                    parity_tolerance=self.cfg.parity_tolerance,
+                                    progress=lambda m: log.info("%s", m))
+        except BuildFailed as e:
+            log.error("engine build refused: %s", e)
+            return 0
+        st.published_version = int(manifest.version)
+        self._checkpoint()
+        return st.published_version
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds until `stop` is set: on backlog >= round_min_events, or on any backlog after round_interval_s."""
+        last_round = float("-inf")
+        while not stop.is_set():
+            backlog = self.backlog()
+            due = backlog >= self.cfg.round_min_events or (
+                backlog > 0 and time.monotonic() - last_round >= self.cfg.round_interval_s)
+            if due:
+                self.run_round()
+                last_round = time.monotonic()
+            else:
+                stop.wait(self.cfg.poll_interval_s)

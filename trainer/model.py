@@ -1,0 +1,372 @@
+"""Two-tower recommender: item tower = projected embedding row, user tower = DeepSeek-V3 stack.
+
+gpt-fast/nanoGPT style: plain math, one file. Shape suffixes: B batch, T history length, D dim,
+H heads, N tokens (B*T), E routed experts, F expert hidden, G expert groups, R rope dim.
+
+The user tower is our own re-implementation of transformers' `DeepseekV3Model` (MLA + MoE), with
+parameter names mirroring HF so that an HF state_dict (minus `embed_tokens`) loads strictly into
+`TwoTower.stack`. The MoE is dense-masked (every expert on every token, combined with a dense
+(N, E) weight matrix) so there is no data-dependent control flow and `torch.export` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
+INIT_STD = 0.02  # HF initializer_range
+MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ModelConfig:
+    dim: int = 64  # transformer hidden size (= item embedding size)
+    out_dim: int = 64  # size of the shared two-tower embedding space
+    n_layers: int = 2  # number of decoder layers in the user tower
+    n_heads: int = 4  # attention heads
+    q_lora_rank: int | None = None  # None: plain q_proj; else low-rank q (q_a_proj -> RMSNorm -> q_b_proj)
+    kv_lora_rank: int = 32  # rank of the compressed KV latent
+    qk_nope_head_dim: int = 16  # per-head q/k dims without RoPE
+    qk_rope_head_dim: int = 8  # per-head q/k dims with (decoupled, shared-key) RoPE; must be even
+    v_head_dim: int = 16  # per-head value dim
+    ffn_dim: int = 128  # intermediate size of dense (first_k_dense) layers
+    moe_dim: int = 32  # intermediate size of each expert
+    n_routed_experts: int = 8  # routed experts per MoE layer
+    n_shared_experts: int = 1  # shared experts (fused into one MLP of width moe_dim * n_shared_experts)
+    n_experts_per_token: int = 2  # top-k routed experts per token
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups each token may route into
+    routed_scaling_factor: float = 1.0  # multiplier on the routed expert weights
+    norm_topk_prob: bool = True  # renormalise the top-k sigmoid scores to sum to 1
+    first_k_dense: int = 0  # the first k layers use a dense MLP instead of MoE
+    rope_theta: float = 10000.0  # RoPE base
+    rope_interleave: bool = True  # DeepSeek interleaved-pair RoPE layout (as HF rope_interleave)
+    rms_norm_eps: float = 1e-6  # eps of the layer RMSNorms (q_a/kv_a norms use 1e-6, as HF)
+    max_history: int = 50  # T: history length the serving tower takes (left-padded with row 0)
+    temperature: float = 0.05  # score = cosine / temperature in the training loss
+    dropout: float = 0.0  # attention/residual dropout, training only
+    bias_update_rate: float = 1e-3  # step of the aux-loss-free expert-bias update
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("dim", "out_dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "ffn_dim", "moe_dim", "n_routed_experts",
+                  "n_experts_per_token", "n_group", "topk_group", "max_history"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "must be an int >= 1")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 1),
+             "q_lora_rank", "must be None or an int >= 1")
+        need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0, "n_shared_experts",
+             "must be an int >= 0")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even")
+        need(self.n_routed_experts % self.n_group == 0, "n_group", "must divide n_routed_experts")
+        need(self.n_routed_experts // self.n_group >= 2, "n_group",
+             "each group needs >= 2 experts (group score = sum of its top-2)")
+        need(self.topk_group <= self.n_group, "topk_group", "must be <= n_group")
+        need(self.n_experts_per_token <= self.topk_group * (self.n_routed_experts // self.n_group),
+             "n_experts_per_token", "must be <= experts in the topk_group selected groups")
+        need(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers,
+             "first_k_dense", "must be in [0, n_layers]")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
+
+    @classmethod
+    def tiny_debug(cls) -> ModelConfig:
+        return cls(dim=32, out_dim=32, n_layers=1, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                   qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64, moe_dim=16, n_routed_experts=4,
+                   n_shared_experts=1, n_experts_per_token=2, max_history=12)
+
+    def to_hf_kwargs(self) -> dict:
+        """kwargs for transformers.DeepseekV3Config giving the same architecture (add vocab_size etc.)."""
+        return dict(
+            hidden_size=self.dim, intermediate_size=self.ffn_dim, moe_intermediate_size=self.moe_dim,
+            num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_heads, n_shared_experts=self.n_shared_experts,
+            n_routed_experts=self.n_routed_experts, routed_scaling_factor=self.routed_scaling_factor,
+            kv_lora_rank=self.kv_lora_rank, q_lora_rank=self.q_lora_rank,
+            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
+            qk_nope_head_dim=self.qk_nope_head_dim, n_group=self.n_group, topk_group=self.topk_group,
+            num_experts_per_tok=self.n_experts_per_token, first_k_dense_replace=self.first_k_dense,
+            norm_topk_prob=self.norm_topk_prob, hidden_act="silu",
+            max_position_embeddings=max(self.max_history, 1), initializer_range=INIT_STD,
+            rms_norm_eps=self.rms_norm_eps, rope_interleave=self.rope_interleave,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            attention_bias=False, attention_dropout=self.dropout, tie_word_embeddings=False,
+        )
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):  # = DeepseekV3RMSNorm
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, interleave: bool) -> Tensor:
+    # x: (B, H, T, R). Interleaved: pairs (x0,x1),(x2,x3)..; else halves. Output is HF's layout:
+    # [rotated firsts, rotated seconds] in both cases (HF's interleave variant de-interleaves too).
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos_TR2 - x2 * sin_TR2, x2 * cos_TR2 + x1 * sin_TR2], dim=-1)
+
+
+class MLP(nn.Module):  # = DeepseekV3MLP (SwiGLU)
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):  # = DeepseekV3Attention (multi-head latent attention)
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.n_heads, cfg.dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # HF: default eps, not rms_norm_eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)  # HF: default eps
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        self.scale = self.qk_head_dim ** -0.5
+
+    def forward(self, x_BTD: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, allowed_B1TT: Tensor) -> Tensor:
+        c = self.cfg
+        B, T, _ = x_BTD.shape
+        if c.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTK = q.view(B, T, c.n_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rot = q_BHTK.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+
+        kv_nope_BTL, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv_BTHX = self.kv_b_proj(self.kv_a_layernorm(kv_nope_BTL)).view(B, T, c.n_heads, -1)
+        k_nope, v_BHTV = kv_BTHX.transpose(1, 2).split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+
+        q_rot = apply_rope(q_rot, cos_TR2, sin_TR2, c.rope_interleave)
+        k_rot_B1TR = apply_rope(k_rot_BTR.unsqueeze(1), cos_TR2, sin_TR2, c.rope_interleave)  # one shared rope key
+        q_BHTK = torch.cat([q_nope, q_rot], dim=-1)
+        k_BHTK = torch.cat([k_nope, k_rot_B1TR.expand(-1, c.n_heads, -1, -1)], dim=-1)
+
+        att_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) * self.scale
+        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT, MASK_VALUE)
+        att_BHTT = F.softmax(att_BHTT, dim=-1, dtype=torch.float32).to(q_BHTK.dtype)
+        att_BHTT = F.dropout(att_BHTT, p=c.dropout, training=self.training)
+        y_BTHV = (att_BHTT @ v_BHTV).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y_BTHV)
+
+
+class Router(nn.Module):  # = DeepseekV3TopkRouter; parameter `weight`, buffer `e_score_correction_bias`
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))  # fp32, persistent
+
+    def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (dense combine weights (N, E) fp32, top-k selection indicator (N, E) fp32)."""
+        c, N = self.cfg, x_ND.shape[0]
+        E, G = c.n_routed_experts, c.n_group
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        choice_NE = scores_NE + self.e_score_correction_bias  # bias only affects selection, not weights
+        group_NG = choice_NE.view(N, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = group_NG.topk(c.topk_group, dim=-1, sorted=False)[1]
+        group_mask_NG = torch.zeros_like(group_NG).scatter(1, group_idx, 1.0)
+        score_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, G, E // G).reshape(N, E)
+        choice_NE = choice_NE.masked_fill(score_mask_NE == 0, float("-inf"))
+        topk_idx_NK = choice_NE.topk(c.n_experts_per_token, dim=-1, sorted=False)[1]
+        topk_w_NK = scores_NE.gather(1, topk_idx_NK)
+        if c.norm_topk_prob:
+            topk_w_NK = topk_w_NK / (topk_w_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_w_NK = topk_w_NK * c.routed_scaling_factor
+        w_NE = torch.zeros_like(scores_NE).scatter(1, topk_idx_NK, topk_w_NK)
+        sel_NE = torch.zeros_like(scores_NE).scatter(1, topk_idx_NK, 1.0)
+        return w_NE, sel_NE
+
+
+class Experts(nn.Module):  # = DeepseekV3Experts v5 layout: gate_up_proj (E, 2F, D) [gate; up], down_proj (E, D, F)
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, F_, D = cfg.n_routed_experts, cfg.moe_dim, cfg.dim
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_ND: Tensor, w_NE: Tensor) -> Tensor:
+        # dense-masked: every expert on every token, then a weighted sum with zeros off the top-k
+        gate_NEF, up_NEF = torch.einsum("nd,efd->nef", x_ND, self.gate_up_proj).chunk(2, dim=-1)
+        y_NED = torch.einsum("nef,edf->ned", F.silu(gate_NEF) * up_NEF, self.down_proj)
+        return torch.einsum("ne,ned->nd", w_NE.to(y_NED.dtype), y_NED)
+
+
+class MoE(nn.Module):  # = DeepseekV3MoE
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = Experts(cfg)
+        self.gate = Router(cfg)
+        self.shared_experts = MLP(cfg.dim, cfg.moe_dim * cfg.n_shared_experts)
+        self.last_load: Tensor | None = None  # (E,) tokens per expert in the last training forward; not a buffer
+
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        w_NE, sel_NE = self.gate(x_ND)
+        if self.training:  # record expert loads (pad tokens excluded) for update_expert_bias
+            valid_N1 = torch.ones_like(sel_NE[:, :1]) if valid_BT is None else valid_BT.reshape(-1, 1).to(sel_NE)
+            self.last_load = (sel_NE * valid_N1).sum(0).detach()
+        y_ND = self.experts(x_ND, w_NE)
+        return y_ND.view(B, T, D) + self.shared_experts(x_BTD)
+
+
+class DecoderLayer(nn.Module):  # = DeepseekV3DecoderLayer (pre-norm)
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MoE(cfg) if layer_idx >= cfg.first_k_dense else MLP(cfg.dim, cfg.ffn_dim)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT):
+        x_BTD = x_BTD + self.drop(self.self_attn(self.input_layernorm(x_BTD), cos_TR2, sin_TR2, allowed_B1TT))
+        return x_BTD + self.drop(self.mlp(self.post_attention_layernorm(x_BTD), valid_BT))
+
+
+class DeepseekV3Stack(nn.Module):
+    """DeepseekV3Model without embed_tokens: inputs_embeds (B, T, D) -> last_hidden_state (B, T, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        R = cfg.qk_rope_head_dim
+        inv_freq_R2 = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float) / R))
+        self.register_buffer("inv_freq", inv_freq_R2, persistent=False)  # not in HF state_dict either
+
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+        """valid_BT: bool, False at pad positions (keys masked, not counted in expert loads); None = all valid."""
+        B, T, _ = x_BTD.shape
+        pos_T = torch.arange(T, device=x_BTD.device, dtype=torch.float)  # relative RoPE: left pad is harmless
+        freqs_TR2 = pos_T[:, None] * self.inv_freq.float()[None, :]
+        cos_TR2, sin_TR2 = freqs_TR2.cos().to(x_BTD.dtype), freqs_TR2.sin().to(x_BTD.dtype)
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
+        if valid_BT is None:
+            allowed_B1TT = causal_TT[None, None]
+        else:  # causal AND key valid; the diagonal always allowed so fully-padded rows stay finite
+            eye_TT = torch.eye(T, dtype=torch.bool, device=x_BTD.device)
+            allowed_B1TT = (causal_TT & (valid_BT[:, None, :] | eye_TT))[:, None]
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT)
+        return self.norm(x_BTD)
+
+
+def _init_weights(m: nn.Module) -> None:  # as HF DeepseekV3PreTrainedModel._init_weights
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=INIT_STD)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, Router):
+        nn.init.normal_(m.weight, std=INIT_STD)
+        nn.init.zeros_(m.e_score_correction_bias)
+    elif isinstance(m, Experts):
+        nn.init.normal_(m.gate_up_proj, std=INIT_STD)
+        nn.init.normal_(m.down_proj, std=INIT_STD)
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_rows: int):
+        super().__init__()
+        if num_rows < 2:
+            raise ValueError(f"num_rows={num_rows}: need the pad row plus at least one item")
+        self.cfg = cfg
+        self.item_embedding = nn.Embedding(num_rows, cfg.dim, padding_idx=PAD_ROW)  # shared by both towers
+        self.stack = DeepseekV3Stack(cfg)
+        self.user_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
+        self.item_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
+        self.apply(_init_weights)
+        with torch.no_grad():
+            self.item_embedding.weight[PAD_ROW].zero_()
+
+    @property
+    def num_rows(self) -> int:
+        return self.item_embedding.num_embeddings
+
+    def encode_items(self, rows_N: Tensor) -> Tensor:
+        return F.normalize(self.item_proj(self.item_embedding(rows_N)), dim=-1)  # (N, out_dim)
+
+    def hidden_states(self, history_BT: Tensor) -> Tensor:
+        """(B, T) left-padded rows -> (B, T, D) DeepSeek stack output (before user_proj)."""
+        return self.stack(self.item_embedding(history_BT), history_BT != PAD_ROW)
+
+    def user_states(self, history_BT: Tensor) -> Tensor:
+        return F.normalize(self.user_proj(self.hidden_states(history_BT)), dim=-1)  # (B, T, out_dim)
+
+    def encode_users(self, history_BT: Tensor) -> Tensor:
+        h_BD = self.hidden_states(history_BT)[:, -1]  # newest item is last (left padding)
+        return F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
+
+    @torch.no_grad()
+    def grow(self, num_rows: int) -> None:
+        """Enlarge the item table (new module/Parameter: rebuild optimizers afterwards). No-op if not larger."""
+        old = self.item_embedding
+        if num_rows <= old.num_embeddings:
+            return
+        new = nn.Embedding(num_rows, old.embedding_dim, padding_idx=PAD_ROW,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.normal_(new.weight, std=INIT_STD)
+        new.weight[: old.num_embeddings] = old.weight
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.item_embedding = new
+
+    def moe_layers(self) -> list[nn.Module]:
+        return [layer.mlp for layer in self.stack.layers if isinstance(layer.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing: bias += rate * sign(mean_load - load), from the last training forward's
+        loads. Each recorded load is consumed (cleared) so a repeated call without a new forward is a no-op."""
+        for moe in self.moe_layers():
+            load_E = moe.last_load
+            if load_E is None:
+                continue
+            bias_E = moe.gate.e_score_correction_bias
+            bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E).to(bias_E)
+            moe.last_load = None
