@@ -39,7 +39,7 @@ class EventLog(Protocol):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-  offset INTEGER PRIMARY KEY AUTOINCREMENT,
+  offset INTEGER PRIMARY KEY,  -- rowid; no AUTOINCREMENT, so an ignored duplicate burns no offset
   event_id TEXT NOT NULL UNIQUE,
   user_id TEXT NOT NULL,
   item_id TEXT NOT NULL,

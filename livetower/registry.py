@@ -127,7 +127,9 @@ class Registry:
                 manifest.files.add(path=str(p.relative_to(staging)), sha256=sha256_file(p), size=p.stat().st_size)
         manifest.created_ms = int(time.time() * 1000)
         for _ in range(100):
-            version = self.latest() + 1
+            # Above every numbered dir, published or not (a stray one must not block publishing).
+            taken = [int(p.name) for p in self.engines_dir.iterdir() if p.name.isdigit()]
+            version = max(taken, default=0) + 1
             manifest.version = version
             write_atomic(staging / MANIFEST, manifest_to_json(manifest).encode())
             fsync_tree(staging)

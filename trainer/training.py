@@ -68,7 +68,7 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
             loss.backward()
             opt.step()
             model.update_expert_bias()
-            total += float(loss)
+            total += float(loss.detach())
             steps += 1
         losses.append(total / max(steps, 1))
         if progress:

@@ -27,7 +27,8 @@ class SyntheticConfig:
     zipf_a: float = 1.2           # skew of item popularity within a cluster and globally
     start_ms: int = 1_767_225_600_000  # first event time (2026-01-01)
     step_ms: int = 60_000         # mean gap between a user's events
-    seed: int = 0                 # RNG seed; also namespaces event ids
+    seed: int = 0                 # RNG seed of the users' behaviour; also namespaces event ids
+    world_seed: int = 0           # RNG seed of the item clusters: keep it to add users to the same world
     user_prefix: str = "user-"    # user id prefix (lets a stream add users distinct from the bootstrap)
 
     def __post_init__(self) -> None:
@@ -48,8 +49,8 @@ def _zipf_probs(n: int, a: float) -> np.ndarray:
 
 def generate(cfg: SyntheticConfig) -> Iterator[pb.Event]:
     """All events of all users, in event-time order."""
+    item_cluster = np.random.default_rng(cfg.world_seed).permutation(cfg.n_items) % cfg.n_clusters  # balanced
     rng = np.random.default_rng(cfg.seed)
-    item_cluster = rng.permutation(cfg.n_items) % cfg.n_clusters  # balanced random assignment
     members = [np.flatnonzero(item_cluster == c) for c in range(cfg.n_clusters)]
     member_p = [_zipf_probs(len(m), cfg.zipf_a) for m in members]
     global_p = _zipf_probs(cfg.n_items, cfg.zipf_a)

@@ -194,7 +194,8 @@ def _write_aoti(
     # the variable up lazily while compiling. So we set it only for the
     # duration of this compile -- and only if the caller asked for a dir -- and
     # restore the previous value afterwards so the rest of the process is not
-    # affected.
+    # affected. (Being process-global, it is not safe to run two compiles with
+    # different cache dirs concurrently in one process.)
     key = "TORCHINDUCTOR_CACHE_DIR"
     previous = os.environ.get(key)
     if options.inductor_cache_dir is not None:
@@ -246,6 +247,10 @@ def _write_onnx(
     # already-exported program directly, so the dynamic batch dim carries over.
     # external_data=False keeps every initializer inside the single .onnx file
     # (the default, True, writes a side "<name>.data" file).
+    # Verified with torch 2.13 + onnxscript 0.7: dynamo=True exports the user
+    # tower (embedding, masked attention, topk/scatter/einsum MoE, normalize)
+    # with a symbolic batch dim; the dynamo=False fallback below is only a
+    # safety net for an op the dynamo exporter cannot translate.
     try:
         onnx_program = torch.onnx.export(
             ep,
@@ -281,7 +286,7 @@ def _write_onnx(
             "a single-file engine needs a smaller model"
         )
     report(f"writing {path.name} ({size / 1e6:.1f} MB, weights inline)…")
-    _convert_to_inline(model_proto)
+    _assert_inline(model_proto)
     for key, value in (
         (META_HISTORY_LEN, str(int(example.shape[1]))),
         (META_MAX_BATCH, str(options.max_batch)),
@@ -295,7 +300,7 @@ def _write_onnx(
     return path.resolve()
 
 
-def _convert_to_inline(model_proto) -> None:
+def _assert_inline(model_proto) -> None:
     """Fail loudly if any initializer still points at external data."""
     from onnx import TensorProto
 

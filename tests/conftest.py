@@ -1,0 +1,105 @@
+"""Shared fixtures: a small trained data dir (events + one published engine) and an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from livetower.eventlog import SqliteEventLog
+from livetower.registry import Registry
+from server.app import create_server
+from server.config import ServerConfig
+from server.engine.manager import EngineManagerConfig
+from trainer.config import TrainConfig
+from trainer.data.synthetic import SyntheticConfig, generate
+from trainer.loop import Trainer
+
+SMALL_DATA = SyntheticConfig(n_users=200, n_items=300, n_clusters=10, events_per_user=20, seed=3)
+
+
+def stream_events(seed: int, n_users: int = 60, events_per_user: int = 8) -> list:
+    """More events from SMALL_DATA's world (same item clusters), by new users "s<seed>-<n>"."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SMALL_DATA, seed=seed, n_users=n_users, events_per_user=events_per_user,
+                              user_prefix=f"s{seed}-")
+    return list(generate(cfg))
+
+
+def make_trainer(data_dir: Path, **overrides) -> Trainer:
+    cfg = TrainConfig.tiny_debug(**overrides)
+    return Trainer(cfg, SqliteEventLog(data_dir / "events.sqlite"), Registry(data_dir / "registry"),
+                   data_dir / "trainer")
+
+
+@pytest.fixture(scope="session")
+def trained_dir_template(tmp_path_factory) -> Path:
+    """Events from SMALL_DATA and engine v1 (torch backend) trained on them. Copy before mutating."""
+    d = tmp_path_factory.mktemp("trained")
+    log = SqliteEventLog(d / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    log.close()
+    result = make_trainer(d).run_round()
+    assert result is not None and result.published_version == 1, result
+    return d
+
+
+@pytest.fixture
+def trained_dir(trained_dir_template, tmp_path) -> Path:
+    d = tmp_path / "data"
+    shutil.copytree(trained_dir_template, d)
+    return d
+
+
+def server_config(data_dir: Path, **overrides) -> ServerConfig:
+    base = dict(data_dir=data_dir, port=0, metrics_port=0,
+                engines=EngineManagerConfig(poll_interval_s=0.1, warmup_calls=2), grace_s=1.0)
+    base.update(overrides)
+    return ServerConfig(**base)
+
+
+@contextlib.contextmanager
+def running_server(config: ServerConfig):
+    """Start the real gRPC server on its own event loop thread; yield (server, port); stop it."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def start():
+            server, port = create_server(config)
+            await server.start()
+            box["server"], box["port"] = server, port
+            ready.set()
+
+        loop.run_until_complete(start())
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(30), "server did not start"
+    try:
+        yield box["server"], box["port"]
+    finally:
+        asyncio.run_coroutine_threadsafe(box["server"].stop(0.5), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
