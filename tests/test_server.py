@@ -148,7 +148,11 @@ def test_health_reflection_metrics(served):
     # aio's context.abort() sends the status before the interceptor's bookkeeping runs: poll briefly.
     want = ('livetower_request_seconds_count{engine_version="1",method="Recommend"}',
             'livetower_responses_total{code="INVALID_ARGUMENT",method="Recommend"} 1.0')
-    text = wait_for(lambda: (t := scrape()) if all(w in t for w in want) else None, 5, f"metrics {want}")
+    def complete() -> str | None:
+        text = scrape()
+        return text if all(w in text for w in want) else None
+
+    text = wait_for(complete, 5, f"metrics {want}")
     assert "livetower_serving_engine_version 1.0" in text
 
 
