@@ -157,3 +157,7 @@ USER_TOWER_FILE = {"aoti": "user_tower.pt2", "onnx": "user_tower.onnx", "torch":
 ITEMS_FILE = "items.npy"            # (N, out_dim) float32, L2-normalised; row i <-> vocab row i + 1
 ITEM_IDS_FILE = "item_ids.json"     # N item ids, row order
 POPULARITY_FILE = "popularity.json"  # {"item_ids": [...], "scores": [...]}, most popular first
+# Metadata keys inside the user-tower file (AOTI package metadata / ONNX metadata_props). AOTI does
+# not check input shapes at run time, so the runner checks T and the batch bound from these.
+META_HISTORY_LEN = "livetower.history_len"
+META_MAX_BATCH = "livetower.max_batch"

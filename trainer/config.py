@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from livetower.registry import USER_TOWER_FILE
 from trainer.model import ModelConfig
 
 PRECISIONS = ("bf16", "fp32")
-BACKENDS = ("aoti", "onnx", "torch")
+BACKENDS = tuple(USER_TOWER_FILE)  # "aoti", "onnx", "torch"
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -55,6 +55,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from livetower.registry import META_HISTORY_LEN, META_MAX_BATCH
+
 __all__ = [
     "BACKENDS",
     "EngineFileNotFound",
@@ -67,8 +69,6 @@ BACKENDS = ("aoti", "onnx", "torch")
 
 # Keys of the metadata the build side embeds (must match
 # trainer/export/compile.py, which we may not import here).
-_META_HISTORY_LEN = "livetower.history_len"
-_META_MAX_BATCH = "livetower.max_batch"
 
 
 class EngineLoadError(RuntimeError):
@@ -199,14 +199,14 @@ class _AotiRunner:
         self._threads = _TorchThreads(num_threads)
         self._model = torch._inductor.aoti_load_package(str(path))
         meta = self._model.get_metadata()
-        if _META_HISTORY_LEN not in meta:
+        if META_HISTORY_LEN not in meta:
             # Without T we cannot validate inputs, and AOTI does not: a wrong
             # shape would read out of bounds instead of raising.
             raise EngineLoadError(
-                self.backend, path, f"package metadata lacks {_META_HISTORY_LEN!r} (not built by compile_user_tower?)"
+                self.backend, path, f"package metadata lacks {META_HISTORY_LEN!r} (not built by compile_user_tower?)"
             )
-        self.history_len = int(meta[_META_HISTORY_LEN])
-        self.max_batch = int(meta[_META_MAX_BATCH]) if _META_MAX_BATCH in meta else None
+        self.history_len = int(meta[META_HISTORY_LEN])
+        self.max_batch = int(meta[META_MAX_BATCH]) if META_MAX_BATCH in meta else None
 
     def __call__(self, history_BT: np.ndarray) -> np.ndarray:
         x = _check_input(history_BT, self.history_len, self.max_batch)
@@ -246,11 +246,11 @@ class _OnnxRunner:
             raise EngineLoadError(self.backend, path, f"input {self._input_name!r} has rank {len(shape)}, expected 2")
         if isinstance(shape[1], int):
             self.history_len = shape[1]
-        elif _META_HISTORY_LEN in meta:
-            self.history_len = int(meta[_META_HISTORY_LEN])
+        elif META_HISTORY_LEN in meta:
+            self.history_len = int(meta[META_HISTORY_LEN])
         else:
             raise EngineLoadError(self.backend, path, "history length (input dim 1) is not static")
-        self.max_batch = int(meta[_META_MAX_BATCH]) if _META_MAX_BATCH in meta else None
+        self.max_batch = int(meta[META_MAX_BATCH]) if META_MAX_BATCH in meta else None
 
     def __call__(self, history_BT: np.ndarray) -> np.ndarray:
         x = _check_input(history_BT, self.history_len, self.max_batch)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from livetower.registry import META_HISTORY_LEN, META_MAX_BATCH, USER_TOWER_FILE
+
 __all__ = [
     "AOTI_FILENAME",
     "BACKENDS",
@@ -38,11 +40,9 @@ __all__ = [
 
 BACKENDS = ("aoti", "onnx", "torch")
 
-AOTI_FILENAME = "user_tower.pt2"
-ONNX_FILENAME = "user_tower.onnx"
-TORCH_FILENAME = "user_tower.ep.pt2"
-# Output file name for each backend (the serve side uses the same names).
-FILENAMES = {"aoti": AOTI_FILENAME, "onnx": ONNX_FILENAME, "torch": TORCH_FILENAME}
+# Output file name for each backend: the engine layout contract shared with the serve side.
+FILENAMES = USER_TOWER_FILE
+AOTI_FILENAME, ONNX_FILENAME, TORCH_FILENAME = (FILENAMES[b] for b in BACKENDS)
 
 # protobuf refuses to serialise a message above 2 GiB, which is the only reason
 # ONNX would need external data; we keep weights inline and refuse beyond that.
@@ -54,12 +54,6 @@ _ONNX_PROTOBUF_LIMIT = 2**31 - 1
 _INPUT_NAME = "history_BT"
 _OUTPUT_NAME = "user_emb_BD"
 
-# Metadata written into the aoti package (aot_inductor.metadata) and the ONNX
-# model (metadata_props). The serve side reads them to validate inputs: an AOTI
-# model does NOT check input shapes at run time (a wrong T or a batch above
-# max_batch silently reads out of bounds), so the runner must.
-META_HISTORY_LEN = "livetower.history_len"
-META_MAX_BATCH = "livetower.max_batch"
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
