@@ -170,6 +170,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.what == "build":
+        from benchmarks.engine_build import main as bench_main
+    return bench_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetower", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("LIVETOWER_LOG_LEVEL", "INFO"))
@@ -225,13 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tiny", action="store_true")
     ev.add_argument("--out", help="write the JSON result here too")
     ev.set_defaults(func=cmd_eval)
+    bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
+    bench.add_argument("what", choices=("build",), help="build: engine backends compared (build, parity, latency)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
+    bench.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("livetower").setLevel(args.log_level.upper())  # third-party libraries stay at WARNING
     import grpc
 
     try:
