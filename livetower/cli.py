@@ -23,8 +23,7 @@ def _server_config(args):
 
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s),
-                        torch_threads=args.threads)
+                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads))
 
 
 def _train_config(args):
@@ -56,11 +55,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    import torch
-
     from server.app import serve
 
-    torch.set_num_threads(args.threads)
     asyncio.run(serve(_server_config(args), on_started=lambda s, port: print(
         f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)))
     return 0

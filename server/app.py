@@ -123,6 +123,9 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
 
 
 async def serve(config: ServerConfig, *, on_started=None) -> None:
+    import torch
+
+    torch.set_num_threads(config.engines.num_threads)  # process-wide: retrieval and the user-tower runners
     server, port = create_server(config)
     await server.start()
     if on_started is not None:

@@ -35,14 +35,13 @@ class ServerConfig:
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start
     grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
-    torch_threads: int = 1                # torch intra-op threads for serving (retrieval + torch runners)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535 or None, got {self.metrics_port}")
-        for name in ("history_users", "history_len", "torch_threads"):
+        for name in ("history_users", "history_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.history_warm_events < 0:

@@ -1,0 +1,109 @@
+"""The trainer round loop: offsets, resume, crash safety, vocabulary growth, the eval gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from livetower.eventlog import SOURCE_KEY, SqliteEventLog
+from livetower.registry import Registry
+from proto import livetower_v1_pb2 as pb
+from tests.conftest import SMALL_DATA, make_trainer, stream_events
+from trainer.data.synthetic import generate
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    log.close()
+    return tmp_path
+
+
+def test_rounds_consume_each_event_once_and_resume(data_dir):
+    t1 = make_trainer(data_dir)
+    r1 = t1.run_round()
+    total = SMALL_DATA.n_users * SMALL_DATA.events_per_user
+    assert r1.events == total and r1.gate == "passed" and r1.published_version == 1
+    assert r1.metrics["model_recall@10"] > r1.metrics["popularity_recall@10"]  # planted structure is learnt
+    assert t1.run_round() is None  # nothing new
+    # A new process resumes exactly where the checkpoint says.
+    t2 = make_trainer(data_dir)
+    assert t2.next_offset == total + 1 and t2.state.trained_events == total
+    assert t2.vocab.ids == t1.vocab.ids
+    for (n, a), (_, b) in zip(t1.model.state_dict().items(), t2.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    new = stream_events(seed=5)
+    t2.event_log.append(new)
+    r2 = t2.run_round()
+    assert r2.events == len(new) and r2.published_version == 2
+    m = Registry(data_dir / "registry").read_manifest(2)
+    assert m.parent == 1 and m.trained_events == total + len(new)
+    assert dict(m.stream_offsets) == {SOURCE_KEY: total + len(new) + 1}
+    assert m.watermark_ms == max(e.timestamp_ms for e in [*generate(SMALL_DATA), *new])  # newest trained
+
+
+def test_crash_before_checkpoint_trains_the_events_again(data_dir, monkeypatch):
+    make_trainer(data_dir).run_round()
+    new = stream_events(seed=6)
+    t = make_trainer(data_dir)
+    t.event_log.append(new)
+    import trainer.loop as loop
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed before the checkpoint was written")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        t.run_round()
+    monkeypatch.undo()
+    again = make_trainer(data_dir)  # restart: the round's events are still ahead of the offset
+    assert again.backlog() == len(new)
+    assert again.run_round().events == len(new)
+
+
+def test_crash_mid_publish_leaves_no_visible_engine(data_dir, monkeypatch):
+    t = make_trainer(data_dir)
+    import livetower.registry as registry_mod
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed just before the rename")
+
+    monkeypatch.setattr(registry_mod.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        t.run_round()
+    monkeypatch.undo()
+    reg = Registry(data_dir / "registry")
+    assert reg.versions() == []
+    # The checkpoint was written before publishing: a restart does not re-train, it cleans up staging
+    # and publishes with the next round.
+    t2 = make_trainer(data_dir)
+    assert not [p for p in reg.engines_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert t2.backlog() == 0
+    t2.event_log.append(stream_events(seed=7))
+    assert t2.run_round().published_version == 1
+
+
+def test_vocabulary_grows_past_the_table(data_dir):
+    t = make_trainer(data_dir)
+    t.run_round()
+    rows_before = t.model.num_rows
+    assert rows_before == 1024
+    ts = max(e.timestamp_ms for e in generate(SMALL_DATA)) + 1
+    events = [pb.Event(event_id=f"new-{i}", user_id=f"grower-{i % 40}", item_id=f"fresh-{i}", action="click",
+                       weight=1.0, timestamp_ms=ts + i) for i in range(1200)]
+    t.event_log.append(events)
+    r = t.run_round()
+    assert t.model.num_rows == 2048 and len(t.vocab) > 1024
+    if r.published_version:
+        assert Registry(data_dir / "registry").read_manifest(r.published_version).item_count == len(t.vocab)
+    # Old rows kept their trained values through the growth: the optimizer state moved with them.
+    assert t.opt.state[t.model.item_embedding.weight]["exp_avg"].shape[0] == 2048
+
+
+def test_failed_gate_checkpoints_but_does_not_publish(data_dir):
+    t = make_trainer(data_dir, gate_min_ratio=1000.0)
+    r = t.run_round()
+    assert r.gate == "failed" and r.published_version == 0
+    assert Registry(data_dir / "registry").versions() == []
+    assert make_trainer(data_dir).backlog() == 0  # trained and checkpointed all the same
