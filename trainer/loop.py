@@ -197,6 +197,9 @@ class Trainer:
         except BuildFailed as e:
             log.error("engine build refused: %s", e)
             return 0
+        except Exception:  # a compiler/export failure must not crash-loop the trainer; the next round retries
+            log.exception("engine build failed; training goes on and the next round builds again")
+            return 0
         st.published_version = int(manifest.version)
         self._checkpoint()
         return st.published_version
