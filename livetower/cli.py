@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import asyncio
 import json
 import logging
 import os
@@ -18,12 +17,16 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 def _server_config(args):
+    from server.batching import BatchingConfig
     from server.config import ServerConfig
     from server.engine.manager import EngineManagerConfig
 
+    batching = None if args.no_batching else BatchingConfig(
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue)
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads))
+                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads),
+                        batching=batching, uvloop=not args.no_uvloop)
 
 
 def _train_config(args):
@@ -43,6 +46,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0 = any free, -1 = off)")
     p.add_argument("--poll-interval-s", type=float, default=1.0, help="registry check interval")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for serving")
+    p.add_argument("--no-batching", action="store_true", help="compute inline on the event loop (baseline)")
+    p.add_argument("--max-batch", type=int, default=32, help="Recommend queries per engine call")
+    p.add_argument("--max-delay-ms", type=float, default=0.0, help="wait for a batch to fill")
+    p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
+    p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -55,10 +63,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    from server.app import serve
+    from server.app import run, serve
 
-    asyncio.run(serve(_server_config(args), on_started=lambda s, port: print(
-        f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)))
+    config = _server_config(args)
+    run(serve(config, on_started=lambda s, port: print(
+        f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from livetower.eventlog import SqliteEventLog
-from server.app import serve
+from server.app import run, serve
 from server.config import ServerConfig
 
 log = logging.getLogger("livetower.up")
@@ -92,4 +92,4 @@ Ctrl-C stops both.
             stop.set()
             await sidecar
 
-    asyncio.run(main())
+    run(main(), use_uvloop=config.uvloop)

@@ -20,6 +20,7 @@ from livetower.eventlog import SqliteEventLog
 from livetower.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
+from server.batching import MicroBatcher
 from server.config import ServerConfig
 from server.engine.manager import EngineManager
 from server.history import RecentHistory
@@ -42,6 +43,7 @@ class LivetowerServer:
     event_log: SqliteEventLog
     history: RecentHistory
     metrics: ServerMetrics
+    batcher: MicroBatcher | None = None
     metrics_port: int | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -57,6 +59,8 @@ class LivetowerServer:
                                          registry=self.metrics.registry)
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
+        if self.batcher is not None:
+            self.batcher.start()
         await self.grpc_server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -87,6 +91,8 @@ class LivetowerServer:
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        if self.batcher is not None:
+            await self.batcher.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.event_log.close()
@@ -99,6 +105,7 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
     metrics = ServerMetrics()
     manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event)
     history = RecentHistory(max_users=config.history_users, per_user=config.history_len)
+    batcher = MicroBatcher(config.batching) if config.batching is not None else None
     grpc_server = grpc.aio.server(
         interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes)],
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -106,7 +113,7 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(manager=manager, history=history, event_log=event_log, limits=config.limits,
-                            metrics=metrics), grpc_server)
+                            metrics=metrics, batcher=batcher), grpc_server)
     pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -117,7 +124,7 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
     if port == 0:
         raise OSError(f"could not bind gRPC on {config.host}:{config.port}: is another server running there?")
     server = LivetowerServer(config=config, grpc_server=grpc_server, manager=manager, health=health_servicer,
-                             event_log=event_log, history=history, metrics=metrics)
+                             event_log=event_log, history=history, metrics=metrics, batcher=batcher)
     server._port = port
     return server, port
 
@@ -137,3 +144,16 @@ async def serve(config: ServerConfig, *, on_started=None) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", config.grace_s)
     await server.stop()
+
+
+def run(main, *, use_uvloop: bool) -> None:
+    """Run a coroutine on uvloop when asked for and installed, else on the default asyncio loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; using the default asyncio loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.batching import BatchingConfig
 from server.engine.manager import EngineManagerConfig
 
 
@@ -31,6 +32,8 @@ class ServerConfig:
     metrics_port: int | None = 9464       # Prometheus /metrics port (0 = free one, None = off)
     limits: RequestLimits = field(default_factory=RequestLimits)
     engines: EngineManagerConfig = field(default_factory=EngineManagerConfig)
+    batching: BatchingConfig | None = field(default_factory=BatchingConfig)  # None: inline, no batching
+    uvloop: bool = True                   # run the server on uvloop when it is installed
     history_users: int = 100_000          # users whose recent history is kept in memory (LRU)
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start

@@ -12,8 +12,9 @@ from livetower.events import event_problem
 from livetower.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
+from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
-from server.engine.engine import Engine
+from server.engine.engine import Engine, RecommendQuery
 from server.engine.manager import EngineManager
 from server.history import RecentHistory
 from server.metrics import ServerMetrics
@@ -31,10 +32,26 @@ async def _serving_engine(manager: EngineManager, context: grpc.aio.ServicerCont
     return engine
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def _through(batcher: MicroBatcher, context, submit):
+    """Run work through the batcher, mapping its shedding onto gRPC status codes."""
+    try:
+        return await submit
+    except Overloaded as e:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except DeadlineExpired as e:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, *, manager: EngineManager, history: RecentHistory, event_log: EventLog,
-                 limits: RequestLimits, metrics: ServerMetrics) -> None:
+                 limits: RequestLimits, metrics: ServerMetrics, batcher: MicroBatcher | None) -> None:
         self.manager = manager
+        self.batcher = batcher  # None: compute inline on the event loop (the naive baseline)
         self.history = history
         self.event_log = event_log
         self.limits = limits
@@ -47,7 +64,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if problem := recommend_problem(request, self.limits):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         engine = await _serving_engine(self.manager, context)
-        ranked = engine.recommend(self._history(request), request.k, request.exclude_seen)
+        query = RecommendQuery(self._history(request), request.k, request.exclude_seen)
+        if self.batcher is None:
+            ranked = engine.recommend_batch([query])[0]
+        else:
+            ranked = await _through(self.batcher, context,
+                                    self.batcher.recommend(engine, query, _deadline(context)))
         return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores,
                                     engine_version=engine.version, source=ranked.source)
 
@@ -55,7 +77,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if problem := score_problem(request, self.limits):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         engine = await _serving_engine(self.manager, context)
-        scores, unknown, source = engine.score(self._history(request), request.candidate_ids)
+        history, candidates = self._history(request), list(request.candidate_ids)
+        if self.batcher is None:
+            scores, unknown, source = engine.score(history, candidates)
+        else:
+            scores, unknown, source = await _through(
+                self.batcher, context,
+                self.batcher.run(engine, lambda: engine.score(history, candidates), _deadline(context)))
         return pb.ScoreResponse(scores=scores, engine_version=engine.version,
                                 unknown_candidate_ids=unknown, source=source)
 

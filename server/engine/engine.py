@@ -28,6 +28,13 @@ class EngineRejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class RecommendQuery:
+    history: Sequence[str]  # item ids, newest last
+    k: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Ranked:
     item_ids: list[str]
     scores: list[float]
@@ -97,22 +104,42 @@ class Engine:
         return torch.from_numpy(self.runner(rows_T[None, :]))  # (1, D)
 
     def recommend(self, history: Sequence[str], k: int, exclude_seen: bool) -> Ranked:
-        seen = set(history) if exclude_seen else set()
-        u_1D = self._user_vector(history)
-        if u_1D is None:
-            picked = [(i, s) for i, s in zip(self.popularity_ids, self.popularity_scores) if i not in seen][:k]
-            return Ranked([i for i, _ in picked], [s for _, s in picked], "popularity")
-        exclude_1N = None
-        if seen:
-            idx = [self.row_of[h] - 1 for h in seen if h in self.row_of]
-            exclude_1N = torch.zeros(1, self.items_ND.shape[0], dtype=torch.bool)
-            exclude_1N[0, idx] = True
-        scores_1K, idx_1K = topk_cosine_reference(u_1D, self.items_ND, k, items_normalized=True,
-                                                  exclude_BN=exclude_1N)
-        scores = scores_1K[0].tolist()
-        idx = idx_1K[0].tolist()
-        n = sum(1 for s in scores if s != float("-inf"))
-        return Ranked([self.item_ids[i] for i in idx[:n]], scores[:n], "model")
+        return self.recommend_batch([RecommendQuery(history, k, exclude_seen)])[0]
+
+    def _popular(self, q: "RecommendQuery") -> Ranked:
+        seen = set(q.history) if q.exclude_seen else set()
+        picked = [(i, s) for i, s in zip(self.popularity_ids, self.popularity_scores) if i not in seen][:q.k]
+        return Ranked([i for i, _ in picked], [s for _, s in picked], "popularity")
+
+    def recommend_batch(self, queries: Sequence["RecommendQuery"]) -> list[Ranked]:
+        """One user-tower call and one (B, N) scoring pass for every query with a known item."""
+        out: list[Ranked | None] = [None] * len(queries)
+        rows, model_q = [], []
+        for i, q in enumerate(queries):
+            rows_T = self.history_rows(q.history)
+            if rows_T[-1] == PAD_ROW:
+                out[i] = self._popular(q)  # no known item
+            else:
+                rows.append(rows_T)
+                model_q.append(i)
+        if model_q:
+            u_BD = torch.from_numpy(self.runner(np.stack(rows)))
+            exclude_BN = None
+            if any(queries[i].exclude_seen for i in model_q):
+                exclude_BN = torch.zeros(len(model_q), self.items_ND.shape[0], dtype=torch.bool)
+                for b, i in enumerate(model_q):
+                    if queries[i].exclude_seen:
+                        idx = [self.row_of[h] - 1 for h in set(queries[i].history) if h in self.row_of]
+                        exclude_BN[b, idx] = True
+            k_max = max(queries[i].k for i in model_q)
+            scores_BK, idx_BK = topk_cosine_reference(u_BD, self.items_ND, k_max, items_normalized=True,
+                                                      exclude_BN=exclude_BN)
+            scores_BK, idx_BK = scores_BK.tolist(), idx_BK.tolist()
+            for b, i in enumerate(model_q):
+                k = queries[i].k
+                scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
+                out[i] = Ranked([self.item_ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
+        return out  # type: ignore[return-value]
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""

@@ -1,0 +1,128 @@
+"""MicroBatcher: batching, ordering, shedding, deadlines (a stub engine stands in for the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from server.batching import BatchingConfig, DeadlineExpired, MicroBatcher, Overloaded
+from server.engine.engine import Ranked, RecommendQuery
+
+
+class SlowEngine:
+    """recommend_batch sleeps `seconds` per call and records batch sizes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+
+    def recommend_batch(self, queries):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        self.batches.append(len(queries))
+        return [Ranked([q.history[0]], [float(q.k)], "model") for q in queries]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def q(i: int) -> RecommendQuery:
+    return RecommendQuery([f"item-{i}"], i + 1, False)
+
+
+def test_requests_queued_while_busy_run_as_one_batch():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=8))
+        b.start()
+        eng = SlowEngine(0.05)
+        results = await asyncio.gather(*[b.recommend(eng, q(i), None) for i in range(20)])
+        await b.stop()
+        return eng, results
+
+    eng, results = run(main())
+    # Each caller gets its own answer, in its own order.
+    assert [r.item_ids[0] for r in results] == [f"item-{i}" for i in range(20)]
+    assert [r.scores[0] for r in results] == [float(i + 1) for i in range(20)]
+    assert max(eng.batches) == 8 and sum(eng.batches) == 20 and len(eng.batches) <= 4
+    assert all(name.startswith("engine") for name in eng.threads)  # off the event loop
+
+
+def test_queue_limit_sheds_at_once():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=3))
+        b.start()
+        eng = SlowEngine(0.05)
+        tasks = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(10)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run(main())
+    shed = [r for r in out if isinstance(r, Overloaded)]
+    ok = [r for r in out if isinstance(r, Ranked)]
+    assert len(ok) >= 3 and len(shed) >= 5
+    assert "limit 3" in str(shed[0])
+
+
+def test_deadline_admission_and_expiry():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100))
+        b.start()
+        eng = SlowEngine(0.03)
+        await b.recommend(eng, q(0), None)  # teaches the batcher ~30 ms per job
+        await b.recommend(eng, q(0), None)
+        now = time.monotonic()
+        backlog = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(5)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="deadline"):
+            await b.recommend(eng, q(9), now + 0.02)  # 5 jobs ahead cannot finish in 20 ms
+        await asyncio.gather(*backlog)
+        await b.stop()
+
+    run(main())
+
+
+def test_expired_while_queued_is_not_computed():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1))
+        b.start()
+        eng = SlowEngine(0.05)
+        first = asyncio.ensure_future(b.recommend(eng, q(0), None))
+        await asyncio.sleep(0.01)
+        b._per_item_s = 0.0  # admit it; it will expire while the first job runs
+        with pytest.raises(DeadlineExpired):
+            await b.recommend(eng, q(1), time.monotonic() + 0.01)
+        await first
+        await b.stop()
+        return eng
+
+    eng = run(main())
+    assert eng.batches == [1]  # the expired request never reached the engine
+
+
+def test_batches_never_mix_engines():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=16))
+        b.start()
+        old, new = SlowEngine(0.02), SlowEngine(0.02)
+        blocker = asyncio.ensure_future(b.recommend(old, q(0), None))
+        await asyncio.sleep(0.005)
+        mixed = [b.recommend(old if i % 2 else new, q(i), None) for i in range(8)]
+        await asyncio.gather(blocker, *mixed)
+        await b.stop()
+        return old, new
+
+    old, new = run(main())
+    assert sum(old.batches) == 5 and sum(new.batches) == 4
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchingConfig(max_batch=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        BatchingConfig(max_queue=0)
