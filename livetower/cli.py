@@ -26,7 +26,7 @@ def _server_config(args):
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads),
-                        batching=batching, uvloop=not args.no_uvloop)
+                        batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port)
 
 
 def _train_config(args):
@@ -51,6 +51,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-delay-ms", type=float, default=0.0, help="wait for a batch to fill")
     p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
     p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
+    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -62,9 +63,38 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
 
 
+def _serve_workers(args) -> int:
+    """--workers N: N server processes sharing the port with SO_REUSEPORT; the kernel spreads connections."""
+    import subprocess
+
+    if args.port == 0:
+        raise SystemExit("--workers needs an explicit --port (processes must share one port)")
+    argv = [a for a in sys.argv[1:] if a != "--reuse-port"]
+    i = argv.index("--workers") if "--workers" in argv else None
+    if i is not None:
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--workers=")]
+    procs = []
+    for w in range(args.workers):
+        metrics = -1 if args.metrics_port < 0 else (0 if args.metrics_port == 0 else args.metrics_port + w)
+        procs.append(subprocess.Popen([sys.executable, "-m", "livetower", *argv, "--reuse-port",
+                                       "--metrics-port", str(metrics)]))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and all(p.poll() is None for p in procs):
+        stop.wait(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    return max(p.wait() for p in procs)
+
+
 def cmd_serve(args) -> int:
     from server.app import run, serve
 
+    if args.workers > 1:
+        return _serve_workers(args)
     config = _server_config(args)
     run(serve(config, on_started=lambda s, port: print(
         f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
@@ -176,9 +206,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "build":
-        from benchmarks.engine_build import main as bench_main
-    return bench_main(args.rest)
+    import importlib
+
+    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo"}[args.what]
+    return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the gRPC server alone")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     _add_server_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -237,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the JSON result here too")
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build",), help="build: engine backends compared (build, parity, latency)")
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo"),
+                       help="build: engine backends compared; catalog: a trained catalogue for load tests; "
+                            "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p

@@ -161,3 +161,5 @@ POPULARITY_FILE = "popularity.json"  # {"item_ids": [...], "scores": [...]}, mos
 # not check input shapes at run time, so the runner checks T and the batch bound from these.
 META_HISTORY_LEN = "livetower.history_len"
 META_MAX_BATCH = "livetower.max_batch"
+ANN_FILE = "items.hnsw"             # optional FAISS HNSW index over items.npy (large catalogues)
+ANN_META_FILE = "ann.json"          # {"ef_search": ..., "recall_at_k": ..., "k": ..., "M": ...}

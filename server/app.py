@@ -110,7 +110,7 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
         interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes)],
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
     pb_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(manager=manager, history=history, event_log=event_log, limits=config.limits,
                             metrics=metrics, batcher=batcher), grpc_server)

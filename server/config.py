@@ -34,6 +34,7 @@ class ServerConfig:
     engines: EngineManagerConfig = field(default_factory=EngineManagerConfig)
     batching: BatchingConfig | None = field(default_factory=BatchingConfig)  # None: inline, no batching
     uvloop: bool = True                   # run the server on uvloop when it is installed
+    reuse_port: bool = False              # SO_REUSEPORT: several server processes share one port
     history_users: int = 100_000          # users whose recent history is kept in memory (LRU)
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from livetower.registry import USER_TOWER_FILE
+from trainer.export.ann import AnnOptions
 from trainer.model import ModelConfig
 
 PRECISIONS = ("bf16", "fp32")
@@ -33,6 +34,7 @@ class TrainConfig:
     backend: str = "aoti"              # engine backend built after a passing round
     parity_tolerance: float = 1e-4     # engine vs torch reference max abs diff allowed at build
     inductor_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for AOTI builds
+    ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs_per_round", "n_random_negatives", "round_min_events",

@@ -190,10 +190,14 @@ class Trainer:
                          eval_metrics={**metrics, "gate_passed": float(gate == "passed")})
         options = CompileOptions(backend=self.cfg.backend,
                                  inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
+        T = self.model.cfg.max_history
+        users = sorted(st.user_seqs)
+        pick = np.random.default_rng(st.step).permutation(len(users))[:1000]
+        queries_QT = np.stack([left_pad(st.user_seqs[users[i]], T) for i in pick]) if len(pick) else None
         try:
             manifest = build_engine(self.model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
-                                    parity_tolerance=self.cfg.parity_tolerance,
-                                    progress=lambda m: log.info("%s", m))
+                                    parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
+                                    ann_queries_QT=queries_QT, progress=lambda m: log.info("%s", m))
         except BuildFailed as e:
             log.error("engine build refused: %s", e)
             return 0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kernels.retrieval import topk_cosine_reference
-from livetower.registry import ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE
+from livetower.registry import ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE
 from proto import livetower_v1_pb2 as pb
 from server.engine.backends import UserTowerRunner, load_runner
 
@@ -43,7 +43,8 @@ class Ranked:
 
 class Engine:
     def __init__(self, manifest: pb.EngineManifest, runner: UserTowerRunner, item_ids: list[str],
-                 items_ND: np.ndarray, popularity_ids: list[str], popularity_scores: list[float]) -> None:
+                 items_ND: np.ndarray, popularity_ids: list[str], popularity_scores: list[float],
+                 ann=None, ann_ef_search: int = 0) -> None:
         if items_ND.shape != (len(item_ids), manifest.dim):
             raise EngineRejected(f"items matrix is {items_ND.shape}, expected ({len(item_ids)}, {manifest.dim})")
         self.manifest = manifest
@@ -55,6 +56,8 @@ class Engine:
         self.items_ND = torch.from_numpy(items_ND)
         self.popularity_ids = popularity_ids
         self.popularity_scores = popularity_scores
+        self.ann = ann  # FAISS HNSW over items_ND for large catalogues (None: exact search)
+        self.ann_ef_search = ann_ef_search
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1) -> "Engine":
@@ -65,7 +68,14 @@ class Engine:
         item_ids = json.loads((engine_dir / ITEM_IDS_FILE).read_text())
         items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
         pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
-        return cls(manifest, runner, item_ids, items_ND, pop["item_ids"], pop["scores"])
+        ann, ef = None, 0
+        if (engine_dir / ANN_FILE).is_file():
+            import faiss  # only engines with an ANN index need it
+
+            faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads
+            ann = faiss.read_index(str(engine_dir / ANN_FILE))
+            ef = int(json.loads((engine_dir / ANN_META_FILE).read_text())["ef_search"])
+        return cls(manifest, runner, item_ids, items_ND, pop["item_ids"], pop["scores"], ann, ef)
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
@@ -132,14 +142,32 @@ class Engine:
                         idx = [self.row_of[h] - 1 for h in set(queries[i].history) if h in self.row_of]
                         exclude_BN[b, idx] = True
             k_max = max(queries[i].k for i in model_q)
-            scores_BK, idx_BK = topk_cosine_reference(u_BD, self.items_ND, k_max, items_normalized=True,
-                                                      exclude_BN=exclude_BN)
-            scores_BK, idx_BK = scores_BK.tolist(), idx_BK.tolist()
+            if self.ann is not None:
+                scores_BK, idx_BK = self._ann_topk(u_BD, k_max, exclude_BN)
+            else:
+                scores_BK, idx_BK = topk_cosine_reference(u_BD, self.items_ND, k_max, items_normalized=True,
+                                                          exclude_BN=exclude_BN)
+                scores_BK, idx_BK = scores_BK.tolist(), idx_BK.tolist()
             for b, i in enumerate(model_q):
                 k = queries[i].k
                 scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
                 out[i] = Ranked([self.item_ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
         return out  # type: ignore[return-value]
+
+    def _ann_topk(self, u_BD: torch.Tensor, k: int, exclude_BN: torch.Tensor | None):
+        import faiss
+
+        n_excl = int(exclude_BN.sum(1).max()) if exclude_BN is not None else 0
+        kk = min(k + n_excl, self.items_ND.shape[0])
+        params = faiss.SearchParametersHNSW(efSearch=max(self.ann_ef_search, kk))
+        dist_BK, idx_BK = self.ann.search(np.ascontiguousarray(u_BD.numpy()), kk, params=params)
+        scores_out, idx_out = [], []
+        for b in range(len(idx_BK)):
+            keep = [(float(d), int(i)) for d, i in zip(dist_BK[b], idx_BK[b])
+                    if i >= 0 and (exclude_BN is None or not exclude_BN[b, i])][:k]
+            scores_out.append([d for d, _ in keep])
+            idx_out.append([i for _, i in keep])
+        return scores_out, idx_out
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from livetower.registry import (ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE, Registry)
+from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+                                USER_TOWER_FILE, Registry)
 from proto import livetower_v1_pb2 as pb
 from server.engine.backends import load_runner
+from trainer.export.ann import AnnOptions, build_hnsw
 from trainer.export.compile import CompileOptions, compile_user_tower
 from trainer.model import TwoTower
 
@@ -75,7 +77,10 @@ def golden_histories(n_items: int, T: int, seed: int = 1234) -> torch.Tensor:
 
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
+                 ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
                  progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
+    """ann + ann_queries_QT (real users' histories, left-padded rows): also build an HNSW index when
+    the catalogue has at least ann.min_items items, tuned on those users' embeddings."""
     t0 = time.perf_counter()
     n_items = len(vocab_ids)
     if n_items < 1:
@@ -99,6 +104,17 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
         del runner
         np.save(staging / ITEMS_FILE, items_ND)
+        ann_metrics = {}
+        if ann is not None and ann_queries_QT is not None and n_items >= ann.min_items:
+            import faiss
+
+            with torch.no_grad():
+                queries_QD = torch.cat([tower(torch.from_numpy(ann_queries_QT[s:s + 256]))
+                                        for s in range(0, len(ann_queries_QT), 256)]).numpy()
+            index, meta = build_hnsw(items_ND, queries_QD, ann, progress)
+            faiss.write_index(index, str(staging / ANN_FILE))
+            (staging / ANN_META_FILE).write_text(json.dumps(meta, indent=1))
+            ann_metrics = {f"ann_recall@{meta['k']}": meta["recall_at_k"], "ann_ef_search": float(meta["ef_search"])}
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
         top = np.argsort(-counts, kind="stable")[:POPULARITY_TOP]
@@ -108,7 +124,8 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         manifest = pb.EngineManifest(
             parent=info.parent, architecture_hash=architecture_hash(frozen, options.backend),
             backend=options.backend, item_count=n_items, dim=frozen.cfg.out_dim, max_history=T,
-            stream_offsets=info.stream_offsets, watermark_ms=info.watermark_ms, eval_metrics=info.eval_metrics,
+            stream_offsets=info.stream_offsets, watermark_ms=info.watermark_ms,
+            eval_metrics={**info.eval_metrics, **ann_metrics},
             golden=pb.GoldenSet(batch=GOLDEN_BATCH, seq_len=T, dim=frozen.cfg.out_dim,
                                 history_rows=golden_BT.flatten().tolist(),
                                 user_embeddings=want_BD.flatten().tolist()),
