@@ -1,0 +1,503 @@
+"""`livetower bench load`: open-loop gRPC load generator for the Recommender service.
+
+Requests are scheduled at a fixed rate (fixed or Poisson gaps) and each is fired as its own task at its
+scheduled time, never waiting for earlier ones; its latency runs from the *scheduled* send time to completion,
+so client lag and server queueing show up in the figures (no coordinated omission). Requests scheduled during
+the warm-up are sent but left out of the figures. ``--procs`` spawned worker processes (own asyncio loop, uvloop
+when importable, ``--channels`` grpc.aio channels each) share the rate, each with its own seeded schedule, and
+send HdrHistograms back to the parent, which merges them.
+
+A request that would push the in-flight count over ``--max-inflight`` is not sent: it is counted as
+error ``CLIENT_OVERLOAD`` (no latency recorded). Errors are counted by gRPC status code name.
+
+Writes ``results.json`` and ``results.png`` into ``--out`` (default ``bench-results/load/<timestamp>``).
+Exit code 1 when ``--slo-p99-ms`` / ``--error-budget`` is broken, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import queue as queue_mod
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from benchmarks import report
+from benchmarks.workload import ARRIVALS, KINDS, KindPicker, make_workload, parse_mix, parse_range, schedule
+
+
+def _doc(text: str, **kw):
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class LoadConfig:
+    """One load run. Each field's ``metadata["doc"]`` is also its ``--flag`` help."""
+    target: str = _doc("server address host:port", default="localhost:50051")
+    rate: float = _doc("offered load, requests per second (all workers together)", default=200.0)
+    duration_s: float = _doc("measured window, seconds", default=30.0)
+    warmup_s: float = _doc("seconds of load sent before the measured window, left out of the figures",
+                           default=5.0)
+    arrival: str = _doc("gaps between sends: fixed (1/rate) or poisson (exponential, mean 1/rate)",
+                        default="fixed")
+    procs: int = _doc("worker processes (spawned), each sending rate/procs", default=1)
+    channels: int = _doc("grpc.aio channels (TCP connections) per worker, used round-robin", default=1)
+    max_inflight: int = _doc("in-flight cap (all workers together, split evenly); a request over it is not "
+                             "sent and counts as CLIENT_OVERLOAD", default=10_000)
+    deadline_ms: float = _doc("per-request gRPC deadline, ms", default=1000.0)
+    users: int = _doc("size of the Zipf user population (ids user-0 .. user-{N-1}, user-0 hottest)",
+                      default=100_000)
+    zipf_s: float = _doc("Zipf exponent of user popularity (0 = uniform)", default=1.1)
+    items: int = _doc("catalogue size: items are <item-prefix>0 .. <item-prefix>{N-1}", default=100_000)
+    item_prefix: str = _doc("item id prefix", default="item-")
+    history_len: int = _doc("items in each user's (deterministic) history", default=50)
+    k: int = _doc("Recommend k", default=100)
+    exclude_seen: bool = _doc("Recommend exclude_seen", default=False)
+    score_candidates: tuple[int, int] = _doc("Score candidates per request, uniform in [lo, hi]",
+                                             default=(100, 1000))
+    mix: tuple[tuple[str, float], ...] = _doc("request kinds and weights",
+                                              default=(("recommend", 0.9), ("score", 0.1)))
+    seed: int = _doc("seed of schedules, users, histories and candidates", default=0)
+    label: str = _doc("name of the run in the JSON", default="load")
+    out: Path | None = _doc("directory for results.json + results.png (None: write nothing)", default=None)
+    slo_p99_ms: float | None = _doc("SLO: P99 of successful requests must be <= this, ms", default=None)
+    error_budget: float | None = _doc("SLO: error rate must be <= this (default 0.001 when --slo-p99-ms "
+                                      "is given)", default=None)
+    progress: bool = _doc("print a progress line about once a second", default=True)
+    use_uvloop: bool = _doc("use uvloop in the workers when importable", default=True)
+    connect_timeout_s: float = _doc("seconds a worker waits for its channels to connect", default=10.0)
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"LoadConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.target, str) or ":" not in self.target:
+            bad("target", "must be host:port")
+        for name in ("rate", "duration_s", "deadline_ms", "connect_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(name, "must be a finite number > 0")
+        if not isinstance(self.warmup_s, (int, float)) or not math.isfinite(self.warmup_s) or self.warmup_s < 0:
+            bad("warmup_s", "must be a finite number >= 0")
+        if self.arrival not in ARRIVALS:
+            bad("arrival", f"must be one of {ARRIVALS}")
+        for name in ("procs", "channels", "max_inflight", "users", "items", "history_len", "k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be an integer >= 1")
+        if not (1 <= self.k <= 1000):
+            bad("k", "must be in 1..1000 (the server's limit)")
+        if not isinstance(self.zipf_s, (int, float)) or not math.isfinite(self.zipf_s) or self.zipf_s < 0:
+            bad("zipf_s", "must be a finite number >= 0")
+        sc = self.score_candidates
+        if (not isinstance(sc, tuple) or len(sc) != 2 or not all(isinstance(x, int) for x in sc)
+                or not (1 <= sc[0] <= sc[1] <= 10_000)):
+            bad("score_candidates", "must be (lo, hi) with 1 <= lo <= hi <= 10000")
+        if not isinstance(self.mix, tuple) or not self.mix:
+            bad("mix", "must be a non-empty tuple of (kind, weight)")
+        for entry in self.mix:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                bad("mix", "entries must be (kind, weight)")
+            name, w = entry
+            if name not in KINDS:
+                bad("mix", f"unknown kind {name!r} (known: {sorted(KINDS)})")
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                bad("mix", f"weight of {name!r} must be a finite number >= 0")
+        if sum(w for _, w in self.mix) <= 0:
+            bad("mix", "weights must not all be 0")
+        if self.slo_p99_ms is not None and not self.slo_p99_ms > 0:
+            bad("slo_p99_ms", "must be > 0")
+        if self.error_budget is not None and not (0 <= self.error_budget <= 1):
+            bad("error_budget", "must be in [0, 1]")
+        if self.rate / self.procs > 1e6:
+            bad("rate", "per-worker rate over 1e6/s")
+
+    def effective_error_budget(self) -> float | None:
+        if self.error_budget is None and self.slo_p99_ms is not None:
+            return 0.001
+        return self.error_budget
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["out"] = None if self.out is None else str(self.out)
+        d["score_candidates"] = list(self.score_candidates)
+        d["mix"] = dict(self.mix)
+        return d
+
+
+# ---------------------------------------------------------------- worker side
+
+class _Recorder:
+    """Histograms and counters of one worker. Times are seconds since the run start (warm-up begins at 0)."""
+
+    def __init__(self, cfg: LoadConfig):
+        self.lo = cfg.warmup_s
+        self.hi = cfg.warmup_s + cfg.duration_s
+        self.ok = report.new_hist()
+        self.all = report.new_hist()
+        self.lag = report.new_hist()
+        self.interval = report.new_hist()
+        self.scheduled = 0
+        self.ok_in_window = 0
+        self.errors: Counter = Counter()
+        self.kinds = {n: {"count": 0, "ok": 0, "errors": Counter(), "hist": report.new_hist()}
+                      for n, _ in cfg.mix}
+        self.seconds: dict[int, dict] = {}
+        self.sent_total = self.ok_total = self.err_total = 0
+
+    def _sec(self, t: float) -> dict:
+        s = math.floor(t - self.lo)
+        b = self.seconds.get(s)
+        if b is None:
+            b = self.seconds[s] = {"hist": None, "sent": 0, "ok": 0, "errors": 0}
+        return b
+
+    def scheduled_at(self, kind: str, t_sched: float) -> None:
+        self._sec(t_sched)["sent"] += 1
+        if self.lo <= t_sched < self.hi:
+            self.scheduled += 1
+            self.kinds[kind]["count"] += 1
+
+    def sent(self, lag_s: float) -> None:
+        self.sent_total += 1
+        report.record_us(self.lag, lag_s)
+
+    def done(self, kind: str, t_sched: float, t_done: float, code: str) -> None:
+        """One request finished (code "OK", a gRPC status name, or a CLIENT_* code; t_done None: never sent)."""
+        lat = t_done - t_sched
+        b = self._sec(t_done)
+        measured = self.lo <= t_sched < self.hi
+        if code == "OK":
+            self.ok_total += 1
+            b["ok"] += 1
+            if b["hist"] is None:
+                b["hist"] = report.new_hist()
+            report.record_us(b["hist"], lat)
+            report.record_us(self.interval, lat)
+            if self.lo <= t_done < self.hi:
+                self.ok_in_window += 1
+        else:
+            self.err_total += 1
+            b["errors"] += 1
+        if not measured:
+            return
+        k = self.kinds[kind]
+        if code == "OK":
+            report.record_us(self.ok, lat)
+            report.record_us(self.all, lat)
+            k["ok"] += 1
+            report.record_us(k["hist"], lat)
+        else:
+            if code != "CLIENT_OVERLOAD":
+                report.record_us(self.all, lat)
+            self.errors[code] += 1
+            k["errors"][code] += 1
+
+    def take_interval(self) -> bytes:
+        blob = self.interval.encode() if self.interval.get_total_count() else b""
+        self.interval.reset()
+        return blob
+
+    def export(self, uvloop: bool) -> dict:
+        enc = lambda h: h.encode() if h is not None and h.get_total_count() else b""  # noqa: E731
+        return {
+            "uvloop": uvloop, "ok": enc(self.ok), "all": enc(self.all), "lag": enc(self.lag),
+            "scheduled": self.scheduled, "ok_in_window": self.ok_in_window, "sent_total": self.sent_total,
+            "errors": dict(self.errors),
+            "kinds": {n: {"count": k["count"], "ok": k["ok"], "errors": dict(k["errors"]), "hist": enc(k["hist"])}
+                      for n, k in self.kinds.items()},
+            "seconds": {s: {**b, "hist": enc(b["hist"])} for s, b in self.seconds.items()},
+        }
+
+
+async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, uvloop: bool) -> None:
+    import grpc
+    import numpy as np
+
+    loop = asyncio.get_running_loop()
+    wl = make_workload(users=cfg.users, zipf_s=cfg.zipf_s, items=cfg.items, item_prefix=cfg.item_prefix,
+                       history_len=cfg.history_len, k=cfg.k, exclude_seen=cfg.exclude_seen,
+                       score_candidates=cfg.score_candidates, seed=cfg.seed)
+    picker = KindPicker(cfg.mix)
+    channels = [grpc.aio.insecure_channel(cfg.target, options=[
+        ("grpc.use_local_subchannel_pool", 1), ("livetower.loadgen_channel", idx * 1000 + c),
+        ("grpc.max_receive_message_length", 64 << 20)]) for c in range(cfg.channels)]
+    try:
+        for ch in channels:
+            try:
+                await asyncio.wait_for(ch.channel_ready(), cfg.connect_timeout_s)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"worker {idx}: no connection to {cfg.target} in "
+                                      f"{cfg.connect_timeout_s:g} s") from None
+        calls = [{name: KINDS[name].bind(ch) for name in picker.names} for ch in channels]
+        rec = _Recorder(cfg)
+        q.put(("ready", idx, None))
+        if not await loop.run_in_executor(None, start_event.wait, 120.0):
+            raise TimeoutError(f"worker {idx}: no start signal")
+        base = time.monotonic() + (start_value.value - time.time())  # monotonic time of offset 0
+        deadline_s = cfg.deadline_ms / 1e3
+        inflight: set[asyncio.Task] = set()
+        finished = False
+
+        async def one(call, req, kind: str, t_sched: float) -> None:
+            rec.sent(time.monotonic() - base - t_sched)
+            try:
+                await call(req, timeout=deadline_s)
+                code = "OK"
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            except asyncio.CancelledError:
+                code = "CLIENT_DRAIN_TIMEOUT"
+            except Exception as e:  # noqa: BLE001 - counted, never fatal to the run
+                code = f"CLIENT_{type(e).__name__}"
+            rec.done(kind, t_sched, time.monotonic() - base, code)
+
+        async def progress() -> None:
+            while not finished:
+                await asyncio.sleep(1.0)
+                q.put(("progress", idx, {"t": time.monotonic() - base, "sent": rec.sent_total, "ok": rec.ok_total,
+                                         "errors": rec.err_total, "inflight": len(inflight),
+                                         "interval": rec.take_interval()}))
+
+        prog = loop.create_task(progress()) if cfg.progress else None
+        srng = np.random.default_rng([cfg.seed, idx, 1])
+        rrng = np.random.default_rng([cfg.seed, idx, 2])
+        nch = len(channels)
+        cap = max(1, cfg.max_inflight // cfg.procs)
+        n = 0
+        for t_sched in schedule(cfg.rate / cfg.procs, cfg.warmup_s + cfg.duration_s, cfg.arrival, srng,
+                                phase_s=idx / cfg.rate):
+            kind = picker(rrng)
+            req = KINDS[kind].make(rrng, wl)  # built before its send time, off the critical path when idle
+            call = calls[n % nch][kind]
+            n += 1
+            delay = base + t_sched - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif n % 16 == 0:
+                await asyncio.sleep(0)  # behind schedule: still let completions run
+            rec.scheduled_at(kind, t_sched)
+            if len(inflight) >= cap:
+                rec.done(kind, t_sched, time.monotonic() - base, "CLIENT_OVERLOAD")
+                continue
+            task = loop.create_task(one(call, req, kind, t_sched))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            _, pending = await asyncio.wait(set(inflight), timeout=deadline_s + 2.0)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        finished = True
+        if prog is not None:
+            prog.cancel()
+        q.put(("done", idx, rec.export(uvloop)))
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+def _worker_entry(cfg: LoadConfig, idx: int, q, start_event, start_value) -> None:
+    try:
+        use_uv = False
+        if cfg.use_uvloop:
+            try:
+                import uvloop
+
+                use_uv = True
+            except ImportError:
+                pass
+        coro = _worker_async(cfg, idx, q, start_event, start_value, use_uv)
+        if use_uv:
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        q.put(("error", idx, traceback.format_exc()))
+
+
+# ---------------------------------------------------------------- parent side
+
+def run_load(config: LoadConfig, *, log: Callable[[str], None] = print) -> dict:
+    """Run one load test and return the results dict (also written to ``config.out`` when set).
+
+    The dict has ``slo`` = {"p99_ms", "error_budget", "violations", "passed"}.
+    """
+    if not isinstance(config, LoadConfig):
+        raise TypeError(f"config must be a LoadConfig, got {type(config).__name__}")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_event = ctx.Event()
+    start_value = ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_worker_entry, args=(config, i, q, start_event, start_value), daemon=True,
+                         name=f"loadgen-{i}") for i in range(config.procs)]
+    for p in procs:
+        p.start()
+    exports: dict[int, dict] = {}
+    try:
+        ready = set()
+        t_wait = time.monotonic() + config.connect_timeout_s * max(1, config.channels) + 60.0
+        while len(ready) < config.procs:
+            kind, idx, payload = _get(q, procs, t_wait, "workers to connect")
+            if kind == "ready":
+                ready.add(idx)
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        start_value.value = time.time() + 0.3
+        start_event.set()
+        if config.progress:
+            log(f"load: {config.rate:g} QPS {config.arrival} to {config.target} for {config.warmup_s:g}+"
+                f"{config.duration_s:g} s, {config.procs} worker(s) x {config.channels} channel(s)")
+        latest: dict[int, dict] = {}
+        pending = report.new_hist()
+        last_print = time.monotonic()
+        t_end = time.monotonic() + config.warmup_s + config.duration_s + config.deadline_ms / 1e3 + 60.0
+        while len(exports) < config.procs:
+            kind, idx, payload = _get(q, procs, t_end, "workers to finish", done=exports)
+            if kind == "progress":
+                latest[idx] = payload
+                if payload["interval"]:
+                    pending.decode_and_add(payload["interval"])
+                if len(latest) == config.procs and time.monotonic() - last_print >= 0.9:
+                    last_print = time.monotonic()
+                    log(_progress_line(config, latest, pending))
+                    pending = report.new_hist()
+            elif kind == "done":
+                exports[idx] = payload
+    finally:
+        start_event.set()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    merged = report.merge([exports[i] for i in sorted(exports)])
+    results = report.build_results(merged, config=config.to_json(), label=config.label, started_at=started_at,
+                                   duration_s=config.duration_s, warmup_s=config.warmup_s)
+    budget = config.effective_error_budget()
+    violations = report.slo_violations(results, p99_ms=config.slo_p99_ms, error_budget=budget)
+    results["slo"] = {"p99_ms": config.slo_p99_ms, "error_budget": budget, "violations": violations,
+                      "passed": not violations}
+    if config.out is not None:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        report.plot(results, out / "results.png")
+    return results
+
+
+def _get(q, procs, t_limit: float, what: str, done: dict | None = None):
+    while True:
+        try:
+            msg = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            msg = None
+        if msg is not None:
+            if msg[0] == "error":
+                raise RuntimeError(f"load worker {msg[1]} failed:\n{msg[2]}")
+            return msg
+        for i, p in enumerate(procs):
+            if not p.is_alive() and (done is None or i not in done):
+                try:  # its last message may still be in the pipe
+                    return q.get(timeout=1.0)
+                except queue_mod.Empty:
+                    raise RuntimeError(f"load worker {i} exited (code {p.exitcode}) while waiting for {what}")
+        if time.monotonic() > t_limit:
+            raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _progress_line(cfg: LoadConfig, latest: dict, pending) -> str:
+    t = max(v["t"] for v in latest.values()) - cfg.warmup_s
+    tag = "warmup" if t < 0 else ("drain" if t > cfg.duration_s else "")
+    s = lambda key: sum(v[key] for v in latest.values())  # noqa: E731
+    p99 = f"{pending.get_value_at_percentile(99) / 1e3:8.2f}" if pending.get_total_count() else f"{'-':>8}"
+    return (f"[{t:7.1f}s {tag:>6}] sent {s('sent'):>8} ok {s('ok'):>8} errors {s('errors'):>6} "
+            f"inflight {s('inflight'):>5}  p99(last s) {p99} ms")
+
+
+# ---------------------------------------------------------------- CLI
+
+def _help(name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(LoadConfig)}[name]
+    d = f.default
+    return f"{f.metadata['doc']} (default: {d})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livetower bench load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="localhost:50051", help=_help("target"))
+    p.add_argument("--rate", type=float, default=200.0, help=_help("rate"))
+    p.add_argument("--duration-s", type=float, default=30.0, help=_help("duration_s"))
+    p.add_argument("--warmup-s", type=float, default=5.0, help=_help("warmup_s"))
+    p.add_argument("--arrival", choices=ARRIVALS, default="fixed", help=_help("arrival"))
+    p.add_argument("--procs", type=int, default=1, help=_help("procs"))
+    p.add_argument("--channels", type=int, default=1, help=_help("channels"))
+    p.add_argument("--max-inflight", type=int, default=10_000, help=_help("max_inflight"))
+    p.add_argument("--deadline-ms", type=float, default=1000.0, help=_help("deadline_ms"))
+    p.add_argument("--users", type=int, default=100_000, help=_help("users"))
+    p.add_argument("--zipf-s", type=float, default=1.1, help=_help("zipf_s"))
+    p.add_argument("--items", type=int, default=100_000, help=_help("items"))
+    p.add_argument("--item-prefix", default="item-", help=_help("item_prefix"))
+    p.add_argument("--history-len", type=int, default=50, help=_help("history_len"))
+    p.add_argument("--k", type=int, default=100, help=_help("k"))
+    p.add_argument("--exclude-seen", action="store_true", help=_help("exclude_seen"))
+    p.add_argument("--score-candidates", type=parse_range, default=(100, 1000),
+                   help=_help("score_candidates") + "; LO:HI")
+    p.add_argument("--mix", type=parse_mix, default=(("recommend", 0.9), ("score", 0.1)),
+                   help=_help("mix") + f"; kind=weight,... with kinds {sorted(KINDS)}")
+    p.add_argument("--seed", type=int, default=0, help=_help("seed"))
+    p.add_argument("--label", default="load", help=_help("label"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for results.json + results.png (default: bench-results/load/<timestamp>)")
+    p.add_argument("--slo-p99-ms", type=float, default=None, help=_help("slo_p99_ms"))
+    p.add_argument("--error-budget", type=float, default=None, help=_help("error_budget"))
+    p.add_argument("--quiet", action="store_true", help="no per-second progress lines")
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the workers")
+    p.add_argument("--connect-timeout-s", type=float, default=10.0, help=_help("connect_timeout_s"))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    out = args.out or Path("bench-results/load") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return LoadConfig(
+        target=args.target, rate=args.rate, duration_s=args.duration_s, warmup_s=args.warmup_s,
+        arrival=args.arrival, procs=args.procs, channels=args.channels, max_inflight=args.max_inflight,
+        deadline_ms=args.deadline_ms, users=args.users, zipf_s=args.zipf_s, items=args.items,
+        item_prefix=args.item_prefix, history_len=args.history_len, k=args.k, exclude_seen=args.exclude_seen,
+        score_candidates=tuple(args.score_candidates), mix=tuple(args.mix), seed=args.seed, label=args.label,
+        out=out, slo_p99_ms=args.slo_p99_ms, error_budget=args.error_budget, progress=not args.quiet,
+        use_uvloop=not args.no_uvloop, connect_timeout_s=args.connect_timeout_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        p.error(str(e))
+    results = run_load(cfg)
+    print(report.format_table(results))
+    print(f"wrote {cfg.out}/results.json and results.png")
+    if results["slo"]["violations"]:
+        for v in results["slo"]["violations"]:
+            print(f"SLO FAILED: {v}", file=sys.stderr)
+        return 1
+    if cfg.slo_p99_ms is not None or cfg.error_budget is not None:
+        print("SLO passed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""`livetower bench slo`: the naive baseline and the optimised server, same model, same run.
+
+For each server configuration (started here as its own process on a free port):
+  1. the headline: Recommend k=100 at --rate QPS open-loop, --runs times (median of the P99s);
+  2. capacity: rates from --sweep in ascending order until P99 >= --slo-p99-ms or errors exceed the
+     budget; the highest passing rate is the configuration's capacity;
+  3. overload (optimised only): 2 x capacity: shed fraction (RESOURCE_EXHAUSTED) and P99 of the
+     admitted requests.
+Writes results.json and results.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from benchmarks.catalog import BASELINE_DIR
+from benchmarks.loadgen import LoadConfig, run_load
+from benchmarks.workload import parse_mix
+from proto import livetower_v1_pb2 as pb
+from proto import livetower_v1_pb2_grpc as pb_grpc
+
+CONFIGS = {
+    "baseline": {"dir": BASELINE_DIR, "flags": ["--no-batching", "--no-uvloop"],
+                 "what": "torch.export eager user tower, torch matmul + topk, inline on the event loop, no batching"},
+    "optimised": {"dir": ".", "flags": [],
+                  "what": "AOTInductor user tower, micro-batching on a compute thread, admission control, uvloop"},
+}
+
+
+def start_server(data_dir: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", "0",
+                             "--metrics-port", "-1", *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        m = re.search(r"serving gRPC on [\d.]+:(\d+)", log_path.read_text())
+        if m:
+            port = int(m.group(1))
+            stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while time.monotonic() < deadline:
+                try:
+                    stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5)
+                    return proc, port
+                except grpc.RpcError:
+                    time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start serving; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
+    r = run_load(dataclasses.replace(base, target=f"127.0.0.1:{port}", rate=rate, label=label), log=lambda m: None)
+    lat = r["latency_ms"]
+    summary = {"rate": rate, "achieved_qps": r["achieved_qps"], "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
+               "p99_ms": lat.get("p99"), "p999_ms": lat.get("p99.9"), "max_ms": lat.get("max"),
+               "error_rate": r["errors"]["rate"], "errors_by_code": r["errors"]["by_code"],
+               "scheduled": r["requests"]["scheduled"]}
+    print(f"  {label}: offered {rate:.0f} achieved {r['achieved_qps']:.0f} QPS  p50 {summary['p50_ms']:.2f}  "
+          f"p99 {summary['p99_ms']:.2f}  max {summary['max_ms']:.2f} ms  errors {summary['errors_by_code']}",
+          flush=True)
+    return summary
+
+
+def passes(s: dict, slo_ms: float, budget: float) -> bool:
+    return s["p99_ms"] is not None and s["p99_ms"] < slo_ms and s["error_rate"] <= budget
+
+
+def bench_config(name: str, catalog: Path, args, base: LoadConfig, out: Path) -> dict:
+    spec = CONFIGS[name]
+    proc, port = start_server(catalog / spec["dir"], spec["flags"] + args.server_flags.get(name, []),
+                              out / f"server-{name}.log")
+    print(f"[{name}] {spec['what']} (port {port})", flush=True)
+    res: dict = {"what": spec["what"], "flags": spec["flags"]}
+    try:
+        runs = [one_run(base, port, args.rate, f"{name}@{args.rate:.0f} run {i + 1}") for i in range(args.runs)]
+        res["headline"] = {"rate": args.rate, "runs": runs,
+                           "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                           "median_p50_ms": statistics.median(r["p50_ms"] for r in runs)}
+        sweep, capacity = [], 0.0
+        for rate in args.sweep:
+            s = one_run(base, port, rate, f"{name} sweep @{rate:.0f}")
+            sweep.append(s)
+            if not passes(s, args.slo_p99_ms, args.error_budget):
+                break
+            capacity = rate
+        res["sweep"], res["capacity_qps"] = sweep, capacity
+        if name == "optimised" and capacity > 0 and not args.skip_overload:
+            s = one_run(base, port, 2 * capacity, f"{name} overload @{2 * capacity:.0f}")
+            shed = s["errors_by_code"].get("RESOURCE_EXHAUSTED", 0)
+            res["overload"] = {**s, "shed_fraction": shed / max(s["scheduled"], 1)}
+    finally:
+        stop_server(proc)
+    return res
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(results["configs"])
+    med = [results["configs"][n]["headline"]["median_p99_ms"] for n in names]
+    a.bar(names, med, color=["tab:gray", "tab:blue"][:len(names)])
+    a.axhline(results["slo_p99_ms"], color="red", ls="--", label=f"SLO {results['slo_p99_ms']} ms")
+    a.set_ylabel("P99 ms (median of runs)")
+    a.set_title(f"Recommend k={results['load']['k']} at {results['rate']:.0f} QPS, {results['items']} items")
+    a.legend()
+    for n in names:
+        sw = results["configs"][n]["sweep"]
+        b.plot([s["rate"] for s in sw], [s["p99_ms"] for s in sw], marker="o", label=n)
+    b.axhline(results["slo_p99_ms"], color="red", ls="--")
+    b.set_xlabel("offered QPS (open loop)")
+    b.set_ylabel("P99 ms")
+    b.set_yscale("log")
+    b.set_title("P99 vs offered load")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="livetower bench slo", description=__doc__)
+    p.add_argument("--catalog", type=Path, required=True, help="a dir made by `livetower bench catalog`")
+    p.add_argument("--configs", default="baseline,optimised")
+    p.add_argument("--rate", type=float, default=500.0, help="headline rate")
+    p.add_argument("--runs", type=int, default=3, help="headline repetitions (median reported)")
+    p.add_argument("--sweep", default="200,400,600,800,1000,1200,1500,2000,2500,3000",
+                   help="ascending rates for the capacity search")
+    p.add_argument("--duration-s", type=float, default=20.0)
+    p.add_argument("--warmup-s", type=float, default=5.0)
+    p.add_argument("--slo-p99-ms", type=float, default=10.0)
+    p.add_argument("--error-budget", type=float, default=0.001)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--mix", default="recommend=1.0")
+    p.add_argument("--optimised-flags", default="", help="extra `serve` flags for the optimised server")
+    p.add_argument("--skip-overload", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
+    args = p.parse_args(argv)
+    args.sweep = [float(x) for x in args.sweep.split(",")]
+    args.server_flags = {"optimised": args.optimised_flags.split()}
+    catalog = json.loads((args.catalog / "catalog.json").read_text())
+    base = LoadConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, items=catalog["items"], k=args.k,
+                      mix=parse_mix(args.mix), progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"catalog": str(args.catalog), "items": catalog["items"], "rate": args.rate,
+               "slo_p99_ms": args.slo_p99_ms, "error_budget": args.error_budget, "load": base.to_json(),
+               "cpus": os.cpu_count(), "configs": {}}
+    for name in args.configs.split(","):
+        results["configs"][name] = bench_config(name, args.catalog, args, base, args.out)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if {"baseline", "optimised"} <= set(results["configs"]):
+        b, o = results["configs"]["baseline"], results["configs"]["optimised"]
+        results["ratio"] = {"p99_at_rate_baseline_over_optimised": b["headline"]["median_p99_ms"]
+                            / o["headline"]["median_p99_ms"],
+                            "capacity_optimised_over_baseline": o["capacity_qps"] / max(b["capacity_qps"], 1)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "results.png")
+    print(json.dumps({n: {"median_p99_ms@rate": c["headline"]["median_p99_ms"], "capacity_qps": c["capacity_qps"],
+                          "overload": {k: c["overload"][k] for k in ("shed_fraction", "p99_ms")} if "overload" in c
+                          else None} for n, c in results["configs"].items()}, indent=1))
+    print(f"wrote {args.out}/results.json and results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
