@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -36,22 +35,36 @@ CONFIGS = {
                  "what": "torch.export eager user tower, torch matmul + topk, inline on the event loop, no batching"},
     "optimised": {"dir": ".", "flags": [],
                   "what": "AOTInductor user tower, micro-batching on a compute thread, admission control, uvloop"},
+    # Ablations: each drops one step of the optimised path, to show what that step buys.
+    "aoti-inline": {"dir": ".", "flags": ["--no-batching", "--no-uvloop"],
+                    "what": "AOTInductor user tower only (inline, no batching, asyncio loop)"},
+    "no-uvloop": {"dir": ".", "flags": ["--no-uvloop"], "what": "optimised, default asyncio loop"},
+    "no-batching": {"dir": ".", "flags": ["--no-batching"], "what": "optimised without micro-batching (inline)"},
+    "workers2": {"dir": ".", "flags": ["--workers", "2"], "what": "optimised, 2 processes with SO_REUSEPORT"},
 }
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(data_dir: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", "0",
-                             "--metrics-port", "-1", *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port",
+                             str(port), "--metrics-port", "-1", *flags], stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        m = re.search(r"serving gRPC on [\d.]+:(\d+)", log_path.read_text())
-        if m:
-            port = int(m.group(1))
+        if "serving gRPC on" in log_path.read_text():
             stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             while time.monotonic() < deadline:
                 try:
-                    stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5)
+                    for _ in range(20):  # with --workers, several connections reach every process
+                        stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5)
                     return proc, port
                 except grpc.RpcError:
                     time.sleep(0.5)

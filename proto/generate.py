@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("proto/livetower_v1.proto",)
-OUTPUTS = ("livetower_v1_pb2.py", "livetower_v1_pb2.pyi", "livetower_v1_pb2_grpc.py")
+PROTOS = ("proto/livetower_v1.proto", "proto/model_config.proto", "proto/grpc_service.proto")
+OUTPUTS = ("livetower_v1_pb2.py", "livetower_v1_pb2.pyi", "livetower_v1_pb2_grpc.py",
+           "model_config_pb2.py", "model_config_pb2.pyi", "model_config_pb2_grpc.py",
+           "grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py")
 
 
 def generate(out_root: Path) -> None:

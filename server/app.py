@@ -25,6 +25,7 @@ from server.config import ServerConfig
 from server.engine.manager import EngineManager
 from server.history import RecentHistory
 from server.interceptors import ObservabilityInterceptor
+from server.kserve import KSERVE, add_kserve_to_server
 from server.metrics import ServerMetrics
 from server.servicer import EngineAdminServicer, RecommenderServicer
 
@@ -115,10 +116,11 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
         RecommenderServicer(manager=manager, history=history, event_log=event_log, limits=config.limits,
                             metrics=metrics, batcher=batcher), grpc_server)
     pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), grpc_server)
+    add_kserve_to_server(grpc_server, manager=manager, registry=registry, limits=config.limits, batcher=batcher)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
-        (RECOMMENDER, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (RECOMMENDER, ADMIN, KSERVE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server)
     port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:

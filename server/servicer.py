@@ -32,12 +32,12 @@ async def _serving_engine(manager: EngineManager, context: grpc.aio.ServicerCont
     return engine
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def _through(batcher: MicroBatcher, context, submit):
+async def through_batcher(context, submit):
     """Run work through the batcher, mapping its shedding onto gRPC status codes."""
     try:
         return await submit
@@ -68,8 +68,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if self.batcher is None:
             ranked = engine.recommend_batch([query])[0]
         else:
-            ranked = await _through(self.batcher, context,
-                                    self.batcher.recommend(engine, query, _deadline(context)))
+            ranked = await through_batcher(context, self.batcher.recommend(engine, query, deadline_of(context)))
         return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores,
                                     engine_version=engine.version, source=ranked.source)
 
@@ -81,9 +80,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if self.batcher is None:
             scores, unknown, source = engine.score(history, candidates)
         else:
-            scores, unknown, source = await _through(
-                self.batcher, context,
-                self.batcher.run(engine, lambda: engine.score(history, candidates), _deadline(context)))
+            scores, unknown, source = await through_batcher(
+                context, self.batcher.run(engine, lambda: engine.score(history, candidates), deadline_of(context)))
         return pb.ScoreResponse(scores=scores, engine_version=engine.version,
                                 unknown_candidate_ids=unknown, source=source)
 

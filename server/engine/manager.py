@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +48,7 @@ class EngineManager:
         self.current: Engine | None = None  # read by request handlers; replaced atomically
         self.state = "no_engine"
         self._on_event = on_event or (lambda kind, version, seconds: None)
+        self._poll_lock = threading.Lock()  # the watcher and on-demand reloads never load concurrently
 
     def load_verified(self, version: int) -> Engine:
         """Load `version` and prove it is fit to serve; raise EngineRejected / EngineCorrupt otherwise."""
@@ -91,6 +93,10 @@ class EngineManager:
 
     def poll_once(self) -> bool:
         """One registry check (blocking; run it off the event loop). Returns True if it swapped."""
+        with self._poll_lock:
+            return self._poll_locked()
+
+    def _poll_locked(self) -> bool:
         rollout = self.registry.read_rollout()
         versions = [v for v in self.registry.versions() if v not in rollout.refused]
         if self.current is None:
