@@ -173,8 +173,32 @@ def _bind_recommender(method: str):
     return bind
 
 
+def _make_infer_recommend(rng: np.random.Generator, wl: Workload):
+    """The same Recommend as `recommend`, sent as KServe v2 ModelInfer on model "recommend" (raw inputs,
+    as tritonclient sends them)."""
+    import struct
+
+    from proto import grpc_service_pb2 as kpb
+
+    user = wl.sample_user(rng)
+    history = [h.encode() for h in wl.history_ids(user)]
+    raw_history = b"".join(struct.pack("<I", len(h)) + h for h in history)
+    return kpb.ModelInferRequest(
+        model_name="recommend",
+        inputs=[kpb.ModelInferRequest.InferInputTensor(name="HISTORY", datatype="BYTES", shape=[len(history)]),
+                kpb.ModelInferRequest.InferInputTensor(name="K", datatype="INT32", shape=[1])],
+        raw_input_contents=[raw_history, struct.pack("<i", wl.k)])
+
+
+def _bind_infer(channel):
+    from proto import grpc_service_pb2_grpc as kpb_grpc
+
+    return kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+
 register_kind(RequestKind(name="recommend", make=_make_recommend, bind=_bind_recommender("Recommend")))
 register_kind(RequestKind(name="score", make=_make_score, bind=_bind_recommender("Score")))
+register_kind(RequestKind(name="infer_recommend", make=_make_infer_recommend, bind=_bind_infer))
 
 
 # ---------------------------------------------------------------- mix

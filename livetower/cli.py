@@ -52,6 +52,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
     p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
+    p.add_argument("--no-ann", action="store_true", help="exact top-k even when the engine has an HNSW index")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:

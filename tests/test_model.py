@@ -191,3 +191,16 @@ def test_config_roundtrip_and_tiny():
             tiny.max_history) == (32, 1, 2, 4, 2, 12)
     with pytest.raises(Exception):
         tiny.dim = 3  # frozen
+
+
+def test_encode_users_last_only_equals_full_last_position():
+    torch.manual_seed(0)
+    for cfg in (ModelConfig.tiny_debug(), ModelConfig()):
+        model = TwoTower(cfg, 500).eval()
+        h = torch.randint(1, 500, (5, cfg.max_history))
+        h[1, :3] = 0
+        h[2, :-1] = 0  # a single item
+        with torch.no_grad():
+            full = model.user_states(h)[:, -1]
+            fast = model.encode_users(h)
+        assert torch.allclose(full, fast, atol=1e-6), (full - fast).abs().max()

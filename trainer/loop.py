@@ -173,7 +173,7 @@ class Trainer:
 
         version = 0
         if gate != "failed":
-            version = self._publish(metrics, gate)
+            version = self.publish(metrics, gate)
         return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
 
     def _checkpoint(self) -> None:
@@ -183,7 +183,8 @@ class Trainer:
         st.vocab = list(self.vocab.ids)
         save_checkpoint(self.checkpoint_dir, st)
 
-    def _publish(self, metrics: dict[str, float], gate: str) -> int:
+    def publish(self, metrics: dict[str, float], gate: str) -> int:
+        """Build an engine from the current model and publish it; returns its version (0 on failure)."""
         st = self.state
         info = BuildInfo(parent=st.published_version, stream_offsets=dict(st.offsets),
                          watermark_ms=st.watermark_ms, trained_events=st.trained_events,

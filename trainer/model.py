@@ -166,30 +166,34 @@ class Attention(nn.Module):  # = DeepseekV3Attention (multi-head latent attentio
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         self.scale = self.qk_head_dim ** -0.5
 
-    def forward(self, x_BTD: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, allowed_B1TT: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, allowed_B1TT: Tensor,
+                last_only: bool = False) -> Tensor:
+        """last_only: queries from the last position only (keys/values from all) -> (B, 1, D)."""
         c = self.cfg
         B, T, _ = x_BTD.shape
+        xq_BSD = x_BTD[:, -1:] if last_only else x_BTD  # S = 1 or T query positions
+        S = xq_BSD.shape[1]
         if c.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
+            q = self.q_proj(xq_BSD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTK = q.view(B, T, c.n_heads, self.qk_head_dim).transpose(1, 2)
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(xq_BSD)))
+        q_BHTK = q.view(B, S, c.n_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rot = q_BHTK.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
 
         kv_nope_BTL, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv_BTHX = self.kv_b_proj(self.kv_a_layernorm(kv_nope_BTL)).view(B, T, c.n_heads, -1)
         k_nope, v_BHTV = kv_BTHX.transpose(1, 2).split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
 
-        q_rot = apply_rope(q_rot, cos_TR2, sin_TR2, c.rope_interleave)
+        q_rot = apply_rope(q_rot, cos_TR2[-S:], sin_TR2[-S:], c.rope_interleave)
         k_rot_B1TR = apply_rope(k_rot_BTR.unsqueeze(1), cos_TR2, sin_TR2, c.rope_interleave)  # one shared rope key
         q_BHTK = torch.cat([q_nope, q_rot], dim=-1)
         k_BHTK = torch.cat([k_nope, k_rot_B1TR.expand(-1, c.n_heads, -1, -1)], dim=-1)
 
         att_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) * self.scale
-        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT, MASK_VALUE)
+        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT[:, :, -S:], MASK_VALUE)
         att_BHTT = F.softmax(att_BHTT, dim=-1, dtype=torch.float32).to(q_BHTK.dtype)
         att_BHTT = F.dropout(att_BHTT, p=c.dropout, training=self.training)
-        y_BTHV = (att_BHTT @ v_BHTV).transpose(1, 2).reshape(B, T, -1)
+        y_BTHV = (att_BHTT @ v_BHTV).transpose(1, 2).reshape(B, S, -1)
         return self.o_proj(y_BTHV)
 
 
@@ -264,8 +268,13 @@ class DecoderLayer(nn.Module):  # = DeepseekV3DecoderLayer (pre-norm)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT):
-        x_BTD = x_BTD + self.drop(self.self_attn(self.input_layernorm(x_BTD), cos_TR2, sin_TR2, allowed_B1TT))
+    def forward(self, x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT, last_only: bool = False):
+        """last_only: only the last position's output (B, 1, D); attention still reads every position."""
+        att = self.self_attn(self.input_layernorm(x_BTD), cos_TR2, sin_TR2, allowed_B1TT, last_only)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+            valid_BT = None if valid_BT is None else valid_BT[:, -1:]
+        x_BTD = x_BTD + self.drop(att)
         return x_BTD + self.drop(self.mlp(self.post_attention_layernorm(x_BTD), valid_BT))
 
 
@@ -281,8 +290,10 @@ class DeepseekV3Stack(nn.Module):
         inv_freq_R2 = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float) / R))
         self.register_buffer("inv_freq", inv_freq_R2, persistent=False)  # not in HF state_dict either
 
-    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None) -> Tensor:
-        """valid_BT: bool, False at pad positions (keys masked, not counted in expert loads); None = all valid."""
+    def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """valid_BT: bool, False at pad positions (keys masked, not counted in expert loads); None = all valid.
+        last_only: return only the last position (B, 1, D); the final layer then computes its queries and
+        FFN for that position alone (serving needs nothing else), roughly halving its cost."""
         B, T, _ = x_BTD.shape
         pos_T = torch.arange(T, device=x_BTD.device, dtype=torch.float)  # relative RoPE: left pad is harmless
         freqs_TR2 = pos_T[:, None] * self.inv_freq.float()[None, :]
@@ -293,8 +304,11 @@ class DeepseekV3Stack(nn.Module):
         else:  # causal AND key valid; the diagonal always allowed so fully-padded rows stay finite
             eye_TT = torch.eye(T, dtype=torch.bool, device=x_BTD.device)
             allowed_B1TT = (causal_TT & (valid_BT[:, None, :] | eye_TT))[:, None]
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x_BTD = layer(x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT, last_only and i == n - 1)
+        if last_only and n == 0:
+            x_BTD = x_BTD[:, -1:]
         return self.norm(x_BTD)
 
 
@@ -340,7 +354,8 @@ class TwoTower(nn.Module):
         return F.normalize(self.user_proj(self.hidden_states(history_BT)), dim=-1)  # (B, T, out_dim)
 
     def encode_users(self, history_BT: Tensor) -> Tensor:
-        h_BD = self.hidden_states(history_BT)[:, -1]  # newest item is last (left padding)
+        # newest item is last (left padding); only that position is computed in the final layer
+        h_BD = self.stack(self.item_embedding(history_BT), history_BT != PAD_ROW, last_only=True)[:, -1]
         return F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
 
     @torch.no_grad()

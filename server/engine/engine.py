@@ -60,7 +60,8 @@ class Engine:
         self.ann_ef_search = ann_ef_search
 
     @classmethod
-    def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1) -> "Engine":
+    def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
+             use_ann: bool = True) -> "Engine":
         engine_dir = Path(engine_dir)
         if manifest.backend not in USER_TOWER_FILE:
             raise EngineRejected(f"engine {manifest.version}: unknown backend {manifest.backend!r}")
@@ -69,7 +70,7 @@ class Engine:
         items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
         pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
         ann, ef = None, 0
-        if (engine_dir / ANN_FILE).is_file():
+        if use_ann and (engine_dir / ANN_FILE).is_file():
             import faiss  # only engines with an ANN index need it
 
             faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads

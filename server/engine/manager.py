@@ -28,6 +28,7 @@ class EngineManagerConfig:
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
     warmup_calls: int = 20         # requests run on a new engine before it takes traffic
     num_threads: int = 1           # intra-op threads of the user-tower runner
+    use_ann: bool = True           # use an engine's HNSW index when it has one (False: exact top-k)
 
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0:
@@ -55,7 +56,8 @@ class EngineManager:
         t0 = time.perf_counter()
         manifest = self.registry.verify(version)
         try:
-            engine = Engine.load(self.registry.engine_dir(version), manifest, num_threads=self.config.num_threads)
+            engine = Engine.load(self.registry.engine_dir(version), manifest, num_threads=self.config.num_threads,
+                                 use_ann=self.config.use_ann)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise EngineRejected(f"engine {version}: load failed: {e}") from e
         diff = engine.golden_max_abs_diff()

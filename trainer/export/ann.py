@@ -13,7 +13,8 @@ import torch
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class AnnOptions:
-    min_items: int = 500_000          # build an index only for catalogues at least this large
+    min_items: int = 50_000           # build an index only for catalogues at least this large (on 2 CPU
+                                      # cores an exact scan of 100k x 64 costs ~1-4 ms/query, HNSW ~0.13)
     M: int = 32                       # HNSW graph degree
     ef_construction: int = 128        # HNSW build-time beam width
     k: int = 100                      # recall is measured at this k
