@@ -27,7 +27,7 @@ BASELINE_DIR = "baseline"
 
 
 def build_catalog(out: Path, *, items: int, users: int, events_per_user: int, clusters: int, backend: str,
-                  epochs: int) -> dict:
+                  epochs: int, batch_size: int = 64) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = SqliteEventLog(out / "events.sqlite")
     if log.count() == 0:
@@ -41,7 +41,7 @@ def build_catalog(out: Path, *, items: int, users: int, events_per_user: int, cl
                 batch.clear()
                 print(f"  events {n}/{users * events_per_user}", flush=True)
         log.append(batch)
-    train_cfg = TrainConfig(backend=backend, epochs_per_round=epochs, max_round_events=10**9,
+    train_cfg = TrainConfig(backend=backend, epochs_per_round=epochs, max_round_events=10**9, batch_size=batch_size,
                             inductor_cache_dir=out / "inductor-cache")
     t0 = time.perf_counter()
     trainer = Trainer(train_cfg, log, Registry(out / "registry"), out / "trainer")
@@ -79,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--backend", default="aoti", choices=("aoti", "onnx", "torch"))
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="windows per step (larger: fewer optimizer steps "
+                                                              "over a big item table)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("livetower").setLevel(logging.INFO)
     print(json.dumps(build_catalog(args.out, items=args.items, users=args.users,
                                    events_per_user=args.events_per_user, clusters=args.clusters,
-                                   backend=args.backend, epochs=args.epochs), indent=1))
+                                   backend=args.backend, epochs=args.epochs, batch_size=args.batch_size), indent=1))
     return 0
 
 
