@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import numpy as np
@@ -48,7 +49,9 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
     """Train on the windows for `epochs`; returns the mean loss of each epoch."""
     model.train()
     W = inputs_WT.shape[0]
+    steps_per_epoch = -(-W // cfg.batch_size)
     losses = []
+    last_report = time.monotonic()
     for epoch in range(epochs):
         order = torch.randperm(W, generator=generator).numpy()
         total, steps = 0.0, 0
@@ -70,6 +73,9 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
             model.update_expert_bias()
             total += float(loss.detach())
             steps += 1
+            if progress and time.monotonic() - last_report > 30:  # long epochs show progress
+                last_report = time.monotonic()
+                progress(f"epoch {epoch + 1}/{epochs}: step {steps}/{steps_per_epoch}, loss {total / steps:.4f}")
         losses.append(total / max(steps, 1))
         if progress:
             progress(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} over {W} windows")
