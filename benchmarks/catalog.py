@@ -33,14 +33,8 @@ def build_catalog(out: Path, *, items: int, users: int, events_per_user: int, cl
     if log.count() == 0:
         cfg = SyntheticConfig(n_users=users, n_items=items, n_clusters=clusters, events_per_user=events_per_user,
                               zipf_a=0.6)
-        batch, n = [], 0
-        for ev in generate(cfg):
-            batch.append(ev)
-            if len(batch) == 50_000:
-                n += log.append(batch)
-                batch.clear()
-                print(f"  events {n}/{users * events_per_user}", flush=True)
-        log.append(batch)
+        log.append_all(generate(cfg), chunk=50_000,
+                       progress=lambda n: print(f"  events {n}/{users * events_per_user}", flush=True))
     train_cfg = TrainConfig(backend=backend, epochs_per_round=epochs, max_round_events=10**9, batch_size=batch_size,
                             inductor_cache_dir=out / "inductor-cache")
     t0 = time.perf_counter()

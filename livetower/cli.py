@@ -151,7 +151,7 @@ def cmd_ingest(args) -> int:
 
         events = load_ml100k(args.path)
     log = SqliteEventLog(args.data_dir / "events.sqlite")
-    added = sum(log.append(events[i:i + 10_000]) for i in range(0, len(events), 10_000))
+    added = log.append_all(events)
     print(f"appended {added} new events ({len(events) - added} already present) to {log.path}")
     return 0
 

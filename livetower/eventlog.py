@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 from proto import livetower_v1_pb2 as pb
 
@@ -31,6 +31,21 @@ class StoredEvent(NamedTuple):
 
 class EventLog(Protocol):
     def append(self, events: Sequence[pb.Event]) -> int: ...
+    def append_all(self, events: Iterable[pb.Event], *, chunk: int = 10_000,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Append a (possibly huge) stream in transactions of `chunk`; progress(new rows so far) after each."""
+        batch, added = [], 0
+        for ev in events:
+            batch.append(ev)
+            if len(batch) == chunk:
+                added += self.append(batch)
+                batch.clear()
+                if progress:
+                    progress(added)
+        if batch:
+            added += self.append(batch)
+        return added
+
     def dead_letter(self, payload: bytes, reason: str) -> None: ...
     def read(self, start_offset: int, limit: int) -> list[StoredEvent]: ...
     def end_offset(self) -> int: ...
@@ -88,6 +103,21 @@ class SqliteEventLog:
                 self._conn.execute("ROLLBACK")
                 raise
             return self._conn.total_changes - before
+
+    def append_all(self, events: Iterable[pb.Event], *, chunk: int = 10_000,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Append a (possibly huge) stream in transactions of `chunk`; progress(new rows so far) after each."""
+        batch, added = [], 0
+        for ev in events:
+            batch.append(ev)
+            if len(batch) == chunk:
+                added += self.append(batch)
+                batch.clear()
+                if progress:
+                    progress(added)
+        if batch:
+            added += self.append(batch)
+        return added
 
     def dead_letter(self, payload: bytes, reason: str) -> None:
         with self._lock:

@@ -23,18 +23,10 @@ def bootstrap_if_empty(event_log: SqliteEventLog, *, users: int, seed: int = 0) 
     from trainer.data.synthetic import SyntheticConfig, generate  # trainer code, in the bootstrap step only
 
     cfg = SyntheticConfig(n_users=users, seed=seed)
-    total, chunk = cfg.n_users * cfg.events_per_user, []
+    total = cfg.n_users * cfg.events_per_user
     print(f"event log is empty: writing {total} synthetic events ({cfg.n_users} users, {cfg.n_items} items, "
           f"{cfg.n_clusters} drifting interest clusters)", flush=True)
-    written = 0
-    for ev in generate(cfg):
-        chunk.append(ev)
-        if len(chunk) == 10_000:
-            written += event_log.append(chunk)
-            chunk.clear()
-            print(f"  {written}/{total} events", flush=True)
-    written += event_log.append(chunk)
-    return written
+    return event_log.append_all(generate(cfg), progress=lambda n: print(f"  {n}/{total} events", flush=True))
 
 
 def trainer_command(data_dir: Path, train_args: list[str]) -> list[str]:
