@@ -399,3 +399,30 @@ def test_reflection_lists_the_service(served):
         resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             file_containing_symbol=KSERVE)]), timeout=10))
         assert resp.file_descriptor_response.file_descriptor_proto
+
+
+def test_load_generator_infer_kind_matches_native(served):
+    """`livetower bench load --mix infer_recommend=...` sends requests the server answers like Recommend."""
+    import grpc as _grpc
+
+    from benchmarks.workload import KINDS, make_workload
+    from proto import grpc_service_pb2_grpc as kpb_grpc
+    from proto import livetower_v1_pb2 as lpb
+    from proto import livetower_v1_pb2_grpc as lpb_grpc
+
+    server, port, _ = served
+    wl = make_workload(users=20, zipf_s=1.1, items=300, history_len=10, k=7)
+    req = KINDS["infer_recommend"].make(np.random.default_rng(0), wl)
+    user = wl.sample_user(np.random.default_rng(0))
+    with _grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+        native = lpb_grpc.RecommenderStub(ch).Recommend(
+            lpb.RecommendRequest(user_id="x", history=wl.history_ids(user), k=7), timeout=10)
+    names = [o.name for o in resp.outputs]
+    raw_ids = resp.raw_output_contents[names.index("ITEM_IDS")]
+    ids, off = [], 0
+    while off < len(raw_ids):
+        n = int.from_bytes(raw_ids[off:off + 4], "little")
+        ids.append(raw_ids[off + 4:off + 4 + n].decode())
+        off += 4 + n
+    assert ids == list(native.item_ids) and len(ids) == 7
