@@ -31,21 +31,6 @@ class StoredEvent(NamedTuple):
 
 class EventLog(Protocol):
     def append(self, events: Sequence[pb.Event]) -> int: ...
-    def append_all(self, events: Iterable[pb.Event], *, chunk: int = 10_000,
-                   progress: Callable[[int], None] | None = None) -> int:
-        """Append a (possibly huge) stream in transactions of `chunk`; progress(new rows so far) after each."""
-        batch, added = [], 0
-        for ev in events:
-            batch.append(ev)
-            if len(batch) == chunk:
-                added += self.append(batch)
-                batch.clear()
-                if progress:
-                    progress(added)
-        if batch:
-            added += self.append(batch)
-        return added
-
     def dead_letter(self, payload: bytes, reason: str) -> None: ...
     def read(self, start_offset: int, limit: int) -> list[StoredEvent]: ...
     def end_offset(self) -> int: ...
