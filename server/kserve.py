@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata as _metadata
 
 import grpc
@@ -48,6 +47,8 @@ from server.batching import MicroBatcher
 from server.config import RequestLimits
 from server.engine.engine import Engine
 from server.engine.manager import EngineManager
+from server.kserve_tensors import (Inputs, KServeError, ModelSpec, TensorSpec, encode_bytes_tensor, invalid,
+                                   read_inputs)
 from server.servicer import deadline_of, through_batcher
 
 KSERVE = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
@@ -59,7 +60,6 @@ MAX_USER_BATCH = 1024  # user_tower rows per request (run in chunks of the runne
 
 USER_TOWER, ITEM_EMBEDDINGS, RECOMMEND = "user_tower", "item_embeddings", "recommend"
 _CONFIG_TYPE = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32}
-_LEN = struct.Struct("<I")
 
 
 def _server_version() -> str:
@@ -72,42 +72,6 @@ def _server_version() -> str:
 def _is_version(version: str, engine: Engine) -> bool:
     """An empty version means the serving engine; "1" and "01" both name engine 1."""
     return version == "" or (version.isdigit() and int(version) == engine.version)
-
-
-class KServeError(Exception):
-    """Becomes the RPC's status: `code` and a message that names the tensor / field and the limit."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> KServeError:
-    return KServeError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str               # "BYTES" | "FP32" | "INT32"
-    shape: tuple[int, ...]      # full shape, batch dim included; -1 variable; "D" = engine dim
-    optional: bool = False
-
-    def resolved(self, dim: int) -> list[int]:
-        return [dim if d == "D" else d for d in self.shape]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int  # > 0: the first dim is the batch dim (left out of ModelConfig dims, Triton-style)
-    description: str
-
-    def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
 
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
@@ -126,106 +90,15 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
 )}
 
 
-# ---------------------------------------------------------------- tensors
-
-def decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
-    """BYTES raw encoding: per element a 4-byte little-endian length, then that many bytes."""
-    out: list[bytes] = []
-    pos, n = 0, len(raw)
-    mv = memoryview(raw)
-    while pos < n:
-        if pos + 4 > n:
-            raise _invalid(f"input '{name}': raw BYTES content is truncated in the length prefix of "
-                           f"element {len(out)}")
-        (length,) = _LEN.unpack_from(raw, pos)
-        pos += 4
-        if pos + length > n:
-            raise _invalid(f"input '{name}': raw BYTES element {len(out)} declares {length} bytes but only "
-                           f"{n - pos} remain")
-        out.append(bytes(mv[pos:pos + length]))
-        pos += length
-    if len(out) != count:
-        raise _invalid(f"input '{name}': raw content holds {len(out)} BYTES elements; its shape needs {count}")
-    return out
-
-
-def encode_bytes_tensor(items: list[bytes]) -> bytes:
-    return b"".join(_LEN.pack(len(b)) + b for b in items)
-
-
-def _shape_str(shape) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-@dataclass(slots=True)
-class _Inputs:
-    values: dict[str, object] = field(default_factory=dict)  # name -> list[bytes] | np.ndarray
-    shapes: dict[str, list[int]] = field(default_factory=dict)
-    raw: bool = False
-
-
-def read_inputs(request: kpb.ModelInferRequest, spec: ModelSpec) -> _Inputs:
-    inputs = _Inputs(raw=len(request.raw_input_contents) > 0)
-    if inputs.raw and len(request.raw_input_contents) != len(request.inputs):
-        raise _invalid(f"raw_input_contents has {len(request.raw_input_contents)} entries but the request has "
-                       f"{len(request.inputs)} inputs; they must match one to one")
-    for i, tensor in enumerate(request.inputs):
-        want = spec.input(tensor.name)
-        if want is None:
-            raise _invalid(f"unexpected inference input '{tensor.name}' for model '{spec.name}'; it takes "
-                           f"{', '.join(t.name for t in spec.inputs)}")
-        if tensor.name in inputs.values:
-            raise _invalid(f"input '{tensor.name}' is given more than once")
-        if tensor.datatype != want.datatype:
-            raise _invalid(f"inference input '{tensor.name}' data-type is '{tensor.datatype}', but model "
-                           f"'{spec.name}' expects '{want.datatype}'")
-        shape = list(tensor.shape)
-        if len(shape) != len(want.shape) or any(d < 0 or (w != -1 and d != w) for d, w in zip(shape, want.shape)):
-            raise _invalid(f"unexpected shape for input '{tensor.name}' for model '{spec.name}'. Expected "
-                           f"{_shape_str(want.shape)}, got {_shape_str(shape)}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if inputs.raw and tensor.HasField("contents"):
-            raise _invalid(f"input '{tensor.name}' has contents while the request uses raw_input_contents; "
-                           "use one or the other for all inputs")
-        if want.datatype == "BYTES":
-            if inputs.raw:
-                value: object = decode_bytes_tensor(request.raw_input_contents[i], count, tensor.name)
-            else:
-                value = list(tensor.contents.bytes_contents)
-                if len(value) != count:
-                    raise _invalid(f"input '{tensor.name}': contents.bytes_contents has {len(value)} elements; "
-                                   f"shape {_shape_str(shape)} needs {count}")
-        elif want.datatype == "INT32":
-            if inputs.raw:
-                raw = request.raw_input_contents[i]
-                if len(raw) != 4 * count:
-                    raise _invalid(f"input '{tensor.name}': raw content is {len(raw)} bytes; shape "
-                                   f"{_shape_str(shape)} of INT32 needs {4 * count}")
-                value = np.frombuffer(raw, dtype="<i4")
-            else:
-                value = np.asarray(tensor.contents.int_contents, dtype=np.int32)
-                if value.size != count:
-                    raise _invalid(f"input '{tensor.name}': contents.int_contents has {value.size} elements; "
-                                   f"shape {_shape_str(shape)} needs {count}")
-        else:  # pragma: no cover - no model takes another input type
-            raise _invalid(f"input '{tensor.name}': datatype {want.datatype} is not supported")
-        inputs.values[tensor.name] = value
-        inputs.shapes[tensor.name] = shape
-    missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs.values]
-    if missing:
-        raise _invalid(f"model '{spec.name}' expects input '{missing[0]}' but the request does not have it")
-    return inputs
-
-
 def _ids(values: list[bytes], name: str, limits: RequestLimits) -> list[str]:
     out = []
     for i, b in enumerate(values):
         if len(b) > limits.max_id_chars:
-            raise _invalid(f"{name}[{i}] has {len(b)} bytes; the limit is {limits.max_id_chars}")
+            raise invalid(f"{name}[{i}] has {len(b)} bytes; the limit is {limits.max_id_chars}")
         try:
             out.append(b.decode("utf-8"))
         except UnicodeDecodeError:
-            raise _invalid(f"{name}[{i}] is not valid UTF-8") from None
+            raise invalid(f"{name}[{i}] is not valid UTF-8") from None
     return out
 
 
@@ -239,12 +112,12 @@ class _Output:
     value: object  # np.ndarray (FP32) or list[bytes]
 
 
-def _run_user_tower(engine: Engine, inp: _Inputs, limits: RequestLimits) -> tuple[list[_Output], int]:
+def _run_user_tower(engine: Engine, inp: Inputs, limits: RequestLimits) -> tuple[list[_Output], int]:
     b, t = inp.shapes["HISTORY"]
     if not 1 <= b <= MAX_USER_BATCH:
-        raise _invalid(f"input 'HISTORY' has {b} rows; the batch must be in 1..{MAX_USER_BATCH}")
+        raise invalid(f"input 'HISTORY' has {b} rows; the batch must be in 1..{MAX_USER_BATCH}")
     if t > limits.max_history:
-        raise _invalid(f"input 'HISTORY' has {t} items per row; the limit is {limits.max_history}")
+        raise invalid(f"input 'HISTORY' has {t} items per row; the limit is {limits.max_history}")
     flat = _ids(inp.values["HISTORY"], "HISTORY", limits)
     rows_BT = np.stack([engine.history_rows([h for h in flat[r * t:(r + 1) * t] if h]) for r in range(b)])
     step = getattr(engine.runner, "max_batch", None) or b
@@ -252,35 +125,35 @@ def _run_user_tower(engine: Engine, inp: _Inputs, limits: RequestLimits) -> tupl
     return [_Output("USER_EMBEDDING", "FP32", list(out_BD.shape), out_BD)], b
 
 
-def _run_item_embeddings(engine: Engine, inp: _Inputs, limits: RequestLimits) -> tuple[list[_Output], int]:
+def _run_item_embeddings(engine: Engine, inp: Inputs, limits: RequestLimits) -> tuple[list[_Output], int]:
     (n,) = inp.shapes["ITEM_IDS"]
     if not 1 <= n <= limits.max_candidates:
-        raise _invalid(f"input 'ITEM_IDS' has {n} ids; it must have 1..{limits.max_candidates}")
+        raise invalid(f"input 'ITEM_IDS' has {n} ids; it must have 1..{limits.max_candidates}")
     ids = _ids(inp.values["ITEM_IDS"], "ITEM_IDS", limits)
     unknown = [(i, x) for i, x in enumerate(ids) if x not in engine.row_of]
     if unknown:
         shown = ", ".join(f"ITEM_IDS[{i}] '{x}'" for i, x in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise _invalid(f"{shown}{more} not an item of engine {engine.version}")
+        raise invalid(f"{shown}{more} not an item of engine {engine.version}")
     idx = np.fromiter((engine.row_of[x] - 1 for x in ids), dtype=np.int64, count=n)
     emb_ND = engine.items_ND.numpy()[idx]
     return [_Output("EMBEDDING", "FP32", list(emb_ND.shape), emb_ND)], n
 
 
-def _run_recommend(engine: Engine, inp: _Inputs, limits: RequestLimits,
+def _run_recommend(engine: Engine, inp: Inputs, limits: RequestLimits,
                    request: kpb.ModelInferRequest) -> tuple[list[_Output], int, dict[str, kpb.InferParameter]]:
     (t,) = inp.shapes["HISTORY"]
     if t > limits.max_history:
-        raise _invalid(f"input 'HISTORY' has {t} items; the limit is {limits.max_history}")
+        raise invalid(f"input 'HISTORY' has {t} items; the limit is {limits.max_history}")
     history = [h for h in _ids(inp.values["HISTORY"], "HISTORY", limits) if h]
     k = int(inp.values["K"][0]) if "K" in inp.values else DEFAULT_K
     if not 1 <= k <= limits.max_k:
-        raise _invalid(f"input 'K' is {k}; it must be in 1..{limits.max_k}")
+        raise invalid(f"input 'K' is {k}; it must be in 1..{limits.max_k}")
     exclude_seen = False
     if "exclude_seen" in request.parameters:
         p = request.parameters["exclude_seen"]
         if p.WhichOneof("parameter_choice") != "bool_param":
-            raise _invalid("parameter 'exclude_seen' must be a bool_param")
+            raise invalid("parameter 'exclude_seen' must be a bool_param")
         exclude_seen = p.bool_param
     ranked = engine.recommend(history, k, exclude_seen)
     scores = np.asarray(ranked.scores, dtype=np.float32)
@@ -428,7 +301,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             wanted = []
             for r in request.outputs:
                 if r.name not in by_name:
-                    raise _invalid(f"unexpected inference output '{r.name}' for model '{spec.name}'; it has "
+                    raise invalid(f"unexpected inference output '{r.name}' for model '{spec.name}'; it has "
                                    f"{', '.join(by_name)}")
                 wanted.append(by_name[r.name])
             outs = wanted
