@@ -12,8 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
+from livetower.cli_engines import DEFAULT_TARGET, add_engines_parser
+
 DEFAULT_DATA_DIR = Path("var/livetower")
-DEFAULT_TARGET = "localhost:50051"
 
 
 def _server_config(args):
@@ -173,37 +174,10 @@ def cmd_query(args) -> int:
     return 0
 
 
-def cmd_engines(args) -> int:
-    from google.protobuf import json_format
-
-    from livetower.client import Client
-
-    c = Client(args.target)
-    if args.what == "status":
-        print(json_format.MessageToJson(c.rollout(), preserving_proto_field_name=True))
-        return 0
-    resp = c.list_engines()
-    print(f"serving: {resp.serving_version}")
-    for m in resp.engines:
-        metrics = {k: round(v, 4) for k, v in m.eval_metrics.items() if "recall" in k}
-        print(f"v{m.version} parent={m.parent} backend={m.backend} items={m.item_count} "
-              f"events={m.trained_events} parity={m.parity_max_abs_diff:.1e} build={m.build_seconds:.1f}s {metrics}")
-    return 0
-
-
 def cmd_eval(args) -> int:
-    from trainer.config import TrainConfig
-    from trainer.data.movielens import load_ml100k
-    from trainer.offline import leave_last_out
+    from trainer.eval_cli import run_eval_command
 
-    cfg = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
-    cfg = cfg.replace(precision=args.precision or cfg.precision)
-    result = leave_last_out(load_ml100k(args.path), cfg, epochs=args.epochs)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return run_eval_command(args)
 
 
 def cmd_bench(args) -> int:
@@ -257,17 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--exclude-seen", action="store_true")
     query.set_defaults(func=cmd_query)
 
-    engines = sub.add_parser("engines", help="engine registry and rollout")
-    engines.add_argument("what", choices=("list", "status"))
-    engines.add_argument("--target", default=DEFAULT_TARGET)
-    engines.set_defaults(func=cmd_engines)
+    add_engines_parser(sub)
 
-    ev = sub.add_parser("eval", help="offline leave-last-out evaluation on ml-100k vs popularity")
-    ev.add_argument("--path", type=Path, default=Path("../shared/data/ml-100k"))
-    ev.add_argument("--epochs", type=int, default=30)
-    ev.add_argument("--precision", choices=("bf16", "fp32"))
-    ev.add_argument("--tiny", action="store_true")
-    ev.add_argument("--out", help="write the JSON result here too")
+    ev = sub.add_parser("eval", help="offline quality on a named protocol (sasrec, full, time) vs popularity")
+    from trainer.eval_cli import add_eval_flags
+
+    add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
     bench.add_argument("what", choices=("build", "catalog", "load", "slo"),

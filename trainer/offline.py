@@ -1,59 +1,113 @@
-"""Offline leave-last-out evaluation: per user, the last event by time is the test item, the rest
-train the model; rank against all items with the user's training items excluded."""
+"""Offline evaluation on a named protocol (see trainer/protocols.py): split, train with early
+stopping on validation, then report validation and test metrics for the model and for popularity.
+
+`sasrec` and `full` share the leave-one-out split, so one training can report both; `time` has
+its own split. The test set is scored once, after training, with the best-validation model.
+"""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import defaultdict
-from typing import Iterable
+from typing import Callable
 
 import numpy as np
-import torch
 
-from proto import livetower_v1_pb2 as pb
 from trainer.config import TrainConfig
-from trainer.evaluate import evaluate_model, evaluate_popularity
-from trainer.examples import stack_windows, windows_for_new
-from trainer.loop import left_pad
-from trainer.model import TwoTower
-from trainer.training import make_optimizer, train_windows
-from trainer.vocab import ItemVocab, table_rows_for
+from trainer.data.sequences import SequenceData
+from trainer.model import ModelConfig
+from trainer.offline_train import OfflineTrainConfig, train_offline
+from trainer.protocols import EvalSet, make_split, negatives_for
+from trainer.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
 
-log = logging.getLogger("livetower.offline")
+VAL_NEG_SEED, TEST_NEG_SEED, VAL_SUBSAMPLE_SEED = 1, 2, 3
 
 
-def leave_last_out(events: Iterable[pb.Event], cfg: TrainConfig, *, epochs: int,
-                   ks: tuple[int, ...] = (10, 20)) -> dict:
-    """events must be in time order. Returns model and popularity metrics plus timings."""
-    vocab = ItemVocab()
-    seqs: dict[str, list[int]] = defaultdict(list)
-    for ev in events:
-        seqs[ev.user_id].append(vocab.add(ev.item_id))
-    users = [u for u, s in seqs.items() if len(s) >= 2]
-    T = cfg.model.max_history
-    n_items = len(vocab)
-    counts = np.zeros(table_rows_for(n_items), np.int64)
-    windows = []
-    for u in users:
-        train = seqs[u][:-1]
-        np.add.at(counts, train, 1)
-        windows.extend(windows_for_new(train, len(train), T))
-    torch.manual_seed(cfg.seed)
-    model = TwoTower(cfg.model, table_rows_for(n_items))
-    opt = make_optimizer(model, cfg)
-    item_prob = torch.from_numpy(counts / counts.sum()).float()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    hist_BT = np.stack([left_pad(seqs[u][:-1], T) for u in users])
-    tgt_B = np.asarray([seqs[u][-1] for u in users], np.int64)
-    seen = [sorted(set(seqs[u][:-1])) for u in users]
+def _preset_default(**_) -> OfflineTrainConfig:
+    """The sidecar's TrainConfig and loss unchanged (fp32: faster than bf16 autocast at these sizes on CPU)."""
+    return OfflineTrainConfig(train=TrainConfig(precision="fp32"))
+
+
+def _preset_tuned(**_) -> OfflineTrainConfig:
+    """Best validation config found in docs/quality.md (chosen on validation metrics only)."""
+    model = ModelConfig(dropout=0.2)
+    return OfflineTrainConfig(train=TrainConfig(model=model, precision="fp32", batch_size=128, lr=1e-3),
+                              loss="full_softmax")
+
+
+def _preset_tiny(**_) -> OfflineTrainConfig:
+    return OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32"), epochs=2, patience=0)
+
+
+PRESETS: dict[str, Callable[..., OfflineTrainConfig]] = {
+    "default": _preset_default, "tuned": _preset_tuned, "tiny": _preset_tiny}
+
+
+def _subset(ev: EvalSet, idx: np.ndarray) -> EvalSet:
+    return EvalSet(users=ev.users[idx], histories=[ev.histories[i] for i in idx], targets=ev.targets[idx])
+
+
+def _flat(m: dict[str, dict[str, float]], protocols: list[str]) -> dict[str, float]:
+    """{"full": {...}, "sampled": {...}} -> {"sasrec_hr@10": .., "full_recall@10": ..} for the protocols asked."""
+    out = {}
+    for p in protocols:
+        part = m["sampled"] if p == "sasrec" else m["full"]
+        out.update({f"{p}_{k}": round(v, 5) for k, v in part.items()})
+    return out
+
+
+def run_eval(data: SequenceData, protocols: list[str], cfg: OfflineTrainConfig, *, n_negatives: int = 100,
+             neg_exclude: str = "sequence", ks: tuple[int, ...] = (10, 20),
+             progress: Callable[[str], None] = print) -> dict:
+    families = {"time" if p == "time" else "loo" for p in protocols}
+    if len(families) != 1:
+        raise ValueError(f"protocols {protocols}: 'time' has its own split; run it separately from sasrec/full")
+    split = make_split(data, protocols[0])
+    sampled = "sasrec" in protocols
+    progress(f"{data.name}: {data.summary()} | split {split.notes}")
     t0 = time.perf_counter()
-    losses = train_windows(model, opt, *stack_windows(windows), item_prob_R=item_prob, n_items=n_items, cfg=cfg,
-                           epochs=epochs, generator=gen, progress=log.info)
-    train_s = time.perf_counter() - t0
+    val_neg = negatives_for(data, split.val, split, n=n_negatives, exclude=neg_exclude, seed=VAL_NEG_SEED) \
+        if sampled else None
+    test_neg = negatives_for(data, split.test, split, n=n_negatives, exclude=neg_exclude, seed=TEST_NEG_SEED) \
+        if sampled else None
+    progress(f"negatives drawn in {time.perf_counter() - t0:.1f} s")
+
+    # Early stopping looks at (a deterministic subsample of) the validation set only.
+    pick = np.random.default_rng(VAL_SUBSAMPLE_SEED).permutation(len(split.val))
+    if cfg.max_val_users:
+        pick = np.sort(pick[:cfg.max_val_users])
+    val_small = _subset(split.val, pick)
+    val_small_neg = None if val_neg is None else val_neg[pick]
+    primary = protocols[0]
+
+    def validate(model) -> float:
+        m = evaluate_model_on(model, val_small, split.n_items, negatives_BK=val_small_neg, ks=(10,))
+        return (m["sampled"] if primary == "sasrec" else m["full"])["ndcg@10"]
+
+    model, log = train_offline(split.train, split.n_items, cfg, validate=validate, progress=progress)
+    t1 = time.perf_counter()
+    res_model = {name: _flat(evaluate_model_on(model, ev, split.n_items, negatives_BK=neg, ks=ks), protocols)
+                 for name, ev, neg in (("val", split.val, val_neg), ("test", split.test, test_neg))}
+    counts = popularity_counts(split.train, split.n_items)
+    res_pop = {name: _flat(evaluate_popularity_on(counts, ev, negatives_BK=neg, ks=ks), protocols)
+               for name, ev, neg in (("val", split.val, val_neg), ("test", split.test, test_neg))}
     return {
-        "users": len(users), "items": n_items, "train_windows": len(windows), "epochs": epochs,
-        "train_seconds": train_s, "final_loss": losses[-1] if losses else None,
-        "model": evaluate_model(model, hist_BT, tgt_B, n_items, seen_rows=seen, ks=ks),
-        "popularity": evaluate_popularity(counts, tgt_B, n_items, seen_rows=seen, ks=ks),
+        "dataset": data.summary(), "protocols": protocols, "split": split.notes,
+        "negatives": {"n": n_negatives, "exclude": neg_exclude} if sampled else None,
+        "validation_metric": f"{primary} ndcg@10 on {len(val_small)} validation users",
+        "config": cfg.to_dict(), "train": log, "eval_seconds": round(time.perf_counter() - t1, 1),
+        "model": res_model, "popularity": res_pop,
     }
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table: one row per (split, scorer), one column per metric."""
+    cols = list(result["model"]["test"])
+    lines = [f"{'':14}" + "".join(f"{c:>18}" for c in cols)]
+    for split in ("val", "test"):
+        for who in ("model", "popularity"):
+            row = result[who][split]
+            lines.append(f"{split + ' ' + who:14}" + "".join(f"{row[c]:>18.4f}" for c in cols))
+    t = result["train"]
+    lines.append(f"train {t['train_seconds']:.0f} s, {t['epochs_run']} epochs run, best validation epoch "
+                 f"{t['best_epoch']}")
+    return "\n".join(lines)

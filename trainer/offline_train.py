@@ -1,0 +1,178 @@
+"""Offline training for quality studies: length-bucketed batches, a choice of loss, and early
+stopping on the VALIDATION set only (the best validation state is restored; test is never seen).
+
+Losses (score s = cosine / temperature):
+- "sampled_softmax": the sidecar's loss (trainer/loss.py): in-batch + `n_random_negatives` uniform
+  negatives with log-Q correction. `logq=False` drops the correction; `in_batch=False` keeps only
+  the uniform negatives.
+- "full_softmax": cross-entropy over every item (no sampling).
+- "bce": SASRec's loss: per target, one uniform random negative, binary cross-entropy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TrainConfig
+from trainer.examples import stack_windows, windows_for_new
+from trainer.loss import MASK_LOGIT, sampled_softmax_loss
+from trainer.model import TwoTower
+from trainer.training import autocast, make_optimizer
+from trainer.vocab import table_rows_for
+
+LOSSES = ("sampled_softmax", "full_softmax", "bce")
+
+
+@dataclass(kw_only=True, slots=True)
+class OfflineTrainConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)  # model, batch_size, lr, weight_decay, negatives, seed
+    epochs: int = 20            # maximum passes over the training windows
+    loss: str = "sampled_softmax"  # one of LOSSES
+    logq: bool = True           # sampled_softmax: subtract log-Q of each candidate
+    in_batch: bool = True       # sampled_softmax: the batch's positives are candidates too
+    eval_every: int = 1         # validate every this many epochs
+    patience: int = 3           # stop after this many validations without a better one (0 = never stop early)
+    max_val_users: int = 5000   # validation users scored during training (deterministic subsample; 0 = all)
+    bucket: bool = True         # batch windows of similar length and crop the padding (same result, faster)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OfflineTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "max_val_users"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OfflineTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"OfflineTrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+
+    def to_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__slots__ if f != "train"}
+        t = self.train
+        d.update(model=t.model.to_dict(), batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                 n_random_negatives=t.n_random_negatives, precision=t.precision, seed=t.seed)
+        return d
+
+
+def batch_order(lengths_W: np.ndarray, batch: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """Shuffled batches; with bucket, windows are sorted by length within chunks of 50 batches."""
+    order = rng.permutation(len(lengths_W))
+    if bucket:
+        chunk = 50 * batch
+        order = np.concatenate([c[np.argsort(lengths_W[c], kind="stable")]
+                                for c in np.split(order, range(chunk, len(order), chunk))]) if len(order) else order
+    batches = [order[s:s + batch] for s in range(0, len(order), batch)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cfg: OfflineTrainConfig,
+                 item_prob_R: torch.Tensor, n_items: int, gen: torch.Generator) -> torch.Tensor:
+    """user_MD: normalised user states (one per target); pos_M: target rows (>= 1)."""
+    tc, temp = cfg.train, cfg.train.model.temperature
+    if cfg.loss == "full_softmax":
+        items_ND = model.encode_items(torch.arange(1, n_items + 1))
+        return F.cross_entropy((user_MD @ items_ND.T).float() / temp, pos_M - 1)
+    if cfg.loss == "bce":
+        neg_M = torch.randint(1, n_items + 1, pos_M.shape, generator=gen)
+        pos_s = (user_MD * model.encode_items(pos_M)).sum(-1).float() / temp
+        neg_s = (user_MD * model.encode_items(neg_M)).sum(-1).float() / temp
+        return F.softplus(-pos_s).mean() + F.softplus(neg_s).mean()
+    if cfg.logq and cfg.in_batch:  # exactly the sidecar's loss
+        return sampled_softmax_loss(model, user_MD, pos_M, item_prob_R=item_prob_R, n_items=n_items,
+                                    n_random=tc.n_random_negatives, temperature=temp, generator=gen)
+    R = tc.n_random_negatives
+    rand_R = torch.randint(1, n_items + 1, (R,), generator=gen)
+    if cfg.in_batch:
+        uniq_U, pos_idx_M = torch.unique(pos_M, return_inverse=True)
+        cand_C, n_pos = torch.cat([uniq_U, rand_R]), uniq_U.shape[0]
+    else:  # the row's own positive first, then the shared uniform negatives
+        cand_C, n_pos, pos_idx_M = rand_R, 0, None
+    logits_MC = (user_MD @ model.encode_items(cand_C).T).float() / temp
+    if not cfg.in_batch:
+        pos_M1 = (user_MD * model.encode_items(pos_M)).sum(-1, keepdim=True).float() / temp
+        logits_MC = torch.cat([pos_M1, logits_MC], 1)
+        n_pos, pos_idx_M = 1, torch.zeros_like(pos_M)
+    if cfg.logq:  # only the uniform part remains here (in_batch=False): a constant shift
+        logits_MC[:, n_pos:] -= math.log(R / n_items)
+    hit_MR = rand_R[None, :] == pos_M[:, None]
+    logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
+    return F.cross_entropy(logits_MC, pos_idx_M)
+
+
+def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig, *,
+                  validate: Callable[[TwoTower], float] | None = None,
+                  progress: Callable[[str], None] = print) -> tuple[TwoTower, dict]:
+    """Train on every next-item target inside train_seqs (item ids = rows). validate(model) -> score to
+    maximise (validation set only). Returns the model at its best validation and a training log."""
+    tc = cfg.train
+    T = tc.model.max_history
+    windows = [w for seq in train_seqs if len(seq) >= 2 for w in windows_for_new(list(seq), len(seq), T)]
+    inputs_WT, targets_WT, mask_WT = stack_windows(windows)
+    lengths_W = (inputs_WT != 0).sum(1)
+    counts_R = np.bincount(np.concatenate([s for s in train_seqs]), minlength=n_items + 1)
+    item_prob_R = torch.from_numpy(counts_R / max(counts_R.sum(), 1)).float()
+    torch.manual_seed(tc.seed)
+    model = TwoTower(tc.model, table_rows_for(n_items))
+    opt = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    log = {"windows": len(windows), "targets": int(mask_WT.sum()), "epochs_run": 0, "epoch_loss": [],
+           "val_curve": [], "best_epoch": 0, "best_val": None}
+    best_state, best_val, stale, val_s = None, -math.inf, 0, 0.0
+    t0 = time.perf_counter()
+    progress(f"training on {len(windows)} windows ({int(mask_WT.sum())} targets), up to {cfg.epochs} epochs")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, steps, t_ep = 0.0, 0, time.perf_counter()
+        batches = batch_order(lengths_W, tc.batch_size, rng, cfg.bucket)
+        for b in batches:
+            L = max(int(lengths_W[b].max()), 1) if cfg.bucket else T  # crop the all-pad left columns
+            inp_BL = torch.from_numpy(inputs_WT[b, -L:])
+            tgt_BL = torch.from_numpy(targets_WT[b, -L:])
+            m_BL = torch.from_numpy(mask_WT[b, -L:])
+            if not bool(m_BL.any()):
+                continue
+            with autocast(tc.precision):
+                states_BLD = model.user_states(inp_BL)
+                loss = offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.update_expert_bias()
+            total += float(loss.detach())
+            steps += 1
+        model.eval()
+        log["epoch_loss"].append(total / max(steps, 1))
+        log["epochs_run"] = epoch
+        msg = f"epoch {epoch}/{cfg.epochs}: loss {total / max(steps, 1):.4f} ({time.perf_counter() - t_ep:.0f} s)"
+        if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            t_val = time.perf_counter()
+            v = validate(model)
+            val_s += time.perf_counter() - t_val
+            log["val_curve"].append([epoch, v])
+            msg += f", val {v:.4f}"
+            if v > best_val:
+                best_val, stale, log["best_epoch"] = v, 0, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        progress(msg)
+        if cfg.patience and stale >= cfg.patience:
+            progress(f"early stop: no better validation for {stale} checks; best epoch {log['best_epoch']}")
+            break
+    log["val_seconds"] = val_s  # validation during training, not counted in train_seconds
+    log["train_seconds"] = time.perf_counter() - t0 - val_s
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        log["best_val"] = best_val
+    else:
+        log["best_epoch"] = log["epochs_run"]
+    model.eval()
+    return model, log

@@ -1,0 +1,146 @@
+"""Offline evaluation protocols: splits, sampled negatives, and rank-based metrics.
+
+- `sasrec` (Kang & McAuley, ICDM 2018, and kang205/SASRec util.py): per user with >= 3 actions the
+  last item is the test target and the second-to-last the validation target; the model trains on
+  the rest (users with < 3 actions train only). Validation ranks the target among 100 negatives
+  for the history seq[:-2]; test for the history seq[:-1] (the validation item is input, never a
+  training target). Negatives are drawn uniformly with replacement from items not excluded
+  (`neg_exclude`): "sequence" = not in the user's whole sequence (never the target itself), or
+  "train" = not in the user's training items only, exactly as util.py does (so the target, or the
+  validation item, can then be drawn as a negative with probability ~100/n_items).
+- `full`: the same split ranked against every item, the user's history items excluded (the target
+  keeps its score even if it is also in the history).
+- `time`: a global time split (data with timestamps): t_val / t_test are the (1 - val_frac -
+  test_frac) / (1 - test_frac) quantiles of all event times. Train = events before t_val. Val:
+  history = events before t_val, target = the user's first event in [t_val, t_test). Test:
+  history = events before t_test, target = the first event at or after t_test. Full ranking.
+
+Ranks use random tie-breaking in expectation: an item scored exactly like the target is ahead
+of it with probability 1/2 (matters for popularity, whose scores tie a lot; model scores do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer.data.sequences import SequenceData
+
+PROTOCOLS = ("sasrec", "full", "time")
+NEG_EXCLUDE = ("sequence", "train")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalSet:
+    """One evaluation round: a history and one target per evaluated user."""
+    users: np.ndarray            # (B,) user indices into SequenceData.items
+    histories: list[np.ndarray]  # B histories (item ids, oldest first) fed to the user tower
+    targets: np.ndarray          # (B,) target item ids
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass(kw_only=True, slots=True)
+class Split:
+    protocol_family: str        # "loo" (sasrec + full) or "time"
+    train: list[np.ndarray]     # per user: the items the model may learn from (oldest first)
+    val: EvalSet                # used for tuning and early stopping
+    test: EvalSet               # reported only; never used to choose anything
+    n_items: int
+    notes: dict                 # split facts for the results file (cut times, counts)
+
+
+def leave_one_out(data: SequenceData) -> Split:
+    """SASRec's data_partition: users with < 3 actions go to training only."""
+    train, vu, vh, vt, tu, th, tt = [], [], [], [], [], [], []
+    for u, seq in enumerate(data.items):
+        if len(seq) < 3:
+            train.append(seq)
+            continue
+        train.append(seq[:-2])
+        vu.append(u), vh.append(seq[:-2]), vt.append(seq[-2])
+        tu.append(u), th.append(seq[:-1]), tt.append(seq[-1])
+    val = EvalSet(users=np.asarray(vu, np.int64), histories=vh, targets=np.asarray(vt, np.int64))
+    test = EvalSet(users=np.asarray(tu, np.int64), histories=th, targets=np.asarray(tt, np.int64))
+    return Split(protocol_family="loo", train=train, val=val, test=test, n_items=data.n_items,
+                 notes={"eval_users": len(tu), "train_only_users": data.n_users - len(tu),
+                        "train_actions": int(sum(len(s) for s in train))})
+
+
+def time_split(data: SequenceData, *, val_frac: float = 0.1, test_frac: float = 0.1) -> Split:
+    if data.times is None:
+        raise ValueError(f"protocol 'time' needs timestamps; data set {data.name!r} has none")
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac={val_frac}, test_frac={test_frac}: each in (0, 1), sum < 1")
+    all_t = np.sort(np.concatenate(data.times))
+    t_val = int(all_t[int(len(all_t) * (1 - val_frac - test_frac))])
+    t_test = int(all_t[int(len(all_t) * (1 - test_frac))])
+    train, vu, vh, vt, tu, th, tt = [], [], [], [], [], [], []
+    for u, (seq, ts) in enumerate(zip(data.items, data.times)):
+        n_val, n_test = int(np.searchsorted(ts, t_val)), int(np.searchsorted(ts, t_test))  # events before cuts
+        train.append(seq[:n_val])
+        if n_val >= 1 and n_test > n_val:  # history before t_val and an event in [t_val, t_test)
+            vu.append(u), vh.append(seq[:n_val]), vt.append(seq[n_val])
+        if n_test >= 1 and len(seq) > n_test:
+            tu.append(u), th.append(seq[:n_test]), tt.append(seq[n_test])
+    val = EvalSet(users=np.asarray(vu, np.int64), histories=vh, targets=np.asarray(vt, np.int64))
+    test = EvalSet(users=np.asarray(tu, np.int64), histories=th, targets=np.asarray(tt, np.int64))
+    return Split(protocol_family="time", train=train, val=val, test=test, n_items=data.n_items,
+                 notes={"t_val": t_val, "t_test": t_test, "val_users": len(vu), "test_users": len(tu),
+                        "train_actions": int(sum(len(s) for s in train))})
+
+
+def make_split(data: SequenceData, protocol: str) -> Split:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return time_split(data) if protocol == "time" else leave_one_out(data)
+
+
+def sample_negatives(rng: np.random.Generator, n_items: int, exclude: np.ndarray, n: int = 100) -> np.ndarray:
+    """n item ids drawn uniformly with replacement from 1..n_items minus `exclude` (as SASRec's rejection loop)."""
+    excl = np.unique(exclude)
+    if np.count_nonzero((excl >= 1) & (excl <= n_items)) >= n_items:
+        raise ValueError("every item is excluded: no negative can be drawn")
+    out = np.empty(0, np.int64)
+    while len(out) < n:
+        draw = rng.integers(1, n_items + 1, size=2 * (n - len(out)) + 8)
+        out = np.concatenate([out, draw[~np.isin(draw, exclude)]])
+    return out[:n]
+
+
+def negatives_for(data: SequenceData, ev: EvalSet, split: Split, *, n: int = 100, exclude: str = "sequence",
+                  seed: int = 12345) -> np.ndarray:
+    """(B, n) negatives per evaluated user, fixed by `seed` so every run ranks the same candidates."""
+    if exclude not in NEG_EXCLUDE:
+        raise ValueError(f"neg_exclude must be one of {NEG_EXCLUDE}, got {exclude!r}")
+    rng = np.random.default_rng(seed)
+    out_BN = np.empty((len(ev), n), np.int64)
+    for i, u in enumerate(ev.users):
+        excl = data.items[u] if exclude == "sequence" else split.train[u]
+        out_BN[i] = sample_negatives(rng, split.n_items, excl, n)
+    return out_BN
+
+
+def expected_metrics(greater_B: np.ndarray, equal_B: np.ndarray, ks: tuple[int, ...],
+                     hit_name: str = "recall") -> dict[str, float]:
+    """HR/Recall@k and NDCG@k with ties broken uniformly at random, in expectation.
+
+    greater_B: candidates scored strictly above the target; equal_B: candidates tied with it
+    (the target itself not counted). Rank r (0-based) is uniform on greater..greater+equal.
+    hit_name: "hr" for the sampled protocol (one target: HR@k = Recall@k), "recall" otherwise.
+    """
+    g, e = greater_B.astype(np.float64), equal_B.astype(np.float64)
+    out = {}
+    for k in ks:
+        hit = np.zeros_like(g)
+        gain = np.zeros_like(g)
+        for r in range(k):  # P(rank == r) = 1/(e+1) when g <= r <= g+e
+            p_B = ((g <= r) & (r <= g + e)) / (e + 1)
+            hit += p_B
+            gain += p_B / np.log2(r + 2)
+        n = len(g)
+        out[f"{hit_name}@{k}"] = float(hit.mean()) if n else 0.0
+        out[f"ndcg@{k}"] = float(gain.mean()) if n else 0.0
+    return out
