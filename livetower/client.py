@@ -11,8 +11,9 @@ from proto import livetower_v1_pb2_grpc as pb_grpc
 
 
 class Client:
-    def __init__(self, target: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, target: str, *, timeout_s: float = 5.0, admin_token: str | None = None) -> None:
         self.channel = grpc.insecure_channel(target)
+        self._admin_md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self.recommender = pb_grpc.RecommenderStub(self.channel)
         self.admin = pb_grpc.EngineAdminStub(self.channel)
         self.timeout_s = timeout_s
@@ -38,11 +39,28 @@ class Client:
                       action=action, weight=weight, timestamp_ms=now)
         return self.log_events([ev])
 
+    # ---- admin (needs admin_token)
     def list_engines(self) -> pb.ListEnginesResponse:
-        return self.admin.ListEngines(pb.ListEnginesRequest(), timeout=self.timeout_s)
+        return self.admin.ListEngines(pb.ListEnginesRequest(), timeout=self.timeout_s, metadata=self._admin_md)
 
     def rollout(self) -> pb.GetRolloutResponse:
-        return self.admin.GetRollout(pb.GetRolloutRequest(), timeout=self.timeout_s)
+        return self.admin.GetRollout(pb.GetRolloutRequest(), timeout=self.timeout_s, metadata=self._admin_md)
+
+    def start_canary(self, version: int, fraction: float = 0.0) -> pb.GetRolloutResponse:
+        # Loading and checking the engine happens inside the call: allow for a large one.
+        return self.admin.StartCanary(pb.StartCanaryRequest(version=version, fraction=fraction),
+                                      timeout=max(self.timeout_s, 120.0), metadata=self._admin_md)
+
+    def promote(self, reason: str = "") -> pb.GetRolloutResponse:
+        return self.admin.Promote(pb.PromoteRequest(reason=reason), timeout=self.timeout_s, metadata=self._admin_md)
+
+    def rollback(self, reason: str = "") -> pb.GetRolloutResponse:
+        return self.admin.Rollback(pb.RollbackRequest(reason=reason), timeout=max(self.timeout_s, 120.0),
+                                   metadata=self._admin_md)
+
+    def set_policy(self, policy: pb.CanaryPolicy) -> pb.GetRolloutResponse:
+        return self.admin.SetPolicy(pb.SetPolicyRequest(policy=policy), timeout=self.timeout_s,
+                                    metadata=self._admin_md)
 
     def close(self) -> None:
         self.channel.close()

@@ -7,18 +7,20 @@ rollout.json, written atomically, so a restarted server serves what was promoted
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from google.protobuf import json_format
 
 from livetower.atomic import fsync_dir, fsync_tree, write_atomic
+from livetower.rollout import RolloutState
 from proto import livetower_v1_pb2 as pb
 
 MANIFEST = "manifest.json"
@@ -43,23 +45,6 @@ def manifest_to_json(m: pb.EngineManifest) -> str:
 
 def manifest_from_json(text: str) -> pb.EngineManifest:
     return json_format.Parse(text, pb.EngineManifest())
-
-
-@dataclass(kw_only=True, slots=True)
-class RolloutState:
-    stable: int = 0                                        # version serving all traffic (0: none yet)
-    candidate: int = 0                                     # version being rolled out (0: none)
-    refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
-
-    def to_json(self) -> str:
-        return json.dumps({"stable": self.stable, "candidate": self.candidate,
-                           "refused": {str(k): v for k, v in self.refused.items()}}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "RolloutState":
-        d = json.loads(text)
-        return cls(stable=int(d.get("stable", 0)), candidate=int(d.get("candidate", 0)),
-                   refused={int(k): v for k, v in d.get("refused", {}).items()})
 
 
 class Registry:
@@ -141,7 +126,7 @@ class Registry:
             return version
         raise RuntimeError(f"could not publish into {self.engines_dir}: no free version after 100 tries")
 
-    # ---- rollout state (written by the server only)
+    # ---- rollout state (written by servers only)
     def read_rollout(self) -> RolloutState:
         try:
             return RolloutState.from_json(self.rollout_path.read_text())
@@ -150,6 +135,17 @@ class Registry:
 
     def write_rollout(self, state: RolloutState) -> None:
         write_atomic(self.rollout_path, state.to_json().encode())
+
+    @contextlib.contextmanager
+    def rollout_lock(self) -> Iterator[None]:
+        """Exclusive across processes (servers sharing a port and registry): hold it for a whole
+        read-modify-write of rollout.json so no decision overwrites another."""
+        with open(self.root / "rollout.lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # Engine directory layout (written by trainer/export, read by server/engine).
@@ -161,5 +157,6 @@ POPULARITY_FILE = "popularity.json"  # {"item_ids": [...], "scores": [...]}, mos
 # not check input shapes at run time, so the runner checks T and the batch bound from these.
 META_HISTORY_LEN = "livetower.history_len"
 META_MAX_BATCH = "livetower.max_batch"
+WEIGHTS_FILE = "weights.pt"         # refit engines: {constant fqn: tensor} for the graph version's compiled tower
 ANN_FILE = "items.hnsw"             # optional FAISS HNSW index over items.npy (large catalogues)
 ANN_META_FILE = "ann.json"          # {"ef_search": ..., "recall_at_k": ..., "k": ..., "M": ...}

@@ -59,16 +59,18 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("item_ids", "scores", "engine_version", "source")
+    __slots__ = ("item_ids", "scores", "engine_version", "source", "canary")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     engine_version: int
     source: str
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    canary: bool
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("user_id", "history", "candidate_ids")
@@ -81,16 +83,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., candidate_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "engine_version", "unknown_candidate_ids", "source")
+    __slots__ = ("scores", "engine_version", "unknown_candidate_ids", "source", "canary")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     engine_version: int
     unknown_candidate_ids: _containers.RepeatedScalarFieldContainer[str]
     source: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., unknown_candidate_ids: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+    canary: bool
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., unknown_candidate_ids: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ...) -> None: ...
 
 class EngineFile(_message.Message):
     __slots__ = ("path", "sha256", "size")
@@ -117,7 +121,7 @@ class GoldenSet(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., seq_len: _Optional[int] = ..., dim: _Optional[int] = ..., history_rows: _Optional[_Iterable[int]] = ..., user_embeddings: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EngineManifest(_message.Message):
-    __slots__ = ("version", "parent", "architecture_hash", "backend", "files", "item_count", "dim", "max_history", "stream_offsets", "watermark_ms", "eval_metrics", "golden", "parity_max_abs_diff", "build_seconds", "created_ms", "model_config_json", "trained_events")
+    __slots__ = ("version", "parent", "architecture_hash", "backend", "files", "item_count", "dim", "max_history", "stream_offsets", "watermark_ms", "eval_metrics", "golden", "parity_max_abs_diff", "build_seconds", "created_ms", "model_config_json", "trained_events", "graph_version")
     class StreamOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,7 @@ class EngineManifest(_message.Message):
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent: int
     architecture_hash: str
@@ -166,7 +171,8 @@ class EngineManifest(_message.Message):
     created_ms: int
     model_config_json: str
     trained_events: int
-    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., architecture_hash: _Optional[str] = ..., backend: _Optional[str] = ..., files: _Optional[_Iterable[_Union[EngineFile, _Mapping]]] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., max_history: _Optional[int] = ..., stream_offsets: _Optional[_Mapping[str, int]] = ..., watermark_ms: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., golden: _Optional[_Union[GoldenSet, _Mapping]] = ..., parity_max_abs_diff: _Optional[float] = ..., build_seconds: _Optional[float] = ..., created_ms: _Optional[int] = ..., model_config_json: _Optional[str] = ..., trained_events: _Optional[int] = ...) -> None: ...
+    graph_version: int
+    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., architecture_hash: _Optional[str] = ..., backend: _Optional[str] = ..., files: _Optional[_Iterable[_Union[EngineFile, _Mapping]]] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., max_history: _Optional[int] = ..., stream_offsets: _Optional[_Mapping[str, int]] = ..., watermark_ms: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., golden: _Optional[_Union[GoldenSet, _Mapping]] = ..., parity_max_abs_diff: _Optional[float] = ..., build_seconds: _Optional[float] = ..., created_ms: _Optional[int] = ..., model_config_json: _Optional[str] = ..., trained_events: _Optional[int] = ..., graph_version: _Optional[int] = ...) -> None: ...
 
 class ListEnginesRequest(_message.Message):
     __slots__ = ()
@@ -180,12 +186,86 @@ class ListEnginesResponse(_message.Message):
     serving_version: int
     def __init__(self, engines: _Optional[_Iterable[_Union[EngineManifest, _Mapping]]] = ..., serving_version: _Optional[int] = ...) -> None: ...
 
+class CanaryPolicy(_message.Message):
+    __slots__ = ("mode", "fraction", "min_requests", "min_duration_s", "max_duration_s", "max_p99_ratio", "max_error_rate", "min_topk_overlap", "max_score_drift", "shadow_samples", "shadow_qps")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOPK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_QPS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    fraction: float
+    min_requests: int
+    min_duration_s: float
+    max_duration_s: float
+    max_p99_ratio: float
+    max_error_rate: float
+    min_topk_overlap: float
+    max_score_drift: float
+    shadow_samples: int
+    shadow_qps: float
+    def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ...) -> None: ...
+
+class CanaryAnalysis(_message.Message):
+    __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason")
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STABLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    STABLE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    STABLE_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOPK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    elapsed_s: float
+    canary_requests: int
+    stable_requests: int
+    canary_errors: int
+    stable_errors: int
+    canary_p99_ms: float
+    stable_p99_ms: float
+    p99_ratio: float
+    shadow_samples: int
+    topk_overlap: float
+    score_drift: float
+    shadow_latency_ratio: float
+    verdict: str
+    reason: str
+    def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RolloutEvent(_message.Message):
+    __slots__ = ("time_ms", "action", "version", "stable_version", "actor", "reason")
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time_ms: int
+    action: str
+    version: int
+    stable_version: int
+    actor: str
+    reason: str
+    def __init__(self, time_ms: _Optional[int] = ..., action: _Optional[str] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class GetRolloutRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetRolloutResponse(_message.Message):
-    __slots__ = ("stable_version", "candidate_version", "state", "refused_versions", "refused_reasons")
+    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms")
     class RefusedReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -193,14 +273,61 @@ class GetRolloutResponse(_message.Message):
         key: int
         value: str
         def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    class RolledBackEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_REASONS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    PENDING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_STARTED_MS_FIELD_NUMBER: _ClassVar[int]
     stable_version: int
-    candidate_version: int
+    canary_version: int
     state: str
     refused_versions: _containers.RepeatedScalarFieldContainer[int]
     refused_reasons: _containers.ScalarMap[int, str]
-    def __init__(self, stable_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ...) -> None: ...
+    canary_fraction: float
+    policy: CanaryPolicy
+    analysis: CanaryAnalysis
+    history: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    rolled_back: _containers.ScalarMap[int, str]
+    pending_versions: _containers.RepeatedScalarFieldContainer[int]
+    canary_started_ms: int
+    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ...) -> None: ...
+
+class StartCanaryRequest(_message.Message):
+    __slots__ = ("version", "fraction")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    fraction: float
+    def __init__(self, version: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: CanaryPolicy
+    def __init__(self, policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ...) -> None: ...

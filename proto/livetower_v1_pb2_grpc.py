@@ -184,7 +184,9 @@ class Recommender:
 
 
 class EngineAdminStub:
-    """Missing associated documentation comment in .proto file."""
+    """Admin calls need `authorization: Bearer <token>` metadata (token from the server's config or
+    <data_dir>/admin.token); without it they get UNAUTHENTICATED and change nothing.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -202,10 +204,32 @@ class EngineAdminStub:
                 request_serializer=proto_dot_livetower__v1__pb2.GetRolloutRequest.SerializeToString,
                 response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
                 _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/StartCanary',
+                request_serializer=proto_dot_livetower__v1__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/Promote',
+                request_serializer=proto_dot_livetower__v1__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/Rollback',
+                request_serializer=proto_dot_livetower__v1__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/SetPolicy',
+                request_serializer=proto_dot_livetower__v1__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class EngineAdminServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Admin calls need `authorization: Bearer <token>` metadata (token from the server's config or
+    <data_dir>/admin.token); without it they get UNAUTHENTICATED and change nothing.
+    """
 
     def ListEngines(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -214,6 +238,30 @@ class EngineAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,6 +280,26 @@ def add_EngineAdminServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_livetower__v1__pb2.GetRolloutRequest.FromString,
                     response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
             ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=proto_dot_livetower__v1__pb2.StartCanaryRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=proto_dot_livetower__v1__pb2.PromoteRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=proto_dot_livetower__v1__pb2.RollbackRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=proto_dot_livetower__v1__pb2.SetPolicyRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'livetower.v1.EngineAdmin', rpc_method_handlers)
@@ -241,7 +309,9 @@ def add_EngineAdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EngineAdmin:
-    """Missing associated documentation comment in .proto file."""
+    """Admin calls need `authorization: Bearer <token>` metadata (token from the server's config or
+    <data_dir>/admin.token); without it they get UNAUTHENTICATED and change nothing.
+    """
 
     @staticmethod
     def ListEngines(request,
@@ -286,6 +356,114 @@ class EngineAdmin:
             target,
             '/livetower.v1.EngineAdmin/GetRollout',
             proto_dot_livetower__v1__pb2.GetRolloutRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/StartCanary',
+            proto_dot_livetower__v1__pb2.StartCanaryRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/Promote',
+            proto_dot_livetower__v1__pb2.PromoteRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/Rollback',
+            proto_dot_livetower__v1__pb2.RollbackRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/SetPolicy',
+            proto_dot_livetower__v1__pb2.SetPolicyRequest.SerializeToString,
             proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
             options,
             channel_credentials,

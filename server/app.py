@@ -20,6 +20,7 @@ from livetower.eventlog import SqliteEventLog
 from livetower.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
+from server.auth import AdminAuthInterceptor, load_or_create_token
 from server.batching import MicroBatcher
 from server.config import ServerConfig
 from server.engine.manager import EngineManager
@@ -104,11 +105,17 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
     registry = Registry(config.registry_path)
     event_log = SqliteEventLog(config.events_path)
     metrics = ServerMetrics()
-    manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event)
     history = RecentHistory(max_users=config.history_users, per_user=config.history_len)
+    manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event,
+                            user_histories=lambda: history.sample(1000))
+    if config.admin_token is not None:
+        token, hint = config.admin_token, "the server's configuration (admin_token)"
+    else:
+        token, hint = load_or_create_token(config.admin_token_path), str(config.admin_token_path)
     batcher = MicroBatcher(config.batching) if config.batching is not None else None
     grpc_server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes)],
+        interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes),
+                      AdminAuthInterceptor(token, hint)],
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 1 if config.reuse_port else 0)])

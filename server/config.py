@@ -39,6 +39,8 @@ class ServerConfig:
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start
     grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
+    admin_token: str | None = None        # EngineAdmin bearer token; None: read admin_token_path
+    admin_token_file: Path | None = None  # token file; None: <data_dir>/admin.token (created, 0600, if missing)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,12 +52,18 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.history_warm_events < 0:
             raise ValueError(f"history_warm_events must be >= 0, got {self.history_warm_events}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
 
     @property
     def events_path(self) -> Path:
         return Path(self.data_dir) / "events.sqlite"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return Path(self.admin_token_file) if self.admin_token_file else Path(self.data_dir) / "admin.token"
 
     @property
     def registry_path(self) -> Path:

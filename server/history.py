@@ -34,3 +34,9 @@ class RecentHistory:
 
     def __len__(self) -> int:
         return len(self._users)
+
+    def sample(self, n: int) -> list[list[str]]:
+        """Histories of up to n most recently active users (for shadow scoring)."""
+        with self._lock:
+            users = list(self._users.values())[-n:]
+            return [list(items) for items in users]

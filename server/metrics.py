@@ -16,7 +16,10 @@ class ServerMetrics:
         self.responses = Counter("livetower_responses_total", "Responses by method and gRPC status code",
                                  ["method", "code"], registry=r)
         self.serving_version = Gauge("livetower_serving_engine_version", "Engine version serving traffic", registry=r)
-        self.engine_events = Counter("livetower_engine_events_total", "Engine loads, swaps and refusals",
+        self.canary_version = Gauge("livetower_canary_engine_version", "Engine version in canary (0: none)", registry=r)
+        self.canary_fraction = Gauge("livetower_canary_fraction", "Share of users the canary serves", registry=r)
+        self.engine_events = Counter("livetower_engine_events_total",
+                                     "Engine loads, swaps, refusals, canaries, promotions and rollbacks",
                                      ["kind"], registry=r)
         self.engine_load_seconds = Histogram("livetower_engine_load_seconds", "Verify+load+parity+warm-up time",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
@@ -24,9 +27,16 @@ class ServerMetrics:
         self.events_rejected = Counter("livetower_events_rejected_total", "Events sent to the dead-letter table",
                                        ["field"], registry=r)
 
-    def on_engine_event(self, kind: str, version: int, seconds: float) -> None:
+    def on_engine_event(self, kind: str, version: int, value: float) -> None:
+        """value: seconds for "load", the fraction for "canary"."""
         self.engine_events.labels(kind).inc()
         if kind == "load":
-            self.engine_load_seconds.observe(seconds)
+            self.engine_load_seconds.observe(value)
         elif kind == "swap":
             self.serving_version.set(version)
+        elif kind == "canary":
+            self.canary_version.set(version)
+            self.canary_fraction.set(value)
+        elif kind in ("promote", "rollback", "canary_end"):
+            self.canary_version.set(0)
+            self.canary_fraction.set(0)

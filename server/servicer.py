@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from livetower.eventlog import EventLog
 from livetower.events import event_problem
 from livetower.registry import Registry
+from livetower.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
-from server.engine.engine import Engine, RecommendQuery
-from server.engine.manager import EngineManager
+from server.engine.engine import Engine, Ranked, RecommendQuery
+from server.engine.manager import EngineManager, RolloutError
 from server.history import RecentHistory
 from server.metrics import ServerMetrics
 from server.validation import recommend_problem, score_problem
 
+log = logging.getLogger("livetower.rpc")
+T = TypeVar("T")
 
-async def _serving_engine(manager: EngineManager, context: grpc.aio.ServicerContext) -> Engine:
-    engine = manager.current  # hold this reference for the whole request
+
+async def _routed_engine(manager: EngineManager, context: grpc.aio.ServicerContext,
+                         user_id: str) -> tuple[Engine, bool]:
+    engine, is_canary = manager.route(user_id)  # hold this reference for the whole request
     if engine is None:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             "no engine is serving yet: the trainer has not published one; retry shortly")
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was handled")
-    return engine
+    return engine, is_canary
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -60,30 +69,55 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _history(self, request) -> list[str]:
         return list(request.history) or self.history.get(request.user_id)
 
+    async def _on_routed_engine(self, context, user_id: str, work: Callable[[Engine], Awaitable[T]],
+                                query: RecommendQuery | None = None) -> tuple[T, Engine, bool]:
+        """Run `work` on the engine this user is routed to. A canary that fails is recorded as a
+        canary error and the request is answered by stable: canaries never fail a request."""
+        engine, is_canary = await _routed_engine(self.manager, context, user_id)
+        t0 = time.perf_counter()
+        try:
+            result = await work(engine)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            stable = self.manager.stable
+            if not is_canary or stable is None:
+                raise
+            self.manager.observe(engine, True, 0.0, error=True)
+            log.warning("canary engine %d failed (%s: %s); answered by stable %d", engine.version,
+                        type(e).__name__, e, stable.version)
+            return await work(stable), stable, False
+        self.manager.observe(engine, is_canary, time.perf_counter() - t0, error=False, query=query)
+        return result, engine, is_canary
+
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         if problem := recommend_problem(request, self.limits):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        engine = await _serving_engine(self.manager, context)
         query = RecommendQuery(self._history(request), request.k, request.exclude_seen)
-        if self.batcher is None:
-            ranked = engine.recommend_batch([query])[0]
-        else:
-            ranked = await through_batcher(context, self.batcher.recommend(engine, query, deadline_of(context)))
+
+        async def recommend(engine: Engine) -> Ranked:
+            if self.batcher is None:
+                return engine.recommend_batch([query])[0]
+            return await through_batcher(context, self.batcher.recommend(engine, query, deadline_of(context)))
+
+        ranked, engine, is_canary = await self._on_routed_engine(context, request.user_id, recommend, query)
         return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores,
-                                    engine_version=engine.version, source=ranked.source)
+                                    engine_version=engine.version, source=ranked.source, canary=is_canary)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         if problem := score_problem(request, self.limits):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        engine = await _serving_engine(self.manager, context)
         history, candidates = self._history(request), list(request.candidate_ids)
-        if self.batcher is None:
-            scores, unknown, source = engine.score(history, candidates)
-        else:
-            scores, unknown, source = await through_batcher(
+
+        async def score(engine: Engine):
+            if self.batcher is None:
+                return engine.score(history, candidates)
+            return await through_batcher(
                 context, self.batcher.run(engine, lambda: engine.score(history, candidates), deadline_of(context)))
+
+        (scores, unknown, source), engine, is_canary = await self._on_routed_engine(context, request.user_id, score)
         return pb.ScoreResponse(scores=scores, engine_version=engine.version,
-                                unknown_candidate_ids=unknown, source=source)
+                                unknown_candidate_ids=unknown, source=source, canary=is_canary)
 
     async def LogEvents(self, request: pb.LogEventsRequest, context) -> pb.LogEventsResponse:
         n = len(request.events)
@@ -118,6 +152,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
 
 class EngineAdminServicer(pb_grpc.EngineAdminServicer):
+    """Engine listing and rollout control. Authentication is the AdminAuthInterceptor's job."""
+
     def __init__(self, *, manager: EngineManager, registry: Registry) -> None:
         self.manager = manager
         self.registry = registry
@@ -133,11 +169,50 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             return out
 
         engines = await asyncio.to_thread(read)
-        current = self.manager.current
+        current = self.manager.stable
         return pb.ListEnginesResponse(engines=engines, serving_version=current.version if current else 0)
 
     async def GetRollout(self, request, context) -> pb.GetRolloutResponse:
-        rollout = await asyncio.to_thread(self.registry.read_rollout)
-        return pb.GetRolloutResponse(stable_version=rollout.stable, candidate_version=rollout.candidate,
-                                     state=self.manager.state, refused_versions=sorted(rollout.refused),
-                                     refused_reasons=rollout.refused)
+        return await asyncio.to_thread(rollout_response, self.manager)
+
+    async def _operate(self, context, op: Callable[[], object]) -> pb.GetRolloutResponse:
+        try:
+            await asyncio.to_thread(op)
+        except RolloutError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        return await asyncio.to_thread(rollout_response, self.manager)
+
+    async def StartCanary(self, request: pb.StartCanaryRequest, context) -> pb.GetRolloutResponse:
+        if request.version <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be > 0, got {request.version}")
+        if not 0 <= request.fraction < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"fraction must be in (0, 1) (0: the policy's), got {request.fraction}")
+        return await self._operate(context, lambda: self.manager.start_canary(request.version, request.fraction))
+
+    async def Promote(self, request: pb.PromoteRequest, context) -> pb.GetRolloutResponse:
+        return await self._operate(context, lambda: self.manager.promote(reason=request.reason))
+
+    async def Rollback(self, request: pb.RollbackRequest, context) -> pb.GetRolloutResponse:
+        return await self._operate(context, lambda: self.manager.rollback(reason=request.reason))
+
+    async def SetPolicy(self, request: pb.SetPolicyRequest, context) -> pb.GetRolloutResponse:
+        try:
+            policy = CanaryPolicy.from_fields(json_format.MessageToDict(request.policy, preserving_proto_field_name=True))
+        except (ValueError, TypeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {e}")
+        return await self._operate(context, lambda: self.manager.set_policy(policy))
+
+
+def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
+    st, v, policy = manager.rollout, manager.last_verdict, manager.policy
+    pending = [x for x in manager.registry.versions() if x > st.stable and x != st.canary
+               and x not in st.refused and x not in st.rolled_back]
+    return pb.GetRolloutResponse(
+        stable_version=manager.stable.version if manager.stable else 0,
+        canary_version=manager.canary.version if manager.canary else 0, state=manager.state,
+        refused_versions=sorted(st.refused), refused_reasons=st.refused, canary_fraction=manager.canary_fraction,
+        policy=pb.CanaryPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}),
+        analysis=pb.CanaryAnalysis(verdict=v.action, reason=v.reason, **v.figures) if v else None,
+        history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
+        rolled_back=st.rolled_back, pending_versions=pending, canary_started_ms=st.canary_started_ms)

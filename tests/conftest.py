@@ -12,6 +12,7 @@ import pytest
 
 from livetower.eventlog import SqliteEventLog
 from livetower.registry import Registry
+from livetower.rollout import CanaryPolicy
 from server.app import create_server
 from server.config import ServerConfig
 from server.engine.manager import EngineManagerConfig
@@ -56,9 +57,16 @@ def trained_dir(trained_dir_template, tmp_path) -> Path:
     return d
 
 
-def server_config(data_dir: Path, **overrides) -> ServerConfig:
-    base = dict(data_dir=data_dir, port=0, metrics_port=0,
-                engines=EngineManagerConfig(poll_interval_s=0.1, warmup_calls=2), grace_s=1.0)
+ADMIN_TOKEN = "test-admin-token-0123456789"
+# Decides a canary within about a second on a test server with little or no traffic.
+FAST_POLICY = CanaryPolicy(min_duration_s=0.2, max_duration_s=1.0, min_requests=20, shadow_samples=10,
+                           shadow_qps=200.0)
+
+
+def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overrides) -> ServerConfig:
+    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN,
+                engines=EngineManagerConfig(poll_interval_s=0.1, analysis_interval_s=0.05, warmup_calls=2,
+                                            default_policy=policy), grace_s=1.0)
     base.update(overrides)
     return ServerConfig(**base)
 

@@ -271,3 +271,27 @@ def test_server_side_imports_no_trainer_or_grpc():
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+def test_aoti_refit_runs_new_weights_on_the_compiled_graph(engines, tower, tmp_path):
+    """Refit: a fresh runner of the compiled package with another model's weights (same architecture)."""
+    torch.manual_seed(7)
+    other = SmallTower().eval()
+    fqns = torch._inductor.aoti_load_package(str(engines["aoti"])).get_constant_fqns()
+    tensors = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    weights = tmp_path / "weights.pt"
+    torch.save({f: tensors[f].detach() for f in fqns}, weights)
+    x = _history(5, seed=11)
+    refit = load_runner("aoti", engines["aoti"], weights=weights)
+    with torch.no_grad():
+        want, old = other(x).numpy(), tower(x).numpy()
+    assert np.abs(refit(x.numpy()) - want).max() < TOL["aoti"]
+    assert np.abs(load_runner("aoti", engines["aoti"])(x.numpy()) - old).max() < TOL["aoti"]  # package untouched
+    partial = tmp_path / "partial.pt"
+    torch.save({f: tensors[f].detach() for f in fqns[1:]}, partial)
+    with pytest.raises(EngineLoadError, match="do not match the compiled graph"):
+        load_runner("aoti", engines["aoti"], weights=partial)
+    with pytest.raises(EngineLoadError, match="refit weights file missing"):
+        load_runner("aoti", engines["aoti"], weights=tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="aoti backend only"):
+        load_runner("onnx", engines["onnx"], weights=weights)

@@ -1,5 +1,6 @@
 """End to end with real processes: `livetower serve` + `livetower train` on free ports, events streamed
-through LogEvents, a second AOTInductor engine built and swapped in while a client keeps calling."""
+through LogEvents, a second AOTInductor engine built, canaried and promoted automatically while
+clients keep calling."""
 
 from __future__ import annotations
 
@@ -81,8 +82,10 @@ def test_serve_and_train_processes_swap_under_load(tmp_path):
             t.start()
         resp = client.log_events(stream_events(seed=21, n_users=60, events_per_user=8))
         assert resp.accepted == 480 and not resp.rejected
-        wait_for(lambda: versions[2] > 0, 240, "engine 2 to be served", interval_s=0.5)
-        time.sleep(1.0)  # keep the load going after the swap
+        wait_for(lambda: versions[2] > 0, 240, "engine 2 to serve its canary slice", interval_s=0.5)
+        admin = Client(f"127.0.0.1:{port}", timeout_s=10, admin_token=(data / "admin.token").read_text().strip())
+        wait_for(lambda: admin.rollout().stable_version == 2, 90, "the canary to be promoted", interval_s=0.5)
+        time.sleep(1.0)  # keep the load going after the promotion
         done.set()
         for t in threads:
             t.join(30)
@@ -90,8 +93,11 @@ def test_serve_and_train_processes_swap_under_load(tmp_path):
               f"engine versions seen {dict(sorted(versions.items()))}")
         assert outcomes["ok"] == sum(outcomes.values()) and outcomes["ok"] > 50, outcomes
         assert set(versions) == {1, 2}
-        assert client.list_engines().serving_version == 2
+        assert admin.list_engines().serving_version == 2
+        history = [(e.action, e.version, e.actor) for e in admin.rollout().history]
+        assert history[-2:] == [("canary", 2, "auto"), ("promote", 2, "auto")], history
         client.close()
+        admin.close()
         assert stop(trainer) == 0
         assert stop(server) == 0
     finally:

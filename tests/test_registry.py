@@ -7,6 +7,7 @@ import pytest
 from livetower.registry import (
     MANIFEST, EngineCorrupt, Registry, RolloutState, manifest_from_json, manifest_to_json, sha256_file,
 )
+from livetower.rollout import HISTORY_KEPT, CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 
 FILES = {"items.npy": b"\x93NUMPY" + bytes(range(200)), "item_ids.json": b'["a", "b"]',
@@ -139,7 +140,10 @@ def test_verify_version_mismatch(tmp_path):
 def test_rollout_roundtrip(tmp_path):
     reg = Registry(tmp_path)
     assert reg.read_rollout() == RolloutState()
-    st = RolloutState(stable=3, candidate=5, refused={4: "parity 0.3 > 1e-3", 2: "corrupt"})
+    st = RolloutState(stable=3, canary=5, canary_fraction=0.25, canary_started_ms=17,
+                      policy=CanaryPolicy(mode="manual", min_topk_overlap=0.4),
+                      refused={4: "parity 0.3 > 1e-3", 2: "corrupt"}, rolled_back={6: "p99 ratio 3.1 > 1.5"})
+    st.record("canary", 5, "operator", "try it")
     reg.write_rollout(st)
     assert reg.read_rollout() == st
     assert RolloutState.from_json(st.to_json()) == st
@@ -147,6 +151,30 @@ def test_rollout_roundtrip(tmp_path):
     # a fresh Registry (restarted server) reads the same
     assert Registry(tmp_path).read_rollout() == st
     assert RolloutState.from_json("{}") == RolloutState()
+
+
+def test_rollout_history_is_bounded():
+    st = RolloutState()
+    for i in range(HISTORY_KEPT + 20):
+        st.record("promote", i, "auto", f"r{i}")
+    assert len(st.history) == HISTORY_KEPT and st.history[-1].version == HISTORY_KEPT + 19
+    assert RolloutState.from_json(st.to_json()).history == st.history
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("mode", "yolo", "mode must be one of auto, manual"), ("fraction", 1.0, "fraction must be in"),
+    ("min_requests", 0, "min_requests must be >= 1"), ("max_p99_ratio", 0.9, "max_p99_ratio must be >= 1"),
+    ("min_topk_overlap", 1.5, "min_topk_overlap must be in"), ("max_duration_s", 1.0, "max_duration_s must be >="),
+])
+def test_canary_policy_validation_names_the_field(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        CanaryPolicy(**{field: value})
+
+
+def test_canary_policy_from_partial_fields():
+    assert CanaryPolicy.from_fields({"mode": "manual", "fraction": 0.0}) == CanaryPolicy(mode="manual")
+    with pytest.raises(ValueError, match="unknown policy field"):
+        CanaryPolicy.from_fields({"nope": 1})
 
 
 def test_rollout_write_is_atomic(tmp_path, monkeypatch):
@@ -159,7 +187,7 @@ def test_rollout_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        reg.write_rollout(RolloutState(stable=2, candidate=3, refused={9: "x" * 10_000}))
+        reg.write_rollout(RolloutState(stable=2, canary=3, refused={9: "x" * 10_000}))
     monkeypatch.undo()
     assert reg.read_rollout() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines", "rollout.json"]

@@ -13,13 +13,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from livetower.client import Client
 from livetower.registry import ITEMS_FILE, Registry
 from proto import livetower_v1_pb2 as pb
-from tests.conftest import make_trainer, running_server, server_config, stream_events, wait_for
+from tests.conftest import ADMIN_TOKEN, make_trainer, running_server, server_config, stream_events, wait_for
 
 
 @pytest.fixture
 def served(trained_dir):
     with running_server(server_config(trained_dir)) as (server, port):
-        client = Client(f"127.0.0.1:{port}")
+        client = Client(f"127.0.0.1:{port}", admin_token=ADMIN_TOKEN)
         wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
         yield server, client, trained_dir
         client.close()
@@ -173,10 +173,11 @@ def test_swaps_to_new_engine_and_refuses_corrupt_one(served):
     trainer = make_trainer(data_dir)
     client.log_events(stream_events(seed=10))
     assert trainer.run_round().published_version == 2
-    items = reg.engine_dir(2) / ITEMS_FILE
-    data = bytearray(items.read_bytes())
-    data[-1] ^= 0xFF
-    items.write_bytes(bytes(data))
+    with open(reg.engine_dir(2) / ITEMS_FILE, "r+b") as f:  # in place: same size, other bytes
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
     wait_for(lambda: 2 in reg.read_rollout().refused, 30, "engine 2 to be refused")
     assert "sha256" in reg.read_rollout().refused[2]
     assert client.recommend("user-1", k=5).engine_version == 1

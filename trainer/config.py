@@ -34,6 +34,8 @@ class TrainConfig:
     backend: str = "aoti"              # engine backend built after a passing round
     parity_tolerance: float = 1e-4     # engine vs torch reference max abs diff allowed at build
     inductor_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for AOTI builds
+    refit: bool = True                 # same architecture as the parent engine (aoti): publish weights for its
+                                       # compiled graph instead of recompiling (no compile; the server refits)
     ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
 
     def __post_init__(self) -> None:

@@ -198,7 +198,8 @@ class Trainer:
         try:
             manifest = build_engine(self.model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
                                     parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
-                                    ann_queries_QT=queries_QT, progress=lambda m: log.info("%s", m))
+                                    ann_queries_QT=queries_QT, refit=self.cfg.refit,
+                                    progress=lambda m: log.info("%s", m))
         except BuildFailed as e:
             log.error("engine build refused: %s", e)
             return 0

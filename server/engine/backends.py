@@ -43,11 +43,13 @@ Thread safety: loading is independent per runner (no shared mutable state in
 this module; the AOTI loader, ORT sessions and exported modules are each
 private to their runner), so one thread may call a runner while another loads
 a different one. ORT ``InferenceSession.run`` and AOTI's ``boxed_run`` are
-safe to call concurrently; the torch runner runs a GraphModule without state.
+safe to call concurrently; the AOTI runner serialises its calls with a lock (see _AotiRunner); the
+torch runner runs a GraphModule without state.
 """
 
 from __future__ import annotations
 
+import threading
 import zipfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -98,8 +100,12 @@ class UserTowerRunner(Protocol):
     def __call__(self, history_BT: np.ndarray) -> np.ndarray: ...
 
 
-def load_runner(backend: str, path: Path, *, num_threads: int = 1) -> UserTowerRunner:
+def load_runner(backend: str, path: Path, *, num_threads: int = 1, weights: Path | None = None) -> UserTowerRunner:
     """Load the engine at ``path`` for ``backend`` and warm it up.
+
+    ``weights`` (aoti only): a ``torch.save``d ``{constant fqn: tensor}`` loaded into this fresh
+    runner of the compiled graph instead of the packaged weights (refit: no recompile). Every
+    constant must be present, with its compiled shape and dtype.
 
     Raises ``ValueError`` for an unknown backend or bad ``num_threads``,
     ``EngineFileNotFound`` if ``path`` is missing, ``EngineLoadError`` if the
@@ -115,9 +121,13 @@ def load_runner(backend: str, path: Path, *, num_threads: int = 1) -> UserTowerR
     if path.stat().st_size == 0:
         raise EngineLoadError(backend, path, "file is empty")
 
+    if weights is not None and backend != "aoti":
+        raise ValueError(f"weight refit is supported for the aoti backend only, not {backend!r}")
     cls = {"aoti": _AotiRunner, "onnx": _OnnxRunner, "torch": _TorchRunner}[backend]
     try:
         runner = cls(path, num_threads)
+        if weights is not None:
+            runner.load_weights(Path(weights))
     except EngineLoadError:
         raise
     except Exception as err:  # anything the loaders throw on a bad file
@@ -211,11 +221,27 @@ class _AotiRunner:
         # GIL-held Python per call here); our graph takes one tensor and returns one, so call the
         # loader directly.
         self._run = self._model.loader.boxed_run
+        # One call at a time: the container has one model instance, and a second caller would wait
+        # for it inside C++ while holding the GIL, which the first needs to return: a deadlock. A
+        # Python lock waits with the GIL released.
+        self._lock = threading.Lock()
+
+    def load_weights(self, path: Path) -> None:
+        """Refit: replace every packaged constant with the tensors in ``path`` (same fqns, shapes, dtypes)."""
+        if not path.is_file():
+            raise EngineFileNotFound(self.backend, path, "refit weights file missing")
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+        want = set(self._model.get_constant_fqns())
+        if set(weights) != want:
+            missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
+            raise EngineLoadError(self.backend, path, f"refit weights do not match the compiled graph: "
+                                  f"missing {missing[:5]}, unexpected {extra[:5]}")
+        self._model.load_constants(weights, check_full_update=True)
 
     def __call__(self, history_BT: np.ndarray) -> np.ndarray:
         x = _check_input(history_BT, self.history_len, self.max_batch)
         self._threads.ensure()
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             out = self._run([torch.from_numpy(x)])
         return _to_output(_single_output(out))
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from kernels.retrieval import topk_cosine_reference
-from livetower.registry import ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE, USER_TOWER_FILE
+from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+                                USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from server.engine.backends import UserTowerRunner, load_runner
 
@@ -61,11 +62,18 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
-             use_ann: bool = True) -> "Engine":
+             use_ann: bool = True, graph_dir: Path | None = None) -> "Engine":
+        """graph_dir: a refit engine (manifest.graph_version set) runs that version's compiled user
+        tower with this engine's own weights (no recompile)."""
         engine_dir = Path(engine_dir)
         if manifest.backend not in USER_TOWER_FILE:
             raise EngineRejected(f"engine {manifest.version}: unknown backend {manifest.backend!r}")
-        runner = load_runner(manifest.backend, engine_dir / USER_TOWER_FILE[manifest.backend], num_threads=num_threads)
+        if manifest.graph_version and graph_dir is None:
+            raise EngineRejected(f"engine {manifest.version} is a refit of engine {manifest.graph_version}: "
+                                 "its graph directory is needed")
+        tower_file = Path(graph_dir or engine_dir) / USER_TOWER_FILE[manifest.backend]
+        runner = load_runner(manifest.backend, tower_file, num_threads=num_threads,
+                             weights=engine_dir / WEIGHTS_FILE if manifest.graph_version else None)
         item_ids = json.loads((engine_dir / ITEM_IDS_FILE).read_text())
         items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
         pop = json.loads((engine_dir / POPULARITY_FILE).read_text())

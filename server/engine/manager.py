@@ -1,10 +1,16 @@
-"""Keeps the serving engine current: load the promoted engine at start, watch the registry, and swap
-to a newly published engine with no failed request.
+"""Keeps the serving engines current: the stable engine, and a canary in front of a sticky slice of
+users while it is judged. grpc-free.
 
-Swap protocol: verify checksums → load → golden parity check → warm-up, all on a worker thread off
-the request path; then one reference assignment. Requests hold the engine they started with, so
-in-flight work finishes on the old engine, which is freed when its last request ends. An engine
-that fails any step is refused (recorded in rollout.json with the reason) and serving goes on.
+rollout.json (registry) is the source of truth for which versions serve; every server process
+reconciles to it each poll, so servers sharing a registry agree. Operations (start a canary,
+promote, roll back, set the policy) are read-modify-writes of it under the registry's rollout lock.
+In auto mode the leader process canaries each newly published version and promotes or rolls it
+back on the analysis (server/engine/canary.py); in manual mode new versions wait for an operator.
+
+Loading: verify checksums → load (a refit engine runs its graph version's compiled tower with its
+own weights) → golden parity → warm-up, off the request path; then one reference assignment.
+Requests hold the engine they started with, so in-flight work finishes on the old engine, freed
+when its last request ends. An engine that fails any step is refused and recorded with the reason.
 """
 
 from __future__ import annotations
@@ -13,111 +19,359 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from livetower.registry import EngineCorrupt, Registry
-from server.engine.engine import Engine, EngineRejected
+from livetower.rollout import CanaryPolicy, RolloutState
+from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary
+from server.engine.engine import Engine, EngineRejected, RecommendQuery
 
 log = logging.getLogger("livetower.engine")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class EngineManagerConfig:
-    poll_interval_s: float = 1.0   # how often the registry is checked for new versions
+    poll_interval_s: float = 1.0    # how often rollout.json and the registry are checked
+    analysis_interval_s: float = 0.25  # how often a running canary is analysed
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
-    warmup_calls: int = 20         # requests run on a new engine before it takes traffic
-    num_threads: int = 1           # intra-op threads of the user-tower runner
-    use_ann: bool = True           # use an engine's HNSW index when it has one (False: exact top-k)
+    warmup_calls: int = 20          # requests run on a new engine before it takes traffic
+    num_threads: int = 1            # intra-op threads of the user-tower runner
+    use_ann: bool = True            # use an engine's HNSW index when it has one (False: exact top-k)
+    leader: bool = True             # makes the automatic rollout decisions (one process per registry)
+    default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
     def __post_init__(self) -> None:
-        if self.poll_interval_s <= 0:
-            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
-        if not self.parity_tolerance > 0:
-            raise ValueError(f"parity_tolerance must be > 0, got {self.parity_tolerance}")
+        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_calls < 0:
             raise ValueError(f"warmup_calls must be >= 0, got {self.warmup_calls}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
+class RolloutError(Exception):
+    """An operation that cannot be done in the current state; `code` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+EngineLoader = Callable[[Registry, int, EngineManagerConfig], Engine]
+
+
+def load_from_registry(registry: Registry, version: int, config: EngineManagerConfig) -> Engine:
+    manifest = registry.verify(version)
+    graph_dir = None
+    if manifest.graph_version:
+        registry.verify(manifest.graph_version)
+        graph_dir = registry.engine_dir(manifest.graph_version)
+    try:
+        return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,
+                           use_ann=config.use_ann, graph_dir=graph_dir)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise EngineRejected(f"engine {version}: load failed: {e}") from e
+
+
 class EngineManager:
     def __init__(self, registry: Registry, config: EngineManagerConfig,
-                 on_event: Callable[[str, int, float], None] | None = None) -> None:
+                 on_event: Callable[[str, int, float], None] | None = None, *,  # (kind, version, value)
+                 loader: EngineLoader | None = None,  # None: load_from_registry
+                 user_histories: Callable[[], list[list[str]]] = list) -> None:
         self.registry = registry
         self.config = config
-        self.current: Engine | None = None  # read by request handlers; replaced atomically
+        self.stable: Engine | None = None   # read by request handlers; replaced atomically
+        self.canary: Engine | None = None
+        self.canary_fraction = 0.0
+        self.stats: CanaryStats | None = None
+        self.last_verdict: Verdict | None = None
+        self.rollout = RolloutState()       # as last read or written
         self.state = "no_engine"
+        self._shadow: ShadowScorer | None = None
         self._on_event = on_event or (lambda kind, version, seconds: None)
-        self._poll_lock = threading.Lock()  # the watcher and on-demand reloads never load concurrently
+        self._loader = loader
+        self._user_histories = user_histories
+        self._lock = threading.RLock()      # loads and rollout changes of this process, one at a time
 
+    @property
+    def current(self) -> Engine | None:
+        return self.stable
+
+    @property
+    def policy(self) -> CanaryPolicy:
+        return self.rollout.policy or self.config.default_policy
+
+    # ---- request path (event loop; no locks)
+    def route(self, user_id: str) -> tuple[Engine | None, bool]:
+        canary = self.canary
+        if canary is not None and in_canary(user_id, canary.version, self.canary_fraction):
+            return canary, True
+        return self.stable, False
+
+    def observe(self, engine: Engine, is_canary: bool, seconds: float, error: bool,
+                query: RecommendQuery | None = None) -> None:
+        stats, canary = self.stats, self.canary
+        if stats is None or canary is None or (is_canary and engine is not canary):
+            return  # no canary, or a request that started before this canary
+        stats.observe(is_canary, seconds, error)
+        if query is not None:
+            stats.offer(query)
+
+    # ---- loading
     def load_verified(self, version: int) -> Engine:
         """Load `version` and prove it is fit to serve; raise EngineRejected / EngineCorrupt otherwise."""
         t0 = time.perf_counter()
-        manifest = self.registry.verify(version)
-        try:
-            engine = Engine.load(self.registry.engine_dir(version), manifest, num_threads=self.config.num_threads,
-                                 use_ann=self.config.use_ann)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise EngineRejected(f"engine {version}: load failed: {e}") from e
+        engine = (self._loader or load_from_registry)(self.registry, version, self.config)
         diff = engine.golden_max_abs_diff()
         if diff > self.config.parity_tolerance:
             raise EngineRejected(f"engine {version}: golden parity max abs diff {diff:.3g} > "
                                  f"tolerance {self.config.parity_tolerance:g}")
         engine.warm_up(self.config.warmup_calls)
-        log.info("engine %d loaded: backend=%s items=%d parity=%.2g in %.2fs", version, manifest.backend,
-                 manifest.item_count, diff, time.perf_counter() - t0)
-        self._on_event("load", version, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,
+                 "refit" if engine.manifest.graph_version else "full", engine.manifest.backend,
+                 engine.manifest.item_count, diff, seconds)
+        self._on_event("load", version, seconds)
         return engine
 
-    def _try_swap(self, version: int) -> bool:
-        rollout = self.registry.read_rollout()
-        self.state = "loading" if self.current is None else self.state
+    def _load_or_refuse(self, version: int, actor: str) -> Engine | None:
         try:
-            engine = self.load_verified(version)
+            return self.load_verified(version)
         except (EngineRejected, EngineCorrupt) as e:
-            log.error("refusing engine %d: %s; still serving %s", version, e,
-                      self.current.version if self.current else "nothing")
-            rollout.refused[version] = str(e)
-            self.registry.write_rollout(rollout)
+            log.error("refusing engine %d: %s; stable stays %s", version, e, self.stable.version if self.stable else 0)
+
+            def refuse(st: RolloutState) -> None:
+                st.refused[version] = str(e)
+                if st.canary == version:
+                    st.end_canary()
+                st.record("refuse", version, actor, str(e))
+
+            self._mutate(refuse)
             self._on_event("refused", version, 0.0)
-            self.state = "serving" if self.current else "no_engine"
-            return False
-        old = self.current
-        self.current = engine  # the swap: one reference assignment
+            return None
+
+    def _mutate(self, change: Callable[[RolloutState], None]) -> RolloutState:
+        with self._lock, self.registry.rollout_lock():
+            st = self.registry.read_rollout()
+            change(st)
+            self.registry.write_rollout(st)
+            self.rollout = st
+            return st
+
+    # ---- applying rollout state to this process
+    def _set_stable(self, engine: Engine) -> None:
+        old = self.stable
+        self.stable = engine  # the swap: one reference assignment
         self.state = "serving"
-        rollout.stable = version
-        rollout.refused.pop(version, None)
-        self.registry.write_rollout(rollout)
-        self._on_event("swap", version, 0.0)
-        log.info("serving engine %d (was %s)", version, old.version if old else "none")
-        return True
+        self._on_event("swap", engine.version, 0.0)
+        log.info("stable engine %d (was %s)", engine.version, old.version if old else "none")
+
+    def _begin_canary(self, engine: Engine, fraction: float) -> None:
+        self._end_canary()
+        stats = CanaryStats()
+        self.stats, self.canary_fraction = stats, fraction
+        self.canary = engine
+        if self.config.leader and self.stable is not None:
+            self._shadow = ShadowScorer(self.stable, engine, stats, self.policy,
+                                        lambda: self._user_histories()).start()
+        self._on_event("canary", engine.version, fraction)
+        log.info("canary engine %d serves %.1f%% of users", engine.version, 100 * fraction)
+
+    def _end_canary(self) -> None:
+        if self.canary is not None:
+            self._on_event("canary_end", self.canary.version, 0.0)
+        self.canary = None
+        if self._shadow is not None:
+            self._shadow.stop()
+            self._shadow = None
 
     def poll_once(self) -> bool:
-        """One registry check (blocking; run it off the event loop). Returns True if it swapped."""
-        with self._poll_lock:
-            return self._poll_locked()
+        """Reconcile with rollout.json, then (auto mode, leader) canary a newly published version.
+        Blocking; run it off the event loop. Returns True if what this process serves changed."""
+        with self._lock:
+            before = (self.stable, self.canary)
+            st = self.registry.read_rollout()
+            self.rollout = st
+            versions = set(self.registry.versions())
+            if self.stable is None or self.stable.version != st.stable:
+                self._reconcile_stable(st, versions)
+            st = self.rollout
+            if (self.canary.version if self.canary else 0) != st.canary:
+                engine = None
+                if st.canary in versions and st.canary != (self.stable.version if self.stable else 0):
+                    engine = self._load_or_refuse(st.canary, "reconcile")
+                if engine is not None and self.rollout.canary == engine.version:
+                    self._begin_canary(engine, st.canary_fraction)
+                else:
+                    self._end_canary()
+            elif self.canary is not None:
+                self.canary_fraction = st.canary_fraction
+            if self.config.leader and self.policy.mode == "auto" and self.stable and not self.canary:
+                st = self.rollout
+                new = [v for v in versions if v > self.stable.version and v not in st.refused
+                       and v not in st.rolled_back]
+                if new:
+                    try:
+                        self.start_canary(max(new), actor="auto", reason="newly published")
+                    except RolloutError as e:
+                        log.warning("auto canary of engine %d not started: %s", max(new), e)
+            return (self.stable, self.canary) != before
 
-    def _poll_locked(self) -> bool:
-        rollout = self.registry.read_rollout()
-        versions = [v for v in self.registry.versions() if v not in rollout.refused]
-        if self.current is None:
-            # Start-up: what was promoted, else the newest valid.
-            order = ([rollout.stable] if rollout.stable in versions else []) + sorted(versions, reverse=True)
-            for v in dict.fromkeys(order):
-                if self._try_swap(v):
-                    return True
-            return False
-        newer = [v for v in versions if v > self.current.version]
-        return bool(newer) and self._try_swap(max(newer))
+    def _reconcile_stable(self, st: RolloutState, versions: set[int]) -> None:
+        if self.canary is not None and self.canary.version == st.stable:  # promoted elsewhere: no reload
+            self._set_stable(self.canary)
+            self._end_canary()
+            return
+        if st.stable in versions and st.stable not in st.refused:
+            engine = self._load_or_refuse(st.stable, "startup")
+            if engine is not None:
+                self._set_stable(engine)
+                return
+        if self.stable is not None:
+            return  # keep serving what we have; the refusal is recorded
+        self.state = "loading"
+        refused = self.rollout.refused
+        for v in sorted((v for v in versions if v not in refused), reverse=True):  # start-up: newest valid
+            engine = self._load_or_refuse(v, "startup")
+            if engine is not None:
+                self._set_stable(engine)
+
+                def serve(s: RolloutState) -> None:
+                    s.stable = v
+                    s.record("serve", v, "startup", "no valid stable version recorded: serving the newest valid")
+
+                self._mutate(serve)
+                return
+        self.state = "no_engine"
+
+    # ---- operations (blocking; call off the event loop)
+    def start_canary(self, version: int, fraction: float = 0.0, *, actor: str = "operator",
+                     reason: str = "") -> RolloutState:
+        fraction = fraction or self.policy.fraction
+        if not 0 < fraction < 1:
+            raise RolloutError("INVALID_ARGUMENT", f"fraction must be in (0, 1), got {fraction}")
+        with self._lock:
+            if self.stable is None:
+                raise RolloutError("FAILED_PRECONDITION", "no stable engine yet: the first engine serves directly")
+            if self.canary is not None:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {self.canary.version} is in canary; "
+                                                          "promote or roll it back first")
+            if version == self.stable.version:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
+            if version not in self.registry.versions():
+                raise RolloutError("NOT_FOUND", f"engine {version} is not published; see ListEngines")
+            engine = self._load_or_refuse(version, actor)
+            if engine is None:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {version} refused: "
+                                                          f"{self.rollout.refused.get(version, '')}")
+
+            def begin(st: RolloutState) -> None:
+                st.canary, st.canary_fraction, st.canary_started_ms = version, fraction, int(time.time() * 1000)
+                st.record("canary", version, actor, reason or f"{100 * fraction:g}% of users")
+
+            st = self._mutate(begin)
+            self._begin_canary(engine, fraction)
+            return st
+
+    def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
+        with self._lock:
+            canary = self.canary
+            if canary is None or (expect and canary.version != expect):
+                raise RolloutError("FAILED_PRECONDITION", "no canary to promote")
+
+            def promote(st: RolloutState) -> None:
+                st.record("promote", canary.version, actor, reason or "promoted by an operator")
+                st.stable = canary.version
+                st.end_canary()
+
+            st = self._mutate(promote)
+            self._set_stable(canary)
+            self._end_canary()
+            self._on_event("promote", canary.version, 0.0)
+            return st
+
+    def rollback(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
+        """Drop the canary; with none, go back to the stable version before the current one."""
+        with self._lock:
+            canary = self.canary
+            if canary is not None:
+                if expect and canary.version != expect:
+                    raise RolloutError("FAILED_PRECONDITION", f"canary is {canary.version}, not {expect}")
+                why = reason or "rolled back by an operator"
+
+                def drop(st: RolloutState) -> None:
+                    st.record("rollback", canary.version, actor, why)
+                    st.rolled_back[canary.version] = why
+                    st.end_canary()
+
+                st = self._mutate(drop)
+                self._end_canary()
+                self._on_event("rollback", canary.version, 0.0)
+                return st
+            if self.stable is None:
+                raise RolloutError("FAILED_PRECONDITION", "nothing is serving: nothing to roll back")
+            current = self.stable.version
+            previous = next((e.stable_version for e in reversed(self.rollout.history)
+                             if e.action == "promote" and e.version == current and e.stable_version), 0)
+            if not previous:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {current} was not promoted from another "
+                                                          "version: nothing to roll back to")
+            engine = self._load_or_refuse(previous, actor)
+            if engine is None:
+                raise RolloutError("FAILED_PRECONDITION", f"previous stable engine {previous} was refused")
+            why = reason or f"rolled back to {previous} by an operator"
+
+            def back(st: RolloutState) -> None:
+                st.record("rollback", current, actor, why)
+                st.rolled_back[current] = why
+                st.stable = previous
+
+            st = self._mutate(back)
+            self._set_stable(engine)
+            self._on_event("rollback", current, 0.0)
+            return st
+
+    def set_policy(self, policy: CanaryPolicy, *, actor: str = "operator") -> RolloutState:
+        def change(st: RolloutState) -> None:
+            st.policy = policy
+            st.record("policy", 0, actor, f"mode={policy.mode} fraction={policy.fraction} "
+                                          f"min_requests={policy.min_requests}")
+
+        return self._mutate(change)
+
+    # ---- automatic decisions
+    def analyse_once(self) -> Verdict | None:
+        """Analyse the running canary; in auto mode (leader) act on the verdict. Blocking."""
+        canary, stats = self.canary, self.stats
+        if canary is None or stats is None:
+            return None
+        verdict = analyse(stats, self.policy)
+        self.last_verdict = verdict
+        if not (self.config.leader and self.policy.mode == "auto") or verdict.action == "wait":
+            return verdict
+        log.info("auto %s of canary %d: %s", verdict.action, canary.version, verdict.reason)
+        act = self.promote if verdict.action == "promote" else self.rollback
+        try:
+            act(actor="auto", reason=verdict.reason, expect=canary.version)
+        except RolloutError as e:  # an operator acted first
+            log.info("auto %s of %d skipped: %s", verdict.action, canary.version, e)
+        return verdict
 
     async def run(self, stop: asyncio.Event) -> None:
+        next_poll = 0.0
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.poll_once)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.config.poll_interval_s
+                    await asyncio.to_thread(self.poll_once)
+                if self.canary is not None:
+                    await asyncio.to_thread(self.analyse_once)
             except Exception:  # a registry hiccup must never kill the watcher
-                log.exception("engine watcher poll failed; retrying")
+                log.exception("engine watcher failed; retrying")
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.config.poll_interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=self.config.analysis_interval_s)
             except TimeoutError:
                 pass
+        self._end_canary()

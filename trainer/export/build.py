@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_TOWER_FILE, Registry)
+                                USER_TOWER_FILE, WEIGHTS_FILE, Registry)
 from proto import livetower_v1_pb2 as pb
 from server.engine.backends import load_runner
 from trainer.export.ann import AnnOptions, build_hnsw
@@ -75,12 +75,34 @@ def golden_histories(n_items: int, T: int, seed: int = 1234) -> torch.Tensor:
     return out
 
 
+def refit_graph_version(registry: Registry, parent: int, arch_hash: str, backend: str) -> int:
+    """The version whose compiled AOTI graph can run a model of `arch_hash` (0: none, compile)."""
+    if backend != "aoti" or not parent or parent not in registry.versions():
+        return 0
+    m = registry.read_manifest(parent)
+    if m.backend != backend or m.architecture_hash != arch_hash:
+        return 0
+    return int(m.graph_version or m.version)
+
+
+def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
+    """Save the tower's tensors under the compiled graph's constant names; False if some are missing."""
+    fqns = torch._inductor.aoti_load_package(str(graph_file)).get_constant_fqns()
+    tensors = {**dict(tower.named_parameters()), **dict(tower.named_buffers())}
+    if any(f not in tensors for f in fqns):
+        return False
+    torch.save({f: tensors[f].detach().contiguous() for f in fqns}, out)
+    return True
+
+
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
                  ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
-                 progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
+                 refit: bool = True, progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
     """ann + ann_queries_QT (real users' histories, left-padded rows): also build an HNSW index when
-    the catalogue has at least ann.min_items items, tuned on those users' embeddings."""
+    the catalogue has at least ann.min_items items, tuned on those users' embeddings.
+    refit: when the parent engine has the same architecture hash (aoti), publish only the weights for
+    its compiled graph (manifest.graph_version) instead of recompiling."""
     t0 = time.perf_counter()
     n_items = len(vocab_ids)
     if n_items < 1:
@@ -89,13 +111,24 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     tower = UserTowerExport(frozen).eval()
     T = frozen.cfg.max_history
     golden_BT = golden_histories(n_items, T)
+    arch = architecture_hash(frozen, options.backend)
+    graph_version = refit_graph_version(registry, info.parent, arch, options.backend) if refit else 0
     staging = registry.staging_dir()
     try:
-        progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
-        compile_user_tower(tower, golden_BT, staging, options, progress=progress)
+        tower_file, weights = staging / USER_TOWER_FILE[options.backend], None
+        if graph_version:
+            tower_file, weights = registry.engine_dir(graph_version) / USER_TOWER_FILE[options.backend], staging / WEIGHTS_FILE
+            if _write_refit_weights(tower, tower_file, weights):
+                progress(f"refit: weights for the compiled graph of engine {graph_version} (no recompile)")
+            else:
+                progress("refit impossible (graph constants differ from the model's tensors): compiling")
+                tower_file, weights, graph_version = staging / USER_TOWER_FILE[options.backend], None, 0
+        if not graph_version:
+            progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
+            compile_user_tower(tower, golden_BT, staging, options, progress=progress)
         with torch.no_grad():
             want_BD = tower(golden_BT).numpy()
-            runner = load_runner(options.backend, staging / USER_TOWER_FILE[options.backend])
+            runner = load_runner(options.backend, tower_file, weights=weights)
             got_BD = runner(golden_BT.numpy())
             diff = float(np.max(np.abs(got_BD - want_BD)))
             if not diff <= parity_tolerance:
@@ -122,7 +155,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         (staging / POPULARITY_FILE).write_text(json.dumps(
             {"item_ids": [vocab_ids[i] for i in top], "scores": [float(counts[i] / total) for i in top]}))
         manifest = pb.EngineManifest(
-            parent=info.parent, architecture_hash=architecture_hash(frozen, options.backend),
+            parent=info.parent, architecture_hash=arch, graph_version=graph_version,
             backend=options.backend, item_count=n_items, dim=frozen.cfg.out_dim, max_history=T,
             stream_offsets=info.stream_offsets, watermark_ms=info.watermark_ms,
             eval_metrics={**info.eval_metrics, **ann_metrics},
@@ -136,6 +169,6 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress(f"published engine {version} ({options.backend}, parity {diff:.2g}, "
-             f"{manifest.build_seconds:.1f}s)")
+    how = f"{options.backend}, refit of {graph_version}" if graph_version else options.backend
+    progress(f"published engine {version} ({how}, parity {diff:.2g}, {manifest.build_seconds:.1f}s)")
     return manifest

@@ -1,0 +1,109 @@
+"""Rollout state: which engine is stable, which is in canary, the policy that judges canaries, and
+the history of every decision with its reason. Persisted as registry/rollout.json (atomic writes,
+server-owned), so a server restarted mid-canary resumes the same stable and canary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+MODES = ("auto", "manual")
+HISTORY_KEPT = 500  # newest rollout events kept in rollout.json
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class CanaryPolicy:
+    mode: str = "auto"               # "auto": publishes enter a canary, decided automatically; "manual": operator
+    fraction: float = 0.1            # share of users (by user-id hash) the canary serves when the policy starts it
+    min_requests: int = 200          # live requests per arm before live P99 / error rate are judged
+    min_duration_s: float = 5.0      # no promotion before this (an error-rate rollback may come earlier)
+    max_duration_s: float = 30.0     # live sample still short by then: decide on the shadow comparison alone
+    max_p99_ratio: float = 1.5       # canary P99 / stable P99 (live and paired shadow) above this: roll back
+    max_error_rate: float = 0.01     # canary errors / canary requests above this: roll back
+    min_topk_overlap: float = 0.2    # mean chance-corrected top-k overlap with stable (shadow sample) below this: roll back
+    max_score_drift: float = 0.8     # KS distance of canary vs stable top-k scores above this: roll back
+    shadow_samples: int = 100        # paired shadow comparisons needed before a decision
+    shadow_qps: float = 50.0         # rate limit of shadow scoring (each sample runs both engines)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        for name in ("min_requests", "shadow_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_duration_s < 0:
+            raise ValueError(f"min_duration_s must be >= 0, got {self.min_duration_s}")
+        if self.max_duration_s < self.min_duration_s:
+            raise ValueError(f"max_duration_s must be >= min_duration_s ({self.min_duration_s}), "
+                             f"got {self.max_duration_s}")
+        if self.max_p99_ratio < 1:
+            raise ValueError(f"max_p99_ratio must be >= 1, got {self.max_p99_ratio}")
+        for name in ("max_error_rate", "min_topk_overlap", "max_score_drift"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.shadow_qps <= 0:
+            raise ValueError(f"shadow_qps must be > 0, got {self.shadow_qps}")
+
+    @classmethod
+    def from_fields(cls, values: dict) -> "CanaryPolicy":
+        """Build from a partial mapping (a proto or JSON): missing, zero or empty fields take their defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown policy field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in values.items() if v not in (0, 0.0, "", None)})
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class RolloutEvent:
+    time_ms: int
+    action: str          # "serve" | "canary" | "promote" | "rollback" | "refuse" | "policy"
+    version: int
+    stable_version: int  # stable when it happened
+    actor: str           # "operator" | "auto" | "startup"
+    reason: str
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutState:
+    stable: int = 0                                            # version serving everyone else (0: none yet)
+    canary: int = 0                                            # version in canary (0: none)
+    canary_fraction: float = 0.0                               # share of users the canary serves
+    canary_started_ms: int = 0
+    policy: CanaryPolicy | None = None                         # set by SetPolicy; None: the server's configured default
+    refused: dict[int, str] = field(default_factory=dict)      # failed load/parity: never served
+    rolled_back: dict[int, str] = field(default_factory=dict)  # canaries rolled back: auto never retries them
+    history: list[RolloutEvent] = field(default_factory=list)  # newest last, HISTORY_KEPT at most
+
+    def record(self, action: str, version: int, actor: str, reason: str) -> RolloutEvent:
+        ev = RolloutEvent(time_ms=int(time.time() * 1000), action=action, version=version,
+                          stable_version=self.stable, actor=actor, reason=reason)
+        self.history.append(ev)
+        del self.history[:-HISTORY_KEPT]
+        return ev
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "stable": self.stable, "canary": self.canary, "canary_fraction": self.canary_fraction,
+            "canary_started_ms": self.canary_started_ms, "policy": asdict(self.policy) if self.policy else None,
+            "refused": {str(k): v for k, v in self.refused.items()},
+            "rolled_back": {str(k): v for k, v in self.rolled_back.items()},
+            "history": [asdict(e) for e in self.history]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RolloutState":
+        d = json.loads(text)
+        return cls(stable=int(d.get("stable", 0)), canary=int(d.get("canary", 0)),
+                   canary_fraction=float(d.get("canary_fraction", 0.0)),
+                   canary_started_ms=int(d.get("canary_started_ms", 0)),
+                   policy=CanaryPolicy(**d["policy"]) if d.get("policy") else None,
+                   refused={int(k): v for k, v in d.get("refused", {}).items()},
+                   rolled_back={int(k): v for k, v in d.get("rolled_back", {}).items()},
+                   history=[RolloutEvent(**e) for e in d.get("history", [])])
+
+    def end_canary(self) -> None:
+        self.canary, self.canary_fraction, self.canary_started_ms = 0, 0.0, 0

@@ -1,0 +1,210 @@
+"""Canary analysis: the sticky user split, live per-arm statistics, the paired shadow comparison and
+the verdict. grpc-free; the manager owns one CanaryStats per running canary.
+
+Two kinds of evidence:
+- live: latency and errors of real requests on each arm (the canary serves `fraction` of users);
+- shadow: sampled queries (recent live queries, else stored user histories, else random item
+  histories, so a quiet server still gets a sample) run on BOTH engines off the request path, giving
+  paired engine times, top-k overlap and the distance between the two top-k score distributions.
+A raising canary fails fast (early rollback), garbage scores show as low overlap or large drift, a
+slow one as a high latency ratio; a healthy one is promoted once both samples are big enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from livetower.rollout import CanaryPolicy
+from server.engine.engine import Engine, RecommendQuery
+
+LIVE_KEPT = 20_000       # newest live latencies kept per arm
+SCORES_PER_SAMPLE = 10   # top scores of each shadow sample that enter the drift test
+SHADOW_K = 100
+
+
+def in_canary(user_id: str, canary_version: int, fraction: float) -> bool:
+    """Sticky: the same user and canary always give the same answer; salted by version so each
+    canary takes a different slice of users."""
+    if not user_id:
+        return False
+    h = hashlib.blake2b(f"{canary_version}\x00{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") < fraction * 2.0 ** 64
+
+
+def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: max |F_a(x) - F_b(x)|, in [0, 1]."""
+    a_N, b_M = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if not len(a_N) or not len(b_M):
+        return 0.0
+    grid = np.concatenate([a_N, b_M])
+    cdf_a = np.searchsorted(a_N, grid, side="right") / len(a_N)
+    cdf_b = np.searchsorted(b_M, grid, side="right") / len(b_M)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: str                  # "wait" | "promote" | "rollback"
+    reason: str
+    figures: dict[str, float]    # the CanaryAnalysis fields
+
+
+class CanaryStats:
+    """Evidence about one canary. Live fields are written by the event loop, shadow fields by the
+    shadow thread; one lock keeps snapshots consistent."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self.latency_s = {True: deque(maxlen=LIVE_KEPT), False: deque(maxlen=LIVE_KEPT)}  # is_canary -> seconds
+        self.requests = {True: 0, False: 0}
+        self.errors = {True: 0, False: 0}
+        self.queries: deque[RecommendQuery] = deque(maxlen=256)  # recent live queries for the shadow
+        self.overlaps: list[float] = []
+        self.scores = {True: [], False: []}
+        self.engine_s = {True: [], False: []}
+
+    def observe(self, is_canary: bool, seconds: float, error: bool) -> None:
+        with self._lock:
+            self.requests[is_canary] += 1
+            if error:
+                self.errors[is_canary] += 1
+            else:
+                self.latency_s[is_canary].append(seconds)
+
+    def offer(self, query: RecommendQuery) -> None:
+        self.queries.append(query)
+
+    def add_shadow(self, overlap: float, canary_scores: list[float], stable_scores: list[float],
+                   canary_s: float, stable_s: float) -> None:
+        with self._lock:
+            self.overlaps.append(overlap)
+            self.scores[True].extend(canary_scores[:SCORES_PER_SAMPLE])
+            self.scores[False].extend(stable_scores[:SCORES_PER_SAMPLE])
+            self.engine_s[True].append(canary_s)
+            self.engine_s[False].append(stable_s)
+
+    def figures(self) -> dict[str, float]:
+        with self._lock:
+            def p99_ms(arm: bool) -> float:
+                lat = self.latency_s[arm]
+                return float(np.percentile(np.fromiter(lat, float), 99) * 1e3) if lat else 0.0
+
+            c99, s99 = p99_ms(True), p99_ms(False)
+            med_c = float(np.median(self.engine_s[True])) if self.overlaps else 0.0
+            med_s = float(np.median(self.engine_s[False])) if self.overlaps else 0.0
+            return {
+                "elapsed_s": time.monotonic() - self.started,
+                "canary_requests": self.requests[True], "stable_requests": self.requests[False],
+                "canary_errors": self.errors[True], "stable_errors": self.errors[False],
+                "canary_p99_ms": c99, "stable_p99_ms": s99, "p99_ratio": c99 / s99 if s99 > 0 else 0.0,
+                "shadow_samples": len(self.overlaps),
+                "topk_overlap": float(np.mean(self.overlaps)) if self.overlaps else 0.0,
+                "score_drift": ks_distance(self.scores[True], self.scores[False]),
+                "shadow_latency_ratio": med_c / med_s if med_s > 0 else 0.0,
+            }
+
+
+def analyse(stats: CanaryStats, policy: CanaryPolicy) -> Verdict:
+    f = stats.figures()
+    n_c, err_c = f["canary_requests"], f["canary_errors"]
+
+    def verdict(action: str, reason: str) -> Verdict:
+        return Verdict(action, reason, f)
+
+    if err_c >= 3 and err_c / max(n_c, 1) > policy.max_error_rate:
+        return verdict("rollback", f"canary error rate {err_c / max(n_c, 1):.3f} > max_error_rate "
+                                   f"{policy.max_error_rate} ({err_c:.0f} errors in {n_c:.0f} requests)")
+    if f["elapsed_s"] < policy.min_duration_s:
+        return verdict("wait", f"{f['elapsed_s']:.1f}s of min_duration_s {policy.min_duration_s}s")
+    if f["shadow_samples"] < policy.shadow_samples:
+        return verdict("wait", f"shadow sample {f['shadow_samples']:.0f} of {policy.shadow_samples}")
+    if f["topk_overlap"] < policy.min_topk_overlap:
+        return verdict("rollback", f"top-{SHADOW_K} overlap with stable {f['topk_overlap']:.3f} < "
+                                   f"min_topk_overlap {policy.min_topk_overlap}")
+    if f["score_drift"] > policy.max_score_drift:
+        return verdict("rollback", f"score drift (KS) {f['score_drift']:.3f} > max_score_drift {policy.max_score_drift}")
+    if f["shadow_latency_ratio"] > policy.max_p99_ratio:
+        return verdict("rollback", f"paired engine time ratio {f['shadow_latency_ratio']:.2f} > max_p99_ratio "
+                                   f"{policy.max_p99_ratio}")
+    shadow = (f"overlap {f['topk_overlap']:.3f}, drift {f['score_drift']:.3f}, "
+              f"engine time ratio {f['shadow_latency_ratio']:.2f} on {f['shadow_samples']:.0f} shadow samples")
+    n_s = f["stable_requests"]
+    if n_c >= policy.min_requests and n_s >= policy.min_requests:
+        if err_c / n_c > policy.max_error_rate:
+            return verdict("rollback", f"canary error rate {err_c / n_c:.3f} > max_error_rate {policy.max_error_rate}")
+        if f["p99_ratio"] > policy.max_p99_ratio:
+            return verdict("rollback", f"live P99 {f['canary_p99_ms']:.2f} ms vs stable {f['stable_p99_ms']:.2f} ms: "
+                                       f"ratio {f['p99_ratio']:.2f} > max_p99_ratio {policy.max_p99_ratio}")
+        return verdict("promote", f"live P99 ratio {f['p99_ratio']:.2f} and {err_c:.0f} errors on {n_c:.0f}/{n_s:.0f} "
+                                  f"canary/stable requests; {shadow}")
+    if f["elapsed_s"] >= policy.max_duration_s:
+        return verdict("promote", f"on the shadow comparison alone ({shadow}): live sample {n_c:.0f}/{n_s:.0f} "
+                                  f"short of min_requests {policy.min_requests} after {f['elapsed_s']:.0f}s")
+    return verdict("wait", f"live sample {n_c:.0f}/{n_s:.0f} of min_requests {policy.min_requests}")
+
+
+def topk_overlap(a: Sequence[str], b: Sequence[str], n_items: int) -> float:
+    """|a ∩ b| / k, corrected for chance: 0 for two random top-k lists of n_items, 1 for equal sets
+    (a plain overlap of two random top-100s of 300 items would be 0.33)."""
+    k = max(len(a), len(b))
+    chance = k / n_items if n_items else 1.0
+    if not k or chance >= 1:
+        return 1.0
+    return (len(set(a) & set(b)) / k - chance) / (1 - chance)
+
+
+class ShadowScorer:
+    """Runs sampled queries on both engines on its own thread, at most policy.shadow_qps, until stopped."""
+
+    def __init__(self, stable: Engine, canary: Engine, stats: CanaryStats, policy: CanaryPolicy,
+                 fallback_histories: Callable[[], list[list[str]]]) -> None:
+        self.stable, self.canary, self.stats, self.policy = stable, canary, stats, policy
+        self.fallback_histories = fallback_histories
+        self._stop = threading.Event()
+        self._rng = np.random.default_rng(canary.version)
+        self._thread = threading.Thread(target=self._run, name=f"shadow-{canary.version}", daemon=True)
+
+    def start(self) -> "ShadowScorer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _next_query(self, pool: list[list[str]]) -> RecommendQuery:
+        if self.stats.queries:
+            q = self.stats.queries[int(self._rng.integers(len(self.stats.queries)))]
+            return RecommendQuery(q.history, SHADOW_K, q.exclude_seen)
+        if pool:
+            return RecommendQuery(pool[int(self._rng.integers(len(pool)))], SHADOW_K, True)
+        ids = self.stable.item_ids
+        picks = self._rng.integers(len(ids), size=min(10, len(ids)))
+        return RecommendQuery([ids[i] for i in picks], SHADOW_K, True)
+
+    def _run(self) -> None:
+        pool = self.fallback_histories()
+        period = 1.0 / self.policy.shadow_qps
+        while not self._stop.wait(period):
+            q = self._next_query(pool)
+            t0 = time.perf_counter()
+            try:
+                c = self.canary.recommend_batch([q])[0]
+            except Exception:  # noqa: BLE001 - a raising canary is evidence, not a crash
+                self.stats.observe(True, 0.0, error=True)
+                continue
+            t1 = time.perf_counter()
+            s = self.stable.recommend_batch([q])[0]
+            t2 = time.perf_counter()
+            if c.source != "model" or s.source != "model":
+                continue  # popularity answers compare nothing about the models
+            self.stats.add_shadow(topk_overlap(c.item_ids, s.item_ids, len(self.stable.item_ids)), c.scores, s.scores, t1 - t0, t2 - t1)
