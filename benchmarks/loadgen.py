@@ -135,10 +135,14 @@ class LoadConfig:
 
 # ---------------------------------------------------------------- parent side
 
-def run_load(config: LoadConfig, *, log: Callable[[str], None] = print) -> dict:
+def run_load(config: LoadConfig, *, log: Callable[[str], None] = print,
+             windows: Callable[[float], dict[str, list[tuple[int, int]]]] | None = None) -> dict:
     """Run one load test and return the results dict (also written to ``config.out`` when set).
 
-    The dict has ``slo`` = {"p99_ms", "error_budget", "violations", "passed"}.
+    The dict has ``slo`` = {"p99_ms", "error_budget", "violations", "passed"} and ``measured_start_unix``
+    (wall time of second 0 of the measured window). ``windows``: called after the run with
+    measured_start_unix, returns name -> [(first_second, end_second), ...] (by completion time); each
+    gets ``results["windows"][name]`` = latency summary over those seconds, merged.
     """
     if not isinstance(config, LoadConfig):
         raise TypeError(f"config must be a LoadConfig, got {type(config).__name__}")
@@ -190,6 +194,10 @@ def run_load(config: LoadConfig, *, log: Callable[[str], None] = print) -> dict:
     merged = report.merge([exports[i] for i in sorted(exports)])
     results = report.build_results(merged, config=config.to_json(), label=config.label, started_at=started_at,
                                    duration_s=config.duration_s, warmup_s=config.warmup_s)
+    results["measured_start_unix"] = start_value.value + config.warmup_s
+    if windows is not None:
+        results["windows"] = {name: report.seconds_summary(merged, spans)
+                              for name, spans in windows(results["measured_start_unix"]).items()}
     budget = config.effective_error_budget()
     violations = report.slo_violations(results, p99_ms=config.slo_p99_ms, error_budget=budget)
     results["slo"] = {"p99_ms": config.slo_p99_ms, "error_budget": budget, "violations": violations,

@@ -117,6 +117,19 @@ def merge(exports: list[dict]) -> Merged:
     return m
 
 
+def seconds_summary(m: Merged, spans: list[tuple[int, int]]) -> dict:
+    """Latency summary (OK responses) and error count over the seconds [a, b) of each span, merged."""
+    h, errors, secs = new_hist(), 0, set()
+    for a, b in spans:
+        secs.update(range(a, b))
+    for sec in secs:
+        bucket = m.seconds.get(sec)
+        if bucket is not None:
+            h.add(bucket["hist"])
+            errors += bucket["errors"]
+    return {**summary_ms(h), "errors": errors, "seconds": len(secs)}
+
+
 def build_results(m: Merged, *, config: dict, label: str, started_at: str, duration_s: float,
                   warmup_s: float) -> dict:
     """The ``results.json`` document (without ``slo``, which the caller adds)."""

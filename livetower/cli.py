@@ -183,7 +183,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo"}[args.what]
+    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap"}[args.what]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo"),
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap"),
                        help="build: engine backends compared; catalog: a trained catalogue for load tests; "
-                            "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates")
+                            "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
+                            "swap: canary, promote and rollback under load, memory over swap cycles")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p
