@@ -43,16 +43,22 @@ def prepare(src: Path, *, users: int, items: int, events_per_user: int, epochs: 
     log = SqliteEventLog(src / "events.sqlite")
     if log.count() == 0:
         log.append_all(generate(SyntheticConfig(n_users=users, n_items=items, events_per_user=events_per_user)))
-    cfg = TrainConfig(epochs_per_round=epochs, max_round_events=log.count() // 3 + 1,
-                      inductor_cache_dir=src / "inductor-cache")
-    trainer = Trainer(cfg, log, reg, src / "trainer")
+    # Round 1 trains on all but a small tail, so its item table already has the final size; rounds 2
+    # and 3 train on the tail and keep the architecture: they publish refits of engine 1.
+    tail = min(1000, log.count() // 10)
     while len(reg.versions()) < 3:
+        first = not reg.versions()
+        cfg = TrainConfig(epochs_per_round=epochs, max_round_events=log.count() - 2 * tail if first else tail,
+                          inductor_cache_dir=src / "inductor-cache")
+        trainer = Trainer(cfg, log, reg, src / "trainer")
         result = trainer.run_round()
         if result is None:
             raise RuntimeError("the event log ran out before three engines were published")
         if not result.published_version:
             trainer.publish(result.metrics, "skipped")  # the swap benchmark needs the versions, not the gate
-        print(f"prepared engine {reg.latest()}", flush=True)
+        m = reg.read_manifest(reg.latest())
+        print(f"prepared engine {m.version} ({'refit of %d' % m.graph_version if m.graph_version else 'compiled'}, "
+              f"{m.build_seconds:.1f}s)", flush=True)
     return reg.versions()[:3]
 
 
@@ -133,12 +139,14 @@ def spans_around(events: list[tuple[float, str]], start_unix: float, before: int
 
 
 def run_cycles(admin: Client, pid: int, a: int, b: int, cycles: int) -> list[dict]:
+    """Operator canary + promote, alternating engines a and b (served registry's numbers)."""
     out = []
+    stable = admin.rollout().stable_version
     for i in range(1, cycles + 1):
-        v = a if i % 2 else b
+        v = b if stable == a else a
         t = time.perf_counter()
         admin.start_canary(v, 0.5)
-        admin.promote(f"cycle {i}")
+        stable = admin.promote(f"cycle {i}").stable_version
         out.append({"cycle": i, "seconds": time.perf_counter() - t, "rss_mb": rss_mb(pid)})
         if i % 20 == 0 or i == 10:
             print(f"  cycle {i}/{cycles}: RSS {out[-1]['rss_mb']:.1f} MB", flush=True)
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             raise timeline.error
         print(f"cycles: {args.cycles} operator canary+promote cycles …", flush=True)
         admin.set_policy(pb.CanaryPolicy(mode="manual"))
-        cycles = run_cycles(admin, proc.pid, versions[1], versions[2], args.cycles)
+        cycles = run_cycles(admin, proc.pid, 2, 3, args.cycles)  # the served registry's copies of 2 and 3
     finally:
         admin.close()
         stop_server(proc)

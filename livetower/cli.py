@@ -26,7 +26,8 @@ def _server_config(args):
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue)
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads),
+                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
+                                                    leader=not args.rollout_follower),
                         batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port)
 
 
@@ -53,6 +54,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
     p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
+    p.add_argument("--rollout-follower", action="store_true",
+                   help="mirror rollout.json, make no automatic rollout decisions (set by --workers for all "
+                        "but the first process)")
     p.add_argument("--no-ann", action="store_true", help="exact top-k even when the engine has an HNSW index")
 
 
@@ -79,7 +83,8 @@ def _serve_workers(args) -> int:
     procs = []
     for w in range(args.workers):
         metrics = -1 if args.metrics_port < 0 else (0 if args.metrics_port == 0 else args.metrics_port + w)
-        procs.append(subprocess.Popen([sys.executable, "-m", "livetower", *argv, "--reuse-port",
+        follower = ["--rollout-follower"] if w > 0 else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "livetower", *argv, "--reuse-port", *follower,
                                        "--metrics-port", str(metrics)]))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -68,9 +68,10 @@ def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int)
 livetower is up: gRPC on {target}, metrics {metrics}, data in {config.data_dir}
 The trainer sidecar is training the first engine (about a minute); until then Recommend says UNAVAILABLE.
 Try, in another shell:
-  livetower engines status --target {target}
+  livetower engines status --target {target} --admin-token-file {config.admin_token_path}
   livetower query recommend --target {target} --user user-7 --k 5
-  livetower query log --target {target} --user user-7 --item item-42     # then watch a new engine appear
+  livetower query log --target {target} --user user-7 --item item-42     # then watch a new engine appear:
+                                                  # canaried on 10% of users, then promoted or rolled back
   grpcurl -plaintext -d '{{"user_id":"user-7","k":5}}' {target} livetower.v1.Recommender/Recommend
 Ctrl-C stops both.
 """, flush=True)

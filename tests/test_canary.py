@@ -328,3 +328,26 @@ def test_engine_failing_parity_is_refused_and_never_serves(trained_dir):
         assert "golden parity" in ro.refused_reasons[2] and ro.canary_version == 0 and ro.stable_version == 1
         assert ro.history[-1].action == "refuse"
         c.close()
+
+
+def test_cli_engines_commands(trained_dir, capsys):
+    from livetower.cli import main
+
+    with running_server(server_config(trained_dir, policy=MANUAL)) as (server, port):
+        wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
+        assert publish_v2(trained_dir) == 2
+        auth = ["--target", f"127.0.0.1:{port}", "--admin-token", ADMIN_TOKEN]
+        capsys.readouterr()
+        assert main(["engines", "canary", "2", "--fraction", "0.4", *auth]) == 0
+        assert "canary: 2 on 40% of users" in capsys.readouterr().out
+        assert main(["engines", "promote", "--reason", "from the cli", *auth]) == 0
+        out = capsys.readouterr().out
+        assert "stable: 2" in out and "promote  v2" in out and "from the cli" in out
+        assert main(["engines", "policy", "--set", "mode=auto", "--set", "min_requests=7", *auth]) == 0
+        policy = json.loads(capsys.readouterr().out)
+        assert policy["mode"] == "auto" and policy["min_requests"] == 7
+        assert main(["engines", "list", *auth]) == 0
+        assert "serving: 2" in capsys.readouterr().out
+        assert main(["engines", "rollback", "--target", f"127.0.0.1:{port}", "--admin-token", "x" * 20]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert server.manager.stable.version == 2

@@ -95,6 +95,23 @@ def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
     return True
 
 
+def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: torch.Tensor, want_BD: np.ndarray,
+               tolerance: float, graph_version: int, progress: Callable[[str], None]) -> float | None:
+    """Write the refit weights and check them on the compiled graph; the parity diff, or None when
+    the caller must compile (constants that do not map, or parity over tolerance)."""
+    if not _write_refit_weights(tower, graph_file, weights):
+        progress("refit impossible (graph constants differ from the model's tensors): compiling")
+        return None
+    diff = float(np.max(np.abs(load_runner("aoti", graph_file, weights=weights)(golden_BT.numpy()) - want_BD)))
+    if not diff <= tolerance:
+        weights.unlink()
+        progress(f"refit of engine {graph_version}'s graph differs from the torch reference by {diff:.3g} "
+                 f"(tolerance {tolerance:g}): compiling")
+        return None
+    progress(f"refit: weights for the compiled graph of engine {graph_version} (no recompile, parity {diff:.2g})")
+    return diff
+
+
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
                  ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
@@ -115,27 +132,23 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     graph_version = refit_graph_version(registry, info.parent, arch, options.backend) if refit else 0
     staging = registry.staging_dir()
     try:
-        tower_file, weights = staging / USER_TOWER_FILE[options.backend], None
-        if graph_version:
-            tower_file, weights = registry.engine_dir(graph_version) / USER_TOWER_FILE[options.backend], staging / WEIGHTS_FILE
-            if _write_refit_weights(tower, tower_file, weights):
-                progress(f"refit: weights for the compiled graph of engine {graph_version} (no recompile)")
-            else:
-                progress("refit impossible (graph constants differ from the model's tensors): compiling")
-                tower_file, weights, graph_version = staging / USER_TOWER_FILE[options.backend], None, 0
-        if not graph_version:
-            progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
-            compile_user_tower(tower, golden_BT, staging, options, progress=progress)
         with torch.no_grad():
             want_BD = tower(golden_BT).numpy()
-            runner = load_runner(options.backend, tower_file, weights=weights)
-            got_BD = runner(golden_BT.numpy())
+        diff = None
+        if graph_version:
+            diff = _try_refit(tower, registry.engine_dir(graph_version) / USER_TOWER_FILE[options.backend],
+                              staging / WEIGHTS_FILE, golden_BT, want_BD, parity_tolerance, graph_version, progress)
+            graph_version = graph_version if diff is not None else 0
+        if diff is None:
+            progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
+            compile_user_tower(tower, golden_BT, staging, options, progress=progress)
+            got_BD = load_runner(options.backend, staging / USER_TOWER_FILE[options.backend])(golden_BT.numpy())
             diff = float(np.max(np.abs(got_BD - want_BD)))
             if not diff <= parity_tolerance:
                 raise BuildFailed(f"{options.backend} engine differs from the torch reference by {diff:.3g} "
                                   f"(tolerance {parity_tolerance:g}); not publishing")
+        with torch.no_grad():
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
-        del runner
         np.save(staging / ITEMS_FILE, items_ND)
         ann_metrics = {}
         if ann is not None and ann_queries_QT is not None and n_items >= ann.min_items:

@@ -212,7 +212,10 @@ def _write_aoti(
         out = torch._inductor.aoti_compile_and_package(
             ep,
             package_path=str(path),
-            inductor_configs={"aot_inductor.metadata": metadata},
+            # Keep every tensor as a named constant: Inductor would otherwise inline small ones (e.g.
+            # the MoE router's 8-element e_score_correction_bias) into the code, where a weight refit
+            # (load_constants) cannot reach them and the refit engine would silently be wrong.
+            inductor_configs={"aot_inductor.metadata": metadata, "always_keep_tensor_constants": True},
         )
     finally:
         if options.inductor_cache_dir is not None:
