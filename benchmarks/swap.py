@@ -211,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=200, help="canary+promote cycles for the memory check")
     p.add_argument("--policy", default="min_duration_s=3,shadow_samples=100,min_requests=200",
                    help="auto policy fields for the run, FIELD=VALUE,...")
+    p.add_argument("--prepare-only", action="store_true", help="build the source engines and stop")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"preparing engines in {args.source} …", flush=True)
     versions = prepare(args.source, users=args.users, items=args.items, events_per_user=args.events_per_user,
                        epochs=args.epochs)
+    if args.prepare_only:
+        return 0
     src = Registry(args.source / "registry")
     manifests = {v: src.read_manifest(v) for v in versions}
     data = args.out / "data"

@@ -66,7 +66,7 @@ def print_rollout(r) -> None:
         print(f"  live: canary {a.canary_requests} req, {a.canary_errors} err, P99 {a.canary_p99_ms:.2f} ms | "
               f"stable {a.stable_requests} req, P99 {a.stable_p99_ms:.2f} ms | ratio {a.p99_ratio:.2f}")
         print(f"  shadow: {a.shadow_samples} samples, top-k overlap {a.topk_overlap:.3f}, "
-              f"score drift {a.score_drift:.3f}, engine time ratio {a.shadow_latency_ratio:.2f}")
+              f"score drift {a.score_drift:.3f}, engine CPU time ratio {a.shadow_latency_ratio:.2f}")
     if r.pending_versions:
         print(f"pending (published, not tried): {list(r.pending_versions)}")
     for v, why in sorted(r.refused_reasons.items()):

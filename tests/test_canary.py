@@ -68,7 +68,7 @@ def _stats(*, overlap=0.9, drift_shift=0.0, engine_ratio=1.0, canary_lat=0.002, 
     (dict(errors=10, age_s=0.0, shadow=0), "rollback", "error rate"),  # errors roll back before any window
     (dict(overlap=0.05), "rollback", "overlap"),
     (dict(drift_shift=-0.5), "rollback", "score drift"),
-    (dict(engine_ratio=4.0), "rollback", "engine time ratio"),
+    (dict(engine_ratio=4.0), "rollback", "engine CPU time ratio"),
     (dict(canary_lat=0.01), "rollback", "live P99"),
     (dict(age_s=0.0), "wait", "min_duration_s"),
     (dict(shadow=3), "wait", "shadow sample"),
@@ -255,7 +255,9 @@ def _slow(engine):
             return getattr(engine, name)
 
         def recommend_batch(self, queries):
-            time.sleep(0.03)
+            t = time.thread_time()
+            while time.thread_time() - t < 0.02:  # burns CPU like a slow engine would
+                pass
             return engine.recommend_batch(queries)
 
     return Slow()

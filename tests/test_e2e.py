@@ -93,7 +93,10 @@ def test_serve_and_train_processes_swap_under_load(tmp_path):
               f"engine versions seen {dict(sorted(versions.items()))}")
         assert outcomes["ok"] == sum(outcomes.values()) and outcomes["ok"] > 50, outcomes
         assert set(versions) == {1, 2}
-        assert admin.list_engines().serving_version == 2
+        engines = admin.list_engines()
+        assert engines.serving_version == 2
+        v2 = next(m for m in engines.engines if m.version == 2)
+        assert v2.graph_version == 1 and not any(f.path == "user_tower.pt2" for f in v2.files)  # a refit
         history = [(e.action, e.version, e.actor) for e in admin.rollout().history]
         assert history[-2:] == [("canary", 2, "auto"), ("promote", 2, "auto")], history
         client.close()
