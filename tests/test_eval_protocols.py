@@ -157,3 +157,14 @@ def test_run_eval_end_to_end_tiny(loss):
         for split in ("val", "test"):
             assert 0 <= r[who][split]["sasrec_hr@10"] <= 1 and "full_ndcg@20" in r[who][split]
     assert r["train"]["epochs_run"] == 2 and len(r["train"]["val_curve"]) == 2
+
+
+def test_incremental_rounds_score_on_the_same_sets():
+    from trainer.incremental import compare_incremental
+
+    data = toy(n_users=60)
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", epochs_per_round=1, min_eval_users=1))
+    r = compare_incremental(data, ["sasrec", "full"], cfg, chunk_events=100, n_negatives=10, progress=lambda m: None)
+    n_train = sum(len(s) for s in leave_one_out(data).train)
+    assert r["train"]["events"] == n_train and r["train"]["rounds"] == -(-n_train // 100)
+    assert 0 <= r["test"]["sasrec_hr@10"] <= 1 and "full_recall@20" in r["val"]

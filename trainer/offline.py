@@ -90,8 +90,15 @@ def run_eval(data: SequenceData, protocols: list[str], cfg: OfflineTrainConfig, 
     counts = popularity_counts(split.train, split.n_items)
     res_pop = {name: _flat(evaluate_popularity_on(counts, ev, negatives_BK=neg, ks=ks), protocols)
                for name, ev, neg in (("val", split.val, val_neg), ("test", split.test, test_neg))}
+    alt = None
+    if sampled:  # the same test users with negatives drawn under the other exclusion rule, for comparison
+        other = "train" if neg_exclude == "sequence" else "sequence"
+        neg = negatives_for(data, split.test, split, n=n_negatives, exclude=other, seed=TEST_NEG_SEED + 10)
+        alt = {"exclude": other,
+               "model": _flat(evaluate_model_on(model, split.test, split.n_items, negatives_BK=neg, ks=ks), ["sasrec"]),
+               "popularity": _flat(evaluate_popularity_on(counts, split.test, negatives_BK=neg, ks=ks), ["sasrec"])}
     return {
-        "dataset": data.summary(), "protocols": protocols, "split": split.notes,
+        "dataset": data.summary(), "protocols": protocols, "split": split.notes, "test_other_negatives": alt,
         "negatives": {"n": n_negatives, "exclude": neg_exclude} if sampled else None,
         "validation_metric": f"{primary} ndcg@10 on {len(val_small)} validation users",
         "config": cfg.to_dict(), "train": log, "eval_seconds": round(time.perf_counter() - t1, 1),
@@ -107,6 +114,11 @@ def format_table(result: dict) -> str:
         for who in ("model", "popularity"):
             row = result[who][split]
             lines.append(f"{split + ' ' + who:14}" + "".join(f"{row[c]:>18.4f}" for c in cols))
+    if alt := result.get("test_other_negatives"):
+        lines.append(f"test, negatives excluding the user's {alt['exclude']} items only: model "
+                     f"HR@10 {alt['model']['sasrec_hr@10']:.4f} NDCG@10 {alt['model']['sasrec_ndcg@10']:.4f}, "
+                     f"popularity HR@10 {alt['popularity']['sasrec_hr@10']:.4f} "
+                     f"NDCG@10 {alt['popularity']['sasrec_ndcg@10']:.4f}")
     t = result["train"]
     lines.append(f"train {t['train_seconds']:.0f} s, {t['epochs_run']} epochs run, best validation epoch "
                  f"{t['best_epoch']}")
