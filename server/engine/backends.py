@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from livetower.registry import META_HISTORY_LEN, META_MAX_BATCH
+from server.engine.aoti_graphs import GRAPHS
 
 __all__ = [
     "BACKENDS",
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 BACKENDS = ("aoti", "onnx", "torch")
+LIFTED_CONSTANT_PREFIX = "_tensor_constant"  # torch.export's name for literal tensors created in forward()
 
 # Keys of the metadata the build side embeds (must match
 # trainer/export/compile.py, which we may not import here).
@@ -207,8 +209,9 @@ class _AotiRunner:
             if bad is not None:
                 raise EngineLoadError(self.backend, path, f"corrupt member {bad!r} in package")
         self._threads = _TorchThreads(num_threads)
-        self._model = torch._inductor.aoti_load_package(str(path))
-        meta = self._model.get_metadata()
+        # A runner of the package's compiled graph, opened once per process (see aoti_graphs.py:
+        # loading the package per engine leaked one .so mapping per load).
+        self._runner, meta = GRAPHS.runner(path)
         if META_HISTORY_LEN not in meta:
             # Without T we cannot validate inputs, and AOTI does not: a wrong
             # shape would read out of bounds instead of raising.
@@ -217,26 +220,30 @@ class _AotiRunner:
             )
         self.history_len = int(meta[META_HISTORY_LEN])
         self.max_batch = int(meta[META_MAX_BATCH]) if META_MAX_BATCH in meta else None
-        # AOTICompiledModel.__call__ re-parses its pytree specs from JSON on every call (~0.08 ms of
-        # GIL-held Python per call here); our graph takes one tensor and returns one, so call the
-        # loader directly.
-        self._run = self._model.loader.boxed_run
+        # The container runner directly: AOTICompiledModel.__call__ re-parses its pytree specs from
+        # JSON on every call (~0.08 ms of GIL-held Python); our graph takes one tensor, returns one.
+        self._run = self._runner.run
         # One call at a time: the container has one model instance, and a second caller would wait
         # for it inside C++ while holding the GIL, which the first needs to return: a deadlock. A
         # Python lock waits with the GIL released.
         self._lock = threading.Lock()
 
     def load_weights(self, path: Path) -> None:
-        """Refit: replace every packaged constant with the tensors in ``path`` (same fqns, shapes, dtypes)."""
+        """Refit: replace every constant of this runner with the tensors in ``path`` (by original fqn)."""
         if not path.is_file():
             raise EngineFileNotFound(self.backend, path, "refit weights file missing")
         weights = torch.load(path, map_location="cpu", weights_only=True)
-        want = set(self._model.get_constant_fqns())
-        if set(weights) != want:
-            missing, extra = sorted(want - set(weights)), sorted(set(weights) - want)
+        name_to_fqn = self._runner.get_constant_names_to_original_fqns()
+        # Literal tensors the model code creates (lifted as _tensor_constantN) are the same for every
+        # model of this architecture: they keep the compiled graph's values. Everything else must be given.
+        want = {f for f in name_to_fqn.values() if not f.startswith(LIFTED_CONSTANT_PREFIX)}
+        if not want <= set(weights) <= set(name_to_fqn.values()):
+            missing, extra = sorted(want - set(weights)), sorted(set(weights) - set(name_to_fqn.values()))
             raise EngineLoadError(self.backend, path, f"refit weights do not match the compiled graph: "
                                   f"missing {missing[:5]}, unexpected {extra[:5]}")
-        self._model.load_constants(weights, check_full_update=True)
+        # use_inactive=False: this runner serves nothing yet. Constants not in the map keep their values.
+        self._runner.update_constant_buffer({n: weights[f] for n, f in name_to_fqn.items() if f in weights},
+                                            False, False)
 
     def __call__(self, history_BT: np.ndarray) -> np.ndarray:
         x = _check_input(history_BT, self.history_len, self.max_batch)

@@ -92,24 +92,26 @@ class CanaryStats:
             self.engine_s[False].append(stable_s)
 
     def figures(self) -> dict[str, float]:
+        # Copy under the lock, compute outside it: observe() runs on the event loop and must not wait.
         with self._lock:
-            def p99_ms(arm: bool) -> float:
-                lat = self.latency_s[arm]
-                return float(np.percentile(np.fromiter(lat, float), 99) * 1e3) if lat else 0.0
-
-            c99, s99 = p99_ms(True), p99_ms(False)
-            med_c = float(np.median(self.engine_s[True])) if self.overlaps else 0.0
-            med_s = float(np.median(self.engine_s[False])) if self.overlaps else 0.0
-            return {
-                "elapsed_s": time.monotonic() - self.started,
-                "canary_requests": self.requests[True], "stable_requests": self.requests[False],
-                "canary_errors": self.errors[True], "stable_errors": self.errors[False],
-                "canary_p99_ms": c99, "stable_p99_ms": s99, "p99_ratio": c99 / s99 if s99 > 0 else 0.0,
-                "shadow_samples": len(self.overlaps),
-                "topk_overlap": float(np.mean(self.overlaps)) if self.overlaps else 0.0,
-                "score_drift": ks_distance(self.scores[True], self.scores[False]),
-                "shadow_latency_ratio": med_c / med_s if med_s > 0 else 0.0,  # CPU time, paired
-            }
+            lat = {arm: np.fromiter(self.latency_s[arm], float, len(self.latency_s[arm])) for arm in (True, False)}
+            requests, errors = dict(self.requests), dict(self.errors)
+            overlaps = list(self.overlaps)
+            scores = {arm: list(self.scores[arm]) for arm in (True, False)}
+            engine_s = {arm: list(self.engine_s[arm]) for arm in (True, False)}
+        c99, s99 = (float(np.percentile(lat[arm], 99) * 1e3) if len(lat[arm]) else 0.0 for arm in (True, False))
+        med_c = float(np.median(engine_s[True])) if overlaps else 0.0
+        med_s = float(np.median(engine_s[False])) if overlaps else 0.0
+        return {
+            "elapsed_s": time.monotonic() - self.started,
+            "canary_requests": requests[True], "stable_requests": requests[False],
+            "canary_errors": errors[True], "stable_errors": errors[False],
+            "canary_p99_ms": c99, "stable_p99_ms": s99, "p99_ratio": c99 / s99 if s99 > 0 else 0.0,
+            "shadow_samples": len(overlaps),
+            "topk_overlap": float(np.mean(overlaps)) if overlaps else 0.0,
+            "score_drift": ks_distance(scores[True], scores[False]),
+            "shadow_latency_ratio": med_c / med_s if med_s > 0 else 0.0,  # CPU time, paired
+        }
 
 
 def analyse(stats: CanaryStats, policy: CanaryPolicy) -> Verdict:

@@ -24,7 +24,8 @@ from torch import nn
 from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE, Registry)
 from proto import livetower_v1_pb2 as pb
-from server.engine.backends import load_runner
+from server.engine.aoti_graphs import GRAPHS
+from server.engine.backends import LIFTED_CONSTANT_PREFIX, load_runner
 from trainer.export.ann import AnnOptions, build_hnsw
 from trainer.export.compile import CompileOptions, compile_user_tower
 from trainer.model import TwoTower
@@ -87,7 +88,9 @@ def refit_graph_version(registry: Registry, parent: int, arch_hash: str, backend
 
 def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
     """Save the tower's tensors under the compiled graph's constant names; False if some are missing."""
-    fqns = torch._inductor.aoti_load_package(str(graph_file)).get_constant_fqns()
+    runner, _ = GRAPHS.runner(graph_file)
+    fqns = [f for f in runner.get_constant_names_to_original_fqns().values()
+            if not f.startswith(LIFTED_CONSTANT_PREFIX)]  # literals: the graph keeps its own
     tensors = {**dict(tower.named_parameters()), **dict(tower.named_buffers())}
     if any(f not in tensors for f in fqns):
         return False
