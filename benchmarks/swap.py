@@ -153,16 +153,24 @@ def run_cycles(admin: Client, pid: int, a: int, b: int, cycles: int) -> list[dic
     return out
 
 
-def load_times(reg: Registry, full: int, refit: int, repeats: int = 5) -> dict:
+def load_times(src: Registry, full: int, refit: int, scratch: Path, repeats: int = 5) -> dict:
+    """Server-side load (verify, load, parity, warm-up) of a newly compiled engine vs a refit one,
+    each published afresh into a scratch registry so no compiled graph is reused by accident; the
+    refit's graph (a copy of `full` as version 1) is already open, as it is in a server serving it."""
     from server.engine.manager import EngineManager, EngineManagerConfig
 
+    shutil.rmtree(scratch, ignore_errors=True)
+    reg = Registry(scratch)
     mgr = EngineManager(reg, EngineManagerConfig())
+    mgr.load_verified(copy_in(src, full, reg))  # version 1: the graph the refits run
     times = {"full": [], "refit": []}
     for _ in range(repeats):
         for name, v in (("full", full), ("refit", refit)):
+            version = copy_in(src, v, reg)
             t = time.perf_counter()
-            mgr.load_verified(v)
+            mgr.load_verified(version)
             times[name].append(time.perf_counter() - t)
+    shutil.rmtree(scratch, ignore_errors=True)
     return {f"{k}_load_s_median": statistics.median(v) for k, v in times.items()} | {"samples": times}
 
 
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "cycle_seconds_median": statistics.median(c["seconds"] for c in cycles) if cycles else None,
         "build_seconds": {"full_compile": manifests[versions[0]].build_seconds,
                           "refit": [manifests[v].build_seconds for v in versions[1:]]},
-        "load_times": load_times(src, versions[0], versions[1]),
+        "load_times": load_times(src, versions[0], versions[1], args.out / "scratch"),
         "cycles": cycles,
         "load": load,
     }
