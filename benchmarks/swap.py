@@ -138,6 +138,18 @@ def spans_around(events: list[tuple[float, str]], start_unix: float, before: int
     return [(int(t - start_unix) - before, int(t - start_unix) + after) for t, _ in events]
 
 
+def canary_phases(events: list[tuple[float, str]], start_unix: float) -> list[tuple[int, int]]:
+    """Seconds from each canary start to its promote/rollback (the shadow comparison runs then)."""
+    spans, opened = [], None
+    for t, label in events:
+        if label.startswith("canary"):
+            opened = int(t - start_unix)
+        elif opened is not None and label.split()[0] in ("promote", "rollback"):
+            spans.append((opened, int(t - start_unix) + 1))
+            opened = None
+    return spans
+
+
 def run_cycles(admin: Client, pid: int, a: int, b: int, cycles: int) -> list[dict]:
     """Operator canary + promote, alternating engines a and b (served registry's numbers)."""
     out = []
@@ -254,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         th.start()
         box["load"] = run_load(cfg, log=print, windows=lambda start: {
             "swap": spans_around(timeline.events, start),
-            "steady": _complement(spans_around(timeline.events, start), int(duration))})
+            "steady": _complement(spans_around(timeline.events, start), int(duration)),
+            "before_first_event": [(0, int(timeline.events[0][0] - start) - 1)] if timeline.events else [],
+            "canary_phases": canary_phases(timeline.events, start)})
         th.join(60)
         if timeline.error is not None:
             raise timeline.error
@@ -272,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "figures": timeline.figures,
         "requests": load["requests"], "errors": load["errors"],
         "p99_ms": {"steady": w["steady"]["p99"], "swap_windows": w["swap"]["p99"],
-                   "ratio": w["swap"]["p99"] / w["steady"]["p99"] if w["steady"]["p99"] else None},
+                   "ratio": w["swap"]["p99"] / w["steady"]["p99"] if w["steady"]["p99"] else None,
+                   "before_first_event": w["before_first_event"]["p99"], "canary_phases": w["canary_phases"]["p99"]},
         "windows": w,
         "rss_mb": {"after_10": cycles[9]["rss_mb"] if len(cycles) >= 10 else None,
                    "after_last": cycles[-1]["rss_mb"] if cycles else None, "cycles": len(cycles)},

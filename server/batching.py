@@ -106,24 +106,29 @@ class MicroBatcher:
         return await self._admit(_Job(engine=engine, deadline=deadline, future=fut, call=call))
 
     def _take(self) -> list[_Job]:
-        """Pop the next job, plus queued Recommend jobs on the same engine (up to max_batch)."""
+        """Pop the next job, plus queued Recommend jobs on the same engine (up to max_batch). Jobs on
+        another engine (a canary's users) are passed over, not a batch boundary, so a canary does not
+        shrink every batch."""
         now = time.monotonic()
         batch: list[_Job] = []
+        passed: list[_Job] = []
         while self._queue and len(batch) < self.config.max_batch:
-            job = self._queue[0]
+            job = self._queue.popleft()
             if job.future.done():  # cancelled by the client
-                self._queue.popleft()
                 continue
             if job.deadline is not None and job.deadline < now:
-                self._queue.popleft()
                 self.expired += 1
                 job.future.set_exception(DeadlineExpired("deadline passed while queued"))
                 continue
-            if batch and (job.call is not None or batch[0].call is not None or job.engine is not batch[0].engine):
-                break
-            batch.append(self._queue.popleft())
-            if job.call is not None:
-                break
+            if not batch:
+                batch.append(job)
+                if job.call is not None:
+                    break
+            elif job.call is None and job.engine is batch[0].engine:
+                batch.append(job)
+            else:
+                passed.append(job)
+        self._queue.extendleft(reversed(passed))  # back at the front, in their order
         return batch
 
     @staticmethod

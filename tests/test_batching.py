@@ -119,6 +119,9 @@ def test_batches_never_mix_engines():
 
     old, new = run(main())
     assert sum(old.batches) == 5 and sum(new.batches) == 4
+    # Interleaved engines (a canary's users among stable's) still form full batches per engine:
+    # the queued 8 run as one batch on each engine, not as 8 batches of 1.
+    assert old.batches == [1, 4] and new.batches == [4]
 
 
 def test_config_validation_names_field():

@@ -24,8 +24,9 @@ import numpy as np
 from livetower.rollout import CanaryPolicy
 from server.engine.engine import Engine, RecommendQuery
 
-LIVE_KEPT = 20_000       # newest live latencies kept per arm
+LIVE_KEPT = 5_000        # newest live latencies kept per arm (P99 over these; bounded analysis cost)
 SCORES_PER_SAMPLE = 10   # top scores of each shadow sample that enter the drift test
+SCORES_KEPT = 2_000      # newest such scores per arm (bounds the KS test's cost)
 SHADOW_K = 100
 
 
@@ -68,7 +69,7 @@ class CanaryStats:
         self.errors = {True: 0, False: 0}
         self.queries: deque[RecommendQuery] = deque(maxlen=256)  # recent live queries for the shadow
         self.overlaps: list[float] = []
-        self.scores = {True: [], False: []}
+        self.scores = {True: deque(maxlen=SCORES_KEPT), False: deque(maxlen=SCORES_KEPT)}
         self.engine_s = {True: [], False: []}
 
     def observe(self, is_canary: bool, seconds: float, error: bool) -> None:

@@ -33,7 +33,7 @@ log = logging.getLogger("livetower.engine")
 @dataclass(kw_only=True, frozen=True, slots=True)
 class EngineManagerConfig:
     poll_interval_s: float = 1.0    # how often rollout.json and the registry are checked
-    analysis_interval_s: float = 0.25  # how often a running canary is analysed
+    analysis_interval_s: float = 0.5   # how often a running canary is analysed (about 1 ms of GIL each)
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
     num_threads: int = 1            # intra-op threads of the user-tower runner
