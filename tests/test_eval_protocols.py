@@ -66,10 +66,14 @@ def test_time_split_respects_the_cuts():
     assert t_val <= t_test and len(s.test) > 0 and len(s.val) > 0
     for u, tr in enumerate(s.train):
         assert (data.times[u][:len(tr)] < t_val).all() and len(tr) == (data.times[u] < t_val).sum()
-    for j, u in enumerate(s.test.users):
+    for j, u in enumerate(s.test.users):  # every event from t_test on, with all earlier events as history
         n = len(s.test.histories[j])
-        assert (data.times[u][:n] < t_test).all() and data.times[u][n] >= t_test
-        assert s.test.targets[j] == data.items[u][n]
+        assert data.times[u][n] >= t_test and s.test.targets[j] == data.items[u][n] and n >= 1
+        assert s.test.histories[j].tolist() == data.items[u][:n].tolist()
+    for j, u in enumerate(s.val.users):
+        n = len(s.val.histories[j])
+        assert t_val <= data.times[u][n] < t_test and s.val.targets[j] not in s.train[u]
+    assert len(s.test) == sum(int((ts >= t_test).sum() - (ts[0] >= t_test)) for ts in data.times)
     with pytest.raises(ValueError, match="timestamps"):
         time_split(SequenceData(name="nt", items=data.items, n_items=data.n_items))
 
@@ -168,3 +172,11 @@ def test_incremental_rounds_score_on_the_same_sets():
     n_train = sum(len(s) for s in leave_one_out(data).train)
     assert r["train"]["events"] == n_train and r["train"]["rounds"] == -(-n_train // 100)
     assert 0 <= r["test"]["sasrec_hr@10"] <= 1 and "full_recall@20" in r["val"]
+
+
+def test_run_eval_rejects_unknown_or_mixed_protocols():
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32"), epochs=1)
+    with pytest.raises(ValueError, match="protocols"):
+        run_eval(toy(), ["full", "hr"], cfg, progress=lambda m: None)
+    with pytest.raises(ValueError, match="time"):
+        run_eval(toy(), ["time", "full"], cfg, progress=lambda m: None)
