@@ -206,8 +206,6 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
 
 def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
     st, v, policy = manager.rollout, manager.last_verdict, manager.policy
-    pending = [x for x in manager.registry.versions() if x > st.stable and x != st.canary
-               and x not in st.refused and x not in st.rolled_back]
     return pb.GetRolloutResponse(
         stable_version=manager.stable.version if manager.stable else 0,
         canary_version=manager.canary.version if manager.canary else 0, state=manager.state,
@@ -215,4 +213,5 @@ def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
         policy=pb.CanaryPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}),
         analysis=pb.CanaryAnalysis(verdict=v.action, reason=v.reason, **v.figures) if v else None,
         history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
-        rolled_back=st.rolled_back, pending_versions=pending, canary_started_ms=st.canary_started_ms)
+        rolled_back=st.rolled_back, pending_versions=manager.pending_versions(),
+        canary_started_ms=st.canary_started_ms)

@@ -209,15 +209,20 @@ class EngineManager:
             elif self.canary is not None:
                 self.canary_fraction = st.canary_fraction
             if self.config.leader and self.policy.mode == "auto" and self.stable and not self.canary:
-                st = self.rollout
-                new = [v for v in versions if v > self.stable.version and v not in st.refused
-                       and v not in st.rolled_back]
+                new = self.pending_versions(versions)
                 if new:
                     try:
                         self.start_canary(max(new), actor="auto", reason="newly published")
                     except RolloutError as e:
                         log.warning("auto canary of engine %d not started: %s", max(new), e)
             return (self.stable, self.canary) != before
+
+    def pending_versions(self, versions: set[int] | None = None) -> list[int]:
+        """Published versions newer than stable, not in canary, never refused or rolled back (ascending)."""
+        st, stable = self.rollout, self.stable.version if self.stable else 0
+        versions = self.registry.versions() if versions is None else versions
+        return sorted(v for v in versions if v > stable and v != st.canary
+                      and v not in st.refused and v not in st.rolled_back)
 
     def _reconcile_stable(self, st: RolloutState, versions: set[int]) -> None:
         if self.canary is not None and self.canary.version == st.stable:  # promoted elsewhere: no reload
