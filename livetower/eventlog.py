@@ -1,5 +1,10 @@
 """The event log: an append-only, offset-addressed stream of accepted events plus a dead-letter table.
 
+Two roles, two protocols: the server appends (`EventLog`), the trainer reads (`EventSource`).
+Positions are a dict {position key: next offset to read}, one key per partition ("sqlite" for the
+embedded log, "kafka:<topic>:<partition>" for Kafka); a key that is absent means "from the start".
+The trainer keeps these dicts in its checkpoint: they are the truth for resume.
+
 `SqliteEventLog` is the embedded default (one file under the data directory, WAL mode so the
 server appends while the trainer reads from another process). Offsets are SQLite rowids: dense,
 increasing, starting at 1. Appends commit with synchronous=FULL, so an event the server reported
@@ -12,7 +17,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from proto import livetower_v1_pb2 as pb
 
@@ -29,11 +34,24 @@ class StoredEvent(NamedTuple):
     timestamp_ms: int
 
 
+class EventBatch(NamedTuple):
+    events: list[StoredEvent]      # valid events, in offset order within each partition
+    next_offsets: dict[str, int]   # the input positions advanced past everything read (dead letters too)
+    dead_lettered: int = 0         # malformed records read, sent to the dead-letter topic/table, skipped
+
+
 class EventLog(Protocol):
+    """The server's side: append accepted events, dead-letter rejected ones."""
     def append(self, events: Sequence[pb.Event]) -> int: ...
     def dead_letter(self, payload: bytes, reason: str) -> None: ...
-    def read(self, start_offset: int, limit: int) -> list[StoredEvent]: ...
-    def end_offset(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class EventSource(Protocol):
+    """The trainer's side: read onwards from checkpointed positions."""
+    def read_batch(self, offsets: Mapping[str, int], limit: int) -> EventBatch: ...
+    def lag(self, offsets: Mapping[str, int]) -> dict[str, int]: ...       # unread events per position key
+    def commit(self, offsets: Mapping[str, int]) -> None: ...              # after a checkpoint; monitoring only
     def close(self) -> None: ...
 
 
@@ -121,6 +139,17 @@ class SqliteEventLog:
                 "SELECT offset, event_id, user_id, item_id, action, weight, timestamp_ms FROM events"
                 " WHERE offset >= ? ORDER BY offset LIMIT ?", (start_offset, limit)).fetchall()
         return [StoredEvent(*r) for r in rows]
+
+    def read_batch(self, offsets: Mapping[str, int], limit: int) -> EventBatch:
+        start = offsets.get(SOURCE_KEY, 1)
+        events = self.read(start, limit)
+        return EventBatch(events, {**offsets, SOURCE_KEY: events[-1].offset + 1 if events else start})
+
+    def lag(self, offsets: Mapping[str, int]) -> dict[str, int]:
+        return {SOURCE_KEY: max(0, self.end_offset() - offsets.get(SOURCE_KEY, 1))}
+
+    def commit(self, offsets: Mapping[str, int]) -> None:
+        """Nothing to do: the checkpoint's positions are the only record of progress here."""
 
     def latest(self, limit: int) -> list[StoredEvent]:
         """The newest `limit` events, oldest first (to warm per-user histories at start-up)."""

@@ -10,6 +10,7 @@ so every event is trained at least once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetower.eventlog import SOURCE_KEY, SqliteEventLog
+from livetower.eventlog import SOURCE_KEY, EventSource
 from livetower.registry import Registry
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -53,9 +54,14 @@ def left_pad(rows: list[int], T: int) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, event_log: SqliteEventLog, registry: Registry, checkpoint_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
+                 ledger_path: Path | None = None) -> None:
+        """ledger_path: when set, every round appends "<round>\t<event_id>" lines for the events it trained,
+        fsynced before the round's checkpoint (lines of rounds beyond the checkpoint's are from rounds a
+        crash cut short). For audits such as the kill -9 campaign; off by default."""
         self.cfg = cfg
         self.event_log = event_log
+        self.ledger_path = ledger_path
         self.registry = registry
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +76,7 @@ class Trainer:
             self.opt = make_optimizer(self.model, cfg)
             self.state = TrainerState(model_config=model_cfg.to_dict(), model={}, optimizer={}, vocab=[],
                                       item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs={},
-                                      offsets={SOURCE_KEY: 1})
+                                      offsets={})
             log.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         else:
             model_cfg = ModelConfig.from_dict(state.model_config)
@@ -82,17 +88,22 @@ class Trainer:
             self.opt = make_optimizer(self.model, cfg)
             self.opt.load_state_dict(state.optimizer)
             self.state = state
-            log.info("resumed from checkpoint: round %d, %d events trained, next offset %d, %d items",
-                     state.step, state.trained_events, state.offsets[SOURCE_KEY], len(self.vocab))
+            log.info("resumed from checkpoint: round %d, %d events trained, positions %s, %d items",
+                     state.step, state.trained_events, state.offsets, len(self.vocab))
         self.model.eval()
         self.generator = torch.Generator().manual_seed(cfg.seed + self.state.step)
 
     @property
     def next_offset(self) -> int:
-        return self.state.offsets[SOURCE_KEY]
+        """The embedded log's next offset (tests and the SQLite path)."""
+        return self.state.offsets.get(SOURCE_KEY, 1)
+
+    def lag(self) -> dict[str, int]:
+        """Unread events per position key (partition)."""
+        return self.event_log.lag(self.state.offsets)
 
     def backlog(self) -> int:
-        return self.event_log.end_offset() - self.next_offset
+        return sum(self.lag().values())
 
     def _item_prob(self) -> torch.Tensor:
         c = torch.from_numpy(self.state.item_counts.astype(np.float64))
@@ -103,8 +114,12 @@ class Trainer:
 
     def run_round(self) -> RoundResult | None:
         cfg, T, st = self.cfg, self.model.cfg.max_history, self.state
-        events = self.event_log.read(self.next_offset, cfg.max_round_events)
+        batch = self.event_log.read_batch(self.state.offsets, cfg.max_round_events)
+        events = batch.events
         if not events:
+            if batch.next_offsets != st.offsets:  # only dead letters were read: remember we are past them
+                st.offsets = batch.next_offsets
+                self._checkpoint()
             return None
         t0 = time.perf_counter()
         new_by_user: dict[str, list[int]] = defaultdict(list)
@@ -164,17 +179,26 @@ class Trainer:
 
         for u, seq in seqs.items():
             st.user_seqs[u] = seq[-T:]
-        st.offsets = {SOURCE_KEY: events[-1].offset + 1}
+        st.offsets = batch.next_offsets
         st.trained_events += len(events)
         st.watermark_ms = max(st.watermark_ms, max(ev.timestamp_ms for ev in events))
         st.step += 1
         st.history.append({"round": st.step, "events": len(events), "gate": gate, **metrics})
+        if self.ledger_path is not None:
+            self._write_ledger(st.step, events)
         self._checkpoint()
+        self.event_log.commit(st.offsets)
 
         version = 0
         if gate != "failed":
             version = self.publish(metrics, gate)
         return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
+
+    def _write_ledger(self, step: int, events) -> None:
+        with open(self.ledger_path, "a", encoding="utf-8") as f:
+            f.write("".join(f"{step}\t{ev.event_id}\n" for ev in events))
+            f.flush()
+            os.fsync(f.fileno())
 
     def _checkpoint(self) -> None:
         st = self.state
