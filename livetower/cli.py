@@ -24,7 +24,7 @@ def _server_config(args):
 
     batching = None if args.no_batching else BatchingConfig(
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue)
-    return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port,
+    return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port, events_url=args.events,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
                                                     leader=not args.rollout_follower),
@@ -42,7 +42,14 @@ def _train_config(args):
     return base.replace(**changes)
 
 
+def _add_events_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
+                   help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
+                        "default: the embedded SQLite log in --data-dir")
+
+
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    _add_events_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0 = any free, -1 = off)")
@@ -67,6 +74,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="passes over each round's events (default 2)")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast precision (default bf16)")
     p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
+    p.add_argument("--trainer-metrics-port", type=int, default=9465,
+                   help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")
 
 
 def _serve_workers(args) -> int:
@@ -111,14 +120,28 @@ def cmd_serve(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from livetower.eventlog import SqliteEventLog
+    from prometheus_client import start_http_server
+
     from livetower.registry import Registry
     from trainer.loop import Trainer
 
     torch.set_num_threads(args.train_threads)
     cfg = _train_config(args)
-    event_log = SqliteEventLog(args.data_dir / "events.sqlite")
-    trainer = Trainer(cfg, event_log, Registry(args.data_dir / "registry"), args.data_dir / "trainer")
+    if args.events:
+        from livetower.kafka_events import parse_events_url
+        from livetower.kafka_source import KafkaEventSource
+
+        event_log = KafkaEventSource(parse_events_url(args.events), group_id=args.group_id)
+    else:
+        from livetower.eventlog import SqliteEventLog
+
+        event_log = SqliteEventLog(args.data_dir / "events.sqlite")
+    trainer = Trainer(cfg, event_log, Registry(args.data_dir / "registry"), args.data_dir / "trainer",
+                      ledger_path=args.ledger)
+    if args.trainer_metrics_port >= 0:
+        httpd, _ = start_http_server(args.trainer_metrics_port, addr="127.0.0.1", registry=trainer.metrics.registry)
+        logging.getLogger("livetower.trainer").info("trainer metrics on http://127.0.0.1:%d/metrics",
+                                                    httpd.server_port)
     if args.once:
         result = trainer.run_round()
         print(json.dumps(None if result is None else dataclasses.asdict(result), indent=1))
@@ -128,7 +151,10 @@ def cmd_train(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger("livetower.trainer").info("trainer running on %s (backend %s, backlog %d events)",
                                                 args.data_dir, cfg.backend, trainer.backlog())
-    trainer.run(stop)
+    try:
+        trainer.run(stop)
+    finally:
+        event_log.close()
     return 0
 
 
@@ -136,7 +162,8 @@ def cmd_up(args) -> int:
     from livetower.up import run_up
 
     train_args = []
-    for flag in ("backend", "round_min_events", "round_interval_s", "epochs", "precision"):
+    for flag in ("backend", "round_min_events", "round_interval_s", "epochs", "precision", "events",
+                 "trainer_metrics_port"):
         if getattr(args, flag) is not None:
             train_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.tiny:
@@ -214,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     train.add_argument("--once", action="store_true", help="run one round and exit")
     train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    train.add_argument("--group-id", default="livetower-trainer", help="Kafka consumer group (with --events)")
+    train.add_argument("--ledger", type=Path, help="append '<round>\\t<event_id>' per trained event (audits)")
+    _add_events_flag(train)
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -54,12 +54,29 @@ async def supervise_trainer(cmd: list[str], stop: asyncio.Event) -> None:
         await asyncio.sleep(backoff)
 
 
+def bootstrap_kafka_if_empty(events_url: str, *, users: int, seed: int = 0) -> int:
+    """The Kafka flavour of bootstrap_if_empty: fill an empty event topic from the synthetic generator."""
+    from livetower.kafka_events import parse_events_url, produce_all, topic_size
+    from trainer.data.synthetic import SyntheticConfig, generate
+
+    target = parse_events_url(events_url)
+    if asyncio.run(topic_size(target)) > 0:
+        return 0
+    cfg = SyntheticConfig(n_users=users, seed=seed)
+    total = cfg.n_users * cfg.events_per_user
+    print(f"topic {target.topic} is empty: producing {total} synthetic events", flush=True)
+    return asyncio.run(produce_all(target, generate(cfg), progress=lambda n: print(f"  {n}/{total} events", flush=True)))
+
+
 def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int) -> None:
-    event_log = SqliteEventLog(config.events_path)
-    try:
-        bootstrap_if_empty(event_log, users=bootstrap_users)
-    finally:
-        event_log.close()
+    if config.events_url is not None:
+        bootstrap_kafka_if_empty(config.events_url, users=bootstrap_users)
+    else:
+        event_log = SqliteEventLog(config.events_path)
+        try:
+            bootstrap_if_empty(event_log, users=bootstrap_users)
+        finally:
+            event_log.close()
 
     def announce(server, port: int) -> None:
         target = f"{'localhost' if config.host in ('127.0.0.1', 'localhost') else config.host}:{port}"

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from livetower.eventlog import SqliteEventLog
+from livetower.kafka_events import parse_events_url
 from livetower.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
@@ -24,8 +25,10 @@ from server.auth import AdminAuthInterceptor, load_or_create_token
 from server.batching import MicroBatcher
 from server.config import ServerConfig
 from server.engine.manager import EngineManager
+from server.event_sink import EventSink, KafkaEventProducer, SqliteSink
 from server.history import RecentHistory
 from server.interceptors import ObservabilityInterceptor
+from server.kafka_feed import KafkaHistoryFeed, OwnEventIds
 from server.kserve import KSERVE, add_kserve_to_server
 from server.metrics import ServerMetrics
 from server.servicer import EngineAdminServicer, RecommenderServicer
@@ -42,10 +45,12 @@ class LivetowerServer:
     grpc_server: grpc.aio.Server
     manager: EngineManager
     health: health.aio.HealthServicer
-    event_log: SqliteEventLog
+    sink: EventSink
     history: RecentHistory
     metrics: ServerMetrics
     batcher: MicroBatcher | None = None
+    event_log: SqliteEventLog | None = None   # the embedded log (None with Kafka)
+    feed: KafkaHistoryFeed | None = None      # Kafka: keeps histories current from the topic
     metrics_port: int | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -53,9 +58,15 @@ class LivetowerServer:
     _port: int = 0
 
     async def start(self) -> None:
-        warm = await asyncio.to_thread(self.event_log.latest, self.config.history_warm_events)
+        await self.sink.start()
+        warm = []
+        if self.event_log is not None:
+            warm = await asyncio.to_thread(self.event_log.latest, self.config.history_warm_events)
         for ev in warm:
             self.history.append(ev.user_id, ev.item_id)
+        if self.feed is not None:
+            await self.feed.start()
+            self._tasks.append(asyncio.create_task(self.feed.run(self._stop)))
         if self.config.metrics_port is not None:
             httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
                                          registry=self.metrics.registry)
@@ -67,9 +78,11 @@ class LivetowerServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
+        self.metrics.watch_freshness(lambda: self.manager.current)
         self._tasks.append(asyncio.create_task(self._track_health()))
-        log.info("gRPC on %s:%d; %d users' history warmed from %d events", self.config.host,
-                 self.grpc_server_port, len(self.history), len(warm))
+        log.info("gRPC on %s:%d; %d users' history warmed from %d events%s", self.config.host,
+                 self.grpc_server_port, len(self.history), len(warm),
+                 f"; the rest follow from Kafka topic {self.feed.target.topic}" if self.feed else "")
 
     @property
     def grpc_server_port(self) -> int:
@@ -97,15 +110,26 @@ class LivetowerServer:
             await self.batcher.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        self.event_log.close()
+        if self.feed is not None:
+            await self.feed.stop()
+        await self.sink.stop()
 
 
 def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
     """Build (not start) the server bound to config.host:config.port; returns it and the bound port."""
     registry = Registry(config.registry_path)
-    event_log = SqliteEventLog(config.events_path)
     metrics = ServerMetrics()
     history = RecentHistory(max_users=config.history_users, per_user=config.history_len)
+    event_log = feed = own_ids = None
+    if config.events_url is None:
+        event_log = SqliteEventLog(config.events_path)
+        sink: EventSink = SqliteSink(event_log)
+    else:
+        target = parse_events_url(config.events_url)
+        sink = KafkaEventProducer(target, max_inflight_events=config.max_inflight_events)
+        own_ids = OwnEventIds()
+        feed = KafkaHistoryFeed(target, history.append, own_ids, warm_events=config.history_warm_events,
+                                on_record=metrics.on_feed_record)
     manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event,
                             user_histories=lambda: history.sample(1000))
     if config.admin_token is not None:
@@ -120,8 +144,8 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
                  ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
     pb_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(manager=manager, history=history, event_log=event_log, limits=config.limits,
-                            metrics=metrics, batcher=batcher), grpc_server)
+        RecommenderServicer(manager=manager, history=history, sink=sink, limits=config.limits,
+                            metrics=metrics, batcher=batcher, own_event_ids=own_ids), grpc_server)
     pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), grpc_server)
     add_kserve_to_server(grpc_server, manager=manager, registry=registry, limits=config.limits, batcher=batcher)
     health_servicer = health.aio.HealthServicer()
@@ -133,7 +157,8 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
     if port == 0:
         raise OSError(f"could not bind gRPC on {config.host}:{config.port}: is another server running there?")
     server = LivetowerServer(config=config, grpc_server=grpc_server, manager=manager, health=health_servicer,
-                             event_log=event_log, history=history, metrics=metrics, batcher=batcher)
+                             sink=sink, event_log=event_log, feed=feed, history=history, metrics=metrics,
+                             batcher=batcher)
     server._port = port
     return server, port
 

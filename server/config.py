@@ -27,6 +27,8 @@ class RequestLimits:
 @dataclass(kw_only=True, frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path                        # holds events.sqlite and registry/
+    events_url: str | None = None         # kafka://HOST:PORT/TOPIC[?partitions=N]; None: data_dir/events.sqlite
+    max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
     host: str = "127.0.0.1"               # interface the gRPC server binds
     port: int = 50051                     # gRPC port (0 = pick a free one)
     metrics_port: int | None = 9464       # Prometheus /metrics port (0 = free one, None = off)
@@ -54,6 +56,12 @@ class ServerConfig:
             raise ValueError(f"history_warm_events must be >= 0, got {self.history_warm_events}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters")
+        if self.events_url is not None:
+            from livetower.kafka_events import parse_events_url
+
+            parse_events_url(self.events_url)  # ValueError naming what is wrong
+        if self.max_inflight_events < 1:
+            raise ValueError(f"max_inflight_events must be >= 1, got {self.max_inflight_events}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
 

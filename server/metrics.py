@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -24,8 +27,30 @@ class ServerMetrics:
         self.engine_load_seconds = Histogram("livetower_engine_load_seconds", "Verify+load+parity+warm-up time",
                                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
         self.events_accepted = Counter("livetower_events_accepted_total", "Events appended to the log", registry=r)
+        self.freshness = Gauge("livetower_serving_freshness_seconds",
+                               "Now minus the event-time watermark the stable engine was trained through "
+                               "(NaN while no engine serves)", registry=r)
+        self.feed_records = Counter("livetower_history_feed_records_total",
+                                    "Kafka records read by the history feed", ["valid"], registry=r)
+        self.feed_delay = Histogram("livetower_history_feed_delay_seconds",
+                                    "Record timestamp (produce time) to history update",
+                                    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+                                    registry=r)
         self.events_rejected = Counter("livetower_events_rejected_total", "Events sent to the dead-letter table",
                                        ["field"], registry=r)
+
+    def watch_freshness(self, current_engine: Callable[[], object | None]) -> None:
+        def freshness() -> float:
+            engine = current_engine()
+            watermark = engine.manifest.watermark_ms if engine is not None else 0
+            return time.time() - watermark / 1000 if watermark else float("nan")
+
+        self.freshness.set_function(freshness)
+
+    def on_feed_record(self, delay_s: float, valid: bool) -> None:
+        self.feed_records.labels("true" if valid else "false").inc()
+        if valid:
+            self.feed_delay.observe(delay_s)
 
     def on_engine_event(self, kind: str, version: int, value: float) -> None:
         """value: seconds for "load", the fraction for "canary"."""

@@ -11,7 +11,6 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from livetower.eventlog import EventLog
 from livetower.events import event_problem
 from livetower.registry import Registry
 from livetower.rollout import CanaryPolicy
@@ -21,7 +20,9 @@ from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.manager import EngineManager, RolloutError
+from server.event_sink import Backpressure, EventSink
 from server.history import RecentHistory
+from server.kafka_feed import OwnEventIds
 from server.metrics import ServerMetrics
 from server.validation import recommend_problem, score_problem
 
@@ -57,12 +58,15 @@ async def through_batcher(context, submit):
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, *, manager: EngineManager, history: RecentHistory, event_log: EventLog,
-                 limits: RequestLimits, metrics: ServerMetrics, batcher: MicroBatcher | None) -> None:
+    def __init__(self, *, manager: EngineManager, history: RecentHistory, sink: EventSink,
+                 limits: RequestLimits, metrics: ServerMetrics, batcher: MicroBatcher | None,
+                 own_event_ids: OwnEventIds | None = None) -> None:
+        """own_event_ids: ids of events this process accepted, so the Kafka history feed skips them."""
         self.manager = manager
         self.batcher = batcher  # None: compute inline on the event loop (the naive baseline)
         self.history = history
-        self.event_log = event_log
+        self.sink = sink
+        self.own_event_ids = own_event_ids
         self.limits = limits
         self.metrics = metrics
 
@@ -133,16 +137,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             else:
                 accepted.append(ev)
 
-        def persist() -> None:
-            if accepted:
-                self.event_log.append(accepted)
-            for r in rejected:
-                self.event_log.dead_letter(request.events[r.index].SerializeToString(), r.reason)
-
+        if self.own_event_ids is not None:  # before the write: the feed may read the event back at once
+            for ev in accepted:
+                self.own_event_ids.add(ev.event_id)
         try:
-            await asyncio.to_thread(persist)
+            if accepted:
+                await self.sink.append(accepted)
+            for r in rejected:
+                await self.sink.dead_letter(request.events[r.index].SerializeToString(), r.reason)
+        except Backpressure as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"event stream is backed up: {e}")
         except Exception as e:  # noqa: BLE001 - the client must retry; nothing was acknowledged
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"event log write failed ({e}); retry the request")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"event log write failed ({e!r}); retry the request")
         for ev in accepted:
             self.history.append(ev.user_id, ev.item_id)
         self.metrics.events_accepted.inc(len(accepted))

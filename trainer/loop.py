@@ -28,6 +28,7 @@ from trainer.evaluate import evaluate_model, evaluate_popularity
 from trainer.examples import stack_windows, windows_for_new
 from trainer.export.build import BuildFailed, BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
+from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
 from trainer.training import grow_table, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
@@ -55,13 +56,14 @@ def left_pad(rows: list[int], T: int) -> np.ndarray:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
-                 ledger_path: Path | None = None) -> None:
+                 ledger_path: Path | None = None, metrics: TrainerMetrics | None = None) -> None:
         """ledger_path: when set, every round appends "<round>\t<event_id>" lines for the events it trained,
         fsynced before the round's checkpoint (lines of rounds beyond the checkpoint's are from rounds a
         crash cut short). For audits such as the kill -9 campaign; off by default."""
         self.cfg = cfg
         self.event_log = event_log
         self.ledger_path = ledger_path
+        self.metrics = metrics or TrainerMetrics()
         self.registry = registry
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -99,8 +101,10 @@ class Trainer:
         return self.state.offsets.get(SOURCE_KEY, 1)
 
     def lag(self) -> dict[str, int]:
-        """Unread events per position key (partition)."""
-        return self.event_log.lag(self.state.offsets)
+        """Unread events per position key (partition); exported as a metric."""
+        lag = self.event_log.lag(self.state.offsets)
+        self.metrics.on_lag(lag)
+        return lag
 
     def backlog(self) -> int:
         return sum(self.lag().values())
@@ -116,6 +120,7 @@ class Trainer:
         cfg, T, st = self.cfg, self.model.cfg.max_history, self.state
         batch = self.event_log.read_batch(self.state.offsets, cfg.max_round_events)
         events = batch.events
+        self.metrics.dead_letters.inc(batch.dead_lettered)
         if not events:
             if batch.next_offsets != st.offsets:  # only dead letters were read: remember we are past them
                 st.offsets = batch.next_offsets
@@ -189,9 +194,13 @@ class Trainer:
         self._checkpoint()
         self.event_log.commit(st.offsets)
 
+        self.metrics.events_trained.inc(len(events))
+        self.metrics.watermark.set(st.watermark_ms / 1000)
         version = 0
         if gate != "failed":
             version = self.publish(metrics, gate)
+        self.metrics.rounds.labels(gate).inc()
+        self.metrics.round_seconds.set(time.perf_counter() - t0)
         return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
 
     def _write_ledger(self, step: int, events) -> None:
@@ -231,6 +240,7 @@ class Trainer:
             log.exception("engine build failed; training goes on and the next round builds again")
             return 0
         st.published_version = int(manifest.version)
+        self.metrics.published_version.set(st.published_version)
         self._checkpoint()
         return st.published_version
 
