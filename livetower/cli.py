@@ -215,7 +215,8 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap"}[args.what]
+    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap",
+              "kill": "kill_campaign", "stream": "stream"}[args.what]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--once", action="store_true", help="run one round and exit")
     train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     train.add_argument("--group-id", default="livetower-trainer", help="Kafka consumer group (with --events)")
-    train.add_argument("--ledger", type=Path, help="append '<round>\\t<event_id>' per trained event (audits)")
+    train.add_argument("--ledger", type=Path, help="append '<round> <pid> <event_id>' per trained event (audits)")
     _add_events_flag(train)
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
@@ -274,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap"),
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream"),
                        help="build: engine backends compared; catalog: a trained catalogue for load tests; "
                             "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
-                            "swap: canary, promote and rollback under load, memory over swap cycles")
+                            "swap: canary, promote and rollback under load, memory over swap cycles; "
+                            "kill: kill -9 the Kafka-fed trainer many times, count lost events; "
+                            "stream: event -> history latency and event -> serving freshness on Kafka")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p

@@ -29,7 +29,7 @@ log = logging.getLogger("livetower.kafka")
 
 class KafkaEventSource:
     def __init__(self, target: KafkaTarget, *, group_id: str = "livetower-trainer",
-                 session_timeout_ms: int = 10_000, poll_timeout_ms: int = 500, dedup_window: int = 200_000,
+                 session_timeout_ms: int = 6_000, poll_timeout_ms: int = 500, dedup_window: int = 200_000,
                  call_timeout_s: float = 60.0) -> None:
         self.target = target
         self.group_id = group_id

@@ -39,7 +39,7 @@ class OwnEventIds:
 class KafkaHistoryFeed:
     def __init__(self, target: KafkaTarget, apply: Callable[[str, str], None], own_ids: OwnEventIds, *,
                  warm_events: int, on_record: Callable[[float, bool], None] | None = None,
-                 poll_timeout_ms: int = 100) -> None:
+                 poll_timeout_ms: int = 100, fetch_max_wait_ms: int = 5) -> None:
         """apply(user_id, item_id) updates a history; on_record(event age s, valid) feeds metrics."""
         self.target = target
         self.apply = apply
@@ -47,6 +47,7 @@ class KafkaHistoryFeed:
         self.warm_events = warm_events
         self.on_record = on_record
         self.poll_timeout_ms = poll_timeout_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.applied = 0
         self.invalid = 0
         self.ready = asyncio.Event()  # set once the warm-up read reached the end offsets seen at start
@@ -55,8 +56,11 @@ class KafkaHistoryFeed:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        # A short fetch wait: the broker may hold a fetch that long before answering even when records
+        # arrive meanwhile (tansu does), and the history is meant to follow within milliseconds.
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.target.bootstrap, group_id=None,
-                                          enable_auto_commit=False, auto_offset_reset="latest")
+                                          enable_auto_commit=False, auto_offset_reset="latest",
+                                          fetch_max_wait_ms=self.fetch_max_wait_ms)
         await self._consumer.start()
         await self._consumer.topics()  # fetches cluster metadata, so the topic's partitions are known
         parts = self._consumer.partitions_for_topic(self.target.topic)

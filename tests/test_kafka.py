@@ -159,7 +159,7 @@ def test_trainer_trains_every_kafka_event_and_resumes(target, tmp_path):
         assert t.metrics.lag.labels(f"kafka:{target.topic}:0")._value.get() == 0
     finally:
         t.event_log.close()
-    trained = [line.split("\t")[1] for line in ledger.read_text().splitlines()]
+    trained = [line.split("\t")[2] for line in ledger.read_text().splitlines()]
     assert sorted(trained) == sorted(e.event_id for e in events)
 
 

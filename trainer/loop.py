@@ -57,9 +57,10 @@ def left_pad(rows: list[int], T: int) -> np.ndarray:
 class Trainer:
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
                  ledger_path: Path | None = None, metrics: TrainerMetrics | None = None) -> None:
-        """ledger_path: when set, every round appends "<round>\t<event_id>" lines for the events it trained,
-        fsynced before the round's checkpoint (lines of rounds beyond the checkpoint's are from rounds a
-        crash cut short). For audits such as the kill -9 campaign; off by default."""
+        """ledger_path: when set, every round appends "<round>\t<pid>\t<event_id>" lines for the events it
+        trained, fsynced before the round's checkpoint. A crash between the two leaves lines of a round the
+        checkpoint does not hold; the restarted trainer redoes that round (same number, another pid), so a
+        round's committed lines are those of the last pid that wrote it. For audits (the kill -9 campaign)."""
         self.cfg = cfg
         self.event_log = event_log
         self.ledger_path = ledger_path
@@ -205,7 +206,8 @@ class Trainer:
 
     def _write_ledger(self, step: int, events) -> None:
         with open(self.ledger_path, "a", encoding="utf-8") as f:
-            f.write("".join(f"{step}\t{ev.event_id}\n" for ev in events))
+            pid = os.getpid()
+            f.write("".join(f"{step}\t{pid}\t{ev.event_id}\n" for ev in events))
             f.flush()
             os.fsync(f.fileno())
 
