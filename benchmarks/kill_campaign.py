@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--users", type=int, default=500)
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--backend", default="torch", choices=("torch", "aoti", "onnx"), help="engine backend")
+    p.add_argument("--max-round-events", type=int, default=3000,
+                   help="small rounds: many checkpoints and publishes for the kills to land in")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drain-timeout-s", type=float, default=300.0)
     return p.parse_args(argv)
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ledger = data / "ledger.tsv"
     cmd = [sys.executable, "-m", "livetower", "--log-level", "INFO", "train", "--data-dir", str(data), "--events",
            url, "--tiny", "--backend", args.backend, "--ledger", str(ledger), "--trainer-metrics-port", "-1",
-           "--train-threads", "1", "--round-min-events", "300", "--round-interval-s", "1"]
+           "--train-threads", "1", "--round-min-events", "300", "--round-interval-s", "1",
+           "--max-round-events", str(args.max_round_events)]
     producer = Producer(target, rate=args.rate, users=args.users, items=args.items, seed=args.seed)
     try:
         producer.send(producer.make(args.initial_events))

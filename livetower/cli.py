@@ -36,6 +36,7 @@ def _train_config(args):
 
     base = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
     changes = {k: v for k, v in dict(backend=args.backend, round_min_events=args.round_min_events,
+                                      max_round_events=args.max_round_events,
                                       round_interval_s=args.round_interval_s, epochs_per_round=args.epochs,
                                       precision=args.precision).items() if v is not None}
     changes["inductor_cache_dir"] = args.data_dir / "inductor-cache"
@@ -71,6 +72,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("aoti", "onnx", "torch"), help="engine backend (default aoti)")
     p.add_argument("--round-min-events", type=int, help="start a round at this backlog (default 1000)")
     p.add_argument("--round-interval-s", type=float, help="or after this long with any backlog (default 30)")
+    p.add_argument("--max-round-events", type=int, help="events one round consumes at most (default 200000)")
     p.add_argument("--epochs", type=int, help="passes over each round's events (default 2)")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast precision (default bf16)")
     p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
@@ -162,7 +164,7 @@ def cmd_up(args) -> int:
     from livetower.up import run_up
 
     train_args = []
-    for flag in ("backend", "round_min_events", "round_interval_s", "epochs", "precision", "events",
+    for flag in ("backend", "round_min_events", "round_interval_s", "max_round_events", "epochs", "precision", "events",
                  "trainer_metrics_port"):
         if getattr(args, flag) is not None:
             train_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

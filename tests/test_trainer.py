@@ -107,3 +107,38 @@ def test_failed_gate_checkpoints_but_does_not_publish(data_dir):
     assert r.gate == "failed" and r.published_version == 0
     assert Registry(data_dir / "registry").versions() == []
     assert make_trainer(data_dir).backlog() == 0  # trained and checkpointed all the same
+
+
+def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(data_dir):
+    t = make_trainer(data_dir)
+    assert t.run_round().published_version == 1
+    assert t.state.published_model is not None
+    # Unchanged model: the serving side scores exactly what the candidate scores.
+    users = sorted(t.state.user_seqs)[:50]
+    import numpy as np
+
+    from trainer.evaluate import evaluate_model
+    from trainer.loop import left_pad
+
+    T = t.model.cfg.max_history
+    hist = np.stack([left_pad(t.state.user_seqs[u][:-1], T) for u in users])
+    tgt = np.asarray([t.state.user_seqs[u][-1] for u in users])
+    assert t._evaluate_serving(hist, tgt) == pytest.approx(evaluate_model(t.model, hist, tgt, len(t.vocab)))
+    # A candidate held to 10x the serving model's recall fails the gate and publishes nothing.
+    strict = make_trainer(data_dir, gate_min_vs_serving=10.0)
+    strict.event_log.append(stream_events(seed=8))
+    r = strict.run_round()
+    assert r.gate == "failed" and r.published_version == 0 and "serving_recall@10" in r.metrics
+    assert Registry(data_dir / "registry").versions() == [1]
+
+
+def test_rounds_replay_earlier_users_windows(data_dir):
+    t = make_trainer(data_dir)
+    t.run_round()
+    fresh = {"s9-0": [1, 2]}
+    windows = t._replay_windows(40, exclude=fresh)
+    assert len(windows) == 40
+    for inputs_T, targets_T, mask_T in windows:
+        assert mask_T.any() and (targets_T[mask_T] > 0).all()
+    assert t._replay_windows(0, exclude=fresh) == []
+    assert make_trainer(data_dir, replay_fraction=0.0)._replay_windows(0, exclude={}) == []

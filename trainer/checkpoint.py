@@ -33,6 +33,7 @@ class TrainerState:
     watermark_ms: int = 0                      # newest event time consumed
     published_version: int = 0                 # last engine version this trainer published
     history: list[dict] = field(default_factory=list)  # per-round summaries (metrics, decision)
+    published_model: dict | None = None        # state_dict of the last published model: the gate's "serving" side
 
 
 def save_checkpoint(directory: Path, state: TrainerState) -> Path:
@@ -52,4 +53,5 @@ def load_checkpoint(directory: Path) -> TrainerState | None:
         raise ValueError(f"{path}: checkpoint format {d.get('format')} is not {FORMAT_VERSION}; "
                          "move it away to start fresh")
     d.pop("format")
-    return TrainerState(**d)
+    known = set(TrainerState.__slots__)
+    return TrainerState(**{k: v for k, v in d.items() if k in known})

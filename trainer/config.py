@@ -10,8 +10,60 @@ from livetower.registry import USER_TOWER_FILE
 from trainer.export.ann import AnnOptions
 from trainer.model import ModelConfig
 
-PRECISIONS = ("bf16", "fp32")
+# Training precision: "bf16" autocast (default), "fp16" autocast + GradScaler, "fp32". No fp8: it is only worth it
+# where measured faster on Hopper for our shapes, and no such measurement exists yet (issue 6, GPU numbers blocked).
+PRECISIONS = ("bf16", "fp16", "fp32")
 BACKENDS = tuple(USER_TOWER_FILE)  # "aoti", "onnx", "torch"
+ELASTIC_DEVICES = ("auto", "cpu", "cuda")  # "auto": cuda when a GPU is visible, else cpu
+START_METHODS = ("spawn", "fork", "forkserver")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ElasticConfig:
+    """How many workers a training round gets and how it survives losing one (trainer/elastic/).
+
+    A round with W > 1 runs on W processes (DDP; gloo on CPU, NCCL on GPU) started by torch.distributed.elastic
+    with a c10d rendezvous. The policy (trainer/elastic/policy.py) picks W in [min_workers, max_workers]
+    from the backlog, the freshness target and the devices; a failed round re-runs with one worker fewer.
+    """
+
+    min_workers: int = 1                 # fewest workers a round runs on (fewer devices: it runs on what there is, and says so)
+    max_workers: int = 1                 # most workers a round may get; 1 = every round trains in the trainer process
+    events_per_worker: int = 50_000      # backlog given to one worker before the policy adds another
+    freshness_target_s: float = 60.0     # wanted training time of a round: add workers while the measured rate says longer
+    device: str = "auto"                 # "cpu" (gloo), "cuda" (NCCL, one GPU per worker) or "auto"
+    threads_per_worker: int = 1          # torch intra-op threads in each worker process (CPU devices = cores // this)
+    max_round_retries: int = 2           # a failed round re-runs from its last epoch checkpoint with one worker fewer, this often
+    agent_max_restarts: int = 0          # restarts of the same W workers by the elastic agent first (0: a lost worker is gone)
+    start_method: str = "forkserver"     # worker start: "forkserver" (a clean server process imports torch once, then
+                                         # forks each worker warm: ~3 s for the first round, < 1 s after), "spawn" (every
+                                         # worker imports torch: ~3 s each time), "fork" (fast, but unsafe in a parent
+                                         # with threads or CUDA)
+    rendezvous_timeout_s: float = 60.0   # c10d rendezvous: how long the workers wait for each other
+    monitor_interval_s: float = 0.1      # how often the elastic agent polls its workers (bounds failure detection)
+    in_process_single_worker: bool = True  # W = 1 trains in the calling process: no launch, no process group
+    work_dir: Path | None = None         # round files: data, epoch checkpoints, worker logs (None: a temp dir, removed after)
+
+    def __post_init__(self) -> None:
+        for name in ("min_workers", "max_workers", "events_per_worker", "threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ElasticConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_round_retries", "agent_max_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ElasticConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("freshness_target_s", "rendezvous_timeout_s", "monitor_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ElasticConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"ElasticConfig.max_workers ({self.max_workers}) must be >= min_workers "
+                             f"({self.min_workers}); raise max_workers or lower min_workers")
+        if self.device not in ELASTIC_DEVICES:
+            raise ValueError(f"ElasticConfig.device must be one of {ELASTIC_DEVICES}, got {self.device!r}")
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"ElasticConfig.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+
+    def replace(self, **changes) -> "ElasticConfig":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -22,7 +74,9 @@ class TrainConfig:
     weight_decay: float = 0.0          # AdamW weight decay
     epochs_per_round: int = 2          # passes over a round's new windows
     n_random_negatives: int = 256      # uniform negatives per step (plus in-batch)
-    precision: str = "bf16"            # autocast dtype for forward: "bf16" or "fp32"
+    precision: str = "bf16"            # "bf16" autocast, "fp16" autocast + GradScaler, or "fp32" (see PRECISIONS)
+    fp16_init_scale: float = 256.0     # fp16: GradScaler's first loss scale. torch's 65536 overflowed (= skipped) the
+                                       # first 7 steps of a fresh scaler on our loss; 512 is the largest that held
     seed: int = 0                      # RNG seed (shuffles, negatives, init)
     round_min_events: int = 1000       # start a round once this many new events wait...
     round_interval_s: float = 30.0     # ...or this long after the last round if any event waits
@@ -30,22 +84,28 @@ class TrainConfig:
     poll_interval_s: float = 1.0       # how often the log is checked
     max_eval_users: int = 2000         # holdout users evaluated per round (sampled deterministically)
     min_eval_users: int = 20           # smaller holdouts skip the gate (recorded in the manifest)
-    gate_min_ratio: float = 1.0        # publish when model Recall@10 >= ratio * popularity Recall@10
+    gate_min_ratio: float = 1.0        # publish when model Recall@10 >= ratio * popularity Recall@10...
+    gate_min_vs_serving: float = 0.95  # ...and >= this * the serving (last published) model's, same fresh holdout
+    replay_fraction: float = 0.5       # replay windows from earlier users' kept sequences, per new window (anti-forgetting)
     backend: str = "aoti"              # engine backend built after a passing round
     parity_tolerance: float = 1e-4     # engine vs torch reference max abs diff allowed at build
     inductor_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for AOTI builds
     refit: bool = True                 # same architecture as the parent engine (aoti): publish weights for its
                                        # compiled graph instead of recompiling (no compile; the server refits)
     ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)  # workers per round, retries (trainer/elastic/)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs_per_round", "n_random_negatives", "round_min_events",
                      "max_round_events", "max_eval_users", "min_eval_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "round_interval_s", "poll_interval_s", "parity_tolerance"):
+        for name in ("lr", "round_interval_s", "poll_interval_s", "parity_tolerance", "fp16_init_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gate_min_vs_serving", "replay_fraction"):
+            if not 0 <= getattr(self, name) <= 10:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 10], got {getattr(self, name)}")
         if self.weight_decay < 0 or self.gate_min_ratio < 0:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.precision not in PRECISIONS:

@@ -1,9 +1,11 @@
 """The sidecar trainer: consume the event log in rounds, train, evaluate, gate, checkpoint, publish.
 
-A round: read events after the checkpointed offset → grow the vocabulary → hold out each user's
-newest event (up to max_eval_users) → train on the rest → Recall/NDCG@10 of model and popularity
-on the holdout → fold the holdout in → checkpoint atomically (offsets included) → build + publish
-an engine if the gate passed. Crash anywhere: the next start resumes from the last checkpoint,
+A round: read events after the checkpointed positions → grow the vocabulary → hold out each user's
+newest event (up to max_eval_users) → train on the rest, mixed with replayed windows of earlier
+users (anti-forgetting) → Recall/NDCG@10 of the model, of the serving (last published) model and of
+popularity on the same fresh holdout → fold the holdout in → checkpoint atomically (positions
+included) → build + publish an engine if the gate passed (beats popularity and does not fall
+below the serving model). Crash anywhere: the next start resumes from the last checkpoint,
 so every event is trained at least once.
 """
 
@@ -150,9 +152,12 @@ class Trainer:
             train_rows.extend(new[:n_new])
             windows.extend(windows_for_new(seq, n_new, T))
         self._count(train_rows)
+        n_new_windows = len(windows)
+        windows.extend(self._replay_windows(int(cfg.replay_fraction * n_new_windows), exclude=new_by_user))
         n_items = len(self.vocab)
-        log.info("round %d: %d events from %d users (%d windows), %d held out, %d items",
-                 st.step + 1, len(events), len(new_by_user), len(windows), len(holdout), n_items)
+        log.info("round %d: %d events from %d users (%d new + %d replayed windows), %d held out, %d items",
+                 st.step + 1, len(events), len(new_by_user), n_new_windows, len(windows) - n_new_windows,
+                 len(holdout), n_items)
         if windows:
             train_windows(self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(),
                           n_items=n_items, cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator,
@@ -167,9 +172,14 @@ class Trainer:
             metrics.update({f"model_{k}": v for k, v in model_m.items()})
             metrics.update({f"popularity_{k}": v for k, v in pop_m.items()})
             ok = model_m["recall@10"] >= cfg.gate_min_ratio * pop_m["recall@10"]
+            serving = self._evaluate_serving(hist_BT, tgt_B)
+            if serving is not None:
+                metrics.update({f"serving_{k}": v for k, v in serving.items()})
+                ok = ok and model_m["recall@10"] >= cfg.gate_min_vs_serving * serving["recall@10"]
             gate = "passed" if ok else "failed"
-            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | popularity R@10 %.4f "
-                     "N@10 %.4f -> gate %s", st.step + 1, len(holdout), model_m["recall@10"], model_m["ndcg@10"],
+            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving R@10 %s | "
+                     "popularity R@10 %.4f N@10 %.4f -> gate %s", st.step + 1, len(holdout), model_m["recall@10"],
+                     model_m["ndcg@10"], "-" if serving is None else f"{serving['recall@10']:.4f}",
                      pop_m["recall@10"], pop_m["ndcg@10"], gate)
         else:
             gate = "skipped"
@@ -203,6 +213,34 @@ class Trainer:
         self.metrics.rounds.labels(gate).inc()
         self.metrics.round_seconds.set(time.perf_counter() - t0)
         return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
+
+    def _replay_windows(self, n: int, *, exclude) -> list:
+        """Up to n windows over the kept sequences of users not in this round (seeded, reproducible)."""
+        if n <= 0:
+            return []
+        T, st = self.model.cfg.max_history, self.state
+        users = [u for u, seq in st.user_seqs.items() if len(seq) >= 2 and u not in exclude]
+        rng = np.random.default_rng(self.cfg.seed + 7919 * st.step)
+        picked = rng.permutation(len(users))[:n]
+        return [w for i in picked for w in windows_for_new(st.user_seqs[users[i]], len(st.user_seqs[users[i]]), T)]
+
+    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray) -> dict[str, float] | None:
+        """The last published model on the same holdout. It knows only the items of its own table:
+        newer history rows are dropped (as the server drops unknown ids) and newer targets count as misses."""
+        state = self.state.published_model
+        if state is None:
+            return None
+        rows = state["item_embedding.weight"].shape[0]
+        n_known = min(len(self.vocab), rows - 1)
+        served = TwoTower(self.model.cfg, rows)
+        served.load_state_dict(state)
+        known = tgt_B <= n_known
+        if not known.any():
+            return {"recall@10": 0.0, "ndcg@10": 0.0}
+        T = hist_BT.shape[1]
+        hist = np.stack([left_pad([r for r in h if 0 < r <= n_known], T) for h in hist_BT[known]])
+        m = evaluate_model(served, hist, tgt_B[known], n_known)
+        return {k: v * float(known.mean()) for k, v in m.items()}
 
     def _write_ledger(self, step: int, events) -> None:
         with open(self.ledger_path, "a", encoding="utf-8") as f:
@@ -242,6 +280,7 @@ class Trainer:
             log.exception("engine build failed; training goes on and the next round builds again")
             return 0
         st.published_version = int(manifest.version)
+        st.published_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.metrics.published_version.set(st.published_version)
         self._checkpoint()
         return st.published_version
