@@ -208,6 +208,21 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_broker(args) -> int:
+    from livetower.tansu import LocalBroker
+
+    broker = LocalBroker(args.port).start()
+    print(f"tansu Kafka-protocol broker on {broker.bootstrap} (memory storage: topics vanish when it stops); "
+          f"use --events kafka://{broker.bootstrap}/events. Ctrl-C stops it.", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and broker.proc.poll() is None:
+        stop.wait(0.5)
+    broker.stop()
+    return 0
+
+
 def cmd_eval(args) -> int:
     from trainer.eval_cli import run_eval_command
 
@@ -270,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
 
     add_engines_parser(sub)
+
+    broker = sub.add_parser("broker", help="a local Kafka-protocol broker (tansu, memory only) for trying --events")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(func=cmd_broker)
 
     ev = sub.add_parser("eval", help="offline quality on a named protocol (sasrec, full, time) vs popularity")
     from trainer.eval_cli import add_eval_flags

@@ -39,7 +39,7 @@ class OwnEventIds:
 class KafkaHistoryFeed:
     def __init__(self, target: KafkaTarget, apply: Callable[[str, str], None], own_ids: OwnEventIds, *,
                  warm_events: int, on_record: Callable[[float, bool], None] | None = None,
-                 poll_timeout_ms: int = 100, fetch_max_wait_ms: int = 5) -> None:
+                 poll_timeout_ms: int = 100, fetch_max_wait_ms: int = 20) -> None:
         """apply(user_id, item_id) updates a history; on_record(event age s, valid) feeds metrics."""
         self.target = target
         self.apply = apply
@@ -57,7 +57,8 @@ class KafkaHistoryFeed:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         # A short fetch wait: the broker may hold a fetch that long before answering even when records
-        # arrive meanwhile (tansu does), and the history is meant to follow within milliseconds.
+        # arrive meanwhile (tansu does: 500 ms, the default, gave a 230 ms median event->history delay).
+        # 20 ms costs an idle server ~4% of a core in fetch round trips (measured; 5 ms cost 10%).
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.target.bootstrap, group_id=None,
                                           enable_auto_commit=False, auto_offset_reset="latest",
                                           fetch_max_wait_ms=self.fetch_max_wait_ms)
