@@ -233,7 +233,7 @@ def cmd_bench(args) -> int:
     import importlib
 
     module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap",
-              "kill": "kill_campaign", "stream": "stream"}[args.what]
+              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels"}[args.what]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -296,12 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream"),
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels"),
                        help="build: engine backends compared; catalog: a trained catalogue for load tests; "
                             "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
                             "swap: canary, promote and rollback under load, memory over swap cycles; "
                             "kill: kill -9 the Kafka-fed trainer many times, count lost events; "
-                            "stream: event -> history latency and event -> serving freshness on Kafka")
+                            "stream: event -> history latency and event -> serving freshness on Kafka; "
+                            "kernels: Triton retrieval kernel vs torch on a GPU")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p
