@@ -85,7 +85,8 @@ class TrainConfig:
     max_eval_users: int = 2000         # holdout users evaluated per round (sampled deterministically)
     min_eval_users: int = 20           # smaller holdouts skip the gate (recorded in the manifest)
     gate_min_ratio: float = 1.0        # publish when model Recall@10 >= ratio * popularity Recall@10...
-    gate_min_vs_serving: float = 0.95  # ...and >= this * the serving (last published) model's, same fresh holdout
+    gate_min_vs_serving: float = 0.95  # ...and >= this * the serving (last published) model's on the same fresh
+                                       # holdout, less 2 standard errors of the paired difference (noise)
     replay_fraction: float = 0.5       # replay windows from earlier users' kept sequences, per new window (anti-forgetting)
     backend: str = "aoti"              # engine backend built after a passing round
     parity_tolerance: float = 1e-4     # engine vs torch reference max abs diff allowed at build
