@@ -1,0 +1,132 @@
+"""CLI wiring for the event archive and the replay study: `livetower archive`, `livetower replay`, and the
+source behind `livetower train --backfill PATH`. livetower/cli.py adds these parsers to its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("var/livetower")
+log = logging.getLogger("livetower.archive")
+
+
+def add_archive_parser(sub) -> argparse.ArgumentParser:
+    """`livetower archive --data-dir D --table PATH [--once]`."""
+    p = sub.add_parser("archive", help="copy accepted events from the event log into a Delta Lake table "
+                                       "(exactly once; resumes after the last committed batch)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory of the event log")
+    p.add_argument("--table", required=True, help="Delta table path or URI (created by the first batch)")
+    p.add_argument("--once", action="store_true", help="archive what the log holds now and exit")
+    p.add_argument("--batch-events", type=int, default=10_000, help="events per Delta commit (default 10000)")
+    p.add_argument("--poll-interval-s", type=float, default=5.0, help="wait between passes once drained")
+    p.add_argument("--no-partition", action="store_true",
+                   help="do not partition a new table by event date (UTC day of timestamp_ms)")
+    p.set_defaults(func=cmd_archive)
+    return p
+
+
+def cmd_archive(args) -> int:
+    from livetower.archive import ArchiveConfig, ArchiveError, DeltaArchiver
+    from livetower.eventlog import SqliteEventLog
+
+    db = Path(args.data_dir) / "events.sqlite"
+    if not db.is_file():
+        print(f"error: no event log at {db}: pass the --data-dir of a livetower server "
+              "(or fill one with `livetower ingest`)", file=sys.stderr)
+        return 2
+    cfg = ArchiveConfig(batch_events=args.batch_events, poll_interval_s=args.poll_interval_s,
+                        partition_by_date=not args.no_partition)
+    source = SqliteEventLog(db)
+    try:
+        archiver = DeltaArchiver(source, args.table, cfg)
+        if args.once:
+            total = {"batches": 0, "events": 0}
+            while True:  # archive_once stops after max_batches_per_pass commits: go on until drained
+                p = archiver.archive_once()
+                total["batches"] += p.batches
+                total["events"] += p.events
+                if p.batches < cfg.max_batches_per_pass:
+                    break
+            print(json.dumps({**total, "positions": archiver.positions, "table_version": p.table_version,
+                              "archived_rows": archiver.next_seq, "lag": archiver.lag()}, indent=1))
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        log.info("archiving %s -> %s every %.1f s (lag %s)", db, args.table, cfg.poll_interval_s, archiver.lag())
+        archiver.run(stop)
+        return 0
+    except ArchiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        source.close()
+
+
+def backfill_source(path: str | Path, *, handoff: bool = True):
+    """The EventSource for `livetower train --backfill PATH`: a DeltaEventSource over the archive. With handoff
+    (default), the trainer's positions also move to the archived source's positions of each finished batch, so a
+    later plain `livetower train` on the same data dir continues after the archived events instead of training
+    them twice. Raises ArchiveError (with what to do) when PATH is not an archive."""
+    from livetower.archive import DeltaEventSource
+
+    return DeltaEventSource(path, handoff=handoff)
+
+
+def run_backfill(trainer) -> int:
+    """Rounds until the archive is drained (lag 0), then a JSON summary. For `train --backfill`."""
+    rounds, events, published = 0, 0, []
+    log.info("backfill: %d archived events to train", trainer.backlog())
+    while (r := trainer.run_round()) is not None:
+        rounds += 1
+        events += r.events
+        if r.published_version:
+            published.append(r.published_version)
+        log.info("backfill round %d: %d events, gate %s, %d left", rounds, r.events, r.gate, trainer.backlog())
+    print(json.dumps({"rounds": rounds, "events": events, "published_versions": published,
+                      "positions": trainer.state.offsets}, indent=1))
+    return 0
+
+
+def add_replay_parser(sub) -> argparse.ArgumentParser:
+    """`livetower replay ...`: the replay study (benchmarks/replay.py)."""
+    p = sub.add_parser("replay", help="replay ml-100k through the event log in time order with the trainer "
+                                      "publishing continuously: next-event Recall@10 of continuous vs frozen "
+                                      "engines vs popularity (JSON + PNG)")
+    add_replay_flags(p)
+    p.set_defaults(func=cmd_replay)
+    return p
+
+
+def cmd_replay(args) -> int:
+    from benchmarks.replay import run_from_args
+
+    return run_from_args(args)
+
+
+def add_replay_flags(p: argparse.ArgumentParser) -> None:
+    """The replay study's flags (here, not in benchmarks/replay.py, so parsing the CLI never imports torch)."""
+    p.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"),
+                   help="ml-100k directory (default ../shared/data/ml-100k)")
+    p.add_argument("--dataset", choices=("ml100k", "synthetic"), default="ml100k",
+                   help="synthetic: a small generated stream (tests)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/replay"),
+                   help="results.json + results.png (work files in OUT/work, replaced each run)")
+    p.add_argument("--speedup", type=float, help="stream seconds per wall second (default 6e4: ~5 min; quick 4e5)")
+    p.add_argument("--max-events", type=int, help="replay only the first N events (default all; quick 20000)")
+    p.add_argument("--warmup-events", type=int,
+                   help="events in the log before the clock starts; engine 1 (the frozen one) is trained on them "
+                        "(default 10000; quick 5000; 0 = start cold: engine 1 is whatever the first round saw)")
+    p.add_argument("--eval-every", type=int, help="events per reported window (default 5000; quick 2000)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--round-min-events", type=int, help="trainer: round at this backlog (default 1000; quick 500)")
+    p.add_argument("--round-interval-s", type=float, default=10.0, help="trainer: or this long after the last round")
+    p.add_argument("--epochs", type=int, default=2, help="trainer: passes over each round's events")
+    p.add_argument("--gate-min-ratio", type=float, default=1.0,
+                   help="trainer: publish when model R@10 >= ratio x popularity on the round's holdout (0 = always)")
+    p.add_argument("--quick", action="store_true", help="20k events, tiny model, faster stream (about a minute)")
