@@ -27,22 +27,29 @@ class ElasticConfig:
     from the backlog, the freshness target and the devices; a failed round re-runs with one worker fewer.
     """
 
-    min_workers: int = 1                 # fewest workers a round runs on (fewer devices: it runs on what there is, and says so)
+    min_workers: int = 1                 # fewest workers a round runs on (with fewer devices it runs on those, and
+                                         # says so; a retry after a failure may go below it, down to 1)
     max_workers: int = 1                 # most workers a round may get; 1 = every round trains in the trainer process
     events_per_worker: int = 50_000      # backlog given to one worker before the policy adds another
-    freshness_target_s: float = 60.0     # wanted training time of a round: add workers while the measured rate says longer
+    freshness_target_s: float = 60.0     # wanted training time of a round: add workers while the measured
+                                         # per-worker rate says the backlog would take longer
     device: str = "auto"                 # "cpu" (gloo), "cuda" (NCCL, one GPU per worker) or "auto"
-    threads_per_worker: int = 1          # torch intra-op threads in each worker process (CPU devices = cores // this)
-    max_round_retries: int = 2           # a failed round re-runs from its last epoch checkpoint with one worker fewer, this often
-    agent_max_restarts: int = 0          # restarts of the same W workers by the elastic agent first (0: a lost worker is gone)
+    threads_per_worker: int = 1          # torch intra-op threads per worker process (CPU devices = cores // this)
+    max_round_retries: int = 2           # a failed round re-runs from its newest epoch checkpoint with one worker
+                                         # fewer, at most this often
+    agent_max_restarts: int = 0          # restarts of the same W workers by the elastic agent before that
+                                         # (0: a lost local worker is taken as gone)
     start_method: str = "forkserver"     # worker start: "forkserver" (a clean server process imports torch once, then
-                                         # forks each worker warm: ~3 s for the first round, < 1 s after), "spawn" (every
-                                         # worker imports torch: ~3 s each time), "fork" (fast, but unsafe in a parent
-                                         # with threads or CUDA)
+                                         # forks each worker warm: ~3 s for the first round, < 1 s after), "spawn"
+                                         # (every worker imports torch: ~3 s each time), "fork" (fast, but unsafe in
+                                         # a parent with threads or CUDA)
     rendezvous_timeout_s: float = 60.0   # c10d rendezvous: how long the workers wait for each other
     monitor_interval_s: float = 0.1      # how often the elastic agent polls its workers (bounds failure detection)
+    stall_timeout_s: float = 300.0       # a worker with no training step for this long (hung collective, store,
+                                         # start) prints its stacks and exits, so the round fails over, not hangs
     in_process_single_worker: bool = True  # W = 1 trains in the calling process: no launch, no process group
-    work_dir: Path | None = None         # round files: data, epoch checkpoints, worker logs (None: a temp dir, removed after)
+    work_dir: Path | None = None         # round files: data, epoch checkpoints, worker logs (None: a temp dir;
+                                         # removed after a successful round, kept after a failed one)
 
     def __post_init__(self) -> None:
         for name in ("min_workers", "max_workers", "events_per_worker", "threads_per_worker"):
@@ -51,7 +58,7 @@ class ElasticConfig:
         for name in ("max_round_retries", "agent_max_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ElasticConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("freshness_target_s", "rendezvous_timeout_s", "monitor_interval_s"):
+        for name in ("freshness_target_s", "rendezvous_timeout_s", "monitor_interval_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ElasticConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.max_workers < self.min_workers:
@@ -111,6 +118,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.elastic, ElasticConfig):
+            raise ValueError(f"TrainConfig.elastic must be an ElasticConfig, got {type(self.elastic).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"TrainConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 

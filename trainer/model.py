@@ -190,7 +190,8 @@ class Attention(nn.Module):  # = DeepseekV3Attention (multi-head latent attentio
         k_BHTK = torch.cat([k_nope, k_rot_B1TR.expand(-1, c.n_heads, -1, -1)], dim=-1)
 
         att_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) * self.scale
-        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT[:, :, -S:], MASK_VALUE)
+        fill = max(MASK_VALUE, torch.finfo(att_BHTT.dtype).min)  # fp16 autocast cannot hold -1e9 (max 65504)
+        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT[:, :, -S:], fill)
         att_BHTT = F.softmax(att_BHTT, dim=-1, dtype=torch.float32).to(q_BHTK.dtype)
         att_BHTT = F.dropout(att_BHTT, p=c.dropout, training=self.training)
         y_BTHV = (att_BHTT @ v_BHTV).transpose(1, 2).reshape(B, S, -1)
