@@ -17,7 +17,7 @@ from livetower.registry import ITEMS_FILE, MANIFEST, Registry, manifest_from_jso
 from livetower.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from server.engine import manager as manager_mod
-from server.engine.canary import CanaryStats, analyse, in_canary, ks_distance, topk_overlap
+from server.engine.canary import CanaryStats, analyse, in_canary, ks_distance, quality_vouch, topk_overlap
 from tests.conftest import ADMIN_TOKEN, FAST_POLICY, make_trainer, running_server, server_config, stream_events, wait_for
 
 MANUAL = CanaryPolicy(mode="manual", min_duration_s=0.2, max_duration_s=1.0, min_requests=20, shadow_samples=10,
@@ -79,6 +79,22 @@ def test_analysis_verdicts(kwargs, action, words):
     v = analyse(_stats(**kwargs), CanaryPolicy(min_duration_s=5, max_duration_s=60, min_requests=200,
                                                 shadow_samples=20))
     assert v.action == action and words in v.reason, v
+
+
+def test_trainer_gate_vouches_for_expected_ranking_change_but_not_errors_or_latency():
+    gate = {"gate_passed": 1.0, "gate_baseline_version": 3.0, "holdout_users": 500.0,
+            "model_recall@10": 0.08, "serving_recall@10": 0.05}
+    vouch = quality_vouch(gate, 3)
+    assert vouch is not None and "stable 3" in vouch
+    assert quality_vouch(gate, 4) is None  # evidence against another stable version counts for nothing
+    assert quality_vouch({**gate, "gate_passed": 0.0}, 3) is None and quality_vouch({}, 3) is None
+    policy = CanaryPolicy(min_duration_s=5, max_duration_s=60, min_requests=200, shadow_samples=20)
+    v = analyse(_stats(overlap=0.05, drift_shift=-0.5), policy, vouch=vouch)
+    assert v.action == "promote" and "accepted" in v.reason and "overlap" in v.reason, v
+    for kwargs, words in ((dict(errors=10), "error rate"), (dict(canary_lat=0.01), "live P99"),
+                          (dict(engine_ratio=4.0), "engine CPU time ratio")):
+        v = analyse(_stats(overlap=0.05, **kwargs), policy, vouch=vouch)
+        assert v.action == "rollback" and words in v.reason, v
 
 
 # ---------------------------------------------------------------- integration helpers

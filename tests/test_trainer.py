@@ -112,7 +112,7 @@ def test_failed_gate_checkpoints_but_does_not_publish(data_dir):
 def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(data_dir):
     t = make_trainer(data_dir)
     assert t.run_round().published_version == 1
-    assert t.state.published_model is not None
+    assert set(t.state.published_models) == {1}
     # Unchanged model: the serving side scores exactly what the candidate scores.
     users = sorted(t.state.user_seqs)[:50]
     import numpy as np
@@ -123,13 +123,35 @@ def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(
     T = t.model.cfg.max_history
     hist = np.stack([left_pad(t.state.user_seqs[u][:-1], T) for u in users])
     tgt = np.asarray([t.state.user_seqs[u][-1] for u in users])
-    assert t._evaluate_serving(hist, tgt) == pytest.approx(evaluate_model(t.model, hist, tgt, len(t.vocab)))
+    version, serving = t._evaluate_serving(hist, tgt)
+    assert version == 1 and serving == pytest.approx(evaluate_model(t.model, hist, tgt, len(t.vocab)))
     # A candidate held to 10x the serving model's recall fails the gate and publishes nothing.
     strict = make_trainer(data_dir, gate_min_vs_serving=10.0)
     strict.event_log.append(stream_events(seed=8))
     r = strict.run_round()
     assert r.gate == "failed" and r.published_version == 0 and "serving_recall@10" in r.metrics
     assert Registry(data_dir / "registry").versions() == [1]
+
+
+def test_gate_baseline_is_the_servers_stable_version_not_the_last_published(data_dir):
+    """After the server rolls canaries back, the gate must keep comparing with what users see (rollout.json's
+    stable), and say which version it compared with, so the canary analysis can trust it."""
+    from livetower.rollout import RolloutState
+
+    t = make_trainer(data_dir)
+    assert t.run_round().published_version == 1
+    reg = Registry(data_dir / "registry")
+    reg.write_rollout(RolloutState(stable=1))
+    for seed, expect in ((8, 2), (9, 3)):  # v2 is "rolled back": stable stays 1
+        t.event_log.append(stream_events(seed=seed))
+        r = t.run_round()
+        assert r.published_version == expect and r.metrics["gate_baseline_version"] == 1
+    assert set(t.state.published_models) == {1, 3}  # stable + newest; v2 dropped
+    assert reg.read_manifest(3).eval_metrics["gate_baseline_version"] == 1
+    reg.write_rollout(RolloutState(stable=3))  # promoted: the baseline follows, v1 is dropped at the next publish
+    t.event_log.append(stream_events(seed=11))
+    r = t.run_round()
+    assert r.metrics["gate_baseline_version"] == 3 and set(t.state.published_models) == {3, r.published_version}
 
 
 def test_rounds_replay_earlier_users_windows(data_dir):

@@ -33,7 +33,8 @@ class TrainerState:
     watermark_ms: int = 0                      # newest event time consumed
     published_version: int = 0                 # last engine version this trainer published
     history: list[dict] = field(default_factory=list)  # per-round summaries (metrics, decision)
-    published_model: dict | None = None        # state_dict of the last published model: the gate's "serving" side
+    published_models: dict[int, dict] = field(default_factory=dict)  # version -> state_dict, kept for the gate's
+    # baseline: the server's stable version (registry rollout.json) and the last published one, no others
 
 
 def save_checkpoint(directory: Path, state: TrainerState) -> Path:

@@ -2,7 +2,7 @@
 
 A round: read events after the checkpointed positions → grow the vocabulary → hold out each user's
 newest event (up to max_eval_users) → train on the rest, mixed with replayed windows of earlier
-users (anti-forgetting) → Recall/NDCG@10 of the model, of the serving (last published) model and of
+users (anti-forgetting) → Recall/NDCG@10 of the model, of the serving (stable) model and of
 popularity on the same fresh holdout → fold the holdout in → checkpoint atomically (positions
 included) → build + publish an engine if the gate passed (beats popularity and does not fall
 below the serving model). Crash anywhere: the next start resumes from the last checkpoint,
@@ -173,17 +173,18 @@ class Trainer:
             metrics.update({f"model_{k}": v for k, v in model_m.items()})
             metrics.update({f"popularity_{k}": v for k, v in pop_m.items()})
             ok = model_m["recall@10"] >= cfg.gate_min_ratio * pop_m["recall@10"]
-            serving = self._evaluate_serving(hist_BT, tgt_B)
+            baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B)
             if serving is not None:
                 metrics.update({f"serving_{k}": v for k, v in serving.items()})
+                metrics["gate_baseline_version"] = float(baseline_version)
                 # Same users, so a paired comparison; allow 2 standard errors of the difference of the two
                 # hit rates (Var(hit_a - hit_b) <= p_a + p_b): small holdouts must not fail on noise.
                 noise = 2 * math.sqrt((model_m["recall@10"] + serving["recall@10"]) / len(holdout))
                 ok = ok and model_m["recall@10"] >= cfg.gate_min_vs_serving * serving["recall@10"] - noise
             gate = "passed" if ok else "failed"
-            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving R@10 %s | "
+            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving %s | "
                      "popularity R@10 %.4f N@10 %.4f -> gate %s", st.step + 1, len(holdout), model_m["recall@10"],
-                     model_m["ndcg@10"], "-" if serving is None else f"{serving['recall@10']:.4f}",
+                     model_m["ndcg@10"], "-" if serving is None else f"v{baseline_version} R@10 {serving['recall@10']:.4f}",
                      pop_m["recall@10"], pop_m["ndcg@10"], gate)
         else:
             gate = "skipped"
@@ -228,23 +229,32 @@ class Trainer:
         picked = rng.permutation(len(users))[:n]
         return [w for i in picked for w in windows_for_new(st.user_seqs[users[i]], len(st.user_seqs[users[i]]), T)]
 
-    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray) -> dict[str, float] | None:
-        """The last published model on the same holdout. It knows only the items of its own table:
+    def _baseline_version(self) -> int:
+        """The version the gate compares against: the server's stable one (rollout.json in the shared
+        registry) when this trainer published it, else its own last published version. Comparing with the
+        last published one alone is wrong once the server rolls canaries back: it would keep vouching for
+        candidates against a model no user sees."""
+        stable = self.registry.read_rollout().stable
+        return stable if stable in self.state.published_models else self.state.published_version
+
+    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray) -> tuple[int, dict[str, float] | None]:
+        """(baseline version, its metrics on the same holdout). It knows only the items of its own table:
         newer history rows are dropped (as the server drops unknown ids) and newer targets count as misses."""
-        state = self.state.published_model
+        version = self._baseline_version()
+        state = self.state.published_models.get(version)
         if state is None:
-            return None
+            return version, None
         rows = state["item_embedding.weight"].shape[0]
         n_known = min(len(self.vocab), rows - 1)
         served = TwoTower(self.model.cfg, rows)
         served.load_state_dict(state)
         known = tgt_B <= n_known
         if not known.any():
-            return {"recall@10": 0.0, "ndcg@10": 0.0}
+            return version, {"recall@10": 0.0, "ndcg@10": 0.0}
         T = hist_BT.shape[1]
         hist = np.stack([left_pad([r for r in h if 0 < r <= n_known], T) for h in hist_BT[known]])
         m = evaluate_model(served, hist, tgt_B[known], n_known)
-        return {k: v * float(known.mean()) for k, v in m.items()}
+        return version, {k: v * float(known.mean()) for k, v in m.items()}
 
     def _write_ledger(self, step: int, events) -> None:
         with open(self.ledger_path, "a", encoding="utf-8") as f:
@@ -284,7 +294,9 @@ class Trainer:
             log.exception("engine build failed; training goes on and the next round builds again")
             return 0
         st.published_version = int(manifest.version)
-        st.published_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        st.published_models[st.published_version] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        keep = {st.published_version, self.registry.read_rollout().stable}
+        st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
         self.metrics.published_version.set(st.published_version)
         self._checkpoint()
         return st.published_version

@@ -8,6 +8,12 @@ Two kinds of evidence:
   paired engine CPU times, top-k overlap and the distance between the two top-k score distributions.
 A raising canary fails fast (early rollback), garbage scores show as low overlap or large drift, a
 slow one as a high latency ratio; a healthy one is promoted once both samples are big enough.
+
+Low overlap and large drift are also what a young, quickly learning model shows between versions. So a
+canary whose manifest carries the trainer's passed quality gate against the CURRENT stable version (same
+fresh holdout, trainer/loop.py) is vouched for: its ranking change is expected and measured, and those two
+checks are reported instead of enforced. Errors and latency are always enforced. Without this, one
+rollback freezes stable and every later candidate drifts further from it: the canary never promotes again.
 """
 
 from __future__ import annotations
@@ -115,7 +121,18 @@ class CanaryStats:
         }
 
 
-def analyse(stats: CanaryStats, policy: CanaryPolicy) -> Verdict:
+def quality_vouch(canary_metrics: dict[str, float], stable_version: int) -> str | None:
+    """The trainer's evidence that the canary is no worse than stable, from its manifest's eval_metrics,
+    or None when there is none for this stable version."""
+    m = canary_metrics
+    if m.get("gate_passed") != 1.0 or int(m.get("gate_baseline_version", -1)) != stable_version:
+        return None
+    return (f"trainer gate vs stable {stable_version} on {m.get('holdout_users', 0):.0f} held-out users: "
+            f"R@10 {m.get('model_recall@10', 0):.4f} vs {m.get('serving_recall@10', 0):.4f}")
+
+
+def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None) -> Verdict:
+    """vouch: quality_vouch() of the canary; when set, low overlap and large drift do not roll back."""
     f = stats.figures()
     n_c, err_c = f["canary_requests"], f["canary_errors"]
 
@@ -129,16 +146,21 @@ def analyse(stats: CanaryStats, policy: CanaryPolicy) -> Verdict:
         return verdict("wait", f"{f['elapsed_s']:.1f}s of min_duration_s {policy.min_duration_s}s")
     if f["shadow_samples"] < policy.shadow_samples:
         return verdict("wait", f"shadow sample {f['shadow_samples']:.0f} of {policy.shadow_samples}")
+    breaches = []
     if f["topk_overlap"] < policy.min_topk_overlap:
-        return verdict("rollback", f"top-{SHADOW_K} overlap with stable {f['topk_overlap']:.3f} < "
-                                   f"min_topk_overlap {policy.min_topk_overlap}")
+        breaches.append(f"top-{SHADOW_K} overlap with stable {f['topk_overlap']:.3f} < "
+                        f"min_topk_overlap {policy.min_topk_overlap}")
     if f["score_drift"] > policy.max_score_drift:
-        return verdict("rollback", f"score drift (KS) {f['score_drift']:.3f} > max_score_drift {policy.max_score_drift}")
+        breaches.append(f"score drift (KS) {f['score_drift']:.3f} > max_score_drift {policy.max_score_drift}")
+    if breaches and vouch is None:
+        return verdict("rollback", breaches[0])
     if f["shadow_latency_ratio"] > policy.max_p99_ratio:
         return verdict("rollback", f"paired engine CPU time ratio {f['shadow_latency_ratio']:.2f} > max_p99_ratio "
                                    f"{policy.max_p99_ratio}")
     shadow = (f"overlap {f['topk_overlap']:.3f}, drift {f['score_drift']:.3f}, "
               f"engine CPU time ratio {f['shadow_latency_ratio']:.2f} on {f['shadow_samples']:.0f} shadow samples")
+    if breaches:
+        shadow += f" ({'; '.join(breaches)}: accepted, {vouch})"
     n_s = f["stable_requests"]
     if n_c >= policy.min_requests and n_s >= policy.min_requests:
         if err_c / n_c > policy.max_error_rate:

@@ -24,7 +24,7 @@ from typing import Callable
 
 from livetower.registry import EngineCorrupt, Registry
 from livetower.rollout import CanaryPolicy, RolloutState
-from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary
+from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 
 log = logging.getLogger("livetower.engine")
@@ -352,7 +352,9 @@ class EngineManager:
         canary, stats = self.canary, self.stats
         if canary is None or stats is None:
             return None
-        verdict = analyse(stats, self.policy)
+        stable = self.stable
+        vouch = quality_vouch(dict(canary.manifest.eval_metrics), stable.version) if stable is not None else None
+        verdict = analyse(stats, self.policy, vouch=vouch)
         self.last_verdict = verdict
         if not (self.config.leader and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict
