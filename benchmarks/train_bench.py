@@ -33,18 +33,10 @@ from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.elastic import FaultInjection, run_distributed_round, train_windows_elastic
 from trainer.elastic.worker import global_batches
 from trainer.evaluate import evaluate_model
-from trainer.examples import stack_windows, windows_for_new
+from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.model import ModelConfig, TwoTower
 from trainer.training import make_optimizer
 from trainer.vocab import ItemVocab, table_rows_for
-
-
-def left_pad(rows: list[int], T: int) -> np.ndarray:
-    out = np.zeros(T, np.int64)
-    rows = rows[-T:]
-    if rows:
-        out[T - len(rows):] = rows
-    return out
 
 
 @dataclass(kw_only=True, slots=True)

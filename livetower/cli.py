@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from livetower.cli_engines import DEFAULT_TARGET, add_engines_parser
+from livetower.cli_stream import add_archive_parser, add_replay_parser
 
 DEFAULT_DATA_DIR = Path("var/livetower")
 
@@ -39,6 +40,11 @@ def _train_config(args):
                                       max_round_events=args.max_round_events,
                                       round_interval_s=args.round_interval_s, epochs_per_round=args.epochs,
                                       precision=args.precision).items() if v is not None}
+    elastic = {k: v for k, v in dict(min_workers=args.min_workers, max_workers=args.max_workers,
+                                      events_per_worker=args.events_per_worker, device=args.train_device).items()
+               if v is not None}
+    if elastic:
+        changes["elastic"] = base.elastic.replace(**elastic)
     changes["inductor_cache_dir"] = args.data_dir / "inductor-cache"
     return base.replace(**changes)
 
@@ -74,7 +80,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-interval-s", type=float, help="or after this long with any backlog (default 30)")
     p.add_argument("--max-round-events", type=int, help="events one round consumes at most (default 200000)")
     p.add_argument("--epochs", type=int, help="passes over each round's events (default 2)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="autocast precision (default bf16)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training precision: bf16 autocast (default), fp16 autocast + loss scaling, fp32")
+    p.add_argument("--min-workers", type=int, help="fewest training workers a round runs on (default 1)")
+    p.add_argument("--max-workers", type=int,
+                   help="most training workers a round may get, chosen from the backlog (default 1: in-process)")
+    p.add_argument("--events-per-worker", type=int, help="backlog per worker before another is added (default 50000)")
+    p.add_argument("--train-device", choices=("auto", "cpu", "cuda"),
+                   help="where workers train: cuda (one GPU each), cpu (gloo), auto (default: cuda when visible)")
     p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
     p.add_argument("--trainer-metrics-port", type=int, default=9465,
                    help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")
@@ -129,7 +142,18 @@ def cmd_train(args) -> int:
 
     torch.set_num_threads(args.train_threads)
     cfg = _train_config(args)
-    if args.events:
+    if args.backfill:
+        if args.events:
+            raise SystemExit("--backfill trains from the archive: drop --events (a later run with --events continues)")
+        from livetower.archive import ArchiveError
+        from livetower.cli_stream import backfill_source
+
+        try:
+            event_log = backfill_source(args.backfill)
+        except ArchiveError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.events:
         from livetower.kafka_events import parse_events_url
         from livetower.kafka_source import KafkaEventSource
 
@@ -144,6 +168,13 @@ def cmd_train(args) -> int:
         httpd, _ = start_http_server(args.trainer_metrics_port, addr="127.0.0.1", registry=trainer.metrics.registry)
         logging.getLogger("livetower.trainer").info("trainer metrics on http://127.0.0.1:%d/metrics",
                                                     httpd.server_port)
+    if args.backfill:
+        from livetower.cli_stream import run_backfill
+
+        try:
+            return run_backfill(trainer)
+        finally:
+            event_log.close()
     if args.once:
         result = trainer.run_round()
         print(json.dumps(None if result is None else dataclasses.asdict(result), indent=1))
@@ -165,7 +196,7 @@ def cmd_up(args) -> int:
 
     train_args = []
     for flag in ("backend", "round_min_events", "round_interval_s", "max_round_events", "epochs", "precision", "events",
-                 "trainer_metrics_port"):
+                 "trainer_metrics_port", "min_workers", "max_workers", "events_per_worker", "train_device"):
         if getattr(args, flag) is not None:
             train_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.tiny:
@@ -233,7 +264,7 @@ def cmd_bench(args) -> int:
     import importlib
 
     module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap",
-              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels"}[args.what]
+              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels", "train": "train_bench"}[args.what]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -261,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     train.add_argument("--group-id", default="livetower-trainer", help="Kafka consumer group (with --events)")
     train.add_argument("--ledger", type=Path, help="append '<round> <pid> <event_id>' per trained event (audits)")
+    train.add_argument("--backfill", metavar="PATH",
+                       help="train from a Delta archive (livetower archive) until it is drained, then exit; "
+                            "a later plain run continues after the archived events")
     _add_events_flag(train)
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
@@ -285,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
 
     add_engines_parser(sub)
+    add_archive_parser(sub)
+    add_replay_parser(sub)
 
     broker = sub.add_parser("broker", help="a local Kafka-protocol broker (tansu, memory only) for trying --events")
     broker.add_argument("--port", type=int, default=9092)
@@ -296,13 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels"),
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels", "train"),
                        help="build: engine backends compared; catalog: a trained catalogue for load tests; "
                             "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
                             "swap: canary, promote and rollback under load, memory over swap cycles; "
                             "kill: kill -9 the Kafka-fed trainer many times, count lost events; "
                             "stream: event -> history latency and event -> serving freshness on Kafka; "
-                            "kernels: Triton retrieval kernel vs torch on a GPU")
+                            "kernels: Triton retrieval kernel vs torch on a GPU; "
+                            "train: training throughput per worker count and precision, elastic scaling events")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p

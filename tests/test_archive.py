@@ -14,7 +14,7 @@ from trainer.config import TrainConfig
 from trainer.data.synthetic import generate
 from trainer.loop import Trainer
 
-deltalake = pytest.importorskip("deltalake")
+import deltalake  # a dependency: a missing one must fail, not skip
 
 
 def _log(tmp_path, events) -> SqliteEventLog:
@@ -163,3 +163,20 @@ def test_missing_or_foreign_table_gives_a_clear_error(tmp_path):
         DeltaArchiver(_log(tmp_path, []), foreign)
     with pytest.raises(ValueError, match="ArchiveConfig.batch_events"):
         ArchiveConfig(batch_events=0)
+
+
+def test_cli_archive_then_train_backfill(tmp_path, capsys):
+    """The operator path: ingest -> `livetower archive --once` -> `livetower train --backfill` drains the archive."""
+    from livetower.cli import main
+
+    data = tmp_path / "data"
+    assert main(["ingest", "synthetic", "--users", "60", "--data-dir", str(data)]) == 0
+    n = SqliteEventLog(data / "events.sqlite").count()
+    assert main(["archive", "--once", "--data-dir", str(data), "--table", str(tmp_path / "archive")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--backfill", str(tmp_path / "archive"), "--data-dir", str(data), "--tiny",
+                 "--backend", "torch", "--trainer-metrics-port", "-1", "--train-threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["events"] == n and summary["rounds"] >= 1 and summary["published_versions"]
+    assert main(["train", "--backfill", str(tmp_path / "nowhere"), "--data-dir", str(data), "--tiny",
+                 "--trainer-metrics-port", "-1"]) == 2

@@ -164,3 +164,21 @@ def test_rounds_replay_earlier_users_windows(data_dir):
         assert mask_T.any() and (targets_T[mask_T] > 0).all()
     assert t._replay_windows(0, exclude=fresh) == []
     assert make_trainer(data_dir, replay_fraction=0.0)._replay_windows(0, exclude={}) == []
+
+
+def test_round_backlog_picks_two_workers_and_the_round_trains_on_them(data_dir):
+    """The sidecar's rounds go through the elastic policy: a backlog above events_per_worker gets two DDP
+    workers (gloo, CPU), the choice is exported, and the round publishes like any other."""
+    from trainer.config import ElasticConfig
+
+    t = make_trainer(data_dir, precision="fp32", elastic=ElasticConfig(max_workers=2, events_per_worker=500,
+                                                                       device="cpu"))
+    t.devices = 2  # devices = usable cores on CPU; pinned so a 1-core runner still takes the two-worker path
+    r = t.run_round()
+    assert r.gate == "passed" and r.published_version == 1
+    reg = t.metrics.registry
+    assert reg.get_sample_value("livetower_trainer_elastic_workers") == 2
+    # backlog 2000 / 500 per worker wants 4: capped by max_workers
+    assert reg.get_sample_value("livetower_trainer_elastic_choices_total", {"reason": "max_workers"}) == 1
+    assert reg.get_sample_value("livetower_trainer_elastic_attempts_total", {"outcome": "ok"}) == 1
+    assert t.rate_per_worker and t.rate_per_worker > 0

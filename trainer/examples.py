@@ -42,3 +42,12 @@ def stack_windows(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
     if not windows:
         return (np.zeros((0, 0), np.int64),) * 2 + (np.zeros((0, 0), bool),)
     return tuple(np.stack(x) for x in zip(*windows))
+
+
+def left_pad(rows: list[int], T: int) -> np.ndarray:
+    """(T,) the newest T rows, right-aligned, zero (padding) on the left."""
+    out = np.zeros(T, np.int64)
+    rows = rows[-T:]
+    if rows:
+        out[T - len(rows):] = rows
+    return out

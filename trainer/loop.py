@@ -28,12 +28,14 @@ from livetower.registry import Registry
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_model, evaluate_popularity
-from trainer.examples import stack_windows, windows_for_new
+from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.export.build import BuildFailed, BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
-from trainer.training import grow_table, make_optimizer, train_windows
+from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
+                             resolve_device, train_windows_elastic)
+from trainer.training import grow_table, make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
 log = logging.getLogger("livetower.trainer")
@@ -49,14 +51,6 @@ class RoundResult:
     seconds: float
 
 
-def left_pad(rows: list[int], T: int) -> np.ndarray:
-    out = np.zeros(T, np.int64)
-    rows = rows[-T:]
-    if rows:
-        out[T - len(rows):] = rows
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
                  ledger_path: Path | None = None, metrics: TrainerMetrics | None = None) -> None:
@@ -64,7 +58,12 @@ class Trainer:
         trained, fsynced before the round's checkpoint. A crash between the two leaves lines of a round the
         checkpoint does not hold; the restarted trainer redoes that round (same number, another pid), so a
         round's committed lines are those of the last pid that wrote it. For audits (the kill -9 campaign)."""
+        if resolve_device(cfg.elastic.device) == "cuda" and cfg.elastic.in_process_single_worker:
+            # The trainer process keeps its model on the CPU (eval, export); W = 1 launches one GPU worker.
+            cfg = cfg.replace(elastic=cfg.elastic.replace(in_process_single_worker=False))
         self.cfg = cfg
+        self.devices = available_devices(cfg.elastic)
+        self.rate_per_worker: float | None = None   # measured events/s of one worker in the last round
         self.event_log = event_log
         self.ledger_path = ledger_path
         self.metrics = metrics or TrainerMetrics()
@@ -98,6 +97,8 @@ class Trainer:
                      state.step, state.trained_events, state.offsets, len(self.vocab))
         self.model.eval()
         self.generator = torch.Generator().manual_seed(cfg.seed + self.state.step)
+        self.scaler = make_grad_scaler(cfg.precision, "cpu", cfg.fp16_init_scale)  # fp16 loss scale, kept across rounds
+        self.elastic_metrics = ElasticMetrics(self.metrics.registry)
 
     @property
     def next_offset(self) -> int:
@@ -152,6 +153,7 @@ class Trainer:
             seq, n_new = (seqs[u][:-1], len(new) - 1) if u in held else (seqs[u], len(new))
             train_rows.extend(new[:n_new])
             windows.extend(windows_for_new(seq, n_new, T))
+        counts_before = st.item_counts.copy()
         self._count(train_rows)
         n_new_windows = len(windows)
         windows.extend(self._replay_windows(int(cfg.replay_fraction * n_new_windows), exclude=new_by_user))
@@ -160,9 +162,21 @@ class Trainer:
                  st.step + 1, len(events), len(new_by_user), n_new_windows, len(windows) - n_new_windows,
                  len(holdout), n_items)
         if windows:
-            train_windows(self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(),
-                          n_items=n_items, cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator,
-                          progress=lambda m: log.info("round %d %s", st.step + 1, m))
+            choice = choose_workers(len(events), cfg.elastic, devices=self.devices,
+                                    events_per_s_per_worker=self.rate_per_worker)
+            record_choice(choice, self.elastic_metrics)
+            try:
+                stats = train_windows_elastic(
+                    self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(), n_items=n_items,
+                    cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator, workers=choice.workers,
+                    progress=lambda m: log.info("round %d %s", st.step + 1, m), scaler=self.scaler,
+                    metrics=self.elastic_metrics)
+            except RoundFailed as e:  # model and optimizer unchanged, positions not advanced: the next round retries
+                log.error("round %d failed on every worker count tried: %s; its events are read again next round",
+                          st.step + 1, e)
+                st.item_counts = counts_before
+                return None
+            self.rate_per_worker = stats.events_per_s_per_worker
 
         metrics: dict[str, float] = {"holdout_users": float(len(holdout))}
         if len(holdout) >= cfg.min_eval_users:
@@ -196,7 +210,7 @@ class Trainer:
             self._count([seqs[u][-1] for u in holdout])
             fold = [w for u in holdout for w in windows_for_new(seqs[u], 1, T)]
             train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
-                          n_items=n_items, cfg=cfg, epochs=1, generator=self.generator)
+                          n_items=n_items, cfg=cfg, epochs=1, generator=self.generator, scaler=self.scaler)
 
         for u, seq in seqs.items():
             st.user_seqs[u] = seq[-T:]

@@ -25,13 +25,14 @@ def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: tor
     item_prob_R: per-row sampling probability of an item as a positive (stream frequency)."""
     M = pos_rows_M.shape[0]
     uniq_U, pos_idx_M = torch.unique(pos_rows_M, return_inverse=True)
-    rand_R = torch.randint(1, n_items + 1, (n_random,), generator=generator)
+    # Drawn on the CPU (the generator is a CPU one: reproducible on any device), then moved.
+    rand_R = torch.randint(1, n_items + 1, (n_random,), generator=generator).to(pos_rows_M.device)
     cand_C = torch.cat([uniq_U, rand_R])
     cand_CD = model.encode_items(cand_C)
     logits_MC = (user_MD @ cand_CD.T).float() / temperature
     logq_C = torch.cat([
         torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
-        torch.full((n_random,), math.log(max(n_random, 1) / n_items)),
+        torch.full((n_random,), math.log(max(n_random, 1) / n_items), device=pos_rows_M.device),
     ])
     logits_MC = logits_MC - logq_C
     hit_MR = rand_R[None, :] == pos_rows_M[:, None]  # accidental hits of the positive
