@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import deltalake
 import pytest
 
 from livetower.archive import ArchiveConfig, ArchiveError, ArchiveRace, DeltaArchiver, DeltaEventSource
@@ -13,8 +14,6 @@ from tests.conftest import SMALL_DATA, stream_events
 from trainer.config import TrainConfig
 from trainer.data.synthetic import generate
 from trainer.loop import Trainer
-
-import deltalake  # a dependency: a missing one must fail, not skip
 
 
 def _log(tmp_path, events) -> SqliteEventLog:
