@@ -117,3 +117,69 @@ def test_lower_loss_when_user_matches_target():
     bad = loss(model, random_users(4, 32), pos, n_random=10)
     assert good.item() < bad.item()
     assert good.item() < 0.5 * bad.item()
+
+
+def test_full_softmax_on_valid_positions_equals_naive_padded_ce():
+    """The fused, chunked full CE over the gathered non-pad positions = F.cross_entropy over every item
+    computed on the whole padded (B, T) output with pad targets ignored: loss and every gradient."""
+    from trainer.loss import full_softmax_loss
+
+    model = make_model()
+    hist = torch.tensor([[0, 0, 3, 4, 9], [1, 2, 3, 5, 7], [0, 0, 0, 0, 11]])
+    tgt = torch.tensor([[0, 0, 4, 9, 2], [2, 3, 5, 7, 20], [0, 0, 0, 0, 13]])
+    mask = tgt != 0
+
+    def grads():
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def naive():
+        states = model.user_states(hist)  # (B, T, D), pad positions included
+        items = model.encode_items(torch.arange(1, N_ITEMS + 1))
+        logits = (states @ items.T) / 0.07  # (B, T, N)
+        return F.cross_entropy(logits.reshape(-1, N_ITEMS), (tgt - 1).reshape(-1), ignore_index=-1)
+
+    model.zero_grad()
+    ref = naive()
+    ref.backward()
+    ref_g = grads()
+    for chunk in (1, 2, 64):
+        model.zero_grad()
+        states = model.user_states(hist)[mask]
+        items = model.encode_items(torch.arange(1, N_ITEMS + 1))
+        got = full_softmax_loss(states, items, tgt[mask] - 1, temperature=0.07, chunk=chunk)
+        got.backward()
+        assert abs(got.item() - ref.item()) < 1e-5
+        for a, b in zip(grads(), ref_g):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    model.zero_grad()  # bf16 matmuls: close, not exact
+    states = model.user_states(hist)[mask]
+    got = full_softmax_loss(states, model.encode_items(torch.arange(1, N_ITEMS + 1)), tgt[mask] - 1,
+                            temperature=0.07, bf16_matmul=True)
+    got.backward()
+    assert abs(got.item() - ref.item()) < 2e-2 * ref.item()
+    for a, b in zip(grads(), ref_g):
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-8
+
+
+def test_full_softmax_scales_with_upstream_gradient_and_empty_batch():
+    from trainer.loss import full_softmax_loss
+
+    user = random_users(4, 8).requires_grad_()
+    items = random_users(10, 8, seed=2).requires_grad_()
+    (3.0 * full_softmax_loss(user, items, torch.tensor([0, 3, 3, 9]), temperature=0.1)).backward()
+    u2, i2 = user.detach().clone().requires_grad_(), items.detach().clone().requires_grad_()
+    (3.0 * F.cross_entropy(u2 @ i2.T / 0.1, torch.tensor([0, 3, 3, 9]))).backward()
+    assert torch.allclose(user.grad, u2.grad, atol=1e-6) and torch.allclose(items.grad, i2.grad, atol=1e-6)
+    empty = full_softmax_loss(user[:0], items, torch.zeros(0, dtype=torch.long), temperature=0.1)
+    assert empty.item() == 0.0
+
+
+def test_full_softmax_exact_when_target_probability_underflows():
+    from trainer.loss import full_softmax_loss
+
+    user, items = random_users(6, 8), random_users(30, 8, seed=4)
+    tgt = (user @ items.T).argmin(1)  # the least similar item: p(target) ~ exp(-2 / 0.005) underflows
+    ref = F.cross_entropy(user @ items.T / 0.005, tgt)
+    assert ref.item() > 100
+    got = full_softmax_loss(user, items, tgt, temperature=0.005)
+    assert abs(got.item() - ref.item()) < 1e-3 * ref.item()

@@ -204,3 +204,54 @@ def test_encode_users_last_only_equals_full_last_position():
             full = model.user_states(h)[:, -1]
             fast = model.encode_users(h)
         assert torch.allclose(full, fast, atol=1e-6), (full - fast).abs().max()
+
+
+def test_abs_positions_and_emb_dropout_options():
+    """SASRec-style options: learned positions counted from the newest item keep left-padding (and batch
+    crop) invariance, causality, last-only serving and export; emb_dropout acts in training only."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(abs_positions=True, emb_dropout=0.3, dropout=0.1, max_history=12)
+    m = TwoTower(cfg, 50).eval()
+    with torch.no_grad():
+        m.pos_embedding.weight.normal_(0, 0.5)  # make positions matter
+    hist = torch.tensor([5, 9, 3, 17, 4])
+    outs = []
+    for T in (5, 8, 12):
+        h = torch.full((1, T), PAD_ROW, dtype=torch.long)
+        h[0, T - 5:] = hist
+        with torch.no_grad():
+            outs.append(m.encode_users(h))
+            assert torch.allclose(m.user_states(h)[:, -1], outs[-1], atol=1e-6)
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max().item() < 1e-5
+    plain = TwoTower(cfg.__class__(**{**cfg.to_dict(), "abs_positions": False}), 50).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "pos_embedding.weight"})
+    with torch.no_grad():
+        assert (plain.encode_users(h) - m.encode_users(h)).abs().max().item() > 1e-4  # positions are used
+        h2 = h.clone()
+        h2[0, 9] = 33
+        a, b = m.user_states(h), m.user_states(h2)
+    assert (a[:, :9] - b[:, :9]).abs().max().item() < 1e-6 and (a[:, 9:] - b[:, 9:]).abs().max().item() > 1e-4
+    m.train()
+    torch.manual_seed(1)
+    x1 = m.embed_history(h)
+    torch.manual_seed(2)
+    assert not torch.equal(x1, m.embed_history(h))  # input dropout in training
+    m.eval()
+    ep = torch.export.export(Wrapper(m), (torch.randint(1, 50, (3, 12)),), strict=False,
+                             dynamic_shapes={"history_BT": {0: torch.export.Dim("batch", min=1, max=64)}})
+    x = torch.randint(1, 50, (4, 12))
+    x[0, :6] = PAD_ROW
+    with torch.no_grad():
+        assert (ep.module()(x) - m.encode_users(x)).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="emb_dropout"):
+        ModelConfig(emb_dropout=1.0)
+
+
+def test_added_fields_leave_default_config_dict_unchanged():
+    """Fields added later are left out of to_dict at their default (so older architecture hashes hold)."""
+    d = ModelConfig().to_dict()
+    assert "abs_positions" not in d and "emb_dropout" not in d and ModelConfig.from_dict(d) == ModelConfig()
+    d2 = ModelConfig(abs_positions=True, emb_dropout=0.2).to_dict()
+    assert d2["abs_positions"] is True and d2["emb_dropout"] == 0.2
+    assert ModelConfig.from_dict(d2) == ModelConfig(abs_positions=True, emb_dropout=0.2)

@@ -35,6 +35,10 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, help="routed experts per MoE layer")
     p.add_argument("--moe-dim", type=int, help="hidden size of each expert")
     p.add_argument("--dropout", type=float)
+    p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
+    p.add_argument("--abs-positions", action="store_true", default=None,
+                   help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
+    p.add_argument("--fp32-logits", action="store_true", help="full_softmax: fp32 logits matmuls (default bf16)")
     p.add_argument("--max-history", type=int, help="sequence length T")
     p.add_argument("--temperature", type=float)
     p.add_argument("--precision", choices=("bf16", "fp32"))
@@ -59,7 +63,8 @@ def build_config(args):
     model_changes = {k: v for k, v in dict(
         dim=args.dim, out_dim=args.dim, n_layers=args.layers, n_routed_experts=args.experts,
         moe_dim=args.moe_dim, dropout=args.dropout, max_history=args.max_history,
-        temperature=args.temperature).items() if v is not None}
+        temperature=args.temperature, emb_dropout=args.emb_dropout,
+        abs_positions=args.abs_positions).items() if v is not None}
     model = dataclasses.replace(cfg.train.model, **model_changes)
     train_changes = {k: v for k, v in dict(
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
@@ -71,6 +76,8 @@ def build_config(args):
         changes["logq"] = False
     if args.no_in_batch:
         changes["in_batch"] = False
+    if args.fp32_logits:
+        changes["logits_bf16"] = False
     return dataclasses.replace(cfg, train=train, **changes)
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
 INIT_STD = 0.02  # HF initializer_range
 MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
+ADDED_FIELDS = ("abs_positions", "emb_dropout")  # ModelConfig fields omitted from to_dict at their default
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -52,6 +53,9 @@ class ModelConfig:
     temperature: float = 0.05  # score = cosine / temperature in the training loss
     dropout: float = 0.0  # attention/residual dropout, training only
     bias_update_rate: float = 1e-3  # step of the aux-loss-free expert-bias update
+    abs_positions: bool = False  # add a learned absolute position embedding to the history (as SASRec), counted
+                                 # from the newest item (row max_history - 1); RoPE stays. False = RoPE only
+    emb_dropout: float = 0.0  # dropout on the history's input embeddings (as SASRec), training only
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, why: str) -> None:
@@ -81,6 +85,8 @@ class ModelConfig:
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(0.0 <= self.emb_dropout < 1.0, "emb_dropout", "must be in [0, 1)")
+        need(isinstance(self.abs_positions, bool), "abs_positions", "must be a bool")
         need(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
 
     @classmethod
@@ -108,7 +114,10 @@ class ModelConfig:
         )
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every field, except the later-added ones (ADDED_FIELDS) at their default: configs (and so the
+        architecture hashes of engines) from before those fields existed stay the same."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ADDED_FIELDS or getattr(self, f.name) != f.default}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -333,6 +342,8 @@ class TwoTower(nn.Module):
             raise ValueError(f"num_rows={num_rows}: need the pad row plus at least one item")
         self.cfg = cfg
         self.item_embedding = nn.Embedding(num_rows, cfg.dim, padding_idx=PAD_ROW)  # shared by both towers
+        if cfg.abs_positions:  # row max_history - 1 = the newest item's position
+            self.pos_embedding = nn.Embedding(cfg.max_history, cfg.dim)
         self.stack = DeepseekV3Stack(cfg)
         self.user_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
         self.item_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
@@ -347,16 +358,26 @@ class TwoTower(nn.Module):
     def encode_items(self, rows_N: Tensor) -> Tensor:
         return F.normalize(self.item_proj(self.item_embedding(rows_N)), dim=-1)  # (N, out_dim)
 
+    def embed_history(self, history_BT: Tensor) -> Tensor:
+        """(B, T) left-padded rows (T <= max_history) -> (B, T, D) stack input: item rows [+ positions, pads 0]."""
+        x_BTD = self.item_embedding(history_BT)
+        if self.cfg.abs_positions:  # the newest item (last column) gets position row max_history - 1
+            pos_T = torch.arange(history_BT.shape[1], device=x_BTD.device) + self.cfg.max_history - x_BTD.shape[1]
+            x_BTD = (x_BTD + self.pos_embedding(pos_T)) * (history_BT != PAD_ROW).unsqueeze(-1).to(x_BTD.dtype)
+        if self.cfg.emb_dropout > 0:
+            x_BTD = F.dropout(x_BTD, p=self.cfg.emb_dropout, training=self.training)
+        return x_BTD
+
     def hidden_states(self, history_BT: Tensor) -> Tensor:
         """(B, T) left-padded rows -> (B, T, D) DeepSeek stack output (before user_proj)."""
-        return self.stack(self.item_embedding(history_BT), history_BT != PAD_ROW)
+        return self.stack(self.embed_history(history_BT), history_BT != PAD_ROW)
 
     def user_states(self, history_BT: Tensor) -> Tensor:
         return F.normalize(self.user_proj(self.hidden_states(history_BT)), dim=-1)  # (B, T, out_dim)
 
     def encode_users(self, history_BT: Tensor) -> Tensor:
         # newest item is last (left padding); only that position is computed in the final layer
-        h_BD = self.stack(self.item_embedding(history_BT), history_BT != PAD_ROW, last_only=True)[:, -1]
+        h_BD = self.stack(self.embed_history(history_BT), history_BT != PAD_ROW, last_only=True)[:, -1]
         return F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trainer.config import TrainConfig
 from trainer.examples import stack_windows, windows_for_new
-from trainer.loss import MASK_LOGIT, sampled_softmax_loss
+from trainer.loss import MASK_LOGIT, full_softmax_loss, sampled_softmax_loss
 from trainer.model import TwoTower
 from trainer.training import autocast, make_optimizer
 from trainer.vocab import table_rows_for
@@ -42,6 +42,8 @@ class OfflineTrainConfig:
     patience: int = 3           # stop after this many validations without a better one (0 = never stop early)
     max_val_users: int = 5000   # validation users scored during training (deterministic subsample; 0 = all)
     bucket: bool = True         # batch windows of similar length and crop the padding (same result, faster)
+    logits_bf16: bool = True    # full_softmax: the (targets x items) matmuls in bf16 (fp32 accumulation and
+                                # softmax; ~2x faster on one AMX CPU thread, gradients within ~0.3%); False = fp32
 
     def __post_init__(self) -> None:
         for name in ("epochs", "eval_every"):
@@ -76,9 +78,10 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
                  item_prob_R: torch.Tensor, n_items: int, gen: torch.Generator) -> torch.Tensor:
     """user_MD: normalised user states (one per target); pos_M: target rows (>= 1)."""
     tc, temp = cfg.train, cfg.train.model.temperature
-    if cfg.loss == "full_softmax":
-        items_ND = model.encode_items(torch.arange(1, n_items + 1))
-        return F.cross_entropy((user_MD @ items_ND.T).float() / temp, pos_M - 1)
+    if cfg.loss == "full_softmax":  # user_MD holds the valid (non-pad) target positions only
+        items_ND = model.encode_items(torch.arange(1, n_items + 1, device=pos_M.device))  # once per step
+        return full_softmax_loss(user_MD.float(), items_ND.float(), pos_M - 1, temperature=temp,
+                                 bf16_matmul=cfg.logits_bf16)
     if cfg.loss == "bce":
         neg_M = torch.randint(1, n_items + 1, pos_M.shape, generator=gen)
         pos_s = (user_MD * model.encode_items(pos_M)).sum(-1).float() / temp
