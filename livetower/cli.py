@@ -24,12 +24,14 @@ def _server_config(args):
     from server.engine.manager import EngineManagerConfig
 
     batching = None if args.no_batching else BatchingConfig(
-        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue)
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+        max_queue_delay_ms=args.max_queue_delay_ms, max_loop_lag_ms=args.max_loop_lag_ms)
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port, events_url=args.events,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
-                                                    leader=not args.rollout_follower),
-                        batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port)
+                                                    leader=not args.rollout_follower, use_ann=not args.no_ann),
+                        batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port,
+                        gil_switch_interval_s=args.gil_switch_interval_ms / 1e3)
 
 
 def _train_config(args):
@@ -66,6 +68,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="Recommend queries per engine call")
     p.add_argument("--max-delay-ms", type=float, default=0.0, help="wait for a batch to fill")
     p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
+    p.add_argument("--max-queue-delay-ms", type=float, default=20.0,
+                   help="shed a request that would wait longer than this for the compute thread")
+    p.add_argument("--max-loop-lag-ms", type=float, default=20.0,
+                   help="shed new requests while the event loop runs this far behind (0: never)")
+    p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
+                   help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")
     p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
     p.add_argument("--rollout-follower", action="store_true",

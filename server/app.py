@@ -164,9 +164,13 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
 
 
 async def serve(config: ServerConfig, *, on_started=None) -> None:
+    import sys
+
     import torch
 
     torch.set_num_threads(config.engines.num_threads)  # process-wide: retrieval and the user-tower runners
+    sys.setswitchinterval(config.gil_switch_interval_s)  # process-wide: engine loads and shadow scoring run
+    # Python in other threads; at the default 5 ms each of their turns could hold the event loop that long
     server, port = create_server(config)
     await server.start()
     if on_started is not None:

@@ -4,9 +4,15 @@ Requests queue here; one worker runs them on a dedicated compute thread, so the 
 accepting and (de)serialising while the engine works. Whatever queued while the last batch ran
 is taken together (up to max_batch, after waiting up to max_delay_ms for more): under light load
 a request runs alone at once, under heavy load batches grow and amortise the user tower and the
-scoring pass. Past capacity requests are shed quickly instead of queueing without bound:
+scoring pass. Past capacity requests are shed quickly instead of queueing without bound, so the requests that are
+admitted keep a bounded latency:
 - the queue holds at most max_queue requests; beyond that: Overloaded at once;
-- a request whose deadline cannot be met given the queue ahead of it is shed at admission;
+- a request that would wait longer than max_queue_delay_ms for the compute thread (the queued jobs
+  ahead of it, each at its engine's measured compute time per job) is shed at admission, and so is
+  one whose deadline cannot be met given that queue;
+- while the event loop itself runs more than max_loop_lag_ms behind (requests then wait before any
+  handler sees them, where no queue bound applies), new requests are shed: a shed request costs the
+  loop a fraction of a computed one, so the backlog drains instead of growing;
 - a request whose deadline passed while queued is dropped, not computed.
 Engine-agnostic and grpc-free: the servicer maps the exceptions onto status codes.
 """
@@ -14,13 +20,18 @@ Engine-agnostic and grpc-free: the servicer maps the exceptions onto status code
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from server.engine.engine import Engine, Ranked, RecommendQuery
+
+
+LAG_DECAY_S = 0.01  # time constant of the loop-lag signal's decay
 
 
 class Overloaded(Exception):
@@ -36,6 +47,9 @@ class BatchingConfig:
     max_batch: int = 32          # Recommend queries per user-tower call
     max_delay_ms: float = 0.0    # extra wait for a batch to fill (0: take what queued while busy)
     max_queue: int = 512         # queued requests beyond which new ones are shed
+    max_queue_delay_ms: float = 20.0  # predicted wait for the compute thread beyond which a request is shed
+    max_loop_lag_ms: float = 20.0     # event-loop lag beyond which new requests are shed (0: never)
+    loop_probe_ms: float = 2.0        # how often the loop lag is sampled
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 256:
@@ -44,6 +58,12 @@ class BatchingConfig:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if not self.max_queue_delay_ms > 0:
+            raise ValueError(f"max_queue_delay_ms must be > 0, got {self.max_queue_delay_ms}")
+        if self.max_loop_lag_ms < 0:
+            raise ValueError(f"max_loop_lag_ms must be >= 0 (0: off), got {self.max_loop_lag_ms}")
+        if not self.loop_probe_ms > 0:
+            raise ValueError(f"loop_probe_ms must be > 0, got {self.loop_probe_ms}")
 
 
 @dataclass(slots=True)
@@ -53,6 +73,7 @@ class _Job:
     future: asyncio.Future
     query: RecommendQuery | None = None          # batched Recommend
     call: Callable[[], Any] | None = None        # anything else, run alone (Score)
+    cost_s: float = 0.0                          # predicted compute time, part of the queued work
 
 
 class MicroBatcher:
@@ -62,38 +83,80 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._worker: asyncio.Task | None = None
-        self._per_item_s = 0.001  # EWMA of compute time per queued job, for deadline admission
+        self._probe: asyncio.Task | None = None
+        self._per_item_s = 0.001  # EWMA of compute time per job (any engine): a new engine's first guess
+        # Per engine (stable and canary differ): EWMA of compute time per job. Admission predicts a new
+        # job's wait as the queued work ahead of it, so a slow canary's jobs count at their own cost.
+        self._engine_cost_s: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._queued_s = 0.0      # sum of the queued jobs' cost_s
+        self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
+        self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
         self.shed = 0
+        self.shed_loop_lag = 0
         self.expired = 0
         self.batches = 0
         self.batched_queries = 0
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._worker = loop.create_task(self._run())
+        if self.config.max_loop_lag_ms > 0:
+            self._probe_due = time.monotonic() + self.config.loop_probe_ms / 1e3
+            self._probe = loop.create_task(self._probe_loop_lag())
 
     async def stop(self) -> None:
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [t for t in (self._worker, self._probe) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(Overloaded("server is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
+    async def _probe_loop_lag(self) -> None:
+        """Sample how late the event loop runs a timer: about the time a new request waits before its
+        handler. Older samples decay with a 10 ms time constant, so the backlog a stall left behind is
+        still seen while the loop works through it."""
+        period = self.config.loop_probe_ms / 1e3
+        decay = math.exp(-period / LAG_DECAY_S)
+        while True:
+            self._probe_due = time.monotonic() + period
+            await asyncio.sleep(period)
+            self._lag_s = max(time.monotonic() - self._probe_due, self._lag_s * decay, 0.0)
+
+    @property
+    def loop_lag_s(self) -> float:
+        """How far behind the event loop runs: the recent probe lag, or how overdue the next probe is."""
+        if self._probe is None:
+            return 0.0
+        return max(self._lag_s, time.monotonic() - self._probe_due)
+
     def _admit(self, job: _Job) -> asyncio.Future:
+        cfg = self.config
         depth = len(self._queue)
-        if depth >= self.config.max_queue:
+        if depth >= cfg.max_queue:
             self.shed += 1
-            raise Overloaded(f"server overloaded: {depth} requests queued (limit {self.config.max_queue}); "
+            raise Overloaded(f"server overloaded: {depth} requests queued (limit {cfg.max_queue}); "
                              "retry with back-off")
-        if job.deadline is not None:
-            wait = (depth + 1) * self._per_item_s
-            if time.monotonic() + wait > job.deadline:
-                self.shed += 1
-                raise Overloaded(f"server overloaded: about {wait * 1e3:.1f} ms of queued work exceeds the "
-                                 "request's deadline; retry with back-off")
+        if cfg.max_loop_lag_ms and self.loop_lag_s * 1e3 > cfg.max_loop_lag_ms:
+            self.shed += 1
+            self.shed_loop_lag += 1
+            raise Overloaded(f"server overloaded: the event loop is {self.loop_lag_s * 1e3:.1f} ms behind "
+                             f"(limit {cfg.max_loop_lag_ms:g} ms, max_loop_lag_ms); retry with back-off")
+        job.cost_s = self._engine_cost_s.get(job.engine, self._per_item_s)
+        ahead = self._queued_s  # predicted wait for the compute thread
+        if ahead * 1e3 > cfg.max_queue_delay_ms:
+            self.shed += 1
+            raise Overloaded(f"server overloaded: about {ahead * 1e3:.1f} ms of queued work (limit "
+                             f"{cfg.max_queue_delay_ms:g} ms, max_queue_delay_ms); retry with back-off")
+        if job.deadline is not None and time.monotonic() + ahead + job.cost_s > job.deadline:
+            self.shed += 1
+            raise Overloaded(f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued work "
+                             "exceeds the request's deadline; retry with back-off")
         self._queue.append(job)
+        self._queued_s += job.cost_s
         self._wakeup.set()
         return job.future
 
@@ -115,8 +178,10 @@ class MicroBatcher:
         while self._queue and len(batch) < self.config.max_batch:
             job = self._queue.popleft()
             if job.future.done():  # cancelled by the client
+                self._queued_s -= job.cost_s
                 continue
             if job.deadline is not None and job.deadline < now:
+                self._queued_s -= job.cost_s
                 self.expired += 1
                 job.future.set_exception(DeadlineExpired("deadline passed while queued"))
                 continue
@@ -129,6 +194,7 @@ class MicroBatcher:
             else:
                 passed.append(job)
         self._queue.extendleft(reversed(passed))  # back at the front, in their order
+        self._queued_s = max(0.0, self._queued_s - sum(j.cost_s for j in batch)) if self._queue else 0.0
         return batch
 
     @staticmethod
@@ -157,7 +223,10 @@ class MicroBatcher:
                         job.future.set_exception(e)
                 continue
             per_item = (time.perf_counter() - t0) / len(batch)
-            self._per_item_s = 0.9 * self._per_item_s + 0.1 * per_item
+            self._per_item_s = per_item if not self.batches else 0.9 * self._per_item_s + 0.1 * per_item
+            engine = batch[0].engine
+            old = self._engine_cost_s.get(engine)
+            self._engine_cost_s[engine] = per_item if old is None else 0.8 * old + 0.2 * per_item
             self.batches += 1
             self.batched_queries += len(batch)
             for job, result in zip(batch, results):

@@ -41,6 +41,8 @@ class ServerConfig:
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start
     grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
+    gil_switch_interval_s: float = 0.001  # sys.setswitchinterval: how long a thread running Python may keep
+                                          # others (the event loop) waiting for the GIL; Python's default is 5 ms
     admin_token: str | None = None        # EngineAdmin bearer token; None: read admin_token_path
     admin_token_file: Path | None = None  # token file; None: <data_dir>/admin.token (created, 0600, if missing)
 
@@ -64,6 +66,8 @@ class ServerConfig:
             raise ValueError(f"max_inflight_events must be >= 1, got {self.max_inflight_events}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if not 0 < self.gil_switch_interval_s <= 0.1:
+            raise ValueError(f"gil_switch_interval_s must be in (0, 0.1], got {self.gil_switch_interval_s}")
 
     @property
     def events_path(self) -> Path:

@@ -14,6 +14,7 @@ from livetower.eventlog import SqliteEventLog
 from livetower.registry import Registry
 from livetower.rollout import CanaryPolicy
 from server.app import create_server
+from server.batching import BatchingConfig
 from server.config import ServerConfig
 from server.engine.manager import EngineManagerConfig
 from trainer.config import TrainConfig
@@ -63,8 +64,14 @@ FAST_POLICY = CanaryPolicy(min_duration_s=0.2, max_duration_s=1.0, min_requests=
                            shadow_qps=200.0)
 
 
+# The test server shares its process (and GIL) with the test's client threads, so its event loop lags
+# far more than a server's own process would: loop-lag shedding is off and the queue-delay bound loose
+# here; tests/test_batching.py covers both.
+TEST_BATCHING = BatchingConfig(max_queue_delay_ms=500, max_loop_lag_ms=0)
+
+
 def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overrides) -> ServerConfig:
-    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN,
+    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN, batching=TEST_BATCHING,
                 engines=EngineManagerConfig(poll_interval_s=0.1, analysis_interval_s=0.05, warmup_calls=2,
                                             default_policy=policy), grace_s=1.0)
     base.update(overrides)

@@ -37,7 +37,7 @@ def q(i: int) -> RecommendQuery:
 
 def test_requests_queued_while_busy_run_as_one_batch():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=8))
+        b = MicroBatcher(BatchingConfig(max_batch=8, max_queue_delay_ms=1000))
         b.start()
         eng = SlowEngine(0.05)
         results = await asyncio.gather(*[b.recommend(eng, q(i), None) for i in range(20)])
@@ -54,7 +54,7 @@ def test_requests_queued_while_busy_run_as_one_batch():
 
 def test_queue_limit_sheds_at_once():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=3))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=3, max_queue_delay_ms=1000))
         b.start()
         eng = SlowEngine(0.05)
         tasks = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(10)]
@@ -71,7 +71,7 @@ def test_queue_limit_sheds_at_once():
 
 def test_deadline_admission_and_expiry():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=1000))
         b.start()
         eng = SlowEngine(0.03)
         await b.recommend(eng, q(0), None)  # teaches the batcher ~30 ms per job
@@ -87,6 +87,71 @@ def test_deadline_admission_and_expiry():
     run(main())
 
 
+def test_predicted_queue_delay_over_the_bound_is_shed():
+    """Admitted requests keep a bounded wait: one that would queue longer than max_queue_delay_ms is shed."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
+        b.start()
+        eng = SlowEngine(0.03)
+        await b.recommend(eng, q(0), None)
+        b._engine_cost_s[eng] = 0.03  # what the batcher measures for this engine: 30 ms per job
+        # Queued work ahead of each: 0, 30, 60 ms (> 50: shed).
+        admitted = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(3)]
+        await asyncio.sleep(0)
+        out = await asyncio.gather(*admitted, return_exceptions=True)
+        with pytest.raises(Overloaded, match="max_queue_delay_ms"):
+            await asyncio.gather(*[b.recommend(eng, q(i), None) for i in range(3)])
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert isinstance(out[0], Ranked) and isinstance(out[1], Ranked)
+    assert isinstance(out[2], Overloaded) and "max_queue_delay_ms" in str(out[2])
+
+
+def test_queued_work_counts_each_engine_at_its_own_cost():
+    """A slow canary's queued jobs weigh what they cost; a fast engine's many jobs weigh little."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20))
+        b.start()
+        fast, slow = SlowEngine(0.001), SlowEngine(0.03)
+        await b.recommend(fast, q(0), None)
+        await b.recommend(slow, q(0), None)
+        b._engine_cost_s[fast], b._engine_cost_s[slow] = 0.001, 0.03
+        await asyncio.gather(*[b.recommend(fast, q(i), None) for i in range(15)])  # <= 14 ms ahead: all admitted
+        blocker = asyncio.ensure_future(b.recommend(slow, q(1), None))
+        await asyncio.sleep(0.005)  # running, no longer queued
+        queued = asyncio.ensure_future(b.recommend(slow, q(2), None))  # 30 ms of slow work ahead of the next
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="max_queue_delay_ms"):
+            await b.recommend(fast, q(3), None)
+        await asyncio.gather(blocker, queued)
+        await b.stop()
+
+    run(main())
+
+
+def test_a_lagging_event_loop_sheds_new_requests_until_it_catches_up():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=4, max_loop_lag_ms=10, loop_probe_ms=1))
+        b.start()
+        eng = SlowEngine(0.0)
+        assert (await b.recommend(eng, q(1), None)).item_ids == ["item-1"]
+        time.sleep(0.06)  # the loop is blocked: requests would wait here before any handler runs
+        with pytest.raises(Overloaded, match="event loop is .* behind"):  # the probe is overdue
+            await b.recommend(eng, q(2), None)
+        await asyncio.sleep(0.002)  # the probe has run late and measured the stall: still behind
+        with pytest.raises(Overloaded, match="event loop is .* behind"):
+            await b.recommend(eng, q(2), None)
+        await asyncio.sleep(0.04)  # caught up: the signal decayed
+        ok = await b.recommend(eng, q(3), None)
+        await b.stop()
+        return b, ok
+
+    b, ok = run(main())
+    assert ok.item_ids == ["item-3"] and b.shed_loop_lag == 2 and b.loop_lag_s < 0.01
+
+
 def test_expired_while_queued_is_not_computed():
     async def main():
         b = MicroBatcher(BatchingConfig(max_batch=1))
@@ -94,7 +159,7 @@ def test_expired_while_queued_is_not_computed():
         eng = SlowEngine(0.05)
         first = asyncio.ensure_future(b.recommend(eng, q(0), None))
         await asyncio.sleep(0.01)
-        b._per_item_s = 0.0  # admit it; it will expire while the first job runs
+        b._engine_cost_s[eng] = 0.0  # admit it; it will expire while the first job runs
         with pytest.raises(DeadlineExpired):
             await b.recommend(eng, q(1), time.monotonic() + 0.01)
         await first
@@ -107,7 +172,7 @@ def test_expired_while_queued_is_not_computed():
 
 def test_batches_never_mix_engines():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=16))
+        b = MicroBatcher(BatchingConfig(max_batch=16, max_queue_delay_ms=1000))
         b.start()
         old, new = SlowEngine(0.02), SlowEngine(0.02)
         blocker = asyncio.ensure_future(b.recommend(old, q(0), None))
@@ -129,3 +194,7 @@ def test_config_validation_names_field():
         BatchingConfig(max_batch=0)
     with pytest.raises(ValueError, match="max_queue"):
         BatchingConfig(max_queue=0)
+    with pytest.raises(ValueError, match="max_queue_delay_ms"):
+        BatchingConfig(max_queue_delay_ms=0)
+    with pytest.raises(ValueError, match="max_loop_lag_ms"):
+        BatchingConfig(max_loop_lag_ms=-1)

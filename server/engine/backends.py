@@ -10,7 +10,7 @@ onnxruntime and numpy.
 
 Backends and the file each loads:
 
-* ``aoti``  -- ``user_tower.pt2`` AOTInductor package (``aoti_load_package``)
+* ``aoti``  -- ``user_tower.pt2`` AOTInductor package (its compiled library, via its C ABI)
 * ``onnx``  -- ``user_tower.onnx`` run by onnxruntime's CPUExecutionProvider
 * ``torch`` -- ``user_tower.ep.pt2`` (``torch.export.load(path).module()``),
   the eager reference path
@@ -43,13 +43,15 @@ Thread safety: loading is independent per runner (no shared mutable state in
 this module; the AOTI loader, ORT sessions and exported modules are each
 private to their runner), so one thread may call a runner while another loads
 a different one. ORT ``InferenceSession.run`` and AOTI's ``boxed_run`` are
-safe to call concurrently; the AOTI runner serialises its calls with a lock (see _AotiRunner); the
-torch runner runs a GraphModule without state.
+safe to call concurrently; the AOTI container serialises its calls with a lock that waits with the
+GIL released (aoti_abi.py); the torch runner runs a GraphModule without state.
+
+GIL: ORT's run and the AOTI container's C-ABI calls (run, load, refit) release the GIL, so the
+event loop keeps serving while a compute or loading thread runs the tower.
 """
 
 from __future__ import annotations
 
-import threading
 import zipfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -209,31 +211,28 @@ class _AotiRunner:
             if bad is not None:
                 raise EngineLoadError(self.backend, path, f"corrupt member {bad!r} in package")
         self._threads = _TorchThreads(num_threads)
-        # A runner of the package's compiled graph, opened once per process (see aoti_graphs.py:
+        # A container of the package's compiled graph, driven through its C ABI so that runs and
+        # loads release the GIL (aoti_abi.py); the library is opened once per process (aoti_graphs.py:
         # loading the package per engine leaked one .so mapping per load).
-        self._runner, meta = GRAPHS.runner(path)
+        self._container, meta = GRAPHS.container(path)
         if META_HISTORY_LEN not in meta:
             # Without T we cannot validate inputs, and AOTI does not: a wrong
             # shape would read out of bounds instead of raising.
             raise EngineLoadError(
                 self.backend, path, f"package metadata lacks {META_HISTORY_LEN!r} (not built by compile_user_tower?)"
             )
+        if self._container.num_inputs != 1 or self._container.num_outputs != 1:
+            raise EngineLoadError(self.backend, path, f"expected 1 input and 1 output, got "
+                                  f"{self._container.num_inputs} and {self._container.num_outputs}")
         self.history_len = int(meta[META_HISTORY_LEN])
         self.max_batch = int(meta[META_MAX_BATCH]) if META_MAX_BATCH in meta else None
-        # The container runner directly: AOTICompiledModel.__call__ re-parses its pytree specs from
-        # JSON on every call (~0.08 ms of GIL-held Python); our graph takes one tensor, returns one.
-        self._run = self._runner.run
-        # One call at a time: the container has one model instance, and a second caller would wait
-        # for it inside C++ while holding the GIL, which the first needs to return: a deadlock. A
-        # Python lock waits with the GIL released.
-        self._lock = threading.Lock()
 
     def load_weights(self, path: Path) -> None:
         """Refit: replace every constant of this runner with the tensors in ``path`` (by original fqn)."""
         if not path.is_file():
             raise EngineFileNotFound(self.backend, path, "refit weights file missing")
         weights = torch.load(path, map_location="cpu", weights_only=True)
-        name_to_fqn = self._runner.get_constant_names_to_original_fqns()
+        name_to_fqn = self._container.constant_fqns()
         # Literal tensors the model code creates (lifted as _tensor_constantN) are the same for every
         # model of this architecture: they keep the compiled graph's values. Everything else must be given.
         want = {f for f in name_to_fqn.values() if not f.startswith(LIFTED_CONSTANT_PREFIX)}
@@ -241,16 +240,14 @@ class _AotiRunner:
             missing, extra = sorted(want - set(weights)), sorted(set(weights) - set(name_to_fqn.values()))
             raise EngineLoadError(self.backend, path, f"refit weights do not match the compiled graph: "
                                   f"missing {missing[:5]}, unexpected {extra[:5]}")
-        # use_inactive=False: this runner serves nothing yet. Constants not in the map keep their values.
-        self._runner.update_constant_buffer({n: weights[f] for n, f in name_to_fqn.items() if f in weights},
-                                            False, False)
+        # This runner serves nothing yet: its active buffer is updated in place. Others keep their values.
+        self._container.update_constants({n: weights[f] for n, f in name_to_fqn.items() if f in weights})
 
     def __call__(self, history_BT: np.ndarray) -> np.ndarray:
         x = _check_input(history_BT, self.history_len, self.max_batch)
         self._threads.ensure()
-        with self._lock, torch.inference_mode():
-            out = self._run([torch.from_numpy(x)])
-        return _to_output(_single_output(out))
+        (out,) = self._container.run([torch.from_numpy(x)])
+        return _to_output(out)
 
 
 class _OnnxRunner:

@@ -59,6 +59,7 @@ class Engine:
         self.popularity_scores = popularity_scores
         self.ann = ann  # FAISS HNSW over items_ND for large catalogues (None: exact search)
         self.ann_ef_search = ann_ef_search
+        self._hnsw_params: dict[int, object] = {}  # results wanted -> faiss.SearchParametersHNSW
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
@@ -132,7 +133,7 @@ class Engine:
         return Ranked([i for i, _ in picked], [s for _, s in picked], "popularity")
 
     def recommend_batch(self, queries: Sequence["RecommendQuery"]) -> list[Ranked]:
-        """One user-tower call and one (B, N) scoring pass for every query with a known item."""
+        """One user-tower call and one scoring pass (exact (B, N) or ANN) for every query with a known item."""
         out: list[Ranked | None] = [None] * len(queries)
         rows, model_q = [], []
         for i, q in enumerate(queries):
@@ -143,41 +144,55 @@ class Engine:
                 rows.append(rows_T)
                 model_q.append(i)
         if model_q:
-            u_BD = torch.from_numpy(self.runner(np.stack(rows)))
-            exclude_BN = None
-            if any(queries[i].exclude_seen for i in model_q):
-                exclude_BN = torch.zeros(len(model_q), self.items_ND.shape[0], dtype=torch.bool)
-                for b, i in enumerate(model_q):
-                    if queries[i].exclude_seen:
-                        idx = [self.row_of[h] - 1 for h in set(queries[i].history) if h in self.row_of]
-                        exclude_BN[b, idx] = True
+            u_BD = self.runner(np.stack(rows))
+            # Item indices (rows - 1) each query must not get back: its history, when exclude_seen.
+            seen_B = [self._seen_indices(queries[i]) if queries[i].exclude_seen else () for i in model_q]
             k_max = max(queries[i].k for i in model_q)
             if self.ann is not None:
-                scores_BK, idx_BK = self._ann_topk(u_BD, k_max, exclude_BN)
+                scores_BK, idx_BK = self._ann_topk(u_BD, k_max, seen_B)
             else:
-                scores_BK, idx_BK = topk_cosine_reference(u_BD, self.items_ND, k_max, items_normalized=True,
-                                                          exclude_BN=exclude_BN)
-                scores_BK, idx_BK = scores_BK.tolist(), idx_BK.tolist()
+                scores_BK, idx_BK = self._exact_topk(u_BD, k_max, seen_B)
             for b, i in enumerate(model_q):
                 k = queries[i].k
                 scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
                 out[i] = Ranked([self.item_ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
         return out  # type: ignore[return-value]
 
-    def _ann_topk(self, u_BD: torch.Tensor, k: int, exclude_BN: torch.Tensor | None):
-        import faiss
+    def _seen_indices(self, q: "RecommendQuery") -> list[int]:
+        row_of = self.row_of
+        return [row_of[h] - 1 for h in set(q.history) if h in row_of]
 
-        n_excl = int(exclude_BN.sum(1).max()) if exclude_BN is not None else 0
-        kk = min(k + n_excl, self.items_ND.shape[0])
-        params = faiss.SearchParametersHNSW(efSearch=max(self.ann_ef_search, kk))
-        dist_BK, idx_BK = self.ann.search(np.ascontiguousarray(u_BD.numpy()), kk, params=params)
+    def _exact_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
+        exclude_BN = None
+        if any(seen_B):
+            exclude_BN = torch.zeros(len(seen_B), self.items_ND.shape[0], dtype=torch.bool)
+            for b, seen in enumerate(seen_B):
+                if seen:
+                    exclude_BN[b, torch.as_tensor(seen, dtype=torch.long)] = True
+        scores_BK, idx_BK = topk_cosine_reference(torch.from_numpy(u_BD), self.items_ND, k, items_normalized=True,
+                                                  exclude_BN=exclude_BN)
+        return scores_BK.tolist(), idx_BK.tolist()
+
+    def _ann_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
+        """HNSW search for k + (most items any query excludes), then drop the excluded ones."""
+        kk = min(k + max(len(s) for s in seen_B), self.items_ND.shape[0])
+        dist_BK, idx_BK = self.ann.search(np.ascontiguousarray(u_BD), kk, params=self._search_params(kk))
         scores_out, idx_out = [], []
-        for b in range(len(idx_BK)):
-            keep = [(float(d), int(i)) for d, i in zip(dist_BK[b], idx_BK[b])
-                    if i >= 0 and (exclude_BN is None or not exclude_BN[b, i])][:k]
+        for b, (dist_K, ids_K) in enumerate(zip(dist_BK.tolist(), idx_BK.tolist())):
+            seen = set(seen_B[b])
+            keep = [(d, i) for d, i in zip(dist_K, ids_K) if i >= 0 and i not in seen][:k]
             scores_out.append([d for d, _ in keep])
             idx_out.append([i for _, i in keep])
         return scores_out, idx_out
+
+    def _search_params(self, kk: int):
+        """HNSW search parameters for kk results (efSearch >= kk), made once per kk (read-only in a search)."""
+        params = self._hnsw_params.get(kk)
+        if params is None:
+            import faiss
+
+            params = self._hnsw_params[kk] = faiss.SearchParametersHNSW(efSearch=max(self.ann_ef_search, kk))
+        return params
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""

@@ -88,8 +88,8 @@ def refit_graph_version(registry: Registry, parent: int, arch_hash: str, backend
 
 def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
     """Save the tower's tensors under the compiled graph's constant names; False if some are missing."""
-    runner, _ = GRAPHS.runner(graph_file)
-    fqns = [f for f in runner.get_constant_names_to_original_fqns().values()
+    container, _ = GRAPHS.container(graph_file)
+    fqns = [f for f in container.constant_fqns().values()
             if not f.startswith(LIFTED_CONSTANT_PREFIX)]  # literals: the graph keeps its own
     tensors = {**dict(tower.named_parameters()), **dict(tower.named_buffers())}
     if any(f not in tensors for f in fqns):
