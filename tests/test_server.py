@@ -172,12 +172,13 @@ def test_swaps_to_new_engine_and_refuses_corrupt_one(served):
     reg = Registry(data_dir / "registry")
     trainer = make_trainer(data_dir)
     client.log_events(stream_events(seed=10))
-    assert trainer.run_round().published_version == 2
-    with open(reg.engine_dir(2) / ITEMS_FILE, "r+b") as f:  # in place: same size, other bytes
-        f.seek(-1, 2)
-        last = f.read(1)
-        f.seek(-1, 2)
-        f.write(bytes([last[0] ^ 0xFF]))
+    with server.manager._lock:  # the watcher must not load version 2 before the test corrupts it
+        assert trainer.run_round().published_version == 2
+        with open(reg.engine_dir(2) / ITEMS_FILE, "r+b") as f:  # in place: same size, other bytes
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 0xFF]))
     wait_for(lambda: 2 in reg.read_rollout().refused, 30, "engine 2 to be refused")
     assert "sha256" in reg.read_rollout().refused[2]
     assert client.recommend("user-1", k=5).engine_version == 1

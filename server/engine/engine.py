@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FI
                                 USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from server.engine.backends import UserTowerRunner, load_runner
+from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
 PAD_ROW = 0
 
@@ -42,18 +43,63 @@ class Ranked:
     source: str  # "model" | "popularity"
 
 
+class _ItemIds(Sequence):
+    """The engine's item ids (row - 1 -> id): the first n of a shared, append-only vocabulary."""
+
+    def __init__(self, ids: list[str], n: int) -> None:
+        self._ids, self._n = ids, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._ids[j] for j in range(self._n)[i]]
+        if not -self._n <= i < self._n:
+            raise IndexError(f"item index {i} out of range for {self._n} items")
+        return self._ids[i % self._n]
+
+
+class _Rows(Mapping):
+    """id -> vocab row (1-based; 0 = pad) for the engine's items only: rows beyond n are unknown to it."""
+
+    def __init__(self, row_of: dict[str, int], ids: list[str], n: int) -> None:
+        self._row_of, self._ids, self._n = row_of, ids, n
+
+    def get(self, item, default=None):
+        r = self._row_of.get(item)
+        return r if r is not None and r <= self._n else default
+
+    def __getitem__(self, item) -> int:
+        r = self.get(item)
+        if r is None:
+            raise KeyError(item)
+        return r
+
+    def __contains__(self, item) -> bool:
+        return self.get(item) is not None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        return iter(self._ids[:self._n])
+
+
 class Engine:
-    def __init__(self, manifest: pb.EngineManifest, runner: UserTowerRunner, item_ids: list[str],
+    def __init__(self, manifest: pb.EngineManifest, runner: UserTowerRunner, vocab: Vocabulary, n_items: int,
                  items_ND: np.ndarray, popularity_ids: list[str], popularity_scores: list[float],
                  ann=None, ann_ef_search: int = 0) -> None:
-        if items_ND.shape != (len(item_ids), manifest.dim):
-            raise EngineRejected(f"items matrix is {items_ND.shape}, expected ({len(item_ids)}, {manifest.dim})")
+        """vocab: the shared vocabulary whose first n_items ids are this engine's items (row i+1 = items_ND[i])."""
+        if items_ND.shape != (n_items, manifest.dim):
+            raise EngineRejected(f"items matrix is {items_ND.shape}, expected ({n_items}, {manifest.dim})")
         self.manifest = manifest
         self.version = int(manifest.version)
         self.max_history = int(manifest.max_history)
         self.runner = runner
-        self.item_ids = item_ids
-        self.row_of = {item: i + 1 for i, item in enumerate(item_ids)}  # vocab row (0 = pad)
+        self.vocab, self.n_items = vocab, n_items
+        self.item_ids = _ItemIds(vocab.ids, n_items)
+        self.row_of = _Rows(vocab.row_of, vocab.ids, n_items)
         self.items_ND = torch.from_numpy(items_ND)
         self.popularity_ids = popularity_ids
         self.popularity_scores = popularity_scores
@@ -75,7 +121,7 @@ class Engine:
         tower_file = Path(graph_dir or engine_dir) / USER_TOWER_FILE[manifest.backend]
         runner = load_runner(manifest.backend, tower_file, num_threads=num_threads,
                              weights=engine_dir / WEIGHTS_FILE if manifest.graph_version else None)
-        item_ids = json.loads((engine_dir / ITEM_IDS_FILE).read_text())
+        vocab, n_items = VOCABULARIES.vocabulary_for((engine_dir / ITEM_IDS_FILE).read_bytes())
         items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
         pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
         ann, ef = None, 0
@@ -85,7 +131,7 @@ class Engine:
             faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads
             ann = faiss.read_index(str(engine_dir / ANN_FILE))
             ef = int(json.loads((engine_dir / ANN_META_FILE).read_text())["ef_search"])
-        return cls(manifest, runner, item_ids, items_ND, pop["item_ids"], pop["scores"], ann, ef)
+        return cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann, ef)
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
@@ -112,7 +158,8 @@ class Engine:
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:
         """Known items of the history, newest last, truncated to the newest max_history, left-padded."""
-        rows = [r for r in (self.row_of.get(h) for h in history) if r is not None][-self.max_history:]
+        row_of, n = self.vocab.row_of, self.n_items
+        rows = [r for r in map(row_of.get, history) if r is not None and r <= n][-self.max_history:]
         out_T = np.zeros(self.max_history, dtype=np.int64)
         if rows:
             out_T[-len(rows):] = rows
@@ -159,8 +206,8 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _seen_indices(self, q: "RecommendQuery") -> list[int]:
-        row_of = self.row_of
-        return [row_of[h] - 1 for h in set(q.history) if h in row_of]
+        row_of, n = self.vocab.row_of, self.n_items
+        return [r - 1 for r in map(row_of.get, set(q.history)) if r is not None and r <= n]
 
     def _exact_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
         exclude_BN = None
