@@ -70,7 +70,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
     p.add_argument("--max-queue-delay-ms", type=float, default=20.0,
                    help="shed a request that would wait longer than this for the compute thread")
-    p.add_argument("--max-loop-lag-ms", type=float, default=20.0,
+    p.add_argument("--max-loop-lag-ms", type=float, default=50.0,
                    help="shed new requests while the event loop runs this far behind (0: never)")
     p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
                    help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")

@@ -48,7 +48,7 @@ class BatchingConfig:
     max_delay_ms: float = 0.0    # extra wait for a batch to fill (0: take what queued while busy)
     max_queue: int = 512         # queued requests beyond which new ones are shed
     max_queue_delay_ms: float = 20.0  # predicted wait for the compute thread beyond which a request is shed
-    max_loop_lag_ms: float = 20.0     # event-loop lag beyond which new requests are shed (0: never)
+    max_loop_lag_ms: float = 50.0     # event-loop lag beyond which new requests are shed (0: never)
     loop_probe_ms: float = 2.0        # how often the loop lag is sampled
 
     def __post_init__(self) -> None:

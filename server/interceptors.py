@@ -13,12 +13,32 @@ from server.metrics import ServerMetrics
 
 log = logging.getLogger("livetower.rpc")
 REQUEST_ID_KEY = "x-request-id"
+SHED_CODES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")  # expected under overload: counted, logged in summary
+SHED_LOG_INTERVAL_S = 5.0
+
+
+class _ShedLog:
+    """One log line per interval for shed requests (a line each would cost the overloaded loop more)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.next_at = 0.0
+
+    def add(self, method: str, code: str) -> None:
+        key = f"{method} {code}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            log.warning("shed in the last %.0f s: %s (livetower_responses_total has every code)",
+                        SHED_LOG_INTERVAL_S, ", ".join(f"{k} x{n}" for k, n in self.counts.items()))
+            self.counts, self.next_at = {}, now + SHED_LOG_INTERVAL_S
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, max_request_bytes: int) -> None:
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
+        self._shed_log = _ShedLog()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -27,7 +47,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         method = handler_call_details.method.rsplit("/", 1)[-1]
         metadata = dict(handler_call_details.invocation_metadata or ())
-        metrics, max_bytes = self.metrics, self.max_request_bytes
+        metrics, max_bytes, shed_log = self.metrics, self.max_request_bytes, self._shed_log
 
         async def observed(request, context: grpc.aio.ServicerContext):
             request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
@@ -57,7 +77,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - t0
                 metrics.latency.labels(method, version).observe(elapsed)
                 metrics.responses.labels(method, code).inc()
-                if code not in ("OK", "INVALID_ARGUMENT"):
+                if code in SHED_CODES:
+                    shed_log.add(method, code)
+                elif code not in ("OK", "INVALID_ARGUMENT"):
                     log.warning("request %s %s -> %s in %.1f ms", request_id, method, code, elapsed * 1e3)
 
         return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
