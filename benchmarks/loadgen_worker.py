@@ -4,6 +4,7 @@ firing its share of the open-loop schedule and sending HdrHistograms back to the
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 import traceback
@@ -121,6 +122,7 @@ async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, 
                                       f"{cfg.connect_timeout_s:g} s") from None
         calls = [{name: KINDS[name].bind(ch) for name in picker.names} for ch in channels]
         rec = _Recorder(cfg)
+        gc.freeze()  # set-up objects (workload tables, channels) leave the GC's scans: fewer, shorter pauses
         q.put(("ready", idx, None))
         if not await loop.run_in_executor(None, start_event.wait, 120.0):
             raise TimeoutError(f"worker {idx}: no start signal")

@@ -7,6 +7,7 @@ SIGINT/SIGTERM and shuts down gracefully: NOT_SERVING, stop the watcher, drain, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class LivetowerServer:
             self.metrics_port = httpd.server_port
         if self.batcher is not None:
             self.batcher.start()
+        if self.config.gc_freeze:
+            gc.freeze()  # everything so far (modules, warmed histories) outlives every request
         await self.grpc_server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -130,7 +133,12 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
         own_ids = OwnEventIds()
         feed = KafkaHistoryFeed(target, history.append, own_ids, warm_events=config.history_warm_events,
                                 on_record=metrics.on_feed_record)
-    manager = EngineManager(registry, config.engines, on_event=metrics.on_engine_event,
+    def on_engine_event(kind: str, version: int, value: float) -> None:
+        metrics.on_engine_event(kind, version, value)
+        if kind == "load" and config.gc_freeze:
+            gc.freeze()  # the new engine's objects (vocabulary, index wrappers) live for many requests
+
+    manager = EngineManager(registry, config.engines, on_event=on_engine_event,
                             user_histories=lambda: history.sample(1000))
     if config.admin_token is not None:
         token, hint = config.admin_token, "the server's configuration (admin_token)"

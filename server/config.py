@@ -41,6 +41,9 @@ class ServerConfig:
     history_len: int = 50                 # recent items kept per user
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start
     grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
+    gc_freeze: bool = True                # gc.freeze() after start-up and after each engine load: long-lived
+                                          # objects (histories, vocabularies) leave the cyclic GC's scans, whose
+                                          # full passes otherwise stalled every thread 40-300 ms under load
     gil_switch_interval_s: float = 0.001  # sys.setswitchinterval: how long a thread running Python may keep
                                           # others (the event loop) waiting for the GIL; Python's default is 5 ms
     admin_token: str | None = None        # EngineAdmin bearer token; None: read admin_token_path
