@@ -68,10 +68,12 @@ FAST_POLICY = CanaryPolicy(min_duration_s=0.2, max_duration_s=1.0, min_requests=
 # far more than a server's own process would: loop-lag shedding is off and the queue-delay bound loose
 # here; tests/test_batching.py covers both.
 TEST_BATCHING = BatchingConfig(max_queue_delay_ms=500, max_loop_lag_ms=0)
+# gc_freeze=False: freezing is for a server's own process, not for pytest's (it would keep every test's
+# garbage from then on).
 
 
 def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overrides) -> ServerConfig:
-    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN, batching=TEST_BATCHING,
+    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN, batching=TEST_BATCHING, gc_freeze=False,
                 engines=EngineManagerConfig(poll_interval_s=0.1, analysis_interval_s=0.05, warmup_calls=2,
                                             default_policy=policy), grace_s=1.0)
     base.update(overrides)
