@@ -2,7 +2,10 @@
 
 For each backend: build time (export + compile + golden parity + publish), parity vs the eager torch
 reference (max abs diff on the golden inputs and on random histories), load time, and user-tower
-latency at batch 1 (median, P99) beside the eager model as the baseline. Writes JSON and a PNG.
+latency at batch 1 (median, P99) beside the eager model as the baseline; and how much a Python thread
+still gets done while the tower runs in another thread (the event loop's share: 1.0 = the runner
+holds no GIL), with torch's own pybind AOTI runner on the same compiled library as the baseline for
+our C-ABI runner. Writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -36,6 +39,36 @@ def latency_ms(fn, inputs: list[np.ndarray], warmup: int = 20) -> dict[str, floa
             "mean_ms": float(np.mean(times))}
 
 
+def python_share_while(fn, x: np.ndarray, seconds: float = 1.0) -> float:
+    """Work a pure-Python thread does while `fn(x)` runs in a loop here, over the work it does alone."""
+    import threading
+
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    th = threading.Thread(target=spin, daemon=True)
+    th.start()
+    time.sleep(0.1)
+
+    def rate(busy: bool) -> float:
+        c0, t0 = count[0], time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if busy:
+                fn(x)
+            else:
+                time.sleep(0.01)
+        return (count[0] - c0) / (time.perf_counter() - t0)
+
+    alone = rate(False)
+    during = rate(True)
+    stop.set()
+    th.join()
+    return during / alone
+
+
 def random_histories(n: int, n_items: int, T: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
@@ -59,6 +92,8 @@ def run(args) -> dict:
     hists = random_histories(args.calls, args.items, cfg.max_history, seed=1)
     with torch.no_grad():
         baseline = latency_ms(lambda h: tower(torch.from_numpy(h)), hists)
+        baseline["python_share_while_running"] = python_share_while(
+            lambda h: tower(torch.from_numpy(h)), np.concatenate(random_histories(8, args.items, cfg.max_history, 3)))
     results = {"config": {"items": args.items, "dim": cfg.dim, "max_history": cfg.max_history,
                           "layers": cfg.n_layers, "experts": cfg.n_routed_experts, "threads": args.threads,
                           "calls": args.calls, "torch": torch.__version__},
@@ -81,13 +116,27 @@ def run(args) -> dict:
             with torch.no_grad():
                 diff_random = float(np.abs(runner(batch) - tower(torch.from_numpy(batch)).numpy()).max())
             lat = latency_ms(runner, hists)
+            share = python_share_while(runner, batch[:8])
             results["backends"][backend] = {
                 "build_s": build_s, "load_s": load_s, "file_mb": path.stat().st_size / 1e6,
                 "parity_golden_max_abs_diff": manifest.parity_max_abs_diff,
                 "parity_random64_max_abs_diff": diff_random, **lat,
-                "speedup_p50_vs_eager": baseline["p50_ms"] / lat["p50_ms"]}
+                "speedup_p50_vs_eager": baseline["p50_ms"] / lat["p50_ms"], "python_share_while_running": share}
             print(f"{backend}: build {build_s:.1f}s load {load_s:.2f}s parity {manifest.parity_max_abs_diff:.2e}/"
-                  f"{diff_random:.2e} p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms", flush=True)
+                  f"{diff_random:.2e} p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms; a Python thread "
+                  f"keeps {share:.0%} of its pace while it runs", flush=True)
+            if backend == "aoti":  # torch's pybind runner on the same library: holds the GIL while it runs
+                from server.engine.aoti_graphs import GRAPHS
+
+                pyb = torch._C._aoti.AOTIModelContainerRunnerCpu(GRAPHS.open(path).so_path, 1)
+                pyb_run = lambda h: pyb.run([torch.from_numpy(h)])[0]  # noqa: E731
+                plat = latency_ms(pyb_run, hists)
+                pshare = python_share_while(pyb_run, batch[:8])
+                results["backends"]["aoti-pybind"] = {**plat, "python_share_while_running": pshare,
+                                                      "speedup_p50_vs_eager": baseline["p50_ms"] / plat["p50_ms"]}
+                print(f"aoti via torch's pybind runner: p50 {plat['p50_ms']:.3f} ms p99 {plat['p99_ms']:.3f} ms; "
+                      f"a Python thread keeps {pshare:.0%} of its pace", flush=True)
+                del pyb
             del runner
     return results
 
@@ -101,8 +150,10 @@ def plot(results: dict, path: Path) -> None:
     names = ["eager"] + list(results["backends"])
     p50 = [results["baseline_eager_torch"]["p50_ms"]] + [b["p50_ms"] for b in results["backends"].values()]
     p99 = [results["baseline_eager_torch"]["p99_ms"]] + [b["p99_ms"] for b in results["backends"].values()]
-    build = [0.0] + [b["build_s"] for b in results["backends"].values()]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    build = [0.0] + [b.get("build_s", 0.0) for b in results["backends"].values()]
+    share = [results["baseline_eager_torch"]["python_share_while_running"]] + [
+        b.get("python_share_while_running", 0.0) for b in results["backends"].values()]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     x = np.arange(len(names))
     a.bar(x - 0.2, p50, 0.4, label="P50")
     a.bar(x + 0.2, p99, 0.4, label="P99")
@@ -114,6 +165,11 @@ def plot(results: dict, path: Path) -> None:
     b.set_xticks(x, names)
     b.set_ylabel("engine build seconds")
     b.set_title("build (export + compile + parity + publish)")
+    c.bar(x, share)
+    c.set_xticks(x, names)
+    c.set_ylim(0, 1.05)
+    c.set_ylabel("Python thread's pace while the tower runs")
+    c.set_title("GIL left to the event loop (1 = none held)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
