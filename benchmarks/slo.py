@@ -44,6 +44,9 @@ CONFIGS = {
     "no-uvloop": {"dir": ".", "flags": ["--no-uvloop"], "what": "optimised, default asyncio loop"},
     "no-batching": {"dir": ".", "flags": ["--no-batching"], "what": "optimised without micro-batching (inline)"},
     "workers2": {"dir": ".", "flags": ["--workers", "2"], "what": "optimised, 2 processes with SO_REUSEPORT"},
+    "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
+    "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
+                "what": "optimised with Python's default 5 ms GIL switch interval"},
 }
 
 
@@ -127,6 +130,8 @@ def bench_config(name: str, catalog: Path, args, base: LoadConfig, out: Path) ->
                        "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
                        "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
                        "median_error_rate": statistics.median(r["error_rate"] for r in runs)}
+    if name in args.headline_only:
+        return res
     sweep, passed = [], []
     for rate in args.sweep:
         s = measured(name, catalog, args, base, out, rate, f"{name} sweep @{rate:.0f}")
@@ -177,7 +182,7 @@ def plot(results: dict, path: Path) -> None:
     a.set_title(f"Recommend k={results['load']['k']} at {results['rate']:.0f} QPS, {results['items']} items")
     a.legend()
     for n in names:
-        sw = results["configs"][n]["sweep"]
+        sw = results["configs"][n].get("sweep", [])
         b.plot([s["rate"] for s in sw], [s["p99_ms"] for s in sw], marker="o", label=n)
     b.axhline(results["slo_p99_ms"], color="red", ls="--")
     b.set_xlabel("offered QPS (open loop)")
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="livetower bench slo", description=__doc__)
     p.add_argument("--catalog", type=Path, required=True, help="a dir made by `livetower bench catalog`")
     p.add_argument("--configs", default="baseline,optimised")
+    p.add_argument("--headline-only", default="", help="configs (ablations) measured at --rate only: no sweep")
     p.add_argument("--rate", type=float, default=500.0, help="headline rate")
     p.add_argument("--runs", type=int, default=3, help="headline repetitions (median reported)")
     p.add_argument("--sweep", default="100,200,300,400,500,600,800,1000,1200,1500,2000",
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
     args = p.parse_args(argv)
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
+    args.headline_only = {x for x in args.headline_only.split(",") if x}
     args.server_flags = {"optimised": args.optimised_flags.split()}
     catalog = json.loads((args.catalog / "catalog.json").read_text())
     base = LoadConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, items=catalog["items"], k=args.k,
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                             "capacity_optimised_over_baseline": o["capacity_qps"] / max(b["capacity_qps"], 1)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "results.png")
-    print(json.dumps({n: {"median_p99_ms@rate": c["headline"]["median_p99_ms"], "capacity_qps": c["capacity_qps"],
+    print(json.dumps({n: {"median_p99_ms@rate": c["headline"]["median_p99_ms"], "capacity_qps": c.get("capacity_qps"),
                           "overload": {k: c["overload"][k] for k in ("rate", "median_shed_fraction",
                                                                      "median_p99_ok_ms", "median_p99_ms")}
                           if "overload" in c

@@ -31,7 +31,7 @@ def _server_config(args):
                         engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
                                                     leader=not args.rollout_follower, use_ann=not args.no_ann),
                         batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port,
-                        gil_switch_interval_s=args.gil_switch_interval_ms / 1e3)
+                        gil_switch_interval_s=args.gil_switch_interval_ms / 1e3, gc_freeze=not args.no_gc_freeze)
 
 
 def _train_config(args):
@@ -74,6 +74,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="shed new requests while the event loop runs this far behind (0: never)")
     p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
                    help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave long-lived objects in the cyclic GC's scans (gc.freeze() is on by default)")
     p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
     p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
     p.add_argument("--rollout-follower", action="store_true",
