@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -161,6 +162,17 @@ def test_run_eval_end_to_end_tiny(loss):
         for split in ("val", "test"):
             assert 0 <= r[who][split]["sasrec_hr@10"] <= 1 and "full_ndcg@20" in r[who][split]
     assert r["train"]["epochs_run"] == 2 and len(r["train"]["val_curve"]) == 2
+
+
+@pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
+def test_learned_temperature_and_sasrec_style_options_train(loss):
+    model = dataclasses.replace(ModelConfig.tiny_debug(), abs_positions=True, emb_dropout=0.2, temperature=0.1)
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", model=model), epochs=2, patience=0,
+                             loss=loss, learn_temperature=True, in_batch=False, logq=False)
+    r = run_eval(toy(), ["sasrec"], cfg, n_negatives=10, progress=lambda m: None)
+    temps = r["train"]["temperature"]
+    assert len(temps) == 2 and all(t >= 0.01 for t in temps) and temps[-1] != 0.1  # it moved
+    assert r["config"]["learn_temperature"] and r["config"]["model"]["abs_positions"]
 
 
 def test_incremental_rounds_score_on_the_same_sets():

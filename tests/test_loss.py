@@ -183,3 +183,14 @@ def test_full_softmax_exact_when_target_probability_underflows():
     assert ref.item() > 100
     got = full_softmax_loss(user, items, tgt, temperature=0.005)
     assert abs(got.item() - ref.item()) < 1e-3 * ref.item()
+
+
+def test_full_softmax_learned_temperature_gradient():
+    from trainer.loss import full_softmax_loss
+
+    user, items, tgt = random_users(5, 8), random_users(12, 8, seed=6), torch.tensor([0, 4, 4, 7, 11])
+    t1 = torch.tensor(0.2, requires_grad=True)
+    full_softmax_loss(user, items, tgt, temperature=t1).backward()
+    t2 = torch.tensor(0.2, requires_grad=True)
+    F.cross_entropy(user @ items.T / t2, tgt).backward()
+    assert torch.allclose(t1.grad, t2.grad, atol=1e-5, rtol=1e-4)

@@ -38,6 +38,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
     p.add_argument("--abs-positions", action="store_true", default=None,
                    help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
+    p.add_argument("--learn-temperature", action="store_true", help="train the temperature (from --temperature)")
     p.add_argument("--fp32-logits", action="store_true", help="full_softmax: fp32 logits matmuls (default bf16)")
     p.add_argument("--max-history", type=int, help="sequence length T")
     p.add_argument("--temperature", type=float)
@@ -76,6 +77,8 @@ def build_config(args):
         changes["logq"] = False
     if args.no_in_batch:
         changes["in_batch"] = False
+    if args.learn_temperature:
+        changes["learn_temperature"] = True
     if args.fp32_logits:
         changes["logits_bf16"] = False
     return dataclasses.replace(cfg, train=train, **changes)

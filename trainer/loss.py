@@ -51,11 +51,12 @@ class _FullSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, user_MD: torch.Tensor, items_ND: torch.Tensor, target_M: torch.Tensor, scale: float,
+    def forward(ctx, user_MD: torch.Tensor, items_ND: torch.Tensor, target_M: torch.Tensor, scale: torch.Tensor,
                 chunk: int, bf16: bool) -> torch.Tensor:
         M, N = user_MD.shape[0], items_ND.shape[0]
+        s = float(scale)
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
-        su_MD = (user_MD.detach().float() * scale).to(mm_dtype)  # scale folded into the users: logits = su @ i.T
+        su_MD = (user_MD.detach().float() * s).to(mm_dtype)  # scale folded into the users: logits = su @ i.T
         i_ND = items_ND.detach().to(mm_dtype)
         grad_MN = torch.empty(M, N, dtype=mm_dtype, device=user_MD.device)  # softmax - onehot, row by row
         loss = torch.zeros((), dtype=torch.float32, device=user_MD.device)
@@ -73,25 +74,30 @@ class _FullSoftmaxCE(torch.autograd.Function):
                 nll_C[tiny_C] = torch.logsumexp(lg, 1) - lg[torch.arange(lg.shape[0]), tgt_C[tiny_C]]
             loss += nll_C.sum()
             p_CN[rows_C, tgt_C] -= 1.0
-        g_scale = 1.0 / max(M, 1)
-        grad_user_MD = (grad_MN @ i_ND).float().mul_(g_scale * scale).to(user_MD.dtype)
-        grad_items_ND = (grad_MN.T @ su_MD).float().mul_(g_scale).to(items_ND.dtype)
-        ctx.save_for_backward(grad_user_MD, grad_items_ND)
-        return loss * g_scale
+        inv_M = 1.0 / max(M, 1)
+        g_MD = (grad_MN @ i_ND).float()  # d(sum of losses) / d(scaled user) ...
+        grad_user_MD = (g_MD * (inv_M * s)).to(user_MD.dtype)
+        grad_items_ND = (grad_MN.T @ su_MD).float().mul_(inv_M).to(items_ND.dtype)
+        grad_scale = (g_MD * user_MD.detach().float()).sum() * inv_M  # d loss / d scale = mean <g, user>
+        ctx.save_for_backward(grad_user_MD, grad_items_ND, grad_scale.to(scale.dtype))
+        return loss * inv_M
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        grad_user_MD, grad_items_ND = ctx.saved_tensors
-        return grad_user_MD * g, grad_items_ND * g, None, None, None, None
+        grad_user_MD, grad_items_ND, grad_scale = ctx.saved_tensors
+        return grad_user_MD * g, grad_items_ND * g, None, grad_scale * g, None, None
 
 
 def full_softmax_loss(user_MD: torch.Tensor, items_ND: torch.Tensor, target_cols_M: torch.Tensor, *,
-                      temperature: float, chunk: int = 64, bf16_matmul: bool = False) -> torch.Tensor:
+                      temperature: float | torch.Tensor, chunk: int = 64, bf16_matmul: bool = False) -> torch.Tensor:
     """Cross-entropy over every item: user_MD (M, D) states of the valid target positions only (gather the
     non-pad positions first), items_ND (N, D) every item's embedding, target_cols_M (M,) column of each
-    target in items_ND. = F.cross_entropy(user_MD @ items_ND.T / temperature, target_cols_M), faster."""
+    target in items_ND. = F.cross_entropy(user_MD @ items_ND.T / temperature, target_cols_M), faster.
+    temperature may be a 0-dim tensor that requires grad (a learned temperature); it gets its gradient."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if user_MD.shape[0] == 0:
         return (user_MD.sum() + items_ND.sum()) * 0.0
-    return _FullSoftmaxCE.apply(user_MD, items_ND, target_cols_M, 1.0 / temperature, chunk, bf16_matmul)
+    scale = 1.0 / (temperature if torch.is_tensor(temperature)
+                   else torch.tensor(float(temperature), device=user_MD.device))
+    return _FullSoftmaxCE.apply(user_MD, items_ND, target_cols_M, scale, chunk, bf16_matmul)

@@ -29,6 +29,7 @@ from trainer.training import autocast, make_optimizer
 from trainer.vocab import table_rows_for
 
 LOSSES = ("sampled_softmax", "full_softmax", "bce")
+MIN_TEMPERATURE = 0.01  # a learned temperature is clamped here (as CLIP's logit scale <= 100)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,6 +45,8 @@ class OfflineTrainConfig:
     bucket: bool = True         # batch windows of similar length and crop the padding (same result, faster)
     fused_adam: bool = True     # torch's fused AdamW kernel (the same update; 2.5 vs 19 ms per step here); False =
                                 # the sidecar's make_optimizer (for-loop AdamW)
+    learn_temperature: bool = False  # train the temperature too: log(1/T), initialised at model.temperature, no
+                                     # weight decay, T kept >= MIN_TEMPERATURE; its value per epoch is logged
     logits_bf16: bool = True    # full_softmax: the (targets x items) matmuls in bf16 (fp32 accumulation and
                                 # softmax; ~2x faster on one AMX CPU thread, gradients within ~0.3%); False = fp32
 
@@ -77,9 +80,12 @@ def batch_order(lengths_W: np.ndarray, batch: int, rng: np.random.Generator, buc
 
 
 def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cfg: OfflineTrainConfig,
-                 item_prob_R: torch.Tensor, n_items: int, gen: torch.Generator) -> torch.Tensor:
-    """user_MD: normalised user states (one per target); pos_M: target rows (>= 1)."""
-    tc, temp = cfg.train, cfg.train.model.temperature
+                 item_prob_R: torch.Tensor, n_items: int, gen: torch.Generator,
+                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """user_MD: normalised user states (one per target); pos_M: target rows (>= 1); temperature: a learned
+    (0-dim, with grad) temperature, or None for the model config's."""
+    tc = cfg.train
+    temp = cfg.train.model.temperature if temperature is None else temperature
     if cfg.loss == "full_softmax":  # user_MD holds the valid (non-pad) target positions only
         items_ND = model.encode_items(torch.arange(1, n_items + 1, device=pos_M.device))  # once per step
         return full_softmax_loss(user_MD.float(), items_ND.float(), pos_M - 1, temperature=temp,
@@ -127,6 +133,10 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     model = TwoTower(tc.model, table_rows_for(n_items))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True) \
         if cfg.fused_adam else make_optimizer(model, tc)
+    log_scale = None  # learned log(1 / temperature)
+    if cfg.learn_temperature:
+        log_scale = torch.nn.Parameter(torch.tensor(-math.log(tc.model.temperature)))
+        opt.add_param_group({"params": [log_scale], "weight_decay": 0.0})
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     log = {"windows": len(windows), "targets": int(mask_WT.sum()), "epochs_run": 0, "epoch_loss": [],
@@ -147,7 +157,8 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
                 continue
             with autocast(tc.precision):
                 states_BLD = model.user_states(inp_BL)
-                loss = offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen)
+                temp = None if log_scale is None else torch.exp(-log_scale.clamp(max=-math.log(MIN_TEMPERATURE)))
+                loss = offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen, temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -158,6 +169,9 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
         log["epoch_loss"].append(total / max(steps, 1))
         log["epochs_run"] = epoch
         msg = f"epoch {epoch}/{cfg.epochs}: loss {total / max(steps, 1):.4f} ({time.perf_counter() - t_ep:.0f} s)"
+        if log_scale is not None:
+            log.setdefault("temperature", []).append(round(math.exp(-min(float(log_scale.detach()), -math.log(MIN_TEMPERATURE))), 5))
+            msg += f", temperature {log['temperature'][-1]:.4f}"
         if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             t_val = time.perf_counter()
             v = validate(model)
