@@ -34,6 +34,7 @@ LIVE_KEPT = 5_000        # newest live latencies kept per arm (P99 over these; b
 SCORES_PER_SAMPLE = 10   # top scores of each shadow sample that enter the drift test
 SCORES_KEPT = 2_000      # newest such scores per arm (bounds the KS test's cost)
 SHADOW_K = 100
+SHADOW_KEEP_QPS = 1.0    # shadow rate once policy.shadow_samples pairs are in: the estimate keeps updating
 
 
 def in_canary(user_id: str, canary_version: int, fraction: float) -> bool:
@@ -187,7 +188,11 @@ def topk_overlap(a: Sequence[str], b: Sequence[str], n_items: int) -> float:
 
 
 class ShadowScorer:
-    """Runs sampled queries on both engines on its own thread, at most policy.shadow_qps, until stopped."""
+    """Runs sampled queries on both engines on its own thread until stopped: at policy.shadow_qps until
+    policy.shadow_samples pairs are in, then at SHADOW_KEEP_QPS. The two engine calls of a pair run half
+    a period apart. Both choices bound what the shadow takes from live requests: on 2 cores, live P99 at
+    200 QPS was 3.3-3.5 ms with no canary and 4.8-5.5 ms with a canary shadowed at 20 pairs/s throughout
+    (and 3.4-4.1 ms at 0.2 pairs/s), while a decision waits mostly for live canary requests anyway."""
 
     def __init__(self, stable: Engine, canary: Engine, stats: CanaryStats, policy: CanaryPolicy,
                  fallback_histories: Callable[[], list[list[str]]]) -> None:
@@ -224,9 +229,12 @@ class ShadowScorer:
 
     def _run(self) -> None:
         pool = self.fallback_histories()
-        period = 1.0 / self.policy.shadow_qps
         n = 0
-        while not self._stop.wait(period):
+        while True:
+            fast = len(self.stats.overlaps) < self.policy.shadow_samples
+            half_period = 0.5 / (self.policy.shadow_qps if fast else min(SHADOW_KEEP_QPS, self.policy.shadow_qps))
+            if self._stop.wait(half_period):
+                return
             q = self._next_query(pool)
             n += 1
             # Alternate which engine goes first: the second call of a pair runs on warmer caches,
@@ -234,7 +242,9 @@ class ShadowScorer:
             # before alternating, 1.03 after, in tests/test_e2e.py).
             order = (self.canary, self.stable) if n % 2 else (self.stable, self.canary)
             out = {}
-            for engine in order:
+            for i, engine in enumerate(order):
+                if i and self._stop.wait(half_period):
+                    return
                 try:
                     out[engine is self.canary] = self._timed(engine, q)
                 except Exception:  # noqa: BLE001 - a raising canary is evidence, not a crash

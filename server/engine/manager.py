@@ -36,6 +36,7 @@ class EngineManagerConfig:
     analysis_interval_s: float = 0.5   # how often a running canary is analysed (about 1 ms of GIL each)
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
+    verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's HNSW index when it has one (False: exact top-k)
     leader: bool = True             # makes the automatic rollout decisions (one process per registry)
@@ -47,6 +48,8 @@ class EngineManagerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_calls < 0:
             raise ValueError(f"warmup_calls must be >= 0, got {self.warmup_calls}")
+        if not 0 <= self.verify_pause_s <= 0.1:
+            raise ValueError(f"verify_pause_s must be in [0, 0.1], got {self.verify_pause_s}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
@@ -63,10 +66,10 @@ EngineLoader = Callable[[Registry, int, EngineManagerConfig], Engine]
 
 
 def load_from_registry(registry: Registry, version: int, config: EngineManagerConfig) -> Engine:
-    manifest = registry.verify(version)
+    manifest = registry.verify(version, pause_s=config.verify_pause_s)
     graph_dir = None
     if manifest.graph_version:
-        registry.verify(manifest.graph_version)
+        registry.verify(manifest.graph_version, pause_s=config.verify_pause_s)
         graph_dir = registry.engine_dir(manifest.graph_version)
     try:
         return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,
