@@ -89,6 +89,7 @@ class MicroBatcher:
         # job's wait as the queued work ahead of it, so a slow canary's jobs count at their own cost.
         self._engine_cost_s: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._queued_s = 0.0      # sum of the queued jobs' cost_s
+        self._running_until = 0.0  # predicted end of the batch being computed (time.perf_counter())
         self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
         self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
         self.shed = 0
@@ -146,7 +147,8 @@ class MicroBatcher:
             raise Overloaded(f"server overloaded: the event loop is {self.loop_lag_s * 1e3:.1f} ms behind "
                              f"(limit {cfg.max_loop_lag_ms:g} ms, max_loop_lag_ms); retry with back-off")
         job.cost_s = self._engine_cost_s.get(job.engine, self._per_item_s)
-        ahead = self._queued_s  # predicted wait for the compute thread
+        # Predicted wait for the compute thread: the queued work plus what is left of the running batch.
+        ahead = self._queued_s + max(0.0, self._running_until - time.perf_counter())
         if ahead * 1e3 > cfg.max_queue_delay_ms:
             self.shed += 1
             raise Overloaded(f"server overloaded: about {ahead * 1e3:.1f} ms of queued work (limit "
@@ -215,6 +217,7 @@ class MicroBatcher:
             if not batch:
                 continue
             t0 = time.perf_counter()
+            self._running_until = t0 + sum(j.cost_s for j in batch)
             try:
                 results = await loop.run_in_executor(self._executor, self._compute, batch)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the worker alive

@@ -112,7 +112,7 @@ def test_predicted_queue_delay_over_the_bound_is_shed():
 def test_queued_work_counts_each_engine_at_its_own_cost():
     """A slow canary's queued jobs weigh what they cost; a fast engine's many jobs weigh little."""
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
         b.start()
         fast, slow = SlowEngine(0.001), SlowEngine(0.03)
         await b.recommend(fast, q(0), None)
@@ -120,12 +120,30 @@ def test_queued_work_counts_each_engine_at_its_own_cost():
         b._engine_cost_s[fast], b._engine_cost_s[slow] = 0.001, 0.03
         await asyncio.gather(*[b.recommend(fast, q(i), None) for i in range(15)])  # <= 14 ms ahead: all admitted
         blocker = asyncio.ensure_future(b.recommend(slow, q(1), None))
-        await asyncio.sleep(0.005)  # running, no longer queued
-        queued = asyncio.ensure_future(b.recommend(slow, q(2), None))  # 30 ms of slow work ahead of the next
+        await asyncio.sleep(0.005)  # running: ~25 ms of it left
+        queued = asyncio.ensure_future(b.recommend(slow, q(2), None))  # admitted; the next waits ~25 + 30 ms
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="max_queue_delay_ms"):
             await b.recommend(fast, q(3), None)
         await asyncio.gather(blocker, queued)
+        await b.stop()
+
+    run(main())
+
+
+def test_the_running_batch_counts_as_work_ahead():
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20))
+        b.start()
+        eng = SlowEngine(0.05)
+        await b.recommend(eng, q(0), None)
+        b._engine_cost_s[eng] = 0.05
+        running = asyncio.ensure_future(b.recommend(eng, q(1), None))
+        await asyncio.sleep(0.005)  # ~45 ms of the running batch left, nothing queued
+        with pytest.raises(Overloaded, match="max_queue_delay_ms"):
+            await b.recommend(eng, q(2), None)
+        await running
+        assert (await b.recommend(eng, q(3), None)).item_ids == ["item-3"]  # idle again: admitted
         await b.stop()
 
     run(main())
