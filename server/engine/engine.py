@@ -199,10 +199,11 @@ class Engine:
                 scores_BK, idx_BK = self._ann_topk(u_BD, k_max, seen_B)
             else:
                 scores_BK, idx_BK = self._exact_topk(u_BD, k_max, seen_B)
+            ids = self.vocab.ids  # indices come from this engine's own items (< n_items): no bounds check needed
             for b, i in enumerate(model_q):
                 k = queries[i].k
                 scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
-                out[i] = Ranked([self.item_ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
+                out[i] = Ranked([ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
         return out  # type: ignore[return-value]
 
     def _seen_indices(self, q: "RecommendQuery") -> list[int]:
@@ -226,6 +227,10 @@ class Engine:
         dist_BK, idx_BK = self.ann.search(np.ascontiguousarray(u_BD), kk, params=self._search_params(kk))
         scores_out, idx_out = [], []
         for b, (dist_K, ids_K) in enumerate(zip(dist_BK.tolist(), idx_BK.tolist())):
+            if not seen_B[b] and -1 not in ids_K:  # the common case: nothing to drop
+                scores_out.append(dist_K[:k])
+                idx_out.append(ids_K[:k])
+                continue
             seen = set(seen_B[b])
             keep = [(d, i) for d, i in zip(dist_K, ids_K) if i >= 0 and i not in seen][:k]
             scores_out.append([d for d, _ in keep])
