@@ -369,3 +369,24 @@ def test_cli_engines_commands(trained_dir, capsys):
         assert main(["engines", "rollback", "--target", f"127.0.0.1:{port}", "--admin-token", "x" * 20]) == 1
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert server.manager.stable.version == 2
+
+
+def test_retired_engines_are_freed_off_the_request_path_once_no_request_holds_them(tmp_path):
+    import weakref
+
+    from server.engine.manager import EngineManager, EngineManagerConfig
+
+    class Old:  # stands in for an Engine
+        pass
+
+    m = EngineManager(Registry(tmp_path / "registry"), EngineManagerConfig())
+    idle, in_flight = Old(), Old()
+    gone, still = weakref.ref(idle), weakref.ref(in_flight)
+    m._retire(idle)
+    m._retire(in_flight)
+    held_by_a_request = in_flight
+    del idle, in_flight
+    assert m.release_retired() == 1  # the one a request still holds stays retired
+    assert gone() is None and still() is not None
+    del held_by_a_request
+    assert m.release_retired() == 0 and still() is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class EngineManager:
         self._loader = loader
         self._user_histories = user_histories
         self._lock = threading.RLock()      # loads and rollout changes of this process, one at a time
+        # Engines no longer serving, kept until no request holds them, then dropped by the watcher's
+        # thread: freeing one (its constants, index and item matrix) took 2 ms at 100k items and 19 ms
+        # at 1M, which the last request's handler would otherwise spend on the event loop.
+        self._retired: list[Engine] = []
 
     @property
     def current(self) -> Engine | None:
@@ -167,6 +172,7 @@ class EngineManager:
     def _set_stable(self, engine: Engine) -> None:
         old = self.stable
         self.stable = engine  # the swap: one reference assignment
+        self._retire(old)
         self.state = "serving"
         self._on_event("swap", engine.version, 0.0)
         log.info("stable engine %d (was %s)", engine.version, old.version if old else "none")
@@ -182,18 +188,35 @@ class EngineManager:
         self._on_event("canary", engine.version, fraction)
         log.info("canary engine %d serves %.1f%% of users", engine.version, 100 * fraction)
 
+    def _retire(self, engine: Engine | None) -> None:
+        if engine is not None and engine is not self.stable and engine is not self.canary:
+            self._retired.append(engine)
+
+    def release_retired(self) -> int:
+        """Drop retired engines no request holds any more (here, off the event loop); returns how many
+        are still held."""
+        held = []
+        for engine in self._retired:
+            # A reference each from the list, this loop's variable and getrefcount's argument: more is a holder.
+            if sys.getrefcount(engine) > 3:
+                held.append(engine)
+        self._retired = held
+        return len(held)
+
     def _end_canary(self) -> None:
         if self.canary is not None:
             self._on_event("canary_end", self.canary.version, 0.0)
-        self.canary = None
+        old, self.canary = self.canary, None
         if self._shadow is not None:
             self._shadow.stop()
             self._shadow = None
+        self._retire(old)
 
     def poll_once(self) -> bool:
         """Reconcile with rollout.json, then (auto mode, leader) canary a newly published version.
         Blocking; run it off the event loop. Returns True if what this process serves changed."""
         with self._lock:
+            self.release_retired()
             before = (self.stable, self.canary)
             st = self.registry.read_rollout()
             self.rollout = st
