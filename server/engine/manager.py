@@ -130,6 +130,7 @@ class EngineManager:
     # ---- loading
     def load_verified(self, version: int) -> Engine:
         """Load `version` and prove it is fit to serve; raise EngineRejected / EngineCorrupt otherwise."""
+        self.release_retired()  # free unheld old engines before another one takes memory
         t0 = time.perf_counter()
         engine = (self._loader or load_from_registry)(self.registry, version, self.config)
         diff = engine.golden_max_abs_diff()
@@ -170,6 +171,7 @@ class EngineManager:
 
     # ---- applying rollout state to this process
     def _set_stable(self, engine: Engine) -> None:
+        self.release_retired()  # what earlier swaps retired, before this one retires another
         old = self.stable
         self.stable = engine  # the swap: one reference assignment
         self._retire(old)
@@ -401,6 +403,8 @@ class EngineManager:
                     await asyncio.to_thread(self.poll_once)
                 if self.canary is not None:
                     await asyncio.to_thread(self.analyse_once)
+                if self._retired:
+                    await asyncio.to_thread(self.release_retired)
             except Exception:  # a registry hiccup must never kill the watcher
                 log.exception("engine watcher failed; retrying")
             try:
