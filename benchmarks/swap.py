@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="min_duration_s=3,shadow_samples=100,min_requests=200",
                    help="auto policy fields for the run, FIELD=VALUE,...")
     p.add_argument("--prepare-only", action="store_true", help="build the source engines and stop")
+    p.add_argument("--server-flags", default="", help="extra `livetower serve` flags (ablations, e.g. --no-gc-freeze)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"preparing engines in {args.source} …", flush=True)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     dst = Registry(data / "registry")
     copy_in(src, versions[0], dst)
     (data / "admin.token").write_text(TOKEN + "\n")
-    proc, port = start_server(data, ["--threads", "1"], args.out / "server.log")
+    proc, port = start_server(data, ["--threads", "1", *args.server_flags.split()], args.out / "server.log")
     admin = Client(f"127.0.0.1:{port}", admin_token=TOKEN, timeout_s=30)
     try:
         fields = dict(kv.split("=", 1) for kv in args.policy.split(",") if kv)
