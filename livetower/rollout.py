@@ -25,7 +25,8 @@ class CanaryPolicy:
     min_topk_overlap: float = 0.2    # mean chance-corrected top-k overlap with stable (shadow sample) below this: roll back
     max_score_drift: float = 0.8     # KS distance of canary vs stable top-k scores above this: roll back
     shadow_samples: int = 100        # paired shadow comparisons needed before a decision
-    shadow_qps: float = 20.0         # rate limit of shadow scoring (each sample runs both engines)
+    shadow_qps: float = 20.0         # shadow pairs per second (each runs both engines) until shadow_samples are in;
+                                     # then 1 per second
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
