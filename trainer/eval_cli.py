@@ -34,6 +34,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--experts", type=int, help="routed experts per MoE layer")
     p.add_argument("--moe-dim", type=int, help="hidden size of each expert")
+    p.add_argument("--heads", type=int, help="attention heads")
+    p.add_argument("--dense-layers", type=int, help="first_k_dense: the first k layers use a dense MLP, not MoE")
+    p.add_argument("--ffn-dim", type=int, help="hidden size of the dense MLP layers")
     p.add_argument("--dropout", type=float)
     p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
     p.add_argument("--abs-positions", action="store_true", default=None,
@@ -63,7 +66,8 @@ def build_config(args):
     cfg = PRESETS[args.preset]()
     model_changes = {k: v for k, v in dict(
         dim=args.dim, out_dim=args.dim, n_layers=args.layers, n_routed_experts=args.experts,
-        moe_dim=args.moe_dim, dropout=args.dropout, max_history=args.max_history,
+        moe_dim=args.moe_dim, n_heads=args.heads, first_k_dense=args.dense_layers, ffn_dim=args.ffn_dim,
+        dropout=args.dropout, max_history=args.max_history,
         temperature=args.temperature, emb_dropout=args.emb_dropout,
         abs_positions=args.abs_positions).items() if v is not None}
     model = dataclasses.replace(cfg.train.model, **model_changes)
