@@ -144,7 +144,7 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
             t0 = time.perf_counter()
             gc.collect()
             gc.freeze()
-            log.debug("gc collect + freeze after loading engine %d: %.1f ms", version, (time.perf_counter() - t0) * 1e3)
+            log.info("gc collect + freeze after loading engine %d: %.1f ms", version, (time.perf_counter() - t0) * 1e3)
 
     manager = EngineManager(registry, config.engines, on_event=on_engine_event,
                             user_histories=lambda: history.sample(1000))

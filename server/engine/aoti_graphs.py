@@ -54,6 +54,12 @@ class CompiledGraphs:
                 graph = self._graphs[key] = self._extract(package, key)
             return graph
 
+    def is_open(self, package: Path) -> bool:
+        """Was this package file (same path, size and mtime) opened already (and so checked)?"""
+        st = package.stat()
+        with self._lock:
+            return (str(package.resolve()), st.st_size, st.st_mtime_ns) in self._graphs
+
     def container(self, package: Path) -> tuple[AotiContainer, dict[str, str]]:
         """A fresh container (own constants, one model instance) of the package's compiled graph."""
         graph = self.open(package)
