@@ -31,6 +31,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dim", type=int, help="model width (dim = out_dim)")
+    p.add_argument("--arch", choices=("deepseek", "sasrec"),
+                   help="user tower: deepseek (served; default) or sasrec (plain SASRec, a reference)")
     p.add_argument("--layers", type=int)
     p.add_argument("--experts", type=int, help="routed experts per MoE layer")
     p.add_argument("--moe-dim", type=int, help="hidden size of each expert")
@@ -75,7 +77,7 @@ def build_config(args):
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
         precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round).items() if v is not None}
     train = cfg.train.replace(model=model, **train_changes)
-    changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss,
+    changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss, arch=args.arch,
                                      max_val_users=args.max_val_users).items() if v is not None}
     if args.no_logq:
         changes["logq"] = False

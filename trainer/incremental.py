@@ -87,6 +87,9 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
     """Train cfg.train (an OfflineTrainConfig's TrainConfig) incrementally on the protocol's training data
     and score it on the same validation/test sets and negatives as run_eval. Its loss is always the
     sidecar's (sampled softmax, in-batch + uniform, log-Q), whatever cfg.loss says."""
+    if getattr(cfg, "arch", "deepseek") != "deepseek":
+        raise ValueError(f"incremental training runs the sidecar's DeepSeek tower; OfflineTrainConfig.arch is "
+                         f"{cfg.arch!r} (drop --incremental or --arch)")
     from trainer.offline import TEST_NEG_SEED, VAL_NEG_SEED, _flat
     from trainer.protocols import make_split, negatives_for
     from trainer.ranking import evaluate_model_on

@@ -29,12 +29,14 @@ from trainer.training import autocast, make_optimizer
 from trainer.vocab import table_rows_for
 
 LOSSES = ("sampled_softmax", "full_softmax", "bce")
+ARCHS = ("deepseek", "sasrec")  # the served DeepSeek tower (trainer/model.py) | plain SASRec (trainer/sasrec.py)
 MIN_TEMPERATURE = 0.01  # a learned temperature is clamped here (as CLIP's logit scale <= 100)
 
 
 @dataclass(kw_only=True, slots=True)
 class OfflineTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # model, batch_size, lr, weight_decay, negatives, seed
+    arch: str = "deepseek"      # one of ARCHS: "sasrec" trains the reference architecture on the same pipeline
     epochs: int = 20            # maximum passes over the training windows
     loss: str = "sampled_softmax"  # one of LOSSES
     logq: bool = True           # sampled_softmax: subtract log-Q of each candidate
@@ -57,6 +59,8 @@ class OfflineTrainConfig:
         for name in ("patience", "max_val_users"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OfflineTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"OfflineTrainConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"OfflineTrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
 
@@ -130,7 +134,12 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     counts_R = np.bincount(np.concatenate([s for s in train_seqs]), minlength=n_items + 1)
     item_prob_R = torch.from_numpy(counts_R / max(counts_R.sum(), 1)).float()
     torch.manual_seed(tc.seed)
-    model = TwoTower(tc.model, table_rows_for(n_items))
+    if cfg.arch == "sasrec":
+        from trainer.sasrec import SASRec
+
+        model = SASRec(tc.model, table_rows_for(n_items))
+    else:
+        model = TwoTower(tc.model, table_rows_for(n_items))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True) \
         if cfg.fused_adam else make_optimizer(model, tc)
     log_scale = None  # learned log(1 / temperature)
