@@ -36,13 +36,16 @@ CONFIGS = {
     "baseline": {"dir": BASELINE_DIR, "flags": ["--no-batching", "--no-uvloop"],
                  "what": "torch.export eager user tower, torch matmul + topk, inline on the event loop, no batching"},
     "optimised": {"dir": ".", "flags": [],
-                  "what": "AOTInductor user tower, micro-batching on a compute thread, admission control, uvloop"},
+                  "what": "AOTInductor user tower, cheap calls inline else micro-batched on a compute thread, "
+                          "admission control, uvloop"},
     # Ablations: each drops one step of the optimised path, to show what that step buys.
     "aoti-inline": {"dir": ".", "flags": ["--no-batching", "--no-uvloop"],
                     "what": "AOTInductor user tower only (inline, no batching, asyncio loop)"},
     "exact": {"dir": ".", "flags": ["--no-ann"], "what": "optimised, exact top-k instead of the HNSW index"},
     "no-uvloop": {"dir": ".", "flags": ["--no-uvloop"], "what": "optimised, default asyncio loop"},
     "no-batching": {"dir": ".", "flags": ["--no-batching"], "what": "optimised without micro-batching (inline)"},
+    "no-inline": {"dir": ".", "flags": ["--inline-below-ms", "0"],
+                  "what": "optimised, every request through the compute thread (no inline fast path)"},
     "workers2": {"dir": ".", "flags": ["--workers", "2"], "what": "optimised, 2 processes with SO_REUSEPORT"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],

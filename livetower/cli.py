@@ -25,7 +25,8 @@ def _server_config(args):
 
     batching = None if args.no_batching else BatchingConfig(
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-        max_queue_delay_ms=args.max_queue_delay_ms, max_loop_lag_ms=args.max_loop_lag_ms)
+        max_queue_delay_ms=args.max_queue_delay_ms, max_loop_lag_ms=args.max_loop_lag_ms,
+        inline_below_ms=args.inline_below_ms)
     return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port, events_url=args.events,
                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                         engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
@@ -72,6 +73,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="shed a request that would wait longer than this for the compute thread")
     p.add_argument("--max-loop-lag-ms", type=float, default=50.0,
                    help="shed new requests while the event loop runs this far behind (0: never)")
+    p.add_argument("--inline-below-ms", type=float, default=1.0,
+                   help="compute a Recommend on the event loop (no compute-thread hand-off) when its engine's "
+                        "measured cost is below this and nothing is queued (0: always the compute thread)")
     p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
                    help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")
     p.add_argument("--no-gc-freeze", action="store_true",

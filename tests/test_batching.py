@@ -216,3 +216,76 @@ def test_config_validation_names_field():
         BatchingConfig(max_queue_delay_ms=0)
     with pytest.raises(ValueError, match="max_loop_lag_ms"):
         BatchingConfig(max_loop_lag_ms=-1)
+    with pytest.raises(ValueError, match="inline_below_ms"):
+        BatchingConfig(inline_below_ms=-1)
+
+
+class FastEngine(SlowEngine):
+    """Well under inline_below_ms per call."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+
+def test_a_cheap_measured_engine_runs_on_the_event_loop_when_idle():
+    async def main():
+        b = MicroBatcher(BatchingConfig(inline_below_ms=5.0, max_queue_delay_ms=1000))
+        b.start()
+        eng = FastEngine()
+        first = await b.recommend(eng, q(0), None)   # unmeasured: the compute thread
+        after = [await b.recommend(eng, q(i), None) for i in range(1, 6)]  # measured cheap: inline
+        await b.stop()
+        return b, eng, first, after
+
+    b, eng, first, after = run(main())
+    assert b.batches == 1 and b.inline == 5
+    assert eng.threads == {"engine_0", threading.main_thread().name}
+    assert first.item_ids == ["item-0"] and [r.item_ids[0] for r in after] == [f"item-{i}" for i in range(1, 6)]
+
+
+def test_slow_engines_and_queued_work_go_through_the_compute_thread():
+    async def main():
+        b = MicroBatcher(BatchingConfig(inline_below_ms=5.0, max_queue_delay_ms=1000))
+        b.start()
+        slow, fast = SlowEngine(0.02), FastEngine()
+        await b.recommend(slow, q(0), None)
+        await b.recommend(fast, q(0), None)
+        await b.recommend(slow, q(1), None)           # measured 20 ms: above the limit
+        running = asyncio.ensure_future(b.recommend(slow, q(2), None))
+        await asyncio.sleep(0.005)                    # the slow batch is computing
+        behind = await b.recommend(fast, q(3), None)  # cheap, but the compute thread is busy: it queues
+        await running
+        await b.stop()
+        return b, slow, fast, behind
+
+    b, slow, fast, behind = run(main())
+    assert b.inline == 0 and b.batches == 5
+    assert threading.main_thread().name not in slow.threads | fast.threads
+    assert behind.item_ids == ["item-3"]
+
+
+def test_inline_errors_reach_the_caller_and_zero_disables_it():
+    class Failing(FastEngine):
+        fail = False
+
+        def recommend_batch(self, queries):
+            if self.fail:
+                raise RuntimeError("engine broke")
+            return super().recommend_batch(queries)
+
+    async def main(limit_ms):
+        b = MicroBatcher(BatchingConfig(inline_below_ms=limit_ms, max_queue_delay_ms=1000))
+        b.start()
+        eng = Failing()
+        await b.recommend(eng, q(0), None)
+        eng.fail = True
+        with pytest.raises(RuntimeError, match="engine broke"):
+            await b.recommend(eng, q(1), None)
+        eng.fail = False
+        await b.recommend(eng, q(2), None)
+        await b.stop()
+        return b
+
+    on, off = run(main(5.0)), run(main(0.0))
+    assert on.inline == 1 and on.batches == 1
+    assert off.inline == 0 and off.batches == 2

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
@@ -236,3 +237,25 @@ def test_publish_skips_stray_numbered_dir(tmp_path, monkeypatch):
     (reg.engine_dir(2) / "junk").write_bytes(b"x")
     v = publish(reg)
     assert v > 2 and reg.verify(v).version == v
+
+
+def test_verify_rehashes_only_files_written_since(tmp_path, monkeypatch):
+    import livetower.registry as registry_mod
+
+    reg = Registry(tmp_path)
+    v = publish(reg)
+    hashed = []
+    real = registry_mod.sha256_file
+    monkeypatch.setattr(registry_mod, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    reg.verify(v)
+    n_files = len(hashed)
+    reg.verify(v)
+    assert len(hashed) == n_files  # unchanged files: not hashed again
+    p = reg.engine_dir(v) / "items.npy"
+    b = bytearray(p.read_bytes())
+    b[50] ^= 0x01
+    time.sleep(0.01)  # a new mtime even on coarse clocks
+    p.write_bytes(bytes(b))
+    with pytest.raises(EngineCorrupt, match="items.npy sha256 mismatch"):
+        reg.verify(v)
+    assert hashed[n_files:] == ["items.npy"]

@@ -16,7 +16,9 @@ when its last request ends. An engine that fails any step is refused and recorde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -38,6 +40,7 @@ class EngineManagerConfig:
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
     verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
+    load_nice: int = 10             # an engine load (files, parity, warm-up) runs this much lower in CPU priority
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's HNSW index when it has one (False: exact top-k)
     leader: bool = True             # makes the automatic rollout decisions (one process per registry)
@@ -49,6 +52,8 @@ class EngineManagerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_calls < 0:
             raise ValueError(f"warmup_calls must be >= 0, got {self.warmup_calls}")
+        if not 0 <= self.load_nice <= 19:
+            raise ValueError(f"load_nice must be in [0, 19], got {self.load_nice}")
         if not 0 <= self.verify_pause_s <= 0.1:
             raise ValueError(f"verify_pause_s must be in [0, 0.1], got {self.verify_pause_s}")
         if self.num_threads < 1:
@@ -77,6 +82,27 @@ def load_from_registry(registry: Registry, version: int, config: EngineManagerCo
                            use_ann=config.use_ann, graph_dir=graph_dir)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise EngineRejected(f"engine {version}: load failed: {e}") from e
+
+
+@contextlib.contextmanager
+def _lower_priority(nice: int):
+    """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it: an
+    engine load's CPU bursts then give way to the serving threads on a busy machine."""
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:  # raising priority back may need CAP_SYS_NICE; the thread stays lower (only loads run there)
+            log.debug("could not restore thread priority %d", before)
 
 
 class EngineManager:
@@ -132,12 +158,13 @@ class EngineManager:
         """Load `version` and prove it is fit to serve; raise EngineRejected / EngineCorrupt otherwise."""
         self.release_retired()  # free unheld old engines before another one takes memory
         t0 = time.perf_counter()
-        engine = (self._loader or load_from_registry)(self.registry, version, self.config)
-        diff = engine.golden_max_abs_diff()
-        if diff > self.config.parity_tolerance:
-            raise EngineRejected(f"engine {version}: golden parity max abs diff {diff:.3g} > "
-                                 f"tolerance {self.config.parity_tolerance:g}")
-        engine.warm_up(self.config.warmup_calls)
+        with _lower_priority(self.config.load_nice):
+            engine = (self._loader or load_from_registry)(self.registry, version, self.config)
+            diff = engine.golden_max_abs_diff()
+            if diff > self.config.parity_tolerance:
+                raise EngineRejected(f"engine {version}: golden parity max abs diff {diff:.3g} > "
+                                     f"tolerance {self.config.parity_tolerance:g}")
+            engine.warm_up(self.config.warmup_calls)
         seconds = time.perf_counter() - t0
         log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,
                  "refit" if engine.manifest.graph_version else "full", engine.manifest.backend,
