@@ -73,9 +73,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="shed a request that would wait longer than this for the compute thread")
     p.add_argument("--max-loop-lag-ms", type=float, default=50.0,
                    help="shed new requests while the event loop runs this far behind (0: never)")
-    p.add_argument("--inline-below-ms", type=float, default=1.0,
+    p.add_argument("--inline-below-ms", type=float, default=0.0,
                    help="compute a Recommend on the event loop (no compute-thread hand-off) when its engine's "
-                        "measured cost is below this and nothing is queued (0: always the compute thread)")
+                        "measured cost is below this and nothing is queued: lower P99 up to capacity, no "
+                        "overload protection past it (default 0: always the compute thread)")
     p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
                    help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")
     p.add_argument("--no-gc-freeze", action="store_true",
