@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -251,7 +252,22 @@ def test_abs_positions_and_emb_dropout_options():
 def test_added_fields_leave_default_config_dict_unchanged():
     """Fields added later are left out of to_dict at their default (so older architecture hashes hold)."""
     d = ModelConfig().to_dict()
-    assert "abs_positions" not in d and "emb_dropout" not in d and ModelConfig.from_dict(d) == ModelConfig()
+    assert "abs_positions" not in d and "emb_dropout" not in d and "emb_scale" not in d
+    assert ModelConfig.from_dict(d) == ModelConfig()
     d2 = ModelConfig(abs_positions=True, emb_dropout=0.2).to_dict()
     assert d2["abs_positions"] is True and d2["emb_dropout"] == 0.2
     assert ModelConfig.from_dict(d2) == ModelConfig(abs_positions=True, emb_dropout=0.2)
+
+
+def test_emb_scale_scales_only_the_history_input():
+    torch.manual_seed(0)
+    cfg = ModelConfig(max_history=8)
+    plain = TwoTower(cfg, 40).eval()
+    scaled = TwoTower(dataclasses.replace(cfg, emb_scale=True), 40).eval()
+    scaled.load_state_dict(plain.state_dict())
+    h = torch.tensor([[PAD_ROW, PAD_ROW, 3, 7, 1, 9, 2, 5]])
+    with torch.no_grad():
+        assert torch.allclose(scaled.embed_history(h), plain.embed_history(h) * cfg.dim ** 0.5)
+        assert torch.equal(scaled.encode_items(h[0]), plain.encode_items(h[0]))  # the item tower is unchanged
+        assert (scaled.encode_users(h) - plain.encode_users(h)).abs().max().item() > 1e-4
+    assert ModelConfig(emb_scale=True).to_dict()["emb_scale"] is True

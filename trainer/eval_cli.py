@@ -41,6 +41,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-dim", type=int, help="hidden size of the dense MLP layers")
     p.add_argument("--dropout", type=float)
     p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
+    p.add_argument("--emb-scale", action="store_true", default=None,
+                   help="scale the history's item embeddings by sqrt(dim) before the stack (as SASRec)")
     p.add_argument("--abs-positions", action="store_true", default=None,
                    help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
     p.add_argument("--learn-temperature", action="store_true", help="train the temperature (from --temperature)")
@@ -70,7 +72,7 @@ def build_config(args):
         dim=args.dim, out_dim=args.dim, n_layers=args.layers, n_routed_experts=args.experts,
         moe_dim=args.moe_dim, n_heads=args.heads, first_k_dense=args.dense_layers, ffn_dim=args.ffn_dim,
         dropout=args.dropout, max_history=args.max_history,
-        temperature=args.temperature, emb_dropout=args.emb_dropout,
+        temperature=args.temperature, emb_dropout=args.emb_dropout, emb_scale=args.emb_scale,
         abs_positions=args.abs_positions).items() if v is not None}
     model = dataclasses.replace(cfg.train.model, **model_changes)
     train_changes = {k: v for k, v in dict(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
 INIT_STD = 0.02  # HF initializer_range
 MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
-ADDED_FIELDS = ("abs_positions", "emb_dropout")  # ModelConfig fields omitted from to_dict at their default
+ADDED_FIELDS = ("abs_positions", "emb_dropout", "emb_scale")  # ModelConfig fields omitted from to_dict at their default
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -56,6 +56,8 @@ class ModelConfig:
     abs_positions: bool = False  # add a learned absolute position embedding to the history (as SASRec), counted
                                  # from the newest item (row max_history - 1); RoPE stays. False = RoPE only
     emb_dropout: float = 0.0  # dropout on the history's input embeddings (as SASRec), training only
+    emb_scale: bool = False  # multiply the history's item embeddings by sqrt(dim) before the stack (as SASRec
+                             # and the original Transformer); the item tower's embeddings are not scaled
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, why: str) -> None:
@@ -361,6 +363,8 @@ class TwoTower(nn.Module):
     def embed_history(self, history_BT: Tensor) -> Tensor:
         """(B, T) left-padded rows (T <= max_history) -> (B, T, D) stack input: item rows [+ positions, pads 0]."""
         x_BTD = self.item_embedding(history_BT)
+        if self.cfg.emb_scale:
+            x_BTD = x_BTD * self.cfg.dim ** 0.5
         if self.cfg.abs_positions:  # the newest item (last column) gets position row max_history - 1
             pos_T = torch.arange(history_BT.shape[1], device=x_BTD.device) + self.cfg.max_history - x_BTD.shape[1]
             x_BTD = (x_BTD + self.pos_embedding(pos_T)) * (history_BT != PAD_ROW).unsqueeze(-1).to(x_BTD.dtype)
