@@ -271,3 +271,21 @@ def test_emb_scale_scales_only_the_history_input():
         assert torch.equal(scaled.encode_items(h[0]), plain.encode_items(h[0]))  # the item tower is unchanged
         assert (scaled.encode_users(h) - plain.encode_users(h)).abs().max().item() > 1e-4
     assert ModelConfig(emb_scale=True).to_dict()["emb_scale"] is True
+
+
+def test_without_tower_projections_it_trains_and_exports():
+    torch.manual_seed(0)
+    cfg = ModelConfig(max_history=8, tower_proj=False)
+    m = TwoTower(cfg, 40).eval()
+    assert not any("proj" in n and n.split(".")[0] in ("user_proj", "item_proj") for n, _ in m.named_parameters())
+    rows = torch.arange(1, 40)
+    with torch.no_grad():
+        assert torch.allclose(m.encode_items(rows), torch.nn.functional.normalize(m.item_embedding(rows), dim=-1))
+    x = torch.randint(1, 40, (3, 8))
+    ep = torch.export.export(Wrapper(m), (x,), strict=False,
+                             dynamic_shapes={"history_BT": {0: torch.export.Dim("batch", min=1, max=64)}})
+    with torch.no_grad():
+        assert (ep.module()(x) - m.encode_users(x)).abs().max().item() < 1e-5
+    assert ModelConfig(tower_proj=False).to_dict()["tower_proj"] is False and "tower_proj" not in ModelConfig().to_dict()
+    with pytest.raises(ValueError, match="tower_proj"):
+        ModelConfig(tower_proj=False, out_dim=32)

@@ -41,6 +41,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-dim", type=int, help="hidden size of the dense MLP layers")
     p.add_argument("--dropout", type=float)
     p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
+    p.add_argument("--no-tower-proj", dest="tower_proj", action="store_false", default=None,
+                   help="no user/item projection layers: score the stack output against the raw item embeddings")
     p.add_argument("--emb-scale", action="store_true", default=None,
                    help="scale the history's item embeddings by sqrt(dim) before the stack (as SASRec)")
     p.add_argument("--abs-positions", action="store_true", default=None,
@@ -73,6 +75,7 @@ def build_config(args):
         moe_dim=args.moe_dim, n_heads=args.heads, first_k_dense=args.dense_layers, ffn_dim=args.ffn_dim,
         dropout=args.dropout, max_history=args.max_history,
         temperature=args.temperature, emb_dropout=args.emb_dropout, emb_scale=args.emb_scale,
+        tower_proj=args.tower_proj,
         abs_positions=args.abs_positions).items() if v is not None}
     model = dataclasses.replace(cfg.train.model, **model_changes)
     train_changes = {k: v for k, v in dict(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
 INIT_STD = 0.02  # HF initializer_range
 MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
-ADDED_FIELDS = ("abs_positions", "emb_dropout", "emb_scale")  # ModelConfig fields omitted from to_dict at their default
+ADDED_FIELDS = ("abs_positions", "emb_dropout", "emb_scale", "tower_proj")  # ModelConfig fields omitted from to_dict at their default
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -56,6 +56,9 @@ class ModelConfig:
     abs_positions: bool = False  # add a learned absolute position embedding to the history (as SASRec), counted
                                  # from the newest item (row max_history - 1); RoPE stays. False = RoPE only
     emb_dropout: float = 0.0  # dropout on the history's input embeddings (as SASRec), training only
+    tower_proj: bool = True  # user_proj / item_proj: linear maps of the stack output and of the item embeddings
+                             # into the shared space; False = identity (needs out_dim == dim), as SASRec, which
+                             # scores the stack output against the raw item embeddings
     emb_scale: bool = False  # multiply the history's item embeddings by sqrt(dim) before the stack (as SASRec
                              # and the original Transformer); the item tower's embeddings are not scaled
 
@@ -89,6 +92,7 @@ class ModelConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.emb_dropout < 1.0, "emb_dropout", "must be in [0, 1)")
         need(isinstance(self.abs_positions, bool), "abs_positions", "must be a bool")
+        need(self.tower_proj or self.out_dim == self.dim, "tower_proj", "False needs out_dim == dim")
         need(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
 
     @classmethod
@@ -347,8 +351,8 @@ class TwoTower(nn.Module):
         if cfg.abs_positions:  # row max_history - 1 = the newest item's position
             self.pos_embedding = nn.Embedding(cfg.max_history, cfg.dim)
         self.stack = DeepseekV3Stack(cfg)
-        self.user_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
-        self.item_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
+        self.user_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False) if cfg.tower_proj else nn.Identity()
+        self.item_proj = nn.Linear(cfg.dim, cfg.out_dim, bias=False) if cfg.tower_proj else nn.Identity()
         self.apply(_init_weights)
         with torch.no_grad():
             self.item_embedding.weight[PAD_ROW].zero_()
