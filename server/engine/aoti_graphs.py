@@ -45,9 +45,13 @@ class CompiledGraphs:
         self._graphs: dict[tuple, CompiledGraph] = {}
         self._dir: Path | None = None
 
-    def open(self, package: Path) -> CompiledGraph:
+    @staticmethod
+    def _key(package: Path) -> tuple[str, int, int]:
         st = package.stat()
-        key = (str(package.resolve()), st.st_size, st.st_mtime_ns)
+        return str(package.resolve()), st.st_size, st.st_mtime_ns
+
+    def open(self, package: Path) -> CompiledGraph:
+        key = self._key(package)
         with self._lock:
             graph = self._graphs.get(key)
             if graph is None:
@@ -56,9 +60,9 @@ class CompiledGraphs:
 
     def is_open(self, package: Path) -> bool:
         """Was this package file (same path, size and mtime) opened already (and so checked)?"""
-        st = package.stat()
+        key = self._key(package)
         with self._lock:
-            return (str(package.resolve()), st.st_size, st.st_mtime_ns) in self._graphs
+            return key in self._graphs
 
     def container(self, package: Path) -> tuple[AotiContainer, dict[str, str]]:
         """A fresh container (own constants, one model instance) of the package's compiled graph."""
