@@ -1,14 +1,14 @@
 """Dynamic micro-batching with admission control, between the servicers and the engine.
 
 Requests queue here; one worker runs them on a dedicated compute thread, so the event loop keeps
-accepting and (de)serialising while the engine works. Optionally (inline_below_ms > 0), a Recommend on an
-engine measured to be cheap is computed on the event loop itself when nothing is queued or
+accepting and (de)serialising while the engine works. Optionally (inline_below_ms > 0), a Recommend
+on an engine measured to be cheap is computed on the event loop itself when nothing is queued or
 computing: for a sub-millisecond engine the two GIL hand-offs to the thread and back cost more than
-the call, but nothing then bounds the work the loop takes on past capacity (docs/serving.md). Whatever queued while the last batch ran
-is taken together (up to max_batch, after waiting up to max_delay_ms for more): under light load
-a request runs alone at once, under heavy load batches grow and amortise the user tower and the
-scoring pass. Past capacity requests are shed quickly instead of queueing without bound, so the requests that are
-admitted keep a bounded latency:
+the call, but nothing then bounds the work the loop takes on past capacity (docs/serving.md).
+Whatever queued while the last batch ran is taken together (up to max_batch, after waiting up to
+max_delay_ms for more): under light load a request runs alone at once, under heavy load batches
+grow and amortise the user tower and the scoring pass. Past capacity requests are shed quickly
+instead of queueing without bound, so the requests that are admitted keep a bounded latency:
 - the queue holds at most max_queue requests; beyond that: Overloaded at once;
 - a request that would wait longer than max_queue_delay_ms for the compute thread (the queued jobs
   ahead of it, each at its engine's measured compute time per job) is shed at admission, and so is
@@ -197,7 +197,8 @@ class MicroBatcher:
         job.future.set_result(result)
 
     def _learn_cost(self, engine: Engine, per_item: float) -> None:
-        self._per_item_s = 0.9 * self._per_item_s + 0.1 * per_item
+        first = not self.batches and not self.inline  # the first measurement replaces the 1 ms guess
+        self._per_item_s = per_item if first else 0.9 * self._per_item_s + 0.1 * per_item
         old = self._engine_cost_s.get(engine)
         self._engine_cost_s[engine] = per_item if old is None else 0.8 * old + 0.2 * per_item
 
