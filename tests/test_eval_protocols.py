@@ -155,8 +155,8 @@ def test_config_validation_names_the_field():
 
 @pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax", "bce"])
 def test_run_eval_end_to_end_tiny(loss):
-    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32"), epochs=2, patience=0, loss=loss,
-                             logq=loss != "bce")
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", logq_correction=loss != "bce"),
+                             epochs=2, patience=0, loss=loss)
     r = run_eval(toy(), ["sasrec", "full"], cfg, n_negatives=10, progress=lambda m: None)
     for who in ("model", "popularity"):
         for split in ("val", "test"):
@@ -167,8 +167,9 @@ def test_run_eval_end_to_end_tiny(loss):
 @pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
 def test_learned_temperature_and_sasrec_style_options_train(loss):
     model = dataclasses.replace(ModelConfig.tiny_debug(), abs_positions=True, emb_dropout=0.2, temperature=0.1)
-    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", model=model), epochs=2, patience=0,
-                             loss=loss, learn_temperature=True, in_batch=False, logq=False)
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", model=model, in_batch_negatives=False,
+                                                          logq_correction=False),
+                             epochs=2, patience=0, loss=loss, learn_temperature=True)
     r = run_eval(toy(), ["sasrec"], cfg, n_negatives=10, progress=lambda m: None)
     temps = r["train"]["temperature"]
     assert len(temps) == 2 and all(t >= 0.01 for t in temps) and temps[-1] != 0.1  # it moved

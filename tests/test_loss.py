@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +68,44 @@ def test_matches_reference_computation():
         t = uniq.index(int(pos[m]))
         total += -(logits[t] - math.log(sum(math.exp(x - max(logits)) for x in logits)) - max(logits))
     assert abs(got.item() - total / 4) < 1e-4
+
+
+@pytest.mark.parametrize("logq", [False, True])
+def test_uniform_only_negatives_match_reference(logq):
+    """in_batch=False: each row against its own positive and the shared uniform draws only (other rows'
+    positives are not candidates); logq=True shifts every negative by log(R / n_items)."""
+    model = make_model()
+    pos = torch.tensor([3, 7, 3, 12])
+    user = random_users(4, 32)
+    got = sampled_softmax_loss(model, user, pos, item_prob_R=uniform_prob(N_ITEMS), n_items=N_ITEMS, n_random=6,
+                               temperature=0.1, generator=torch.Generator().manual_seed(11), in_batch=False, logq=logq)
+    rand = torch.randint(1, N_ITEMS + 1, (6,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        total = 0.0
+        for m in range(4):
+            logits = [float(user[m] @ model.encode_items(pos[m:m + 1])[0]) / 0.1]
+            for row in rand.tolist():
+                s = float(user[m] @ model.encode_items(torch.tensor([row]))[0]) / 0.1
+                s -= math.log(6 / N_ITEMS) if logq else 0.0
+                logits.append(MASK_LOGIT if row == int(pos[m]) else s)
+            top = max(logits)
+            total += -(logits[0] - top - math.log(sum(math.exp(x - top) for x in logits)))
+    assert abs(got.item() - total / 4) < 1e-4
+
+
+def test_in_batch_without_logq_is_plain_softmax_over_candidates():
+    model = make_model()
+    pos = torch.tensor([3, 7, 12])
+    user = random_users(3, 32)
+    kw = dict(n_items=N_ITEMS, n_random=5, temperature=0.1)
+    prob = torch.rand(N_ITEMS + 1, generator=torch.Generator().manual_seed(5))
+    a = sampled_softmax_loss(model, user, pos, item_prob_R=prob, generator=torch.Generator().manual_seed(2),
+                             logq=False, **kw)
+    b = sampled_softmax_loss(model, user, pos, item_prob_R=prob * 0 + 1, generator=torch.Generator().manual_seed(2),
+                             logq=False, **kw)
+    c = sampled_softmax_loss(model, user, pos, item_prob_R=prob, generator=torch.Generator().manual_seed(2), **kw)
+    assert a.item() == b.item()  # without log-Q the stream frequencies play no part
+    assert a.item() != c.item()
 
 
 def test_accidental_hits_are_masked():

@@ -45,8 +45,8 @@ def test_left_padding_does_not_change_the_user_vector():
 
 
 def test_sasrec_trains_through_run_eval_and_is_recorded():
-    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32"), arch="sasrec", epochs=2, patience=0,
-                             in_batch=False, logq=False)
+    cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", in_batch_negatives=False,
+                                                          logq_correction=False), arch="sasrec", epochs=2, patience=0)
     r = run_eval(toy(), ["sasrec", "full"], cfg, n_negatives=10, progress=lambda m: None)
     assert r["config"]["arch"] == "sasrec" and r["train"]["epochs_run"] == 2
     assert 0 <= r["model"]["test"]["sasrec_hr@10"] <= 1

@@ -80,14 +80,12 @@ def build_config(args):
     model = dataclasses.replace(cfg.train.model, **model_changes)
     train_changes = {k: v for k, v in dict(
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
-        precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round).items() if v is not None}
+        precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round,
+        logq_correction=False if args.no_logq else None,
+        in_batch_negatives=False if args.no_in_batch else None).items() if v is not None}
     train = cfg.train.replace(model=model, **train_changes)
     changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss, arch=args.arch,
                                      max_val_users=args.max_val_users).items() if v is not None}
-    if args.no_logq:
-        changes["logq"] = False
-    if args.no_in_batch:
-        changes["in_batch"] = False
     if args.learn_temperature:
         changes["learn_temperature"] = True
     if args.fp32_logits:

@@ -86,7 +86,8 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
                         progress: Callable[[str], None] = print) -> dict:
     """Train cfg.train (an OfflineTrainConfig's TrainConfig) incrementally on the protocol's training data
     and score it on the same validation/test sets and negatives as run_eval. Its loss is always the
-    sidecar's (sampled softmax, in-batch + uniform, log-Q), whatever cfg.loss says."""
+    sidecar's sampled softmax with cfg.train's negatives (in_batch_negatives, logq_correction), whatever
+    cfg.loss says."""
     if getattr(cfg, "arch", "deepseek") != "deepseek":
         raise ValueError(f"incremental training runs the sidecar's DeepSeek tower; OfflineTrainConfig.arch is "
                          f"{cfg.arch!r} (drop --incremental or --arch)")
@@ -97,7 +98,10 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
     split = make_split(data, protocols[0])
     trainer, rows_of_item, log = train_incremental(data, split, cfg.train, chunk_events=chunk_events,
                                                    progress=progress)
-    out = {"train": log, "loss": "sampled_softmax (sidecar)"}
+    tc = cfg.train
+    out = {"train": log, "loss": f"sampled_softmax (sidecar: {tc.n_random_negatives} uniform negatives"
+                                 f"{' + in-batch' if tc.in_batch_negatives else ''}"
+                                 f"{', log-Q' if tc.logq_correction else ''})"}
     for name, ev, seed in (("val", split.val, VAL_NEG_SEED), ("test", split.test, TEST_NEG_SEED)):
         neg = negatives_for(data, ev, split, n=n_negatives, exclude=neg_exclude, seed=seed) \
             if "sasrec" in protocols else None

@@ -1,9 +1,13 @@
-"""Sampled softmax with in-batch and uniform random negatives and log-Q correction.
+"""Training losses over cosine scores / temperature.
 
-Candidates = the unique positive items of the batch (in-batch negatives for every other row) plus
-R uniformly drawn items. Each candidate's logit is corrected by subtracting log of its expected
-count in the candidate set (Yi et al. 2019): in-batch items by their stream frequency,
-uniform ones by R / n_items. A random candidate equal to the row's positive is masked.
+`sampled_softmax_loss` — the sidecar's loss. Candidates = (with `in_batch`) the unique positive items of the
+batch, each row's own positive scoring against every other row's, plus R uniformly drawn items shared by all
+rows; without `in_batch` each row's candidates are its own positive and the R shared uniform items (as SASRec
+training with many negatives). With `logq`, each candidate's logit is corrected by subtracting the log of its
+expected count in the candidate set (Yi et al. 2019): in-batch items by their stream frequency, uniform ones
+by R / n_items. A random candidate equal to the row's positive is masked.
+
+`full_softmax_loss` — cross-entropy over every item (offline studies: one (targets x items) matmul per step).
 """
 
 from __future__ import annotations
@@ -19,24 +23,33 @@ MASK_LOGIT = -1e9
 
 
 def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: torch.Tensor, *,
-                         item_prob_R: torch.Tensor, n_items: int, n_random: int, temperature: float,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         item_prob_R: torch.Tensor, n_items: int, n_random: int, temperature: float | torch.Tensor,
+                         generator: torch.Generator | None = None, in_batch: bool = True,
+                         logq: bool = True) -> torch.Tensor:
     """user_MD: L2-normalised user states, one per target; pos_rows_M: target rows (>= 1);
-    item_prob_R: per-row sampling probability of an item as a positive (stream frequency)."""
+    item_prob_R: per-row sampling probability of an item as a positive (stream frequency; used by in_batch
+    with logq only)."""
     M = pos_rows_M.shape[0]
-    uniq_U, pos_idx_M = torch.unique(pos_rows_M, return_inverse=True)
     # Drawn on the CPU (the generator is a CPU one: reproducible on any device), then moved.
     rand_R = torch.randint(1, n_items + 1, (n_random,), generator=generator).to(pos_rows_M.device)
-    cand_C = torch.cat([uniq_U, rand_R])
-    cand_CD = model.encode_items(cand_C)
-    logits_MC = (user_MD @ cand_CD.T).float() / temperature
-    logq_C = torch.cat([
-        torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
-        torch.full((n_random,), math.log(max(n_random, 1) / n_items), device=pos_rows_M.device),
-    ])
-    logits_MC = logits_MC - logq_C
+    if in_batch:
+        uniq_U, pos_idx_M = torch.unique(pos_rows_M, return_inverse=True)
+        cand_CD = model.encode_items(torch.cat([uniq_U, rand_R]))
+        logits_MC = (user_MD @ cand_CD.T).float() / temperature
+        n_pos = uniq_U.shape[0]
+        if logq:
+            logits_MC = logits_MC - torch.cat([
+                torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
+                torch.full((n_random,), math.log(max(n_random, 1) / n_items), device=pos_rows_M.device)])
+    else:  # column 0: the row's own positive; then the shared uniform negatives
+        pos_M1 = (user_MD * model.encode_items(pos_rows_M)).sum(-1, keepdim=True).float() / temperature
+        rand_MR = (user_MD @ model.encode_items(rand_R).T).float() / temperature
+        if logq:  # only uniform candidates: a constant shift of the negatives
+            rand_MR = rand_MR - math.log(max(n_random, 1) / n_items)
+        logits_MC = torch.cat([pos_M1, rand_MR], 1)
+        n_pos, pos_idx_M = 1, torch.zeros_like(pos_rows_M)
     hit_MR = rand_R[None, :] == pos_rows_M[:, None]  # accidental hits of the positive
-    logits_MC[:, uniq_U.shape[0]:] = logits_MC[:, uniq_U.shape[0]:].masked_fill(hit_MR, MASK_LOGIT)
+    logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
     return F.cross_entropy(logits_MC, pos_idx_M)
 
 

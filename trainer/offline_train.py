@@ -2,9 +2,9 @@
 stopping on the VALIDATION set only (the best validation state is restored; test is never seen).
 
 Losses (score s = cosine / temperature):
-- "sampled_softmax": the sidecar's loss (trainer/loss.py): in-batch + `n_random_negatives` uniform
-  negatives with log-Q correction. `logq=False` drops the correction; `in_batch=False` keeps only
-  the uniform negatives.
+- "sampled_softmax": the sidecar's loss (trainer/loss.py), with the TrainConfig's choice of negatives:
+  `n_random_negatives` shared uniform ones, plus the batch's positives if `in_batch_negatives`, log-Q
+  corrected if `logq_correction`.
 - "full_softmax": cross-entropy over every item (no sampling).
 - "bce": SASRec's loss: per target, one uniform random negative, binary cross-entropy.
 """
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from trainer.config import TrainConfig
 from trainer.examples import stack_windows, windows_for_new
-from trainer.loss import MASK_LOGIT, full_softmax_loss, sampled_softmax_loss
+from trainer.loss import full_softmax_loss, sampled_softmax_loss
 from trainer.model import TwoTower
 from trainer.training import autocast, make_optimizer
 from trainer.vocab import table_rows_for
@@ -39,8 +39,6 @@ class OfflineTrainConfig:
     arch: str = "deepseek"      # one of ARCHS: "sasrec" trains the reference architecture on the same pipeline
     epochs: int = 20            # maximum passes over the training windows
     loss: str = "sampled_softmax"  # one of LOSSES
-    logq: bool = True           # sampled_softmax: subtract log-Q of each candidate
-    in_batch: bool = True       # sampled_softmax: the batch's positives are candidates too
     eval_every: int = 1         # validate every this many epochs
     patience: int = 3           # stop after this many validations without a better one (0 = never stop early)
     max_val_users: int = 5000   # validation users scored during training (deterministic subsample; 0 = all)
@@ -68,7 +66,8 @@ class OfflineTrainConfig:
         d = {f: getattr(self, f) for f in self.__slots__ if f != "train"}
         t = self.train
         d.update(model=t.model.to_dict(), batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                 n_random_negatives=t.n_random_negatives, precision=t.precision, seed=t.seed)
+                 n_random_negatives=t.n_random_negatives, precision=t.precision, seed=t.seed,
+                 logq=t.logq_correction, in_batch=t.in_batch_negatives)
         return d
 
 
@@ -99,26 +98,9 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
         pos_s = (user_MD * model.encode_items(pos_M)).sum(-1).float() / temp
         neg_s = (user_MD * model.encode_items(neg_M)).sum(-1).float() / temp
         return F.softplus(-pos_s).mean() + F.softplus(neg_s).mean()
-    if cfg.logq and cfg.in_batch:  # exactly the sidecar's loss
-        return sampled_softmax_loss(model, user_MD, pos_M, item_prob_R=item_prob_R, n_items=n_items,
-                                    n_random=tc.n_random_negatives, temperature=temp, generator=gen)
-    R = tc.n_random_negatives
-    rand_R = torch.randint(1, n_items + 1, (R,), generator=gen)
-    if cfg.in_batch:
-        uniq_U, pos_idx_M = torch.unique(pos_M, return_inverse=True)
-        cand_C, n_pos = torch.cat([uniq_U, rand_R]), uniq_U.shape[0]
-    else:  # the row's own positive first, then the shared uniform negatives
-        cand_C, n_pos, pos_idx_M = rand_R, 0, None
-    logits_MC = (user_MD @ model.encode_items(cand_C).T).float() / temp
-    if not cfg.in_batch:
-        pos_M1 = (user_MD * model.encode_items(pos_M)).sum(-1, keepdim=True).float() / temp
-        logits_MC = torch.cat([pos_M1, logits_MC], 1)
-        n_pos, pos_idx_M = 1, torch.zeros_like(pos_M)
-    if cfg.logq:  # only the uniform part remains here (in_batch=False): a constant shift
-        logits_MC[:, n_pos:] -= math.log(R / n_items)
-    hit_MR = rand_R[None, :] == pos_M[:, None]
-    logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
-    return F.cross_entropy(logits_MC, pos_idx_M)
+    return sampled_softmax_loss(model, user_MD, pos_M, item_prob_R=item_prob_R, n_items=n_items,
+                                n_random=tc.n_random_negatives, temperature=temp, generator=gen,
+                                in_batch=tc.in_batch_negatives, logq=tc.logq_correction)
 
 
 def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig, *,
