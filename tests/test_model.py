@@ -249,14 +249,19 @@ def test_abs_positions_and_emb_dropout_options():
         ModelConfig(emb_dropout=1.0)
 
 
-def test_added_fields_leave_default_config_dict_unchanged():
-    """Fields added later are left out of to_dict at their default (so older architecture hashes hold)."""
-    d = ModelConfig().to_dict()
-    assert "abs_positions" not in d and "emb_dropout" not in d and "emb_scale" not in d
-    assert ModelConfig.from_dict(d) == ModelConfig()
-    d2 = ModelConfig(abs_positions=True, emb_dropout=0.2).to_dict()
-    assert d2["abs_positions"] is True and d2["emb_dropout"] == 0.2
-    assert ModelConfig.from_dict(d2) == ModelConfig(abs_positions=True, emb_dropout=0.2)
+def test_added_fields_leave_legacy_config_dicts_unchanged():
+    """Fields added later are left out of to_dict at their legacy value, and filled back in by from_dict, so
+    older architecture hashes hold and older checkpoints read the same whatever the defaults are now."""
+    from trainer.model import LEGACY_VALUES
+
+    legacy = dataclasses.replace(ModelConfig(), **LEGACY_VALUES)
+    d = legacy.to_dict()
+    assert not set(LEGACY_VALUES) & set(d)
+    assert ModelConfig.from_dict(d) == legacy
+    d2 = ModelConfig(abs_positions=True, emb_dropout=0.2, tower_proj=False).to_dict()
+    assert d2["abs_positions"] is True and d2["emb_dropout"] == 0.2 and d2["tower_proj"] is False
+    assert ModelConfig.from_dict(d2) == ModelConfig(abs_positions=True, emb_dropout=0.2, tower_proj=False)
+    assert ModelConfig.from_dict(ModelConfig().to_dict()) == ModelConfig()
 
 
 def test_emb_scale_scales_only_the_history_input():
@@ -286,6 +291,7 @@ def test_without_tower_projections_it_trains_and_exports():
                              dynamic_shapes={"history_BT": {0: torch.export.Dim("batch", min=1, max=64)}})
     with torch.no_grad():
         assert (ep.module()(x) - m.encode_users(x)).abs().max().item() < 1e-5
-    assert ModelConfig(tower_proj=False).to_dict()["tower_proj"] is False and "tower_proj" not in ModelConfig().to_dict()
+    assert ModelConfig(tower_proj=False).to_dict()["tower_proj"] is False
+    assert "tower_proj" not in ModelConfig(tower_proj=True).to_dict()
     with pytest.raises(ValueError, match="tower_proj"):
         ModelConfig(tower_proj=False, out_dim=32)

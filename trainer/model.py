@@ -22,7 +22,10 @@ from torch import Tensor, nn
 PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
 INIT_STD = 0.02  # HF initializer_range
 MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
-ADDED_FIELDS = ("abs_positions", "emb_dropout", "emb_scale", "tower_proj")  # ModelConfig fields omitted from to_dict at their default
+# ModelConfig fields added after the first checkpoints and engines were written, with the value every config
+# had before the field existed. to_dict leaves a field out at that value and from_dict fills it back in, so
+# those configs (and the architecture hashes of their engines) read the same whatever the defaults are now.
+LEGACY_VALUES = {"abs_positions": False, "emb_dropout": 0.0, "emb_scale": False, "tower_proj": True}
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -120,17 +123,17 @@ class ModelConfig:
         )
 
     def to_dict(self) -> dict:
-        """Every field, except the later-added ones (ADDED_FIELDS) at their default: configs (and so the
-        architecture hashes of engines) from before those fields existed stay the same."""
+        """Every field, except the later-added ones at their legacy value (LEGACY_VALUES): configs (and so
+        the architecture hashes of engines) from before those fields existed stay the same."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ADDED_FIELDS or getattr(self, f.name) != f.default}
+                if f.name not in LEGACY_VALUES or getattr(self, f.name) != LEGACY_VALUES[f.name]}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**LEGACY_VALUES, **d})
 
 
 class RMSNorm(nn.Module):  # = DeepseekV3RMSNorm
