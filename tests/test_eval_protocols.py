@@ -193,3 +193,28 @@ def test_run_eval_rejects_unknown_or_mixed_protocols():
         run_eval(toy(), ["full", "hr"], cfg, progress=lambda m: None)
     with pytest.raises(ValueError, match="time"):
         run_eval(toy(), ["time", "full"], cfg, progress=lambda m: None)
+
+
+def _recorded_config(note_prefix: str) -> dict:
+    from pathlib import Path
+    import json
+
+    lines = (Path(__file__).parent.parent / "docs" / "quality_runs.jsonl").read_text().splitlines()
+    return next(json.loads(l) for l in lines if json.loads(l).get("note", "").startswith(note_prefix))["config"]
+
+
+def test_presets_are_the_recorded_configs():
+    """docs/quality.md says the sidecar's defaults are the recorded run 31 and --preset legacy / tuned the
+    pre-issue-9 runs 1 and 6: the presets' configs must equal what those jsonl lines recorded."""
+    from trainer.offline import PRESETS
+
+    def same(preset: str, note_prefix: str, ignore: tuple[str, ...] = ()) -> None:
+        got, rec = PRESETS[preset]().to_dict(), _recorded_config(note_prefix)
+        for k in ignore:
+            got.pop(k, None), rec.pop(k, None)
+        assert {k: v for k, v in got.items() if k in rec} == rec, preset
+
+    same("default", "run 29 with a third layer")  # run 31
+    # runs 1 and 6 predate the arch / learn_temperature / logits_bf16 fields (they were at today's values)
+    same("legacy", "sidecar TrainConfig + loss (fp32), 20 epochs max", ignore=("epochs",))
+    same("tuned", "2048 uniform negatives + dropout 0.3", ignore=("epochs",))

@@ -27,11 +27,14 @@ def _hf_model(cfg: ModelConfig, seed: int):
     return hf
 
 
+# The decoder stack against transformers' DeepseekV3Model. The tower entry point is checked on raw inputs too,
+# so these configs feed the item embeddings to the stack as they are (no sqrt(dim) scale, no learned positions).
+RAW_INPUTS = dict(emb_scale=False, abs_positions=False)
 PARITY_CONFIGS = [
-    ModelConfig(),
-    ModelConfig(q_lora_rank=24, n_group=2, topk_group=1, first_k_dense=1, routed_scaling_factor=2.5),
-    ModelConfig(n_layers=3, first_k_dense=1, rope_interleave=False, norm_topk_prob=False, n_shared_experts=2,
-                n_routed_experts=8, n_group=4, topk_group=2, n_experts_per_token=3),
+    ModelConfig(**RAW_INPUTS),
+    ModelConfig(q_lora_rank=24, n_group=2, topk_group=1, first_k_dense=1, routed_scaling_factor=2.5, **RAW_INPUTS),
+    ModelConfig(n_layers=2, first_k_dense=0, rope_interleave=False, norm_topk_prob=False, n_shared_experts=2,
+                n_routed_experts=8, n_group=4, topk_group=2, n_experts_per_token=3, **RAW_INPUTS),
 ]
 
 
@@ -266,7 +269,7 @@ def test_added_fields_leave_legacy_config_dicts_unchanged():
 
 def test_emb_scale_scales_only_the_history_input():
     torch.manual_seed(0)
-    cfg = ModelConfig(max_history=8)
+    cfg = ModelConfig(max_history=8, emb_scale=False, abs_positions=False)  # positions are added after the scale
     plain = TwoTower(cfg, 40).eval()
     scaled = TwoTower(dataclasses.replace(cfg, emb_scale=True), 40).eval()
     scaled.load_state_dict(plain.state_dict())

@@ -76,14 +76,14 @@ class ElasticConfig:
 @dataclass(kw_only=True, frozen=True, slots=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 64               # windows (sequences of max_history targets) per step
-    lr: float = 3e-3                   # AdamW learning rate
+    batch_size: int = 128              # windows (sequences of max_history targets) per step
+    lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
     epochs_per_round: int = 2          # passes over a round's new windows
-    n_random_negatives: int = 256      # uniform negatives per step, shared by every target of the batch
-    in_batch_negatives: bool = True    # the batch's other positives are negatives too (popularity-sampled: needs
+    n_random_negatives: int = 500      # uniform negatives per step, shared by every target of the batch
+    in_batch_negatives: bool = False   # the batch's other positives are negatives too (popularity-sampled: needs
                                        # logq_correction, or popular items are pushed down)
-    logq_correction: bool = True       # subtract log of each candidate's expected count (Yi et al. 2019)
+    logq_correction: bool = False      # subtract log of each candidate's expected count (Yi et al. 2019)
     precision: str = "bf16"            # "bf16" autocast, "fp16" autocast + GradScaler, or "fp32" (see PRECISIONS)
     fp16_init_scale: float = 256.0     # fp16: GradScaler's first loss scale. torch's 65536 overflowed (= skipped) the
                                        # first 7 steps of a fresh scaler on our loss; 512 is the largest that held

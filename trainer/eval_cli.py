@@ -19,13 +19,17 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("games", "ml100k"), default="ml100k")
     p.add_argument("--data", "--path", dest="data", type=Path,
                    help="data file (or ml-100k dir); default ../shared/data/... for the dataset")
-    p.add_argument("--preset", choices=("default", "tuned", "tiny"), default="default",
-                   help="starting config (default: the sidecar's TrainConfig and loss); flags below override it")
+    p.add_argument("--preset", choices=("default", "legacy", "tuned", "tiny"), default="default",
+                   help="starting config: default = the sidecar's TrainConfig and loss; legacy = the sidecar's "
+                        "before issue 9 (jsonl lines 1-21 'default'); tuned = legacy's best (run 6, the start of "
+                        "runs 7-31); flags below override it")
     p.add_argument("--epochs", type=int, help="maximum epochs (early stopping on validation)")
     p.add_argument("--patience", type=int, help="validations without improvement before stopping (0 = off)")
     p.add_argument("--loss", choices=("sampled_softmax", "full_softmax", "bce"))
-    p.add_argument("--no-logq", action="store_true", help="sampled_softmax without log-Q correction")
-    p.add_argument("--no-in-batch", action="store_true", help="sampled_softmax with uniform negatives only")
+    p.add_argument("--logq", action=argparse.BooleanOptionalAction,
+                   help="sampled_softmax: log-Q correction of the candidates")
+    p.add_argument("--in-batch", action=argparse.BooleanOptionalAction,
+                   help="sampled_softmax: the batch's other positives are negatives too (else uniform ones only)")
     p.add_argument("--negatives", type=int, help="uniform random negatives per training step")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -41,11 +45,12 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-dim", type=int, help="hidden size of the dense MLP layers")
     p.add_argument("--dropout", type=float)
     p.add_argument("--emb-dropout", type=float, help="dropout on the history's input embeddings (training only)")
-    p.add_argument("--no-tower-proj", dest="tower_proj", action="store_false", default=None,
-                   help="no user/item projection layers: score the stack output against the raw item embeddings")
-    p.add_argument("--emb-scale", action="store_true", default=None,
+    p.add_argument("--tower-proj", action=argparse.BooleanOptionalAction,
+                   help="user/item projection layers (--no-tower-proj: score the stack output against the raw "
+                        "item embeddings)")
+    p.add_argument("--emb-scale", action=argparse.BooleanOptionalAction,
                    help="scale the history's item embeddings by sqrt(dim) before the stack (as SASRec)")
-    p.add_argument("--abs-positions", action="store_true", default=None,
+    p.add_argument("--abs-positions", action=argparse.BooleanOptionalAction,
                    help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
     p.add_argument("--learn-temperature", action="store_true", help="train the temperature (from --temperature)")
     p.add_argument("--fp32-logits", action="store_true", help="full_softmax: fp32 logits matmuls (default bf16)")
@@ -59,7 +64,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="sasrec negatives avoid the user's whole sequence, or only its training items (SASRec code)")
     p.add_argument("--incremental", type=int, metavar="CHUNK", default=0,
                    help="also train the sidecar's Trainer in rounds of CHUNK events (time order) and compare")
-    p.add_argument("--epochs-per-round", type=int, default=2, help="with --incremental: epochs per round")
+    p.add_argument("--epochs-per-round", type=int,
+                   help="with --incremental: epochs per round (default: the preset's TrainConfig)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--record", type=Path, help="append one JSON line (config, metrics, time, command) here")
@@ -81,8 +87,7 @@ def build_config(args):
     train_changes = {k: v for k, v in dict(
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
         precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round,
-        logq_correction=False if args.no_logq else None,
-        in_batch_negatives=False if args.no_in_batch else None).items() if v is not None}
+        logq_correction=args.logq, in_batch_negatives=args.in_batch).items() if v is not None}
     train = cfg.train.replace(model=model, **train_changes)
     changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss, arch=args.arch,
                                      max_val_users=args.max_val_users).items() if v is not None}

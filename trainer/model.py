@@ -30,9 +30,12 @@ LEGACY_VALUES = {"abs_positions": False, "emb_dropout": 0.0, "emb_scale": False,
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class ModelConfig:
+    """The user tower's architecture. Defaults: the best Games validation config of docs/quality.md (run 31:
+    MLA attention, a dense first layer then MoE, no tower projections, SASRec-style inputs and dropout)."""
+
     dim: int = 64  # transformer hidden size (= item embedding size)
     out_dim: int = 64  # size of the shared two-tower embedding space
-    n_layers: int = 2  # number of decoder layers in the user tower
+    n_layers: int = 3  # number of decoder layers in the user tower
     n_heads: int = 4  # attention heads
     q_lora_rank: int | None = None  # None: plain q_proj; else low-rank q (q_a_proj -> RMSNorm -> q_b_proj)
     kv_lora_rank: int = 32  # rank of the compressed KV latent
@@ -48,21 +51,21 @@ class ModelConfig:
     topk_group: int = 1  # groups each token may route into
     routed_scaling_factor: float = 1.0  # multiplier on the routed expert weights
     norm_topk_prob: bool = True  # renormalise the top-k sigmoid scores to sum to 1
-    first_k_dense: int = 0  # the first k layers use a dense MLP instead of MoE
+    first_k_dense: int = 1  # the first k layers use a dense MLP instead of MoE (as DeepSeek-V3's first layers)
     rope_theta: float = 10000.0  # RoPE base
     rope_interleave: bool = True  # DeepSeek interleaved-pair RoPE layout (as HF rope_interleave)
     rms_norm_eps: float = 1e-6  # eps of the layer RMSNorms (q_a/kv_a norms use 1e-6, as HF)
     max_history: int = 50  # T: history length the serving tower takes (left-padded with row 0)
-    temperature: float = 0.05  # score = cosine / temperature in the training loss
-    dropout: float = 0.0  # attention/residual dropout, training only
+    temperature: float = 0.1  # score = cosine / temperature in the training loss
+    dropout: float = 0.5  # attention/residual dropout, training only
     bias_update_rate: float = 1e-3  # step of the aux-loss-free expert-bias update
-    abs_positions: bool = False  # add a learned absolute position embedding to the history (as SASRec), counted
+    abs_positions: bool = True  # add a learned absolute position embedding to the history (as SASRec), counted
                                  # from the newest item (row max_history - 1); RoPE stays. False = RoPE only
-    emb_dropout: float = 0.0  # dropout on the history's input embeddings (as SASRec), training only
-    tower_proj: bool = True  # user_proj / item_proj: linear maps of the stack output and of the item embeddings
+    emb_dropout: float = 0.5  # dropout on the history's input embeddings (as SASRec), training only
+    tower_proj: bool = False  # user_proj / item_proj: linear maps of the stack output and of the item embeddings
                              # into the shared space; False = identity (needs out_dim == dim), as SASRec, which
                              # scores the stack output against the raw item embeddings
-    emb_scale: bool = False  # multiply the history's item embeddings by sqrt(dim) before the stack (as SASRec
+    emb_scale: bool = True  # multiply the history's item embeddings by sqrt(dim) before the stack (as SASRec
                              # and the original Transformer); the item tower's embeddings are not scaled
 
     def __post_init__(self) -> None:
@@ -100,9 +103,11 @@ class ModelConfig:
 
     @classmethod
     def tiny_debug(cls) -> ModelConfig:
+        """The served architecture, small: one MoE layer (no dense one) and no dropout, so tests train fast."""
         return cls(dim=32, out_dim=32, n_layers=1, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
                    qk_rope_head_dim=4, v_head_dim=8, ffn_dim=64, moe_dim=16, n_routed_experts=4,
-                   n_shared_experts=1, n_experts_per_token=2, max_history=12)
+                   n_shared_experts=1, n_experts_per_token=2, max_history=12, first_k_dense=0, dropout=0.0,
+                   emb_dropout=0.0)
 
     def to_hf_kwargs(self) -> dict:
         """kwargs for transformers.DeepseekV3Config giving the same architecture (add vocab_size etc.)."""

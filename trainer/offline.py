@@ -7,6 +7,7 @@ its own split. The test set is scored once, after training, with the best-valida
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData
-from trainer.model import ModelConfig
+from trainer.model import LEGACY_VALUES, ModelConfig
 from trainer.offline_train import OfflineTrainConfig, train_offline
 from trainer.protocols import PROTOCOLS, EvalSet, make_split, negatives_for
 from trainer.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
@@ -23,16 +24,29 @@ VAL_NEG_SEED, TEST_NEG_SEED, VAL_SUBSAMPLE_SEED = 1, 2, 3
 
 
 def _preset_default(**_) -> OfflineTrainConfig:
-    """The sidecar's TrainConfig and loss, except fp32: on the short length-cropped batches here one step
-    (64 x 12) took 69 ms in fp32 vs 88 ms under bf16 autocast on this 1-thread CPU (at 64 x 50: 0.56 vs 0.47 s)."""
-    return OfflineTrainConfig(train=TrainConfig(precision="fp32"))
+    """The sidecar's TrainConfig and loss (the best Games validation config of docs/quality.md, run 31), except
+    fp32: on the short length-cropped batches here one step (64 x 12) took 69 ms in fp32 vs 88 ms under bf16
+    autocast on this 1-thread CPU (at 64 x 50: 0.56 vs 0.47 s). Up to 60 epochs, patience 6 (as run 31)."""
+    return OfflineTrainConfig(train=TrainConfig(precision="fp32"), epochs=60, patience=6)
+
+
+def _legacy_train(**model_changes) -> TrainConfig:
+    """The sidecar's TrainConfig before issue 9's results (runs 1-21): two MoE layers, user/item projections,
+    RoPE only, temperature 0.05; in-batch + 256 uniform negatives with log-Q, lr 3e-3, batch 64."""
+    model = ModelConfig(n_layers=2, first_k_dense=0, temperature=0.05, dropout=0.0, **LEGACY_VALUES)
+    return TrainConfig(model=dataclasses.replace(model, **model_changes), precision="fp32", batch_size=64, lr=3e-3,
+                       n_random_negatives=256, in_batch_negatives=True, logq_correction=True)
+
+
+def _preset_legacy(**_) -> OfflineTrainConfig:
+    """The pre-issue-9 sidecar config (`--preset default` in jsonl lines 1-21), 20 epochs, patience 3."""
+    return OfflineTrainConfig(train=_legacy_train())
 
 
 def _preset_tuned(**_) -> OfflineTrainConfig:
-    """Best validation config in docs/quality.md (chosen on validation metrics only): the sidecar's loss
-    with 2048 uniform negatives (instead of 256) and dropout 0.3 (instead of 0)."""
-    return OfflineTrainConfig(train=TrainConfig(model=ModelConfig(dropout=0.3), precision="fp32",
-                                                n_random_negatives=2048))
+    """Best validation config of the legacy family (docs/quality.md run 6): the legacy config with 2048
+    uniform negatives (instead of 256) and dropout 0.3 (instead of 0). Starting point of runs 7-31."""
+    return OfflineTrainConfig(train=_legacy_train(dropout=0.3).replace(n_random_negatives=2048))
 
 
 def _preset_tiny(**_) -> OfflineTrainConfig:
@@ -40,7 +54,7 @@ def _preset_tiny(**_) -> OfflineTrainConfig:
 
 
 PRESETS: dict[str, Callable[..., OfflineTrainConfig]] = {
-    "default": _preset_default, "tuned": _preset_tuned, "tiny": _preset_tiny}
+    "default": _preset_default, "legacy": _preset_legacy, "tuned": _preset_tuned, "tiny": _preset_tiny}
 
 
 def _subset(ev: EvalSet, idx: np.ndarray) -> EvalSet:
