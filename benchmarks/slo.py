@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if {"baseline", "optimised"} <= set(results["configs"]):
         b, o = results["configs"]["baseline"], results["configs"]["optimised"]
         results["ratio"] = {"p99_at_rate_baseline_over_optimised": b["headline"]["median_p99_ms"]
-                            / o["headline"]["median_p99_ms"],
-                            "capacity_optimised_over_baseline": o["capacity_qps"] / max(b["capacity_qps"], 1)}
+                            / o["headline"]["median_p99_ms"]}
+        if "capacity_qps" in b and "capacity_qps" in o:  # a --headline-only config has no capacity search
+            results["ratio"]["capacity_optimised_over_baseline"] = o["capacity_qps"] / max(b["capacity_qps"], 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "results.png")
     print(json.dumps({n: {"median_p99_ms@rate": c["headline"]["median_p99_ms"], "capacity_qps": c.get("capacity_qps"),

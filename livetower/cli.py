@@ -94,7 +94,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-min-events", type=int, help="start a round at this backlog (default 1000)")
     p.add_argument("--round-interval-s", type=float, help="or after this long with any backlog (default 30)")
     p.add_argument("--max-round-events", type=int, help="events one round consumes at most (default 200000)")
-    p.add_argument("--epochs", type=int, help="passes over each round's events (default 2)")
+    p.add_argument("--epochs", type=int, help="passes over each round's events (default 10)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="training precision: bf16 autocast (default), fp16 autocast + loss scaling, fp32")
     p.add_argument("--min-workers", type=int, help="fewest training workers a round runs on (default 1)")

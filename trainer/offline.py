@@ -32,10 +32,10 @@ def _preset_default(**_) -> OfflineTrainConfig:
 
 def _legacy_train(**model_changes) -> TrainConfig:
     """The sidecar's TrainConfig before issue 9's results (runs 1-21): two MoE layers, user/item projections,
-    RoPE only, temperature 0.05; in-batch + 256 uniform negatives with log-Q, lr 3e-3, batch 64."""
+    RoPE only, temperature 0.05; in-batch + 256 uniform negatives with log-Q, lr 3e-3, batch 64, 2 epochs/round."""
     model = ModelConfig(n_layers=2, first_k_dense=0, temperature=0.05, dropout=0.0, **LEGACY_VALUES)
     return TrainConfig(model=dataclasses.replace(model, **model_changes), precision="fp32", batch_size=64, lr=3e-3,
-                       n_random_negatives=256, in_batch_negatives=True, logq_correction=True)
+                       n_random_negatives=256, in_batch_negatives=True, logq_correction=True, epochs_per_round=2)
 
 
 def _preset_legacy(**_) -> OfflineTrainConfig:
