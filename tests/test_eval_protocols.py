@@ -214,7 +214,7 @@ def test_presets_are_the_recorded_configs():
             got.pop(k, None), rec.pop(k, None)
         assert {k: v for k, v in got.items() if k in rec} == rec, preset
 
-    same("default", "run 29 with a third layer")  # run 31
+    same("default", "run 27 without the user/item projection layers")  # run 29
     # runs 1 and 6 predate the arch / learn_temperature / logits_bf16 fields (they were at today's values)
     same("legacy", "sidecar TrainConfig + loss (fp32), 20 epochs max", ignore=("epochs",))
     same("tuned", "2048 uniform negatives + dropout 0.3", ignore=("epochs",))

@@ -30,12 +30,13 @@ LEGACY_VALUES = {"abs_positions": False, "emb_dropout": 0.0, "emb_scale": False,
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class ModelConfig:
-    """The user tower's architecture. Defaults: the best Games validation config of docs/quality.md (run 31:
-    MLA attention, a dense first layer then MoE, no tower projections, SASRec-style inputs and dropout)."""
+    """The user tower's architecture. Defaults: docs/quality.md run 29 (MLA attention, a dense first layer then
+    MoE, no tower projections, SASRec-style inputs and dropout): the best Games validation config within the
+    serving budget (a third layer, run 31, gains 0.003 validation NDCG@10 for +40 % P99 at 500 QPS)."""
 
     dim: int = 64  # transformer hidden size (= item embedding size)
     out_dim: int = 64  # size of the shared two-tower embedding space
-    n_layers: int = 3  # number of decoder layers in the user tower
+    n_layers: int = 2  # number of decoder layers in the user tower
     n_heads: int = 4  # attention heads
     q_lora_rank: int | None = None  # None: plain q_proj; else low-rank q (q_a_proj -> RMSNorm -> q_b_proj)
     kv_lora_rank: int = 32  # rank of the compressed KV latent
