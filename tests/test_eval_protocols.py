@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,11 +198,9 @@ def test_run_eval_rejects_unknown_or_mixed_protocols():
 
 
 def _recorded_config(note_prefix: str) -> dict:
-    from pathlib import Path
-    import json
-
-    lines = (Path(__file__).parent.parent / "docs" / "quality_runs.jsonl").read_text().splitlines()
-    return next(json.loads(l) for l in lines if json.loads(l).get("note", "").startswith(note_prefix))["config"]
+    runs = [json.loads(line) for line in (Path(__file__).parent.parent / "docs" / "quality_runs.jsonl")
+            .read_text().splitlines()]
+    return next(r for r in runs if r.get("note", "").startswith(note_prefix))["config"]
 
 
 def test_presets_are_the_recorded_configs():

@@ -30,6 +30,7 @@ def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: tor
     item_prob_R: per-row sampling probability of an item as a positive (stream frequency; used by in_batch
     with logq only)."""
     M = pos_rows_M.shape[0]
+    logq_uniform = math.log(max(n_random, 1) / n_items)  # log of a uniform draw's expected count
     # Drawn on the CPU (the generator is a CPU one: reproducible on any device), then moved.
     rand_R = torch.randint(1, n_items + 1, (n_random,), generator=generator).to(pos_rows_M.device)
     if in_batch:
@@ -40,12 +41,12 @@ def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: tor
         if logq:
             logits_MC = logits_MC - torch.cat([
                 torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
-                torch.full((n_random,), math.log(max(n_random, 1) / n_items), device=pos_rows_M.device)])
+                torch.full((n_random,), logq_uniform, device=pos_rows_M.device)])
     else:  # column 0: the row's own positive; then the shared uniform negatives
         pos_M1 = (user_MD * model.encode_items(pos_rows_M)).sum(-1, keepdim=True).float() / temperature
         rand_MR = (user_MD @ model.encode_items(rand_R).T).float() / temperature
         if logq:  # only uniform candidates: a constant shift of the negatives
-            rand_MR = rand_MR - math.log(max(n_random, 1) / n_items)
+            rand_MR = rand_MR - logq_uniform
         logits_MC = torch.cat([pos_M1, rand_MR], 1)
         n_pos, pos_idx_M = 1, torch.zeros_like(pos_rows_M)
     hit_MR = rand_R[None, :] == pos_rows_M[:, None]  # accidental hits of the positive

@@ -98,7 +98,8 @@ class ModelConfig:
         need(self.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.emb_dropout < 1.0, "emb_dropout", "must be in [0, 1)")
-        need(isinstance(self.abs_positions, bool), "abs_positions", "must be a bool")
+        for f in ("abs_positions", "tower_proj", "emb_scale"):
+            need(isinstance(getattr(self, f), bool), f, "must be a bool")
         need(self.tower_proj or self.out_dim == self.dim, "tower_proj", "False needs out_dim == dim")
         need(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
 
