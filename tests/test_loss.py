@@ -94,6 +94,29 @@ def test_uniform_only_negatives_match_reference(logq):
     assert abs(got.item() - total / 4) < 1e-4
 
 
+@pytest.mark.parametrize("in_batch,logq", [(False, False), (False, True), (True, True)])
+def test_pairwise_term_is_mean_bpr_over_uniform_negatives(in_batch, logq):
+    """pairwise_weight w adds w * mean softplus(s_neg - s_pos) over every (row, uniform draw) pair that is not
+    the row's own positive, on raw cosine / temperature scores (log-Q never enters it)."""
+    model = make_model()
+    pos = torch.tensor([3, 7, 3, 12])
+    user = random_users(4, 32)
+    kw = dict(item_prob_R=uniform_prob(N_ITEMS), n_items=N_ITEMS, n_random=6, temperature=0.1,
+              in_batch=in_batch, logq=logq)
+    base = sampled_softmax_loss(model, user, pos, generator=torch.Generator().manual_seed(11), **kw)
+    got = sampled_softmax_loss(model, user, pos, generator=torch.Generator().manual_seed(11), pairwise_weight=2.5, **kw)
+    rand = torch.randint(1, N_ITEMS + 1, (6,), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        pairs = []
+        for m in range(4):
+            s_pos = float(user[m] @ model.encode_items(pos[m:m + 1])[0]) / 0.1
+            for row in rand.tolist():
+                if row != int(pos[m]):
+                    s_neg = float(user[m] @ model.encode_items(torch.tensor([row]))[0]) / 0.1
+                    pairs.append(math.log1p(math.exp(s_neg - s_pos)))
+    assert abs((got - base).item() - 2.5 * sum(pairs) / len(pairs)) < 1e-4
+
+
 def test_in_batch_without_logq_is_plain_softmax_over_candidates():
     model = make_model()
     pos = torch.tensor([3, 7, 12])

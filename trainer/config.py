@@ -86,6 +86,8 @@ class TrainConfig:
     in_batch_negatives: bool = False   # the batch's other positives are negatives too (popularity-sampled: needs
                                        # logq_correction, or popular items are pushed down)
     logq_correction: bool = False      # subtract log of each candidate's expected count (Yi et al. 2019)
+    pairwise_weight: float = 0.0       # + this x mean softplus(s_neg - s_pos) over the uniform negatives (a rank
+                                       # surrogate beside the softmax; trainer/loss.py)
     precision: str = "bf16"            # "bf16" autocast, "fp16" autocast + GradScaler, or "fp32" (see PRECISIONS)
     fp16_init_scale: float = 256.0     # fp16: GradScaler's first loss scale. torch's 65536 overflowed (= skipped) the
                                        # first 7 steps of a fresh scaler on our loss; 512 is the largest that held
@@ -121,6 +123,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 10], got {getattr(self, name)}")
         if self.weight_decay < 0 or self.gate_min_ratio < 0:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
+        if self.pairwise_weight < 0:
+            raise ValueError(f"TrainConfig.pairwise_weight must be >= 0, got {self.pairwise_weight}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.elastic, ElasticConfig):

@@ -30,6 +30,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="sampled_softmax: log-Q correction of the candidates")
     p.add_argument("--in-batch", action=argparse.BooleanOptionalAction,
                    help="sampled_softmax: the batch's other positives are negatives too (else uniform ones only)")
+    p.add_argument("--pairwise", type=float, dest="pairwise_weight",
+                   help="sampled_softmax: weight of the BPR term over the uniform negatives (0 = off)")
     p.add_argument("--negatives", type=int, help="uniform random negatives per training step")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -54,6 +56,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
     p.add_argument("--learn-temperature", action="store_true", help="train the temperature (from --temperature)")
     p.add_argument("--fp32-logits", action="store_true", help="full_softmax: fp32 logits matmuls (default bf16)")
+    p.add_argument("--ema-decay", type=float, help="validate and keep an EMA of the weights (0 = off)")
+    p.add_argument("--lr-decay", type=float, help="multiply the lr by this after each validation that is not the best")
     p.add_argument("--max-history", type=int, help="sequence length T")
     p.add_argument("--temperature", type=float)
     p.add_argument("--precision", choices=("bf16", "fp32"))
@@ -87,10 +91,12 @@ def build_config(args):
     train_changes = {k: v for k, v in dict(
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
         precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round,
-        logq_correction=args.logq, in_batch_negatives=args.in_batch).items() if v is not None}
+        logq_correction=args.logq, in_batch_negatives=args.in_batch,
+        pairwise_weight=args.pairwise_weight).items() if v is not None}
     train = cfg.train.replace(model=model, **train_changes)
     changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss, arch=args.arch,
-                                     max_val_users=args.max_val_users).items() if v is not None}
+                                     max_val_users=args.max_val_users, ema_decay=args.ema_decay,
+                                     lr_decay=args.lr_decay).items() if v is not None}
     if args.learn_temperature:
         changes["learn_temperature"] = True
     if args.fp32_logits:

@@ -25,10 +25,13 @@ MASK_LOGIT = -1e9
 def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: torch.Tensor, *,
                          item_prob_R: torch.Tensor, n_items: int, n_random: int, temperature: float | torch.Tensor,
                          generator: torch.Generator | None = None, in_batch: bool = True,
-                         logq: bool = True) -> torch.Tensor:
+                         logq: bool = True, pairwise_weight: float = 0.0) -> torch.Tensor:
     """user_MD: L2-normalised user states, one per target; pos_rows_M: target rows (>= 1);
     item_prob_R: per-row sampling probability of an item as a positive (stream frequency; used by in_batch
-    with logq only)."""
+    with logq only); pairwise_weight: adds this times the mean over (target, uniform negative) pairs of
+    softplus(s_neg - s_pos) (BPR; s = cosine / temperature, before log-Q): a smooth count of the uniform
+    items ranked above the target, i.e. what a sampled hit rate measures, where the softmax's gradient goes
+    to the few highest-scoring negatives."""
     M = pos_rows_M.shape[0]
     logq_uniform = math.log(max(n_random, 1) / n_items)  # log of a uniform draw's expected count
     # Drawn on the CPU (the generator is a CPU one: reproducible on any device), then moved.
@@ -36,22 +39,26 @@ def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: tor
     if in_batch:
         uniq_U, pos_idx_M = torch.unique(pos_rows_M, return_inverse=True)
         cand_CD = model.encode_items(torch.cat([uniq_U, rand_R]))
-        logits_MC = (user_MD @ cand_CD.T).float() / temperature
+        raw_MC = (user_MD @ cand_CD.T).float() / temperature
         n_pos = uniq_U.shape[0]
-        if logq:
-            logits_MC = logits_MC - torch.cat([
-                torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
-                torch.full((n_random,), logq_uniform, device=pos_rows_M.device)])
+        raw_pos_M1, raw_neg_MR = raw_MC.gather(1, pos_idx_M[:, None]), raw_MC[:, n_pos:]
+        logits_MC = raw_MC - torch.cat([
+            torch.log((item_prob_R[uniq_U] * M).clamp_min(1e-12)),
+            torch.full((n_random,), logq_uniform, device=pos_rows_M.device)]) if logq else raw_MC
     else:  # column 0: the row's own positive; then the shared uniform negatives
-        pos_M1 = (user_MD * model.encode_items(pos_rows_M)).sum(-1, keepdim=True).float() / temperature
-        rand_MR = (user_MD @ model.encode_items(rand_R).T).float() / temperature
-        if logq:  # only uniform candidates: a constant shift of the negatives
-            rand_MR = rand_MR - logq_uniform
-        logits_MC = torch.cat([pos_M1, rand_MR], 1)
+        raw_pos_M1 = (user_MD * model.encode_items(pos_rows_M)).sum(-1, keepdim=True).float() / temperature
+        raw_neg_MR = (user_MD @ model.encode_items(rand_R).T).float() / temperature
+        # only uniform candidates: log-Q is a constant shift of the negatives
+        logits_MC = torch.cat([raw_pos_M1, raw_neg_MR - logq_uniform if logq else raw_neg_MR], 1)
         n_pos, pos_idx_M = 1, torch.zeros_like(pos_rows_M)
     hit_MR = rand_R[None, :] == pos_rows_M[:, None]  # accidental hits of the positive
     logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
-    return F.cross_entropy(logits_MC, pos_idx_M)
+    loss = F.cross_entropy(logits_MC, pos_idx_M)
+    if pairwise_weight > 0:
+        keep_MR = ~hit_MR
+        pair = (F.softplus(raw_neg_MR - raw_pos_M1) * keep_MR).sum() / keep_MR.sum().clamp_min(1)
+        loss = loss + pairwise_weight * pair
+    return loss
 
 
 class _FullSoftmaxCE(torch.autograd.Function):

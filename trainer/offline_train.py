@@ -47,6 +47,10 @@ class OfflineTrainConfig:
                                 # the sidecar's make_optimizer (for-loop AdamW)
     learn_temperature: bool = False  # train the temperature too: log(1/T), initialised at model.temperature, no
                                      # weight decay, T kept >= MIN_TEMPERATURE; its value per epoch is logged
+    ema_decay: float = 0.0      # > 0: validate / return an exponential moving average of the weights, updated
+                                # after every step (w_ema <- decay * w_ema + (1 - decay) * w); 0 = the raw weights
+    lr_decay: float = 1.0       # multiply the learning rate by this after every validation that is not the best
+                                # so far (1 = constant learning rate)
     logits_bf16: bool = True    # full_softmax: the (targets x items) matmuls in bf16 (fp32 accumulation and
                                 # softmax; ~2x faster on one AMX CPU thread, gradients within ~0.3%); False = fp32
 
@@ -57,6 +61,10 @@ class OfflineTrainConfig:
         for name in ("patience", "max_val_users"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OfflineTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"OfflineTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"OfflineTrainConfig.lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.arch not in ARCHS:
             raise ValueError(f"OfflineTrainConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.loss not in LOSSES:
@@ -68,6 +76,8 @@ class OfflineTrainConfig:
         d.update(model=t.model.to_dict(), batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                  n_random_negatives=t.n_random_negatives, precision=t.precision, seed=t.seed,
                  logq=t.logq_correction, in_batch=t.in_batch_negatives)
+        if t.pairwise_weight:  # recorded only when used, so earlier runs' configs read the same
+            d["pairwise_weight"] = t.pairwise_weight
         return d
 
 
@@ -100,7 +110,17 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
         return F.softplus(-pos_s).mean() + F.softplus(neg_s).mean()
     return sampled_softmax_loss(model, user_MD, pos_M, item_prob_R=item_prob_R, n_items=n_items,
                                 n_random=tc.n_random_negatives, temperature=temp, generator=gen,
-                                in_batch=tc.in_batch_negatives, logq=tc.logq_correction)
+                                in_batch=tc.in_batch_negatives, logq=tc.logq_correction,
+                                pairwise_weight=tc.pairwise_weight)
+
+
+def _swap_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Put `values` into the parameters in place; returns the values they held."""
+    with torch.no_grad():
+        old = [p.detach().clone() for p in params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+    return old
 
 
 def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig, *,
@@ -128,6 +148,8 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     if cfg.learn_temperature:
         log_scale = torch.nn.Parameter(torch.tensor(-math.log(tc.model.temperature)))
         opt.add_param_group({"params": [log_scale], "weight_decay": 0.0})
+    params = [p for p in model.parameters()]
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     log = {"windows": len(windows), "targets": int(mask_WT.sum()), "epochs_run": 0, "epoch_loss": [],
@@ -153,10 +175,14 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
             model.update_expert_bias()
             total += float(loss.detach())
             steps += 1
         model.eval()
+        raw = _swap_in(params, ema) if ema is not None else None  # validate (and keep) the averaged weights
         log["epoch_loss"].append(total / max(steps, 1))
         log["epochs_run"] = epoch
         msg = f"epoch {epoch}/{cfg.epochs}: loss {total / max(steps, 1):.4f} ({time.perf_counter() - t_ep:.0f} s)"
@@ -174,12 +200,20 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
+                if cfg.lr_decay < 1.0:
+                    for g in opt.param_groups:
+                        g["lr"] *= cfg.lr_decay
+                    msg += f", lr -> {opt.param_groups[0]['lr']:.2e}"
+        if raw is not None:
+            _swap_in(params, raw)
         progress(msg)
         if cfg.patience and stale >= cfg.patience:
             progress(f"early stop: no better validation for {stale} checks; best epoch {log['best_epoch']}")
             break
     log["val_seconds"] = val_s  # validation during training, not counted in train_seconds
     log["train_seconds"] = time.perf_counter() - t0 - val_s
+    if ema is not None:
+        _swap_in(params, ema)  # the returned model is the averaged one (best_state, when validated, is too)
     if best_state is not None:
         model.load_state_dict(best_state)
         log["best_val"] = best_val

@@ -71,7 +71,7 @@ class WindowLoss(nn.Module):
 
     def forward(self, inp_BT: torch.Tensor, tgt_BT: torch.Tensor, m_BT: torch.Tensor, *, item_prob_R: torch.Tensor,
                 n_items: int, n_random: int, temperature: float, generator: torch.Generator | None,
-                in_batch: bool, logq: bool) -> torch.Tensor:
+                in_batch: bool, logq: bool, pairwise_weight: float = 0.0) -> torch.Tensor:
         # = model.user_states(inp_BT)[m_BT], but only the target positions are projected and normalised, in fp32:
         # under fp16 autocast F.normalize's eps underflows, so the all-zero pad positions would give 0/0 = NaN
         # (and NaN gradients through the mask), and cosine / 0.05 wants more than bf16's 8 mantissa bits anyway.
@@ -79,7 +79,8 @@ class WindowLoss(nn.Module):
         user_MD = F.normalize(self.model.user_proj(hidden_MD).float(), dim=-1)
         return sampled_softmax_loss(self.model, user_MD, tgt_BT[m_BT], item_prob_R=item_prob_R,
                                     n_items=n_items, n_random=n_random, temperature=temperature,
-                                    generator=generator, in_batch=in_batch, logq=logq)
+                                    generator=generator, in_batch=in_batch, logq=logq,
+                                    pairwise_weight=pairwise_weight)
 
 
 def train_step(loss_module: nn.Module, model: TwoTower, opt: torch.optim.Optimizer, inp_BT: torch.Tensor,
@@ -92,7 +93,8 @@ def train_step(loss_module: nn.Module, model: TwoTower, opt: torch.optim.Optimiz
     with autocast(cfg.precision, model_device(model).type):
         loss = loss_module(inp_BT, tgt_BT, m_BT, item_prob_R=item_prob_R, n_items=n_items,
                            n_random=cfg.n_random_negatives, temperature=cfg.model.temperature, generator=generator,
-                           in_batch=cfg.in_batch_negatives, logq=cfg.logq_correction)
+                           in_batch=cfg.in_batch_negatives, logq=cfg.logq_correction,
+                           pairwise_weight=cfg.pairwise_weight)
     opt.zero_grad(set_to_none=True)
     scaled = loss * weight if weight != 1.0 else loss
     if scaler is not None:
