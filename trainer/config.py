@@ -88,6 +88,9 @@ class TrainConfig:
     logq_correction: bool = False      # subtract log of each candidate's expected count (Yi et al. 2019)
     pairwise_weight: float = 0.0       # + this x mean softplus(s_neg - s_pos) over the uniform negatives (a rank
                                        # surrogate beside the softmax; trainer/loss.py)
+    ema_epochs: float = 0.0            # > 0: evaluate, gate and publish an exponential moving average of the
+                                       # weights over about this many epochs of a round (trainer/ema.py); 0 = the raw
+                                       # weights
     precision: str = "bf16"            # "bf16" autocast, "fp16" autocast + GradScaler, or "fp32" (see PRECISIONS)
     fp16_init_scale: float = 256.0     # fp16: GradScaler's first loss scale. torch's 65536 overflowed (= skipped) the
                                        # first 7 steps of a fresh scaler on our loss; 512 is the largest that held
@@ -123,6 +126,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 10], got {getattr(self, name)}")
         if self.weight_decay < 0 or self.gate_min_ratio < 0:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
+        if self.ema_epochs < 0:
+            raise ValueError(f"TrainConfig.ema_epochs must be >= 0, got {self.ema_epochs}")
         if self.pairwise_weight < 0:
             raise ValueError(f"TrainConfig.pairwise_weight must be >= 0, got {self.pairwise_weight}")
         if self.precision not in PRECISIONS:

@@ -56,7 +56,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="learned absolute position embeddings (counted from the newest item) on top of RoPE")
     p.add_argument("--learn-temperature", action="store_true", help="train the temperature (from --temperature)")
     p.add_argument("--fp32-logits", action="store_true", help="full_softmax: fp32 logits matmuls (default bf16)")
-    p.add_argument("--ema-decay", type=float, help="validate and keep an EMA of the weights (0 = off)")
+    p.add_argument("--ema-epochs", type=float,
+                   help="validate and keep an average of the weights over about this many epochs (0 = off)")
     p.add_argument("--lr-decay", type=float, help="multiply the lr by this after each validation that is not the best")
     p.add_argument("--max-history", type=int, help="sequence length T")
     p.add_argument("--temperature", type=float)
@@ -92,11 +93,10 @@ def build_config(args):
         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, n_random_negatives=args.negatives,
         precision=args.precision, seed=args.seed, epochs_per_round=args.epochs_per_round,
         logq_correction=args.logq, in_batch_negatives=args.in_batch,
-        pairwise_weight=args.pairwise_weight).items() if v is not None}
+        pairwise_weight=args.pairwise_weight, ema_epochs=args.ema_epochs).items() if v is not None}
     train = cfg.train.replace(model=model, **train_changes)
     changes = {k: v for k, v in dict(epochs=args.epochs, patience=args.patience, loss=args.loss, arch=args.arch,
-                                     max_val_users=args.max_val_users, ema_decay=args.ema_decay,
-                                     lr_decay=args.lr_decay).items() if v is not None}
+                                     max_val_users=args.max_val_users, lr_decay=args.lr_decay).items() if v is not None}
     if args.learn_temperature:
         changes["learn_temperature"] = True
     if args.fp32_logits:

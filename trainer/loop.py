@@ -25,6 +25,7 @@ import torch
 
 from livetower.eventlog import SOURCE_KEY, EventSource
 from livetower.registry import Registry
+from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_model, evaluate_popularity
@@ -182,7 +183,7 @@ class Trainer:
         if len(holdout) >= cfg.min_eval_users:
             hist_BT = np.stack([left_pad(seqs[u][:-1], T) for u in holdout])
             tgt_B = np.asarray([seqs[u][-1] for u in holdout], np.int64)
-            model_m = evaluate_model(self.model, hist_BT, tgt_B, n_items)
+            model_m = evaluate_model(ema.averaged(self.model, self.opt), hist_BT, tgt_B, n_items)
             pop_m = evaluate_popularity(st.item_counts, tgt_B, n_items)
             metrics.update({f"model_{k}": v for k, v in model_m.items()})
             metrics.update({f"popularity_{k}": v for k, v in pop_m.items()})
@@ -285,19 +286,21 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir, st)
 
     def publish(self, metrics: dict[str, float], gate: str) -> int:
-        """Build an engine from the current model and publish it; returns its version (0 on failure)."""
+        """Build an engine from the current model (its weight average, with ema_epochs) and publish it; returns
+        its version (0 on failure)."""
         st = self.state
+        model = ema.averaged(self.model, self.opt)
         info = BuildInfo(parent=st.published_version, stream_offsets=dict(st.offsets),
                          watermark_ms=st.watermark_ms, trained_events=st.trained_events,
                          eval_metrics={**metrics, "gate_passed": float(gate == "passed")})
         options = CompileOptions(backend=self.cfg.backend,
                                  inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
-        T = self.model.cfg.max_history
+        T = model.cfg.max_history
         users = sorted(st.user_seqs)
         pick = np.random.default_rng(st.step).permutation(len(users))[:1000]
         queries_QT = np.stack([left_pad(st.user_seqs[users[i]], T) for i in pick]) if len(pick) else None
         try:
-            manifest = build_engine(self.model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
+            manifest = build_engine(model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
                                     parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
                                     ann_queries_QT=queries_QT, refit=self.cfg.refit,
                                     progress=lambda m: log.info("%s", m))
@@ -308,7 +311,7 @@ class Trainer:
             log.exception("engine build failed; training goes on and the next round builds again")
             return 0
         st.published_version = int(manifest.version)
-        st.published_models[st.published_version] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        st.published_models[st.published_version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         keep = {st.published_version, self.registry.read_rollout().stable}
         st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
         self.metrics.published_version.set(st.published_version)

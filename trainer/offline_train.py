@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer import ema
 from trainer.config import TrainConfig
 from trainer.examples import stack_windows, windows_for_new
 from trainer.loss import full_softmax_loss, sampled_softmax_loss
@@ -47,8 +48,6 @@ class OfflineTrainConfig:
                                 # the sidecar's make_optimizer (for-loop AdamW)
     learn_temperature: bool = False  # train the temperature too: log(1/T), initialised at model.temperature, no
                                      # weight decay, T kept >= MIN_TEMPERATURE; its value per epoch is logged
-    ema_decay: float = 0.0      # > 0: validate / return an exponential moving average of the weights, updated
-                                # after every step (w_ema <- decay * w_ema + (1 - decay) * w); 0 = the raw weights
     lr_decay: float = 1.0       # multiply the learning rate by this after every validation that is not the best
                                 # so far (1 = constant learning rate)
     logits_bf16: bool = True    # full_softmax: the (targets x items) matmuls in bf16 (fp32 accumulation and
@@ -61,8 +60,6 @@ class OfflineTrainConfig:
         for name in ("patience", "max_val_users"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OfflineTrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"OfflineTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"OfflineTrainConfig.lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.arch not in ARCHS:
@@ -76,8 +73,9 @@ class OfflineTrainConfig:
         d.update(model=t.model.to_dict(), batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                  n_random_negatives=t.n_random_negatives, precision=t.precision, seed=t.seed,
                  logq=t.logq_correction, in_batch=t.in_batch_negatives)
-        if t.pairwise_weight:  # recorded only when used, so earlier runs' configs read the same
-            d["pairwise_weight"] = t.pairwise_weight
+        for name in ("pairwise_weight", "ema_epochs"):  # recorded only when used: earlier runs' configs read the same
+            if getattr(t, name):
+                d[name] = getattr(t, name)
         return d
 
 
@@ -114,15 +112,6 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
                                 pairwise_weight=tc.pairwise_weight)
 
 
-def _swap_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Put `values` into the parameters in place; returns the values they held."""
-    with torch.no_grad():
-        old = [p.detach().clone() for p in params]
-        for p, v in zip(params, values):
-            p.copy_(v)
-    return old
-
-
 def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig, *,
                   validate: Callable[[TwoTower], float] | None = None,
                   progress: Callable[[str], None] = print) -> tuple[TwoTower, dict]:
@@ -148,8 +137,6 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     if cfg.learn_temperature:
         log_scale = torch.nn.Parameter(torch.tensor(-math.log(tc.model.temperature)))
         opt.add_param_group({"params": [log_scale], "weight_decay": 0.0})
-    params = [p for p in model.parameters()]
-    ema = [p.detach().clone() for p in params] if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     log = {"windows": len(windows), "targets": int(mask_WT.sum()), "epochs_run": 0, "epoch_loss": [],
@@ -161,6 +148,7 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
         model.train()
         total, steps, t_ep = 0.0, 0, time.perf_counter()
         batches = batch_order(lengths_W, tc.batch_size, rng, cfg.bucket)
+        ema_decay = ema.decay_for(tc.ema_epochs, len(batches))
         for b in batches:
             L = max(int(lengths_W[b].max()), 1) if cfg.bucket else T  # crop the all-pad left columns
             inp_BL = torch.from_numpy(inputs_WT[b, -L:])
@@ -175,14 +163,12 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
+            if ema_decay > 0:
+                ema.update(opt, ema_decay)
             model.update_expert_bias()
             total += float(loss.detach())
             steps += 1
         model.eval()
-        raw = _swap_in(params, ema) if ema is not None else None  # validate (and keep) the averaged weights
         log["epoch_loss"].append(total / max(steps, 1))
         log["epochs_run"] = epoch
         msg = f"epoch {epoch}/{cfg.epochs}: loss {total / max(steps, 1):.4f} ({time.perf_counter() - t_ep:.0f} s)"
@@ -191,29 +177,29 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
             msg += f", temperature {log['temperature'][-1]:.4f}"
         if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             t_val = time.perf_counter()
-            v = validate(model)
+            with ema.swapped_in(model, opt):  # validate (and keep as best) the averaged weights, if any
+                v = validate(model)
+                if v > best_val:
+                    best_state = copy.deepcopy(model.state_dict())
             val_s += time.perf_counter() - t_val
             log["val_curve"].append([epoch, v])
             msg += f", val {v:.4f}"
             if v > best_val:
                 best_val, stale, log["best_epoch"] = v, 0, epoch
-                best_state = copy.deepcopy(model.state_dict())
             else:
                 stale += 1
                 if cfg.lr_decay < 1.0:
                     for g in opt.param_groups:
                         g["lr"] *= cfg.lr_decay
                     msg += f", lr -> {opt.param_groups[0]['lr']:.2e}"
-        if raw is not None:
-            _swap_in(params, raw)
         progress(msg)
         if cfg.patience and stale >= cfg.patience:
             progress(f"early stop: no better validation for {stale} checks; best epoch {log['best_epoch']}")
             break
     log["val_seconds"] = val_s  # validation during training, not counted in train_seconds
     log["train_seconds"] = time.perf_counter() - t0 - val_s
-    if ema is not None:
-        _swap_in(params, ema)  # the returned model is the averaged one (best_state, when validated, is too)
+    if ema.has_average(opt):  # the returned model is the averaged one (best_state, when validated, is too)
+        model = ema.averaged(model, opt)
     if best_state is not None:
         model.load_state_dict(best_state)
         log["best_val"] = best_val

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import ema
 from trainer.config import TrainConfig
 from trainer.loss import sampled_softmax_loss
 from trainer.model import TwoTower
@@ -36,6 +37,8 @@ def grow_table(model: TwoTower, opt: torch.optim.Optimizer, num_rows: int) -> No
             if key in state:
                 pad = torch.zeros((num_rows - old.shape[0], *old.shape[1:]), dtype=state[key].dtype)
                 state[key] = torch.cat([state[key], pad])
+        if ema.EMA_KEY in state:  # new rows' average starts at their initial value
+            state[ema.EMA_KEY] = torch.cat([state[ema.EMA_KEY], new.detach()[old.shape[0]:].clone()])
         opt.state[new] = state
 
 
@@ -86,10 +89,11 @@ class WindowLoss(nn.Module):
 def train_step(loss_module: nn.Module, model: TwoTower, opt: torch.optim.Optimizer, inp_BT: torch.Tensor,
                tgt_BT: torch.Tensor, m_BT: torch.Tensor, *, item_prob_R: torch.Tensor, n_items: int, cfg: TrainConfig,
                generator: torch.Generator | None, scaler: torch.amp.GradScaler | None = None, weight: float = 1.0,
-               before_bias_update: Callable[[TwoTower], None] | None = None) -> float:
+               before_bias_update: Callable[[TwoTower], None] | None = None, ema_decay: float = 0.0) -> float:
     """One optimiser step; returns the (unweighted) loss. `loss_module` is WindowLoss(model) or DDP around it;
     `weight` scales the loss before backward (DDP: this rank's share of the global batch's targets);
-    `before_bias_update` may all-reduce the expert loads first (DDP)."""
+    `before_bias_update` may all-reduce the expert loads first (DDP); ema_decay > 0: then the weight average
+    (trainer/ema.py; the same on every DDP rank, as the weights are)."""
     with autocast(cfg.precision, model_device(model).type):
         loss = loss_module(inp_BT, tgt_BT, m_BT, item_prob_R=item_prob_R, n_items=n_items,
                            n_random=cfg.n_random_negatives, temperature=cfg.model.temperature, generator=generator,
@@ -104,6 +108,8 @@ def train_step(loss_module: nn.Module, model: TwoTower, opt: torch.optim.Optimiz
     else:
         scaled.backward()
         opt.step()
+    if ema_decay > 0:
+        ema.update(opt, ema_decay)
     if before_bias_update is not None:
         before_bias_update(model)
     model.update_expert_bias()
@@ -126,6 +132,7 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
     item_prob_R = item_prob_R.to(device)
     W = inputs_WT.shape[0]
     steps_per_epoch = -(-W // cfg.batch_size)
+    ema_decay = ema.decay_for(cfg.ema_epochs, steps_per_epoch)
     losses = []
     last_report = time.monotonic()
     for epoch in range(epochs):
@@ -139,7 +146,7 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
             inp_BT = torch.from_numpy(inputs_WT[b]).to(device)
             tgt_BT = torch.from_numpy(targets_WT[b]).to(device)
             total += train_step(loss_module, model, opt, inp_BT, tgt_BT, m_BT.to(device), item_prob_R=item_prob_R,
-                                n_items=n_items, cfg=cfg, generator=generator, scaler=scaler)
+                                n_items=n_items, cfg=cfg, generator=generator, scaler=scaler, ema_decay=ema_decay)
             steps += 1
             if progress and time.monotonic() - last_report > 30:  # long epochs show progress
                 last_report = time.monotonic()

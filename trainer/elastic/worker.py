@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from livetower.atomic import write_atomic
+from trainer import ema
 from trainer.config import TrainConfig
 from trainer.model import ModelConfig, TwoTower
 from trainer.training import WindowLoss, make_grad_scaler, make_optimizer, train_step
@@ -158,6 +159,7 @@ def train_epochs(model: TwoTower, opt: torch.optim.Optimizer, loss_module: torch
     model.train()
     for epoch in range(start_epoch, epochs):
         batches = global_batches(epoch_order(n_windows, seed, epoch), cfg.batch_size)
+        ema_decay = ema.decay_for(cfg.ema_epochs, len(batches))
         gen = rank_generator(seed, epoch, rank)
         weighted_loss, n_steps = 0.0, 0
         epoch_counts_N = np.zeros(n_windows, np.int64)
@@ -188,7 +190,7 @@ def train_epochs(model: TwoTower, opt: torch.optim.Optimizer, loss_module: torch
             loss = train_step(loss_module, model, opt, torch.from_numpy(inputs_WT[mine]).to(device),
                               torch.from_numpy(targets_WT[mine]).to(device), m_BT, item_prob_R=item_prob_R,
                               n_items=data["n_items"], cfg=cfg, generator=gen, scaler=scaler,
-                              weight=weight if world > 1 else 1.0, before_bias_update=hook)
+                              weight=weight if world > 1 else 1.0, before_bias_update=hook, ema_decay=ema_decay)
             weighted_loss += loss * weight / world if world > 1 else loss
             n_steps += 1
             steps += 1
