@@ -24,8 +24,8 @@ VAL_NEG_SEED, TEST_NEG_SEED, VAL_SUBSAMPLE_SEED = 1, 2, 3
 
 
 def _preset_default(**_) -> OfflineTrainConfig:
-    """The sidecar's TrainConfig and loss (docs/quality.md run 29: the best Games validation config within the
-    serving budget), except fp32: on the short length-cropped batches here one step (64 x 12) took 69 ms in
+    """The sidecar's TrainConfig and loss (docs/quality.md run 49: run 29's tower, the best Games validation
+    config within the serving budget, with the weight average and the pairwise term), except fp32: on the short length-cropped batches here one step (64 x 12) took 69 ms in
     fp32 vs 88 ms under bf16 autocast on this 1-thread CPU (at 64 x 50: 0.56 vs 0.47 s). Up to 60 epochs,
     patience 6 (as run 29)."""
     return OfflineTrainConfig(train=TrainConfig(precision="fp32"), epochs=60, patience=6)
@@ -36,7 +36,8 @@ def _legacy_train(**model_changes) -> TrainConfig:
     RoPE only, temperature 0.05; in-batch + 256 uniform negatives with log-Q, lr 3e-3, batch 64, 2 epochs/round."""
     model = ModelConfig(n_layers=2, first_k_dense=0, temperature=0.05, dropout=0.0, **LEGACY_VALUES)
     return TrainConfig(model=dataclasses.replace(model, **model_changes), precision="fp32", batch_size=64, lr=3e-3,
-                       n_random_negatives=256, in_batch_negatives=True, logq_correction=True, epochs_per_round=2)
+                       n_random_negatives=256, in_batch_negatives=True, logq_correction=True, epochs_per_round=2,
+                       ema_epochs=0.0, pairwise_weight=0.0)
 
 
 def _preset_legacy(**_) -> OfflineTrainConfig:
