@@ -100,7 +100,8 @@ def test_ddp_gradients_equal_single_process_on_the_same_shards(scale_sequence, d
                                  torch.from_numpy(data.mask_WT[mine]), item_prob_R=data.item_prob_R,
                                  n_items=data.n_items, n_random=CFG.n_random_negatives,
                                  temperature=CFG.model.temperature, generator=rank_generator(2, 0, rank),
-                                 in_batch=CFG.in_batch_negatives, logq=CFG.logq_correction)
+                                 in_batch=CFG.in_batch_negatives, logq=CFG.logq_correction,
+                                 pairwise_weight=CFG.pairwise_weight)
         (loss * weight / 2).backward()
     ddp = scale_sequence["grads"]
     assert set(ddp) == {n for n, p in model.named_parameters() if p.grad is not None}

@@ -75,3 +75,21 @@ def test_a_round_gates_and_publishes_the_average_and_a_restart_keeps_it(tmp_path
     t2 = make_trainer(tmp_path, ema_epochs=1.0, epochs_per_round=6)  # the average is checkpointed with the optimizer
     w = t2.model.item_embedding.weight
     assert torch.equal(t2.opt.state[w][ema.EMA_KEY], avg["item_embedding.weight"])
+
+
+def test_a_two_worker_round_brings_the_average_back(tmp_path):
+    """DDP workers update the average in their optimizer state; rank 0's comes back with it and is published."""
+    from trainer.config import ElasticConfig
+
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    log.close()
+    t = make_trainer(tmp_path, precision="fp32", ema_epochs=1.0, epochs_per_round=6, pairwise_weight=1.0,
+                     elastic=ElasticConfig(max_workers=2, events_per_worker=500, device="cpu"))
+    t.devices = 2
+    r = t.run_round()
+    assert t.metrics.registry.get_sample_value("livetower_trainer_elastic_workers") == 2
+    assert r.published_version == 1, r
+    avg = {n: t.opt.state[p][ema.EMA_KEY] for n, p in t.model.named_parameters()}
+    assert all(torch.equal(t.state.published_models[1][n], avg[n]) for n in avg)
+    assert any(not torch.equal(avg[n], p) for n, p in t.model.named_parameters())

@@ -74,7 +74,7 @@ class WindowLoss(nn.Module):
 
     def forward(self, inp_BT: torch.Tensor, tgt_BT: torch.Tensor, m_BT: torch.Tensor, *, item_prob_R: torch.Tensor,
                 n_items: int, n_random: int, temperature: float, generator: torch.Generator | None,
-                in_batch: bool, logq: bool, pairwise_weight: float = 0.0) -> torch.Tensor:
+                in_batch: bool, logq: bool, pairwise_weight: float) -> torch.Tensor:
         # = model.user_states(inp_BT)[m_BT], but only the target positions are projected and normalised, in fp32:
         # under fp16 autocast F.normalize's eps underflows, so the all-zero pad positions would give 0/0 = NaN
         # (and NaN gradients through the mask), and cosine / 0.05 wants more than bf16's 8 mantissa bits anyway.
