@@ -93,6 +93,7 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
                          f"{cfg.arch!r} (drop --incremental or --arch)")
     from trainer.offline import TEST_NEG_SEED, VAL_NEG_SEED, _flat
     from trainer.protocols import make_split, negatives_for
+    from trainer import ema
     from trainer.ranking import evaluate_model_on
 
     split = make_split(data, protocols[0])
@@ -102,9 +103,10 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
     out = {"train": log, "loss": f"sampled_softmax (sidecar: {tc.n_random_negatives} uniform negatives"
                                  f"{' + in-batch' if tc.in_batch_negatives else ''}"
                                  f"{', log-Q' if tc.logq_correction else ''})"}
+    served = ema.averaged(trainer.model, trainer.opt)  # what the sidecar publishes (the weight average, if any)
     for name, ev, seed in (("val", split.val, VAL_NEG_SEED), ("test", split.test, TEST_NEG_SEED)):
         neg = negatives_for(data, ev, split, n=n_negatives, exclude=neg_exclude, seed=seed) \
             if "sasrec" in protocols else None
-        m = evaluate_model_on(trainer.model, ev, split.n_items, negatives_BK=neg, ks=ks, rows_of_item=rows_of_item)
+        m = evaluate_model_on(served, ev, split.n_items, negatives_BK=neg, ks=ks, rows_of_item=rows_of_item)
         out[name] = _flat(m, protocols)
     return out
