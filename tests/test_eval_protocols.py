@@ -204,7 +204,7 @@ def _recorded_config(note_prefix: str) -> dict:
 
 
 def test_presets_are_the_recorded_configs():
-    """docs/quality.md says the sidecar's defaults are the recorded run 52 and --preset legacy / tuned the
+    """docs/quality.md says the sidecar's defaults are the recorded run 59 and --preset legacy / tuned the
     pre-issue-9 runs 1 and 6: the presets' configs must equal what those jsonl lines recorded."""
     from trainer.offline import PRESETS
 
@@ -214,7 +214,7 @@ def test_presets_are_the_recorded_configs():
             got.pop(k, None), rec.pop(k, None)
         assert {k: v for k, v in got.items() if k in rec} == rec, preset
 
-    same("default", "the served config (--preset default = run 49) with --pairwise 20")  # run 52
+    same("default", "the served config (--preset default = run 52) with --pairwise 40")  # run 59
     # runs 1 and 6 predate the arch / learn_temperature / logits_bf16 fields (they were at today's values)
     same("legacy", "sidecar TrainConfig + loss (fp32), 20 epochs max", ignore=("epochs",))
     same("tuned", "2048 uniform negatives + dropout 0.3", ignore=("epochs",))

@@ -86,9 +86,10 @@ class TrainConfig:
     in_batch_negatives: bool = False   # the batch's other positives are negatives too (popularity-sampled: needs
                                        # logq_correction, or popular items are pushed down)
     logq_correction: bool = False      # subtract log of each candidate's expected count (Yi et al. 2019)
-    pairwise_weight: float = 20.0      # + this x mean softplus(s_neg - s_pos) over the uniform negatives (a rank
+    pairwise_weight: float = 40.0      # + this x mean softplus(s_neg - s_pos) over the uniform negatives (a rank
                                        # surrogate beside the softmax; trainer/loss.py). Games, with ema_epochs 4.1:
-                                       # best validation NDCG@10 at 20 (0.5810; 10: 0.5793, 3: 0.5770, 0: 0.5756)
+                                       # best validation NDCG@10 at 40 (0.5822; 20: 0.5810, 10: 0.5793, 3: 0.5770,
+                                       # 0: 0.5756; larger not tried)
     ema_epochs: float = 4.1            # > 0: evaluate, gate and publish an exponential moving average of the
                                        # weights over about this many epochs of a round (trainer/ema.py); 0 = the raw
                                        # weights. 4.1 = decay 0.999 on an offline Games epoch (244 steps)
