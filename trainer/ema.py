@@ -27,7 +27,10 @@ def decay_for(ema_epochs: float, steps_per_epoch: int) -> float:
 
 @torch.no_grad()
 def update(opt: torch.optim.Optimizer, decay: float) -> None:
-    """After an optimizer step: ema <- decay * ema + (1 - decay) * w; a parameter without one starts at w."""
+    """After an optimizer step: ema <- decay * ema + (1 - decay) * w; a parameter without one starts at w.
+    decay 0 (decay_for's "no average") does nothing."""
+    if decay <= 0:
+        return
     for group in opt.param_groups:
         for p in group["params"]:
             st = opt.state[p]

@@ -52,13 +52,13 @@ def sampled_softmax_loss(model: TwoTower, user_MD: torch.Tensor, pos_rows_M: tor
         logits_MC = torch.cat([raw_pos_M1, raw_neg_MR - logq_uniform if logq else raw_neg_MR], 1)
         n_pos, pos_idx_M = 1, torch.zeros_like(pos_rows_M)
     hit_MR = rand_R[None, :] == pos_rows_M[:, None]  # accidental hits of the positive
-    logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
-    loss = F.cross_entropy(logits_MC, pos_idx_M)
-    if pairwise_weight > 0:
+    pair = None
+    if pairwise_weight > 0:  # before the in-place hit mask below (logits_MC may be raw_MC itself)
         keep_MR = ~hit_MR
         pair = (F.softplus(raw_neg_MR - raw_pos_M1) * keep_MR).sum() / keep_MR.sum().clamp_min(1)
-        loss = loss + pairwise_weight * pair
-    return loss
+    logits_MC[:, n_pos:] = logits_MC[:, n_pos:].masked_fill(hit_MR, MASK_LOGIT)
+    loss = F.cross_entropy(logits_MC, pos_idx_M)
+    return loss if pair is None else loss + pairwise_weight * pair
 
 
 class _FullSoftmaxCE(torch.autograd.Function):

@@ -25,9 +25,9 @@ VAL_NEG_SEED, TEST_NEG_SEED, VAL_SUBSAMPLE_SEED = 1, 2, 3
 
 def _preset_default(**_) -> OfflineTrainConfig:
     """The sidecar's TrainConfig and loss (docs/quality.md run 59: run 29's tower, the best Games validation
-    config within the serving budget, with the weight average and the pairwise term), except fp32: on the short length-cropped batches here one step (64 x 12) took 69 ms in
-    fp32 vs 88 ms under bf16 autocast on this 1-thread CPU (at 64 x 50: 0.56 vs 0.47 s). Up to 60 epochs,
-    patience 6 (as run 29)."""
+    config within the serving budget, with the weight average and the pairwise term), except fp32: on the
+    short length-cropped batches here one step (64 x 12) took 69 ms in fp32 vs 88 ms under bf16 autocast on
+    this 1-thread CPU (at 64 x 50: 0.56 vs 0.47 s). Up to 60 epochs, patience 6 (as run 29)."""
     return OfflineTrainConfig(train=TrainConfig(precision="fp32"), epochs=60, patience=6)
 
 

@@ -163,8 +163,7 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if ema_decay > 0:
-                ema.update(opt, ema_decay)
+            ema.update(opt, ema_decay)
             model.update_expert_bias()
             total += float(loss.detach())
             steps += 1
@@ -198,12 +197,11 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
             break
     log["val_seconds"] = val_s  # validation during training, not counted in train_seconds
     log["train_seconds"] = time.perf_counter() - t0 - val_s
-    if ema.has_average(opt):  # the returned model is the averaged one (best_state, when validated, is too)
-        model = ema.averaged(model, opt)
-    if best_state is not None:
+    if best_state is not None:  # validated with the averaged weights, if any
         model.load_state_dict(best_state)
         log["best_val"] = best_val
     else:
+        model = ema.averaged(model, opt)  # the last averaged weights (the model itself without an average)
         log["best_epoch"] = log["epochs_run"]
     model.eval()
     return model, log

@@ -108,8 +108,7 @@ def train_step(loss_module: nn.Module, model: TwoTower, opt: torch.optim.Optimiz
     else:
         scaled.backward()
         opt.step()
-    if ema_decay > 0:
-        ema.update(opt, ema_decay)
+    ema.update(opt, ema_decay)
     if before_bias_update is not None:
         before_bias_update(model)
     model.update_expert_bias()
