@@ -15,8 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from livetower.eventlog import SqliteEventLog
-from livetower.registry import Registry
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import Registry
 from trainer.config import TrainConfig
 from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.export.build import BuildInfo, build_engine

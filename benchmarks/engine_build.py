@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetower.registry import USER_TOWER_FILE, Registry
-from server.engine.backends import load_runner
+from contracts.registry import USER_TOWER_FILE, Registry
+from contracts.engine_format.backends import load_runner
 from trainer.export.build import BuildInfo, UserTowerExport, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.model import ModelConfig, TwoTower
@@ -126,7 +126,7 @@ def run(args) -> dict:
                   f"{diff_random:.2e} p50 {lat['p50_ms']:.3f} ms p99 {lat['p99_ms']:.3f} ms; a Python thread "
                   f"keeps {share:.0%} of its pace while it runs", flush=True)
             if backend == "aoti":  # torch's pybind runner on the same library: holds the GIL while it runs
-                from server.engine.aoti_graphs import GRAPHS
+                from contracts.engine_format.aoti_graphs import GRAPHS
 
                 pyb = torch._C._aoti.AOTIModelContainerRunnerCpu(GRAPHS.open(path).so_path, 1)
                 pyb_run = lambda h: pyb.run([torch.from_numpy(h)])[0]  # noqa: E731

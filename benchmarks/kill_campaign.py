@@ -29,9 +29,9 @@ import threading
 import time
 from pathlib import Path
 
-from livetower.kafka_events import KafkaTarget, now_ms, produce_all
-from livetower.registry import Registry
-from livetower.tansu import LocalBroker
+from contracts.kafka_events import KafkaTarget, now_ms, produce_all
+from contracts.registry import Registry
+from benchmarks.tansu import LocalBroker
 from proto import livetower_v1_pb2 as pb
 
 

@@ -1,4 +1,4 @@
-"""`livetower replay`: the replay study. MovieLens-100k is streamed through a fresh embedded event log in
+"""`livetower bench replay`: the replay study. MovieLens-100k is streamed through a fresh embedded event log in
 timestamp order at `--speedup` x real time while the sidecar Trainer (a thread of this process, the
 real `Trainer.run` loop: rounds on backlog, eval gate, checkpoint) trains and publishes engines into a
 Registry as events arrive. Every streamed event is then scored as a next-event query for
@@ -9,8 +9,8 @@ they are scored after the stream ends (an engine never changes once published, s
 ones it would have served, and scoring does not steal CPU from the trainer during the stream).
 Writes results.json + results.png into --out and prints the table.
 
-    livetower replay                                 # full ml-100k, ~6 min of stream + ~1 min scoring
-    livetower replay --quick                         # 20k events, tiny model, ~1 min
+    livetower bench replay                           # full ml-100k, ~6 min of stream + ~1 min scoring
+    livetower bench replay --quick                   # 20k events, tiny model, ~1 min
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def evaluate(cfg: ReplayConfig, events: list, first: int, version_at: np.ndarray
 def run(cfg: ReplayConfig) -> dict:
     import torch
 
-    from livetower.eventlog import SqliteEventLog
-    from livetower.registry import Registry
+    from contracts.eventlog import SqliteEventLog
+    from contracts.registry import Registry
 
     torch.set_num_threads(cfg.threads)
     events = load_events(cfg)
@@ -304,13 +304,33 @@ def run_from_args(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from livetower.cli_stream import add_replay_flags
-
-    p = argparse.ArgumentParser(prog="livetower replay", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livetower bench replay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_replay_flags(p)
-    return run_from_args(p.parse_args(argv))
+    p.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"),
+                   help="ml-100k directory (default ../shared/data/ml-100k)")
+    p.add_argument("--dataset", choices=("ml100k", "synthetic"), default="ml100k",
+                   help="synthetic: a small generated stream (tests)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/replay"),
+                   help="results.json + results.png (work files in OUT/work, replaced each run)")
+    p.add_argument("--speedup", type=float, help="stream seconds per wall second (default 6e4: ~5 min; quick 4e5)")
+    p.add_argument("--max-events", type=int, help="replay only the first N events (default all; quick 20000)")
+    p.add_argument("--warmup-events", type=int,
+                   help="events in the log before the clock starts; engine 1 (the frozen one) is trained on them "
+                        "(default 10000; quick 5000; 0 = start cold: engine 1 is whatever the first round saw)")
+    p.add_argument("--eval-every", type=int, help="events per reported window (default 5000; quick 2000)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--round-min-events", type=int, help="trainer: round at this backlog (default 1000; quick 500)")
+    p.add_argument("--round-interval-s", type=float, default=10.0, help="trainer: or this long after the last round")
+    p.add_argument("--epochs", type=int, default=2, help="trainer: passes over each round's events")
+    p.add_argument("--gate-min-ratio", type=float, default=1.0,
+                   help="trainer: publish when model R@10 >= ratio x popularity on the round's holdout (0 = always)")
+    p.add_argument("--quick", action="store_true", help="20k events, tiny model, faster stream (about a minute)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

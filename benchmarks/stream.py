@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 
 from benchmarks.slo import stop_server
-from livetower.kafka_events import KafkaTarget, encode_event, now_ms, produce_all
-from livetower.tansu import LocalBroker, free_port
+from contracts.kafka_events import KafkaTarget, encode_event, now_ms, produce_all
+from benchmarks.tansu import LocalBroker, free_port
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.slo import start_server, stop_server
-from livetower.client import Client
-from livetower.eventlog import SqliteEventLog
-from livetower.registry import MANIFEST, Registry, manifest_from_json
+from contracts.client import Client
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import MANIFEST, Registry, manifest_from_json
 from proto import livetower_v1_pb2 as pb
 
 TOKEN = "swap-benchmark-admin-token"

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from livetower.cli_engines import DEFAULT_TARGET, add_engines_parser
-from livetower.cli_stream import add_archive_parser, add_replay_parser
+from livetower.cli_archive import add_archive_parser
 
 DEFAULT_DATA_DIR = Path("var/livetower")
 
@@ -152,7 +152,7 @@ def cmd_train(args) -> int:
 
     from prometheus_client import start_http_server
 
-    from livetower.registry import Registry
+    from contracts.registry import Registry
     from trainer.loop import Trainer
 
     torch.set_num_threads(args.train_threads)
@@ -160,8 +160,8 @@ def cmd_train(args) -> int:
     if args.backfill:
         if args.events:
             raise SystemExit("--backfill trains from the archive: drop --events (a later run with --events continues)")
-        from livetower.archive import ArchiveError
-        from livetower.cli_stream import backfill_source
+        from trainer.sources.archive import ArchiveError
+        from livetower.cli_archive import backfill_source
 
         try:
             event_log = backfill_source(args.backfill)
@@ -169,12 +169,12 @@ def cmd_train(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     elif args.events:
-        from livetower.kafka_events import parse_events_url
-        from livetower.kafka_source import KafkaEventSource
+        from contracts.kafka_events import parse_events_url
+        from trainer.sources.kafka import KafkaEventSource
 
         event_log = KafkaEventSource(parse_events_url(args.events), group_id=args.group_id)
     else:
-        from livetower.eventlog import SqliteEventLog
+        from contracts.eventlog import SqliteEventLog
 
         event_log = SqliteEventLog(args.data_dir / "events.sqlite")
     trainer = Trainer(cfg, event_log, Registry(args.data_dir / "registry"), args.data_dir / "trainer",
@@ -184,7 +184,7 @@ def cmd_train(args) -> int:
         logging.getLogger("livetower.trainer").info("trainer metrics on http://127.0.0.1:%d/metrics",
                                                     httpd.server_port)
     if args.backfill:
-        from livetower.cli_stream import run_backfill
+        from livetower.cli_archive import run_backfill
 
         try:
             return run_backfill(trainer)
@@ -221,7 +221,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from livetower.eventlog import SqliteEventLog
+    from contracts.eventlog import SqliteEventLog
 
     if args.source == "synthetic":
         from trainer.data.synthetic import SyntheticConfig, generate
@@ -240,7 +240,7 @@ def cmd_ingest(args) -> int:
 def cmd_query(args) -> int:
     from google.protobuf import json_format
 
-    from livetower.client import Client
+    from contracts.client import Client
 
     c = Client(args.target)
     history = args.history.split(",") if args.history else None
@@ -255,7 +255,7 @@ def cmd_query(args) -> int:
 
 
 def cmd_broker(args) -> int:
-    from livetower.tansu import LocalBroker
+    from benchmarks.tansu import LocalBroker
 
     broker = LocalBroker(args.port).start()
     print(f"tansu Kafka-protocol broker on {broker.bootstrap} (memory storage: topics vanish when it stops); "
@@ -270,7 +270,7 @@ def cmd_broker(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from trainer.eval_cli import run_eval_command
+    from trainer.studies.eval_cli import run_eval_command
 
     return run_eval_command(args)
 
@@ -279,7 +279,8 @@ def cmd_bench(args) -> int:
     import importlib
 
     module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap",
-              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels", "train": "train_bench"}[args.what]
+              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels", "train": "train_bench",
+              "replay": "replay"}[args.what]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -335,26 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engines_parser(sub)
     add_archive_parser(sub)
-    add_replay_parser(sub)
 
     broker = sub.add_parser("broker", help="a local Kafka-protocol broker (tansu, memory only) for trying --events")
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(func=cmd_broker)
 
     ev = sub.add_parser("eval", help="offline quality on a named protocol (sasrec, full, time) vs popularity")
-    from trainer.eval_cli import add_eval_flags
+    from trainer.studies.eval_cli import add_eval_flags
 
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels", "train"),
+    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels", "train", "replay"),
                        help="build: engine backends compared; catalog: a trained catalogue for load tests; "
                             "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
                             "swap: canary, promote and rollback under load, memory over swap cycles; "
                             "kill: kill -9 the Kafka-fed trainer many times, count lost events; "
                             "stream: event -> history latency and event -> serving freshness on Kafka; "
                             "kernels: Triton retrieval kernel vs torch on a GPU; "
-                            "train: training throughput per worker count and precision, elastic scaling events")
+                            "train: training throughput per worker count and precision, elastic scaling events; "
+                            "replay: ml-100k in time order, continuous vs frozen engines vs popularity")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p

@@ -81,7 +81,7 @@ def print_rollout(r) -> None:
 def cmd_engines(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from livetower.client import Client
+    from contracts.client import Client
 
     c = Client(args.target, admin_token=_token(args))
     if args.what == "list":

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from livetower.eventlog import SqliteEventLog
+from contracts.eventlog import SqliteEventLog
 from server.app import run, serve
 from server.config import ServerConfig
 
@@ -56,7 +56,7 @@ async def supervise_trainer(cmd: list[str], stop: asyncio.Event) -> None:
 
 def bootstrap_kafka_if_empty(events_url: str, *, users: int, seed: int = 0) -> int:
     """The Kafka flavour of bootstrap_if_empty: fill an empty event topic from the synthetic generator."""
-    from livetower.kafka_events import parse_events_url, produce_all, topic_size
+    from contracts.kafka_events import parse_events_url, produce_all, topic_size
     from trainer.data.synthetic import SyntheticConfig, generate
 
     target = parse_events_url(events_url)

@@ -18,19 +18,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from livetower.eventlog import SqliteEventLog
-from livetower.kafka_events import parse_events_url
-from livetower.registry import Registry
+from contracts.eventlog import SqliteEventLog
+from contracts.kafka_events import parse_events_url
+from contracts.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.auth import AdminAuthInterceptor, load_or_create_token
 from server.batching import MicroBatcher
 from server.config import ServerConfig
 from server.engine.manager import EngineManager
-from server.event_sink import EventSink, KafkaEventProducer, SqliteSink
-from server.history import RecentHistory
+from server.events.sink import EventSink, KafkaEventProducer, SqliteSink
+from server.events.history import RecentHistory
 from server.interceptors import ObservabilityInterceptor
-from server.kafka_feed import KafkaHistoryFeed, OwnEventIds
+from server.events.kafka_feed import KafkaHistoryFeed, OwnEventIds
 from server.kserve import KSERVE, add_kserve_to_server
 from server.metrics import ServerMetrics
 from server.servicer import EngineAdminServicer, RecommenderServicer

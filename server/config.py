@@ -62,7 +62,7 @@ class ServerConfig:
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters")
         if self.events_url is not None:
-            from livetower.kafka_events import parse_events_url
+            from contracts.kafka_events import parse_events_url
 
             parse_events_url(self.events_url)  # ValueError naming what is wrong
         if self.max_inflight_events < 1:

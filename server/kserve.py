@@ -39,7 +39,7 @@ from importlib import metadata as _metadata
 import grpc
 import numpy as np
 
-from livetower.registry import Registry
+from contracts.registry import Registry
 from proto import grpc_service_pb2 as kpb
 from proto import grpc_service_pb2_grpc as kpb_grpc
 from proto import model_config_pb2 as mc

@@ -11,18 +11,18 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from livetower.events import event_problem
-from livetower.registry import Registry
-from livetower.rollout import CanaryPolicy
+from contracts.events import event_problem
+from contracts.registry import Registry
+from contracts.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.manager import EngineManager, RolloutError
-from server.event_sink import Backpressure, EventSink
-from server.history import RecentHistory
-from server.kafka_feed import OwnEventIds
+from server.events.sink import Backpressure, EventSink
+from server.events.history import RecentHistory
+from server.events.kafka_feed import OwnEventIds
 from server.metrics import ServerMetrics
 from server.validation import recommend_problem, score_problem
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from livetower.eventlog import SqliteEventLog
-from livetower.registry import Registry
-from livetower.rollout import CanaryPolicy
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import Registry
+from contracts.rollout import CanaryPolicy
 from server.app import create_server
 from server.batching import BatchingConfig
 from server.config import ServerConfig

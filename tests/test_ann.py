@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from livetower.eventlog import SqliteEventLog
-from livetower.registry import ANN_FILE, ANN_META_FILE, Registry
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import ANN_FILE, ANN_META_FILE, Registry
 from server.engine.engine import Engine, RecommendQuery
 from tests.conftest import SMALL_DATA, make_trainer
 from trainer.data.synthetic import generate

@@ -7,9 +7,9 @@ import json
 import deltalake
 import pytest
 
-from livetower.archive import ArchiveConfig, ArchiveError, ArchiveRace, DeltaArchiver, DeltaEventSource
-from livetower.eventlog import SOURCE_KEY, EventBatch, SqliteEventLog
-from livetower.registry import Registry
+from trainer.sources.archive import ArchiveConfig, ArchiveError, ArchiveRace, DeltaArchiver, DeltaEventSource
+from contracts.eventlog import SOURCE_KEY, EventBatch, SqliteEventLog
+from contracts.registry import Registry
 from tests.conftest import SMALL_DATA, stream_events
 from trainer.config import TrainConfig
 from trainer.data.synthetic import generate
@@ -58,7 +58,7 @@ def test_restart_resumes_after_the_last_commit_without_duplicates(tmp_path, monk
     DeltaArchiver(log, table, ArchiveConfig(batch_events=400)).archive_once()
     log.append(events[1000:2000])
     # A crash inside the commit (after the source was read): nothing of that batch is in the table.
-    import livetower.archive as archive_mod
+    import trainer.sources.archive as archive_mod
 
     crashing = DeltaArchiver(log, table, ArchiveConfig(batch_events=400))
     assert crashing.positions == {SOURCE_KEY: 1001} and crashing.next_seq == 1000

@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from livetower.client import Client
-from livetower.registry import ITEMS_FILE, MANIFEST, Registry, manifest_from_json
-from livetower.rollout import CanaryPolicy
+from contracts.client import Client
+from contracts.registry import ITEMS_FILE, MANIFEST, Registry, manifest_from_json
+from contracts.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from server.engine import manager as manager_mod
 from server.engine.canary import CanaryStats, analyse, in_canary, ks_distance, quality_vouch, topk_overlap

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from livetower.client import Client
-from livetower.eventlog import SqliteEventLog
+from contracts.client import Client
+from contracts.eventlog import SqliteEventLog
 from tests.conftest import SMALL_DATA, stream_events, wait_for
 from trainer.data.synthetic import generate
 

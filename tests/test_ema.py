@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from livetower.eventlog import SqliteEventLog
+from contracts.eventlog import SqliteEventLog
 from tests.conftest import SMALL_DATA, make_trainer
 from trainer import ema
 from trainer.data.synthetic import generate

@@ -13,12 +13,12 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences, load_sasrec_txt
-from trainer.incremental import training_events
+from trainer.studies.incremental import training_events
 from trainer.model import ModelConfig, TwoTower
-from trainer.offline import run_eval
-from trainer.offline_train import OfflineTrainConfig
-from trainer.protocols import EvalSet, expected_metrics, leave_one_out, negatives_for, sample_negatives, time_split
-from trainer.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
+from trainer.studies.offline import run_eval
+from trainer.studies.offline_train import OfflineTrainConfig
+from trainer.studies.protocols import EvalSet, expected_metrics, leave_one_out, negatives_for, sample_negatives, time_split
+from trainer.studies.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
 
 
 def toy(n_users: int = 40, n_items: int = 30, seed: int = 0) -> SequenceData:
@@ -179,7 +179,7 @@ def test_learned_temperature_and_sasrec_style_options_train(loss):
 
 
 def test_incremental_rounds_score_on_the_same_sets():
-    from trainer.incremental import compare_incremental
+    from trainer.studies.incremental import compare_incremental
 
     data = toy(n_users=60)
     cfg = OfflineTrainConfig(train=TrainConfig.tiny_debug(precision="fp32", epochs_per_round=1, min_eval_users=1))
@@ -206,7 +206,7 @@ def _recorded_config(note_prefix: str) -> dict:
 def test_presets_are_the_recorded_configs():
     """docs/quality.md says the sidecar's defaults are the recorded run 59 and --preset legacy / tuned the
     pre-issue-9 runs 1 and 6: the presets' configs must equal what those jsonl lines recorded."""
-    from trainer.offline import PRESETS
+    from trainer.studies.offline import PRESETS
 
     def same(preset: str, note_prefix: str, ignore: tuple[str, ...] = ()) -> None:
         got, rec = PRESETS[preset]().to_dict(), _recorded_config(note_prefix)
@@ -223,7 +223,7 @@ def test_presets_are_the_recorded_configs():
 def test_ema_epochs_validates_and_returns_the_weight_average():
     """The model returned (and validated) with ema_epochs is the average kept in the optimizer state, not the raw
     weights: the same seed trains the same raw trajectory with or without it."""
-    from trainer.offline_train import train_offline
+    from trainer.studies.offline_train import train_offline
 
     seqs = toy(n_users=40).items
     cfg = lambda tc: OfflineTrainConfig(train=tc, epochs=2, patience=0)
@@ -237,7 +237,7 @@ def test_ema_epochs_validates_and_returns_the_weight_average():
 
 
 def test_lr_decays_after_each_validation_that_is_not_the_best():
-    from trainer.offline_train import train_offline
+    from trainer.studies.offline_train import train_offline
 
     msgs: list[str] = []
     scores = iter([0.5, 0.4, 0.6, 0.3])

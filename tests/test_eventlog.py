@@ -2,7 +2,7 @@ import sqlite3
 
 import pytest
 
-from livetower.eventlog import SqliteEventLog, StoredEvent
+from contracts.eventlog import SqliteEventLog, StoredEvent
 from proto import livetower_v1_pb2 as pb
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from livetower.events import DEFAULT_LIMITS, EventLimits, event_problem
+from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from proto import livetower_v1_pb2 as pb
 
 NOW = 1_767_225_600_000

@@ -8,12 +8,12 @@ import time
 import grpc
 import pytest
 
-from livetower.client import Client
-from livetower.kafka_events import (KafkaEventProducer, KafkaTarget, decode_event, ensure_topics, parse_events_url,
+from contracts.client import Client
+from contracts.kafka_events import (KafkaEventProducer, KafkaTarget, decode_event, ensure_topics, parse_events_url,
                                     produce_all, topic_size)
-from livetower.kafka_source import KafkaEventSource
-from livetower.registry import Registry
-from livetower.tansu import LocalBroker
+from trainer.sources.kafka import KafkaEventSource
+from contracts.registry import Registry
+from benchmarks.tansu import LocalBroker
 from proto import livetower_v1_pb2 as pb
 from tests.conftest import running_server, server_config, stream_events, wait_for
 from trainer.config import TrainConfig
@@ -201,7 +201,7 @@ def test_backpressure_answers_resource_exhausted(trained_dir, target):
 
 
 def test_unreachable_broker_is_a_clear_error(tmp_path):
-    from livetower.tansu import free_port
+    from benchmarks.tansu import free_port
 
     with pytest.raises(ConnectionError, match="cannot reach the Kafka broker"):
         KafkaEventSource(KafkaTarget(bootstrap=f"127.0.0.1:{free_port()}", topic="t"), call_timeout_s=30)

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from livetower.registry import (
+from contracts.registry import (
     MANIFEST, EngineCorrupt, Registry, RolloutState, manifest_from_json, manifest_to_json, sha256_file,
 )
-from livetower.rollout import HISTORY_KEPT, CanaryPolicy
+from contracts.rollout import HISTORY_KEPT, CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 
 FILES = {"items.npy": b"\x93NUMPY" + bytes(range(200)), "item_ids.json": b'["a", "b"]',
@@ -240,7 +240,7 @@ def test_publish_skips_stray_numbered_dir(tmp_path, monkeypatch):
 
 
 def test_verify_rehashes_only_files_written_since(tmp_path, monkeypatch):
-    import livetower.registry as registry_mod
+    import contracts.registry as registry_mod
 
     reg = Registry(tmp_path)
     v = publish(reg)

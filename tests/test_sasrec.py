@@ -9,9 +9,9 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.model import ModelConfig
-from trainer.offline import run_eval
-from trainer.offline_train import OfflineTrainConfig
-from trainer.sasrec import SASRec
+from trainer.studies.offline import run_eval
+from trainer.studies.offline_train import OfflineTrainConfig
+from trainer.studies.sasrec import SASRec
 from tests.test_eval_protocols import toy
 
 

@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from livetower.client import Client
-from livetower.registry import ITEMS_FILE, Registry
+from contracts.client import Client
+from contracts.registry import ITEMS_FILE, Registry
 from proto import livetower_v1_pb2 as pb
 from tests.conftest import ADMIN_TOKEN, make_trainer, running_server, server_config, stream_events, wait_for
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livetower.eventlog import SOURCE_KEY, SqliteEventLog
-from livetower.registry import Registry
+from contracts.eventlog import SOURCE_KEY, SqliteEventLog
+from contracts.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from tests.conftest import SMALL_DATA, make_trainer, stream_events
 from trainer.data.synthetic import generate
@@ -64,7 +64,7 @@ def test_crash_before_checkpoint_trains_the_events_again(data_dir, monkeypatch):
 
 def test_crash_mid_publish_leaves_no_visible_engine(data_dir, monkeypatch):
     t = make_trainer(data_dir)
-    import livetower.registry as registry_mod
+    import contracts.registry as registry_mod
 
     def crash(src, dst):
         raise KeyboardInterrupt("killed just before the rename")
@@ -136,7 +136,7 @@ def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(
 def test_gate_baseline_is_the_servers_stable_version_not_the_last_published(data_dir):
     """After the server rolls canaries back, the gate must keep comparing with what users see (rollout.json's
     stable), and say which version it compared with, so the canary analysis can trust it."""
-    from livetower.rollout import RolloutState
+    from contracts.rollout import RolloutState
 
     t = make_trainer(data_dir)
     assert t.run_round().published_version == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetower.atomic import write_atomic
+from contracts.atomic import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -6,14 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from livetower.registry import USER_TOWER_FILE
+from contracts.registry import BACKENDS
 from trainer.export.ann import AnnOptions
 from trainer.model import ModelConfig
 
 # Training precision: "bf16" autocast (default), "fp16" autocast + GradScaler, "fp32". No fp8: it is only worth it
 # where measured faster on Hopper for our shapes, and no such measurement exists yet (issue 6, GPU numbers blocked).
 PRECISIONS = ("bf16", "fp16", "fp32")
-BACKENDS = tuple(USER_TOWER_FILE)  # "aoti", "onnx", "torch"
 ELASTIC_DEVICES = ("auto", "cpu", "cuda")  # "auto": cuda when a GPU is visible, else cpu
 START_METHODS = ("spawn", "fork", "forkserver")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetower.eventlog import SOURCE_KEY, EventSource
-from livetower.registry import Registry
+from contracts.eventlog import SOURCE_KEY, EventSource
+from contracts.registry import Registry
 from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from livetower.rollout import CanaryPolicy
+from contracts.rollout import CanaryPolicy
 from server.engine.engine import Engine, RecommendQuery
 
 LIVE_KEPT = 5_000        # newest live latencies kept per arm (P99 over these; bounded analysis cost)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from kernels.retrieval import topk_cosine_reference
-from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
-from server.engine.backends import UserTowerRunner, load_runner
+from contracts.engine_format.backends import UserTowerRunner, load_runner
+from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
 PAD_ROW = 0
@@ -135,16 +136,10 @@ class Engine:
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
-        g = self.manifest.golden
-        rows_BT = np.asarray(g.history_rows, dtype=np.int64).reshape(g.batch, g.seq_len)
-        want_BD = np.asarray(g.user_embeddings, dtype=np.float32).reshape(g.batch, g.dim)
-        got_BD = self.runner(rows_BT)
-        if got_BD.shape != want_BD.shape:
-            raise EngineRejected(f"engine {self.version}: golden output shape {got_BD.shape} != {want_BD.shape}")
-        diff = float(np.max(np.abs(got_BD - want_BD)))
-        if not np.isfinite(diff):
-            raise EngineRejected(f"engine {self.version}: golden outputs are not finite")
-        return diff
+        try:
+            return parity_max_abs_diff(self.runner, *golden_set(self.manifest))
+        except ParityError as e:
+            raise EngineRejected(f"engine {self.version}: {e}") from None
 
     def warm_up(self, calls: int) -> float:
         """Run representative requests so lazy init and allocator growth happen off the request path."""

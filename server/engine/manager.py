@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from livetower.registry import EngineCorrupt, Registry
-from livetower.rollout import CanaryPolicy, RolloutState
+from contracts.registry import EngineCorrupt, Registry
+from contracts.rollout import CanaryPolicy, RolloutState
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 

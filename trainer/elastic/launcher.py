@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from livetower.atomic import write_atomic
+from contracts.atomic import write_atomic
 from trainer.config import TrainConfig
 from trainer.elastic.metrics import ElasticMetrics
 from trainer.elastic.policy import resolve_device

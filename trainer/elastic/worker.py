@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from livetower.atomic import write_atomic
+from contracts.atomic import write_atomic
 from trainer import ema
 from trainer.config import TrainConfig
 from trainer.model import ModelConfig, TwoTower

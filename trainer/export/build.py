@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from livetower.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE, Registry)
 from proto import livetower_v1_pb2 as pb
-from server.engine.aoti_graphs import GRAPHS
-from server.engine.backends import LIFTED_CONSTANT_PREFIX, load_runner
+from contracts.engine_format.aoti_graphs import GRAPHS
+from contracts.engine_format.backends import LIFTED_CONSTANT_PREFIX, load_runner
+from contracts.engine_format.verify import ParityError, parity_max_abs_diff
 from trainer.export.ann import AnnOptions, build_hnsw
 from trainer.export.compile import CompileOptions, compile_user_tower
 from trainer.model import TwoTower
@@ -98,6 +99,14 @@ def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
     return True
 
 
+def _parity(runner, golden_BT: torch.Tensor, want_BD: np.ndarray) -> float:
+    """The engine format's parity check; inf when the outputs cannot be compared (over any tolerance)."""
+    try:
+        return parity_max_abs_diff(runner, golden_BT.numpy(), want_BD)
+    except ParityError:
+        return float("inf")
+
+
 def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: torch.Tensor, want_BD: np.ndarray,
                tolerance: float, graph_version: int, progress: Callable[[str], None]) -> float | None:
     """Write the refit weights and check them on the compiled graph; the parity diff, or None when
@@ -105,7 +114,7 @@ def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: tor
     if not _write_refit_weights(tower, graph_file, weights):
         progress("refit impossible (graph constants differ from the model's tensors): compiling")
         return None
-    diff = float(np.max(np.abs(load_runner("aoti", graph_file, weights=weights)(golden_BT.numpy()) - want_BD)))
+    diff = _parity(load_runner("aoti", graph_file, weights=weights), golden_BT, want_BD)
     if not diff <= tolerance:
         weights.unlink()
         progress(f"refit of engine {graph_version}'s graph differs from the torch reference by {diff:.3g} "
@@ -145,8 +154,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         if diff is None:
             progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
             compile_user_tower(tower, golden_BT, staging, options, progress=progress)
-            got_BD = load_runner(options.backend, staging / USER_TOWER_FILE[options.backend])(golden_BT.numpy())
-            diff = float(np.max(np.abs(got_BD - want_BD)))
+            diff = _parity(load_runner(options.backend, staging / USER_TOWER_FILE[options.backend]), golden_BT, want_BD)
             if not diff <= parity_tolerance:
                 raise BuildFailed(f"{options.backend} engine differs from the torch reference by {diff:.3g} "
                                   f"(tolerance {parity_tolerance:g}); not publishing")

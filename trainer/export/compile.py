@@ -10,7 +10,7 @@ backend into ``out_dir``:
 * ``onnx``  -> ``user_tower.onnx``    single-file ONNX model (weights inline)
 * ``torch`` -> ``user_tower.ep.pt2``  ``torch.export.save`` of the ExportedProgram
 
-The serve side (``server/engine/backends.py``) loads these files without the
+The serve side (``contracts/engine_format/backends.py``) loads these files without the
 model's source code. Nothing here imports grpc or anything from ``server``.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from livetower.registry import META_HISTORY_LEN, META_MAX_BATCH, USER_TOWER_FILE
+from contracts.registry import BACKENDS, META_HISTORY_LEN, META_MAX_BATCH, USER_TOWER_FILE
 
 __all__ = [
     "AOTI_FILENAME",
@@ -37,8 +37,6 @@ __all__ = [
     "TORCH_FILENAME",
     "compile_user_tower",
 ]
-
-BACKENDS = ("aoti", "onnx", "torch")
 
 # Output file name for each backend: the engine layout contract shared with the serve side.
 FILENAMES = USER_TOWER_FILE

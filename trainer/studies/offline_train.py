@@ -30,7 +30,7 @@ from trainer.training import autocast, make_optimizer
 from trainer.vocab import table_rows_for
 
 LOSSES = ("sampled_softmax", "full_softmax", "bce")
-ARCHS = ("deepseek", "sasrec")  # the served DeepSeek tower (trainer/model.py) | plain SASRec (trainer/sasrec.py)
+ARCHS = ("deepseek", "sasrec")  # the served DeepSeek tower (trainer/model.py) | plain SASRec (trainer/studies/sasrec.py)
 MIN_TEMPERATURE = 0.01  # a learned temperature is clamped here (as CLIP's logit scale <= 100)
 
 
@@ -126,7 +126,7 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     item_prob_R = torch.from_numpy(counts_R / max(counts_R.sum(), 1)).float()
     torch.manual_seed(tc.seed)
     if cfg.arch == "sasrec":
-        from trainer.sasrec import SASRec
+        from trainer.studies.sasrec import SASRec
 
         model = SASRec(tc.model, table_rows_for(n_items))
     else:

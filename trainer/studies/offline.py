@@ -1,4 +1,4 @@
-"""Offline evaluation on a named protocol (see trainer/protocols.py): split, train with early
+"""Offline evaluation on a named protocol (see trainer/studies/protocols.py): split, train with early
 stopping on validation, then report validation and test metrics for the model and for popularity.
 
 `sasrec` and `full` share the leave-one-out split, so one training can report both; `time` has
@@ -16,9 +16,9 @@ import numpy as np
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData
 from trainer.model import LEGACY_VALUES, ModelConfig
-from trainer.offline_train import OfflineTrainConfig, train_offline
-from trainer.protocols import PROTOCOLS, EvalSet, make_split, negatives_for
-from trainer.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
+from trainer.studies.offline_train import OfflineTrainConfig, train_offline
+from trainer.studies.protocols import PROTOCOLS, EvalSet, make_split, negatives_for
+from trainer.studies.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
 
 VAL_NEG_SEED, TEST_NEG_SEED, VAL_SUBSAMPLE_SEED = 1, 2, 3
 

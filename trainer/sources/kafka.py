@@ -21,8 +21,8 @@ import threading
 from collections import OrderedDict
 from typing import Mapping
 
-from livetower.eventlog import EventBatch, StoredEvent
-from livetower.kafka_events import KafkaTarget, decode_event, ensure_topics, now_ms
+from contracts.eventlog import EventBatch, StoredEvent
+from contracts.kafka_events import KafkaTarget, decode_event, ensure_topics, now_ms
 
 log = logging.getLogger("livetower.kafka")
 

@@ -16,13 +16,13 @@ from typing import Callable
 
 import numpy as np
 
-from livetower.eventlog import SqliteEventLog
-from livetower.registry import Registry
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData
 from trainer.loop import Trainer
-from trainer.protocols import Split
+from trainer.studies.protocols import Split
 
 
 class _NoPublishTrainer(Trainer):
@@ -91,10 +91,10 @@ def compare_incremental(data: SequenceData, protocols: list[str], cfg, *, chunk_
     if getattr(cfg, "arch", "deepseek") != "deepseek":
         raise ValueError(f"incremental training runs the sidecar's DeepSeek tower; OfflineTrainConfig.arch is "
                          f"{cfg.arch!r} (drop --incremental or --arch)")
-    from trainer.offline import TEST_NEG_SEED, VAL_NEG_SEED, _flat
-    from trainer.protocols import make_split, negatives_for
+    from trainer.studies.offline import TEST_NEG_SEED, VAL_NEG_SEED, _flat
+    from trainer.studies.protocols import make_split, negatives_for
     from trainer import ema
-    from trainer.ranking import evaluate_model_on
+    from trainer.studies.ranking import evaluate_model_on
 
     split = make_split(data, protocols[0])
     trainer, rows_of_item, log = train_incremental(data, split, cfg.train, chunk_events=chunk_events,

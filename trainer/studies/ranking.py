@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from trainer.model import TwoTower
-from trainer.protocols import EvalSet, expected_metrics
+from trainer.studies.protocols import EvalSet, expected_metrics
 
 
 def _batches_by_length(histories: list[np.ndarray], T: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

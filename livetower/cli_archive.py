@@ -1,5 +1,5 @@
-"""CLI wiring for the event archive and the replay study: `livetower archive`, `livetower replay`, and the
-source behind `livetower train --backfill PATH`. livetower/cli.py adds these parsers to its own."""
+"""CLI wiring for the event archive: `livetower archive`, and the source behind `livetower train --backfill PATH`.
+livetower/cli.py adds this parser to its own."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def add_archive_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_archive(args) -> int:
-    from livetower.archive import ArchiveConfig, ArchiveError, DeltaArchiver
-    from livetower.eventlog import SqliteEventLog
+    from trainer.sources.archive import ArchiveConfig, ArchiveError, DeltaArchiver
+    from contracts.eventlog import SqliteEventLog
 
     db = Path(args.data_dir) / "events.sqlite"
     if not db.is_file():
@@ -73,7 +73,7 @@ def backfill_source(path: str | Path, *, handoff: bool = True):
     (default), the trainer's positions also move to the archived source's positions of each finished batch, so a
     later plain `livetower train` on the same data dir continues after the archived events instead of training
     them twice. Raises ArchiveError (with what to do) when PATH is not an archive."""
-    from livetower.archive import DeltaEventSource
+    from trainer.sources.archive import DeltaEventSource
 
     return DeltaEventSource(path, handoff=handoff)
 
@@ -91,42 +91,3 @@ def run_backfill(trainer) -> int:
     print(json.dumps({"rounds": rounds, "events": events, "published_versions": published,
                       "positions": trainer.state.offsets}, indent=1))
     return 0
-
-
-def add_replay_parser(sub) -> argparse.ArgumentParser:
-    """`livetower replay ...`: the replay study (benchmarks/replay.py)."""
-    p = sub.add_parser("replay", help="replay ml-100k through the event log in time order with the trainer "
-                                      "publishing continuously: next-event Recall@10 of continuous vs frozen "
-                                      "engines vs popularity (JSON + PNG)")
-    add_replay_flags(p)
-    p.set_defaults(func=cmd_replay)
-    return p
-
-
-def cmd_replay(args) -> int:
-    from benchmarks.replay import run_from_args
-
-    return run_from_args(args)
-
-
-def add_replay_flags(p: argparse.ArgumentParser) -> None:
-    """The replay study's flags (here, not in benchmarks/replay.py, so parsing the CLI never imports torch)."""
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"),
-                   help="ml-100k directory (default ../shared/data/ml-100k)")
-    p.add_argument("--dataset", choices=("ml100k", "synthetic"), default="ml100k",
-                   help="synthetic: a small generated stream (tests)")
-    p.add_argument("--out", type=Path, default=Path("bench-results/replay"),
-                   help="results.json + results.png (work files in OUT/work, replaced each run)")
-    p.add_argument("--speedup", type=float, help="stream seconds per wall second (default 6e4: ~5 min; quick 4e5)")
-    p.add_argument("--max-events", type=int, help="replay only the first N events (default all; quick 20000)")
-    p.add_argument("--warmup-events", type=int,
-                   help="events in the log before the clock starts; engine 1 (the frozen one) is trained on them "
-                        "(default 10000; quick 5000; 0 = start cold: engine 1 is whatever the first round saw)")
-    p.add_argument("--eval-every", type=int, help="events per reported window (default 5000; quick 2000)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--round-min-events", type=int, help="trainer: round at this backlog (default 1000; quick 500)")
-    p.add_argument("--round-interval-s", type=float, default=10.0, help="trainer: or this long after the last round")
-    p.add_argument("--epochs", type=int, default=2, help="trainer: passes over each round's events")
-    p.add_argument("--gate-min-ratio", type=float, default=1.0,
-                   help="trainer: publish when model R@10 >= ratio x popularity on the round's holdout (0 = always)")
-    p.add_argument("--quick", action="store_true", help="20k events, tiny model, faster stream (about a minute)")

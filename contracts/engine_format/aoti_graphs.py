@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.aoti_abi import AotiContainer, AotiLibrary
+from contracts.engine_format.aoti_abi import AotiContainer, AotiLibrary
 
 METADATA_SUFFIX = "_metadata.json"  # beside `<name>.so` in the package: `<name>_metadata.json`
 

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from livetower.kafka_events import KafkaTarget, decode_event, now_ms
+from contracts.kafka_events import KafkaTarget, decode_event, now_ms
 
 log = logging.getLogger("livetower.server")
 

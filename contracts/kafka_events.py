@@ -3,10 +3,10 @@
 Selected with `--events kafka://HOST:PORT/TOPIC[?partitions=N]`. Records: key = user_id (so one
 user's events stay in one partition, in order), value = a serialized `livetower.v1.Event`.
 Malformed records go to `<TOPIC>.dead-letter` with the reason in a `reason` header. Positions are
-keyed "kafka:<topic>:<partition>" (see livetower/eventlog.py).
+keyed "kafka:<topic>:<partition>" (see contracts/eventlog.py).
 
-The trainer's side (a consumer-group EventSource) is in livetower/kafka_source.py; the server's
-history feed is in server/kafka_feed.py.
+The trainer's side (a consumer-group EventSource) is in trainer/sources/kafka.py; the server's
+history feed is in server/events/kafka_feed.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
-from livetower.events import event_problem
+from contracts.events import event_problem
 from proto import livetower_v1_pb2 as pb
 
 log = logging.getLogger("livetower.kafka")

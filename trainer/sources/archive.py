@@ -38,7 +38,7 @@ from typing import Mapping
 
 import numpy as np
 
-from livetower.eventlog import EventBatch, EventSource, StoredEvent
+from contracts.eventlog import EventBatch, EventSource, StoredEvent
 
 log = logging.getLogger("livetower.archive")
 

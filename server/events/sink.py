@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, Sequence
 
-from livetower.eventlog import SqliteEventLog
-from livetower.kafka_events import Backpressure, KafkaEventProducer
+from contracts.eventlog import SqliteEventLog
+from contracts.kafka_events import Backpressure, KafkaEventProducer
 from proto import livetower_v1_pb2 as pb
 
 __all__ = ["Backpressure", "EventSink", "KafkaEventProducer", "SqliteSink"]

@@ -78,7 +78,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args):
-    from trainer.offline import PRESETS
+    from trainer.studies.offline import PRESETS
 
     cfg = PRESETS[args.preset]()
     model_changes = {k: v for k, v in dict(
@@ -108,7 +108,7 @@ def run_eval_command(args) -> int:
     import torch
 
     from trainer.data.sequences import load_dataset
-    from trainer.offline import format_table, run_eval
+    from trainer.studies.offline import format_table, run_eval
 
     torch.set_num_threads(args.threads)
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
@@ -122,7 +122,7 @@ def run_eval_command(args) -> int:
     result = run_eval(data, protocols, cfg, n_negatives=args.eval_negatives, neg_exclude=args.neg_exclude,
                       progress=progress)
     if args.incremental:
-        from trainer.incremental import compare_incremental
+        from trainer.studies.incremental import compare_incremental
 
         result["incremental"] = compare_incremental(data, protocols, cfg, chunk_events=args.incremental,
                                                     n_negatives=args.eval_negatives, neg_exclude=args.neg_exclude,

@@ -59,8 +59,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from livetower.registry import META_HISTORY_LEN, META_MAX_BATCH
-from server.engine.aoti_graphs import GRAPHS
+from contracts.registry import BACKENDS, META_HISTORY_LEN, META_MAX_BATCH
+from contracts.engine_format.aoti_graphs import GRAPHS
 
 __all__ = [
     "BACKENDS",
@@ -70,11 +70,7 @@ __all__ = [
     "load_runner",
 ]
 
-BACKENDS = ("aoti", "onnx", "torch")
 LIFTED_CONSTANT_PREFIX = "_tensor_constant"  # torch.export's name for literal tensors created in forward()
-
-# Keys of the metadata the build side embeds (must match
-# trainer/export/compile.py, which we may not import here).
 
 
 class EngineLoadError(RuntimeError):

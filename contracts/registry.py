@@ -19,8 +19,8 @@ from typing import Iterator
 
 from google.protobuf import json_format
 
-from livetower.atomic import fsync_dir, fsync_tree, write_atomic
-from livetower.rollout import RolloutState
+from contracts.atomic import fsync_dir, fsync_tree, write_atomic
+from contracts.rollout import RolloutState
 from proto import livetower_v1_pb2 as pb
 
 MANIFEST = "manifest.json"
@@ -164,6 +164,7 @@ class Registry:
 
 # Engine directory layout (written by trainer/export, read by server/engine).
 USER_TOWER_FILE = {"aoti": "user_tower.pt2", "onnx": "user_tower.onnx", "torch": "user_tower.ep.pt2"}
+BACKENDS = tuple(USER_TOWER_FILE)  # "aoti", "onnx", "torch": the one list of engine backends
 ITEMS_FILE = "items.npy"            # (N, out_dim) float32, L2-normalised; row i <-> vocab row i + 1
 ITEM_IDS_FILE = "item_ids.json"     # N item ids, row order
 POPULARITY_FILE = "popularity.json"  # {"item_ids": [...], "scores": [...]}, most popular first
