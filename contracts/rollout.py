@@ -9,6 +9,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+from proto import livetower_v1_pb2 as pb
+
 MODES = ("auto", "manual")
 HISTORY_KEPT = 500  # newest rollout events kept in rollout.json
 
@@ -57,6 +59,14 @@ class CanaryPolicy:
         if unknown:
             raise ValueError(f"unknown policy field(s): {', '.join(sorted(unknown))}")
         return cls(**{k: v for k, v in values.items() if v not in (0, 0.0, "", None)})
+
+    @classmethod
+    def from_proto(cls, msg: pb.CanaryPolicy) -> "CanaryPolicy":
+        """The `livetower.v1.CanaryPolicy` message (proto3: an unset field is zero/empty and takes its default)."""
+        return cls.from_fields({f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
+
+    def to_proto(self) -> pb.CanaryPolicy:
+        return pb.CanaryPolicy(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

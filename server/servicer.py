@@ -9,7 +9,6 @@ import time
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
-from google.protobuf import json_format
 
 from contracts.events import event_problem
 from contracts.registry import Registry
@@ -204,7 +203,7 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
 
     async def SetPolicy(self, request: pb.SetPolicyRequest, context) -> pb.GetRolloutResponse:
         try:
-            policy = CanaryPolicy.from_fields(json_format.MessageToDict(request.policy, preserving_proto_field_name=True))
+            policy = CanaryPolicy.from_proto(request.policy)
         except (ValueError, TypeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {e}")
         return await self._operate(context, lambda: self.manager.set_policy(policy))
@@ -216,7 +215,7 @@ def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
         stable_version=manager.stable.version if manager.stable else 0,
         canary_version=manager.canary.version if manager.canary else 0, state=manager.state,
         refused_versions=sorted(st.refused), refused_reasons=st.refused, canary_fraction=manager.canary_fraction,
-        policy=pb.CanaryPolicy(**{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}),
+        policy=policy.to_proto(),
         analysis=pb.CanaryAnalysis(verdict=v.action, reason=v.reason, **v.figures) if v else None,
         history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
         rolled_back=st.rolled_back, pending_versions=manager.pending_versions(),
