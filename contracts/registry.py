@@ -173,5 +173,8 @@ POPULARITY_FILE = "popularity.json"  # {"item_ids": [...], "scores": [...]}, mos
 META_HISTORY_LEN = "livetower.history_len"
 META_MAX_BATCH = "livetower.max_batch"
 WEIGHTS_FILE = "weights.pt"         # refit engines: {constant fqn: tensor} for the graph version's compiled tower
-ANN_FILE = "items.hnsw"             # optional FAISS HNSW index over items.npy (large catalogues)
-ANN_META_FILE = "ann.json"          # {"ef_search": ..., "recall_at_k": ..., "k": ..., "M": ...}
+ANN_FILE = "items.index"            # optional FAISS index over items.npy chosen at build (contracts/engine_format/
+                                    # item_index.py); absent when exact search won
+LEGACY_ANN_FILE = "items.hnsw"      # the same, as engines built before the method choice named it (HNSW only)
+ANN_META_FILE = "ann.json"          # the retrieval choice: kind, search settings, recall, every candidate measured
+ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load

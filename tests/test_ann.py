@@ -1,38 +1,105 @@
-"""HNSW index: built and tuned at engine build for large catalogues, used by the engine for top-k."""
+"""Retrieval chosen by measurement at engine build (trainer/export/ann.py), searched and re-checked by the
+server (contracts/engine_format/item_index.py, server/engine/)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
+from contracts.engine_format.item_index import ItemIndex, SearchSettings
 from contracts.eventlog import SqliteEventLog
-from contracts.registry import ANN_FILE, ANN_META_FILE, Registry
-from server.engine.engine import Engine, RecommendQuery
+from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, Registry
+from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.manager import EngineManager, EngineManagerConfig, load_from_registry
 from tests.conftest import SMALL_DATA, make_trainer
 from trainer.data.synthetic import generate
-from trainer.export.ann import AnnOptions, exact_topk, recall_at_k
+from trainer.export.ann import AnnOptions, choose_retrieval, exact_topk, recall_at_k
+
+FAST = dict(time_per_measure_s=0.02, hnsw_builds=((16, 64),), batch_sizes=(1, 4))
+
+
+def _clustered(n_items: int, n_queries: int, dim: int = 16, clusters: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    items = centres[rng.integers(clusters, size=n_items)] + 0.3 * rng.normal(size=(n_items, dim))
+    queries = centres[rng.integers(clusters, size=n_queries)] + 0.3 * rng.normal(size=(n_queries, dim))
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return norm(items), norm(queries)
 
 
 def test_recall_at_k_counts_overlap():
     assert recall_at_k(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 9], [4, 5, 6]])) == 5 / 6
+    assert recall_at_k(np.array([[-1, 2]]), np.array([[1, 2]])) == 0.5
     items = np.eye(4, dtype=np.float32)
     assert exact_topk(np.array([[0, 0.5, 1, 0]], np.float32), items, 2).tolist() == [[2, 1]]
 
 
-def test_engine_with_ann_matches_exact(tmp_path):
-    log = SqliteEventLog(tmp_path / "events.sqlite")
+def test_every_method_is_measured_and_the_cheapest_qualifying_one_wins():
+    items, queries = _clustered(4000, 200)
+    choice = choose_retrieval(items, queries, AnnOptions(k=20, **FAST), progress=lambda s: None)
+    cands = {c["name"].split()[0]: c for c in choice.meta["candidates"]}
+    assert set(cands) == {"exact", "hnsw", "ivf", "sq8"}
+    qualified = [c for c in choice.meta["candidates"] if c["qualified"]]
+    assert all(c["recall_at_k"] >= 0.95 and set(c["us_per_query"]) == {"1", "4"} for c in qualified)
+    cheapest = min(qualified, key=lambda c: c["mean_us_per_query"])
+    assert choice.meta["kind"] == cheapest["name"].split()[0] and choice.meta["us_per_query"] == cheapest["us_per_query"]
+    assert (choice.index is None) == (choice.meta["kind"] == "exact")
+    assert choice.meta["tuning_queries"] + choice.meta["check_queries"] == 200 == 140 + len(choice.check_queries_QD)
+    assert choice.meta["recall_holdout"] >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8"])
+def test_a_forced_index_reaches_the_target_on_held_out_queries(kind):
+    items, queries = _clustered(3000, 200, seed=1)
+    choice = choose_retrieval(items, queries, AnnOptions(k=20, methods=(kind,), **FAST), progress=lambda s: None)
+    assert choice.meta["kind"] == kind and choice.index is not None
+    settings = SearchSettings.from_meta(choice.meta)
+    got = ItemIndex(choice.index, settings).search(choice.check_queries_QD, 20)[1]
+    assert recall_at_k(got, exact_topk(choice.check_queries_QD, items, 20)) == choice.meta["recall_holdout"] >= 0.9
+
+
+def test_a_child_engine_reuses_its_parents_method_and_says_so():
+    items, queries = _clustered(3000, 150, seed=2)
+    parent = choose_retrieval(items, queries, AnnOptions(k=20, methods=("ivf",), **FAST), progress=lambda s: None)
+    child = choose_retrieval(items, queries[::-1].copy(), AnnOptions(k=20, **FAST), previous=parent.meta,
+                             progress=lambda s: None)
+    assert child.meta["reused_parent_choice"] and child.meta["kind"] == "ivf"
+    assert [c["name"].split()[0] for c in child.meta["candidates"]] == ["ivf"]
+    assert child.meta["build"] == parent.meta["build"]
+
+
+def test_no_method_reaching_the_target_says_what_to_do():
+    items, queries = _clustered(2000, 100, seed=3, clusters=2)
+    with pytest.raises(ValueError, match="add 'exact' to AnnOptions.methods"):
+        choose_retrieval(items, queries, AnnOptions(k=50, methods=("ivf",), nprobe_candidates=(1,),
+                                                    target_recall=1.0, **FAST), progress=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def hnsw_engine_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ann")
+    log = SqliteEventLog(d / "events.sqlite")
     log.append(list(generate(SMALL_DATA)))
     log.close()
-    trainer = make_trainer(tmp_path, ann=AnnOptions(min_items=100, k=20, M=16))
+    trainer = make_trainer(d, ann=AnnOptions(min_items=100, k=20, methods=("hnsw",), **FAST))
     assert trainer.run_round().published_version == 1
-    reg = Registry(tmp_path / "registry")
+    return d, trainer
+
+
+def test_engine_with_an_index_matches_exact_search(hnsw_engine_dir):
+    d, trainer = hnsw_engine_dir
+    reg = Registry(d / "registry")
     manifest = reg.verify(1)
-    assert {f.path for f in manifest.files} >= {ANN_FILE, ANN_META_FILE}
+    assert {f.path for f in manifest.files} >= {ANN_FILE, ANN_META_FILE, ANN_CHECK_FILE}
     meta = json.loads((reg.engine_dir(1) / ANN_META_FILE).read_text())
+    assert json.loads(manifest.retrieval_json) == meta and meta["kind"] == "hnsw"
     assert meta["recall_at_k"] >= 0.95 and manifest.eval_metrics["ann_recall@20"] == meta["recall_at_k"]
     engine = Engine.load(reg.engine_dir(1), manifest)
     assert engine.ann is not None
+    recall, target = engine.index_recall()
+    assert recall == pytest.approx(meta["recall_holdout"]) and target == 0.95
     exact = Engine.load(reg.engine_dir(1), manifest)
     exact.ann = None
     overlaps = []
@@ -43,3 +110,24 @@ def test_engine_with_ann_matches_exact(tmp_path):
         assert got.scores == sorted(got.scores, reverse=True)
         overlaps.append(len(set(got.item_ids) & set(want.item_ids)) / 20)
     assert np.mean(overlaps) >= 0.95
+
+
+def test_server_refuses_an_engine_whose_index_misses_its_recall(hnsw_engine_dir):
+    d, _ = hnsw_engine_dir
+
+    def degraded(registry, version, config):  # the same files, an index that visits almost nothing
+        import faiss
+
+        engine = load_from_registry(registry, version, config)
+        items = engine.items_ND.numpy()
+        ivf = faiss.index_factory(items.shape[1], "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+        ivf.train(items)
+        ivf.add(items)
+        engine.ann = ItemIndex(ivf, SearchSettings(kind="ivf", nprobe=1))
+        return engine
+
+    ok = EngineManager(Registry(d / "registry"), EngineManagerConfig())
+    assert ok.load_verified(1).version == 1
+    bad = EngineManager(Registry(d / "registry"), EngineManagerConfig(), loader=degraded)
+    with pytest.raises(EngineRejected, match="index recall .* below the build's target 0.95"):
+        bad.load_verified(1)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from kernels.retrieval import topk_cosine_reference
-from contracts.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
+from contracts.engine_format.item_index import ItemIndex, check_recall, load_item_index
 from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
@@ -90,7 +91,7 @@ class _Rows(Mapping):
 class Engine:
     def __init__(self, manifest: pb.EngineManifest, runner: UserTowerRunner, vocab: Vocabulary, n_items: int,
                  items_ND: np.ndarray, popularity_ids: list[str], popularity_scores: list[float],
-                 ann=None, ann_ef_search: int = 0) -> None:
+                 ann: ItemIndex | None = None) -> None:
         """vocab: the shared vocabulary whose first n_items ids are this engine's items (row i+1 = items_ND[i])."""
         if items_ND.shape != (n_items, manifest.dim):
             raise EngineRejected(f"items matrix is {items_ND.shape}, expected ({n_items}, {manifest.dim})")
@@ -104,9 +105,8 @@ class Engine:
         self.items_ND = torch.from_numpy(items_ND)
         self.popularity_ids = popularity_ids
         self.popularity_scores = popularity_scores
-        self.ann = ann  # FAISS HNSW over items_ND for large catalogues (None: exact search)
-        self.ann_ef_search = ann_ef_search
-        self._hnsw_params: dict[int, object] = {}  # results wanted -> faiss.SearchParametersHNSW
+        self.ann = ann  # the index chosen at build for large catalogues (None: exact search)
+        self.engine_dir: Path | None = None  # set by load(): where the index's held-out check queries are
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
@@ -125,14 +125,10 @@ class Engine:
         vocab, n_items = VOCABULARIES.vocabulary_for((engine_dir / ITEM_IDS_FILE).read_bytes())
         items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
         pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
-        ann, ef = None, 0
-        if use_ann and (engine_dir / ANN_FILE).is_file():
-            import faiss  # only engines with an ANN index need it
-
-            faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads
-            ann = faiss.read_index(str(engine_dir / ANN_FILE))
-            ef = int(json.loads((engine_dir / ANN_META_FILE).read_text())["ef_search"])
-        return cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann, ef)
+        ann = load_item_index(engine_dir, num_threads=num_threads) if use_ann else None
+        engine = cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann)
+        engine.engine_dir = engine_dir
+        return engine
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
@@ -140,6 +136,12 @@ class Engine:
             return parity_max_abs_diff(self.runner, *golden_set(self.manifest))
         except ParityError as e:
             raise EngineRejected(f"engine {self.version}: {e}") from None
+
+    def index_recall(self) -> tuple[float, float] | None:
+        """(recall@k of the index on the build's held-out queries, the build's target); None without an index."""
+        if self.ann is None or self.engine_dir is None:
+            return None
+        return check_recall(self.ann, self.items_ND.numpy(), self.engine_dir)
 
     def warm_up(self, calls: int) -> float:
         """Run representative requests so lazy init and allocator growth happen off the request path."""
@@ -217,9 +219,9 @@ class Engine:
         return scores_BK.tolist(), idx_BK.tolist()
 
     def _ann_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
-        """HNSW search for k + (most items any query excludes), then drop the excluded ones."""
+        """Index search for k + (most items any query excludes), then drop the excluded ones."""
         kk = min(k + max(len(s) for s in seen_B), self.items_ND.shape[0])
-        dist_BK, idx_BK = self.ann.search(np.ascontiguousarray(u_BD), kk, params=self._search_params(kk))
+        dist_BK, idx_BK = self.ann.search(u_BD, kk)
         scores_out, idx_out = [], []
         for b, (dist_K, ids_K) in enumerate(zip(dist_BK.tolist(), idx_BK.tolist())):
             if not seen_B[b] and -1 not in ids_K:  # the common case: nothing to drop
@@ -231,15 +233,6 @@ class Engine:
             scores_out.append([d for d, _ in keep])
             idx_out.append([i for _, i in keep])
         return scores_out, idx_out
-
-    def _search_params(self, kk: int):
-        """HNSW search parameters for kk results (efSearch >= kk), made once per kk (read-only in a search)."""
-        params = self._hnsw_params.get(kk)
-        if params is None:
-            import faiss
-
-            params = self._hnsw_params[kk] = faiss.SearchParametersHNSW(efSearch=max(self.ann_ef_search, kk))
-        return params
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""

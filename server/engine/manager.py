@@ -42,7 +42,9 @@ class EngineManagerConfig:
     verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
     load_nice: int = 10             # an engine load (files, parity, warm-up) runs this much lower in CPU priority
     num_threads: int = 1            # intra-op threads of the user-tower runner
-    use_ann: bool = True            # use an engine's HNSW index when it has one (False: exact top-k)
+    use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
+    recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
+                                    # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # makes the automatic rollout decisions (one process per registry)
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
@@ -50,6 +52,8 @@ class EngineManagerConfig:
         for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.recall_tolerance < 1:
+            raise ValueError(f"recall_tolerance must be in [0, 1), got {self.recall_tolerance}")
         if self.warmup_calls < 0:
             raise ValueError(f"warmup_calls must be >= 0, got {self.warmup_calls}")
         if not 0 <= self.load_nice <= 19:
@@ -164,6 +168,10 @@ class EngineManager:
             if diff > self.config.parity_tolerance:
                 raise EngineRejected(f"engine {version}: golden parity max abs diff {diff:.3g} > "
                                      f"tolerance {self.config.parity_tolerance:g}")
+            recall = engine.index_recall()
+            if recall is not None and recall[0] < recall[1] - self.config.recall_tolerance:
+                raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
+                                     f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.warmup_calls)
         seconds = time.perf_counter() - t0
         log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,

@@ -1,76 +1,233 @@
-"""Approximate top-k for large catalogues: a FAISS HNSW index over the item matrix, tuned at build
-time so that recall@k against exact search, measured on real users' embeddings, meets a target."""
+"""Retrieval for large catalogues, chosen by measurement at engine build.
+
+Every candidate method (exact scan, HNSW with a few build settings, IVF-Flat, int8 scan + exact re-rank) is
+tuned on real users' query embeddings to its cheapest search setting that reaches the target recall@k
+against exact search, then timed at the serving batch sizes with the serving thread count; the cheapest
+qualifying method wins. Queries held out from tuning measure the winner's recall again (and are stored for
+the server's check at load). A child engine first tries its parent's choice (same method and build
+settings, search setting re-tuned) and measures everything again only when that misses the target.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
+from contracts.engine_format.item_index import KINDS, ItemIndex, SearchSettings, exact_topk, recall_at_k
+from kernels.retrieval import topk_cosine_reference
+
+__all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "recall_at_k"]
+
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class AnnOptions:
-    min_items: int = 50_000           # build an index only for catalogues at least this large (on 2 CPU
-                                      # cores an exact scan of 100k x 64 costs ~1-4 ms/query, HNSW ~0.13)
-    M: int = 32                       # HNSW graph degree
-    ef_construction: int = 128        # HNSW build-time beam width
-    k: int = 100                      # recall is measured at this k
-    target_recall: float = 0.95       # smallest efSearch reaching this recall@k is chosen
-    ef_search_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024)  # tried in order
-    threads: int = 2                  # FAISS threads while building
+    min_items: int = 50_000           # measure and choose for catalogues at least this large; smaller: exact scan
+    k: int = 100                      # recall is measured at this k (the serving k of the SLO)
+    target_recall: float = 0.95       # a method qualifies at its cheapest setting reaching this recall@k
+    methods: tuple[str, ...] = KINDS  # candidates: "exact", "hnsw", "ivf", "sq8" (contracts/engine_format/item_index.py)
+    hnsw_builds: tuple[tuple[int, int], ...] = ((16, 128), (32, 128), (32, 256))  # (M, efConstruction) built
+    ef_search_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024)  # HNSW search settings, cheapest first
+    ivf_lists_per_sqrt_n: float = 4.0  # IVF-Flat: nlist = this x sqrt(items)
+    nprobe_candidates: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)  # IVF search settings, cheapest first
+    k_factor_candidates: tuple[float, ...] = (1.5, 2.0, 4.0, 8.0)  # int8 scan: candidates re-ranked per result
+    batch_sizes: tuple[int, ...] = (1, 8)  # serving batch sizes timed; a method's cost is the mean per query
+    time_per_measure_s: float = 0.25  # wall time of one (method, batch size) timing
+    threads: int = 2                  # FAISS threads while building and tuning
+    serving_threads: int = 1          # threads while timing: as the server searches (EngineManagerConfig.num_threads)
+    check_fraction: float = 0.3       # share of the queries held out from tuning (recall re-measured, stored)
 
     def __post_init__(self) -> None:
-        if self.min_items < 1 or self.M < 4 or self.ef_construction < 1 or self.k < 1:
-            raise ValueError("AnnOptions: min_items, ef_construction and k must be >= 1 and M >= 4")
+        if self.min_items < 1 or self.k < 1:
+            raise ValueError("AnnOptions.min_items and AnnOptions.k must be >= 1")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"AnnOptions.target_recall must be in (0, 1], got {self.target_recall}")
-        if not self.ef_search_candidates:
-            raise ValueError("AnnOptions.ef_search_candidates must not be empty")
+        if not self.methods or not set(self.methods) <= set(KINDS):
+            raise ValueError(f"AnnOptions.methods must be a non-empty subset of {KINDS}, got {self.methods}")
+        if any(m < 4 or efc < 1 for m, efc in self.hnsw_builds):
+            raise ValueError(f"AnnOptions.hnsw_builds: M must be >= 4 and efConstruction >= 1, got {self.hnsw_builds}")
+        for name in ("ef_search_candidates", "nprobe_candidates", "k_factor_candidates", "batch_sizes"):
+            if not getattr(self, name):
+                raise ValueError(f"AnnOptions.{name} must not be empty")
+        if not 0 < self.check_fraction < 1:
+            raise ValueError(f"AnnOptions.check_fraction must be in (0, 1), got {self.check_fraction}")
 
 
-def exact_topk(queries_QD: np.ndarray, items_ND: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
-    items = torch.from_numpy(items_ND)
-    out = []
-    for s in range(0, len(queries_QD), chunk):
-        out.append(torch.topk(torch.from_numpy(queries_QD[s:s + chunk]) @ items.T, k, dim=1).indices.numpy())
-    return np.concatenate(out)
+@dataclass(slots=True)
+class RetrievalChoice:
+    index: object | None      # the FAISS index to save (None: exact search)
+    meta: dict                # ann.json: the choice, its settings and recall, every candidate measured
+    check_queries_QD: np.ndarray  # held-out query embeddings, stored for the check at load
 
 
-def recall_at_k(found_QK: np.ndarray, exact_QK: np.ndarray) -> float:
-    hits = [len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found_QK, exact_QK)]
-    return float(np.sum(hits) / exact_QK.size)
+@dataclass(slots=True)
+class _Candidate:
+    name: str
+    index: object | None
+    build: dict               # build settings (M, efConstruction, nlist)
+    build_s: float
+    settings: SearchSettings | None = None  # cheapest qualifying search setting (None: none qualified)
+    recall: float = 0.0       # recall@k on the tuning queries at that setting (best seen when none qualified)
+    cost_us: dict = field(default_factory=dict)  # batch size -> microseconds per query
+
+    def summary(self) -> dict:
+        return {"name": self.name, "build": self.build, "build_seconds": round(self.build_s, 2),
+                "settings": self.settings.to_meta() if self.settings else None, "recall_at_k": self.recall,
+                "qualified": self.settings is not None, "us_per_query": self.cost_us,
+                "mean_us_per_query": _mean_cost(self.cost_us)}
 
 
-def build_hnsw(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOptions,
-               progress: Callable[[str], None] = print):
-    """-> (faiss index, meta). Inner product on L2-normalised vectors = cosine."""
+def _mean_cost(cost_us: dict) -> float | None:
+    return float(np.mean(list(cost_us.values()))) if cost_us else None
+
+
+def _build(kind: str, build: dict, items_ND: np.ndarray):
+    import faiss
+
+    D = items_ND.shape[1]
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(D, build["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = build["ef_construction"]
+    elif kind == "ivf":
+        index = faiss.index_factory(D, f"IVF{build['nlist']},Flat", faiss.METRIC_INNER_PRODUCT)
+    else:  # sq8
+        index = faiss.index_factory(D, "SQ8,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(items_ND)
+    index.add(items_ND)
+    return index
+
+
+def _settings(kind: str, value) -> SearchSettings:
+    key = {"hnsw": "ef_search", "ivf": "nprobe", "sq8": "k_factor"}[kind]
+    return SearchSettings(kind=kind, **{key: value})
+
+
+def _tune(cand: _Candidate, kind: str, values, queries_QD, exact_QK, opts: AnnOptions, progress) -> None:
+    """Cheapest search setting reaching the target recall (settings are tried cheapest first)."""
+    k = exact_QK.shape[1]
+    for value in values:
+        s = _settings(kind, max(value, k) if kind == "hnsw" else value)
+        recall = recall_at_k(ItemIndex(cand.index, s).search(queries_QD, k)[1], exact_QK)
+        progress(f"retrieval {cand.name} {s.to_meta()}: recall@{k} {recall:.4f}")
+        cand.recall = max(cand.recall, recall)
+        if recall >= opts.target_recall:
+            cand.settings, cand.recall = s, recall
+            return
+
+
+def _time_per_query_us(search: Callable[[np.ndarray], object], queries_QD: np.ndarray, batch: int,
+                       seconds: float) -> float:
+    """Microseconds per query over repeated searches of `batch` queries, cycling through the queries."""
+    search(queries_QD[:batch])  # warm-up (lazy allocations)
+    done, start, t0 = 0, 0, time.perf_counter()
+    while True:
+        q = queries_QD[start:start + batch]
+        if len(q) < batch:
+            start, q = 0, queries_QD[:batch]
+        search(q)
+        done += len(q)
+        start += batch
+        if time.perf_counter() - t0 >= seconds:
+            return (time.perf_counter() - t0) / done * 1e6
+
+
+def _time(cand: _Candidate, items_t: torch.Tensor, queries_QD: np.ndarray, k: int, opts: AnnOptions) -> None:
+    import faiss
+
+    if cand.settings is None:
+        return
+    if cand.settings.kind == "exact":  # the server's exact path: torch matmul + top-k
+        def search(q):
+            return topk_cosine_reference(torch.from_numpy(q), items_t, k, items_normalized=True)
+    else:
+        ix = ItemIndex(cand.index, cand.settings)
+
+        def search(q):
+            return ix.search(q, k)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(opts.serving_threads)
+    faiss.omp_set_num_threads(opts.serving_threads)
+    try:
+        cand.cost_us = {str(b): round(_time_per_query_us(search, queries_QD, b, opts.time_per_measure_s), 2)
+                        for b in opts.batch_sizes}
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(opts.threads)
+
+
+def _candidate(kind: str, build: dict, items_ND, tune_QD, exact_QK, opts: AnnOptions, progress) -> _Candidate:
+    if kind == "exact":
+        return _Candidate("exact", None, {}, 0.0, SearchSettings(kind="exact"), 1.0)
+    t0 = time.perf_counter()
+    index = _build(kind, build, items_ND)
+    name = kind + "".join(f" {k}={v}" for k, v in build.items())
+    cand = _Candidate(name, index, build, time.perf_counter() - t0)
+    progress(f"retrieval {name}: built in {cand.build_s:.1f}s")
+    values = {"hnsw": opts.ef_search_candidates, "ivf": opts.nprobe_candidates,
+              "sq8": opts.k_factor_candidates}[kind]
+    if kind == "ivf":
+        values = [v for v in values if v <= build["nlist"]] or [build["nlist"]]
+    _tune(cand, kind, values, tune_QD, exact_QK, opts, progress)
+    return cand
+
+
+def _builds(kind: str, n_items: int, opts: AnnOptions) -> list[dict]:
+    if kind == "hnsw":
+        return [{"M": m, "ef_construction": efc} for m, efc in opts.hnsw_builds]
+    if kind == "ivf":  # FAISS wants >= 39 training points per list
+        return [{"nlist": max(1, min(int(opts.ivf_lists_per_sqrt_n * math.sqrt(n_items)), n_items // 39))}]
+    return [{}]
+
+
+def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOptions, *,
+                     previous: dict | None = None, progress: Callable[[str], None] = print) -> RetrievalChoice:
+    """Measure the candidates on these queries (L2-normalised user embeddings) and pick the cheapest one that
+    reaches opts.target_recall. previous: the parent engine's ann.json; its method is tried alone first."""
     import faiss
 
     faiss.omp_set_num_threads(opts.threads)
     t0 = time.perf_counter()
-    index = faiss.IndexHNSWFlat(items_ND.shape[1], opts.M, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = opts.ef_construction
-    step = 100_000
-    for s in range(0, len(items_ND), step):
-        index.add(np.ascontiguousarray(items_ND[s:s + step]))
-        progress(f"HNSW{opts.M}: {min(s + step, len(items_ND))}/{len(items_ND)} items indexed")
-    build_s = time.perf_counter() - t0
+    items_ND = np.ascontiguousarray(items_ND, dtype=np.float32)
+    queries_QD = np.ascontiguousarray(queries_QD, dtype=np.float32)
+    n_check = max(1, int(len(queries_QD) * opts.check_fraction))
+    tune_QD, check_QD = queries_QD[:-n_check], queries_QD[-n_check:]
     k = min(opts.k, len(items_ND))
-    exact = exact_topk(queries_QD, items_ND, k)
-    tried = {}
-    for ef in opts.ef_search_candidates:
-        index.hnsw.efSearch = max(ef, k)
-        _, found = index.search(np.ascontiguousarray(queries_QD), k)
-        tried[ef] = recall_at_k(found, exact)
-        progress(f"efSearch {ef}: recall@{k} {tried[ef]:.4f} on {len(queries_QD)} real user queries")
-        if tried[ef] >= opts.target_recall:
-            break
-    ef = next((e for e, r in tried.items() if r >= opts.target_recall), max(tried, key=tried.get))
-    index.hnsw.efSearch = max(ef, k)
-    meta = {"M": opts.M, "ef_construction": opts.ef_construction, "ef_search": max(ef, k), "k": k,
-            "recall_at_k": tried[ef], "recall_by_ef_search": {str(e): r for e, r in tried.items()},
-            "queries": len(queries_QD), "build_seconds": build_s}
-    return index, meta
+    exact_QK = exact_topk(tune_QD, items_ND, k)
+    items_t = torch.from_numpy(items_ND)
+
+    def measure(plan: list[tuple[str, dict]]) -> list[_Candidate]:
+        cands = [_candidate(kind, build, items_ND, tune_QD, exact_QK, opts, progress) for kind, build in plan]
+        for c in cands:
+            _time(c, items_t, tune_QD, k, opts)
+            progress(f"retrieval {c.name}: recall@{k} {c.recall:.4f}, us/query {c.cost_us or 'n/a (below target)'}")
+        return cands
+
+    reused = False
+    cands: list[_Candidate] = []
+    if previous and previous.get("kind") in opts.methods:
+        cands = measure([(previous["kind"], previous.get("build", {}))])
+        reused = cands[0].settings is not None
+        if not reused:
+            progress(f"retrieval: the parent's {previous['kind']} misses recall {opts.target_recall}: measuring all")
+    if not reused:
+        cands = measure([(kind, b) for kind in opts.methods for b in _builds(kind, len(items_ND), opts)])
+    qualified = [c for c in cands if c.settings is not None]
+    if not qualified:  # no index reached the target and exact was not a candidate: the best recall it is
+        best = max(cands, key=lambda c: c.recall)
+        raise ValueError(f"no retrieval method reached recall@{k} {opts.target_recall} (best: {best.name} "
+                         f"{best.recall:.3f}); add 'exact' to AnnOptions.methods or lower target_recall")
+    win = min(qualified, key=lambda c: _mean_cost(c.cost_us))
+    holdout = 1.0 if win.index is None else recall_at_k(
+        ItemIndex(win.index, win.settings).search(check_QD, k)[1], exact_topk(check_QD, items_ND, k))
+    meta = {**win.settings.to_meta(), "build": win.build, "k": k, "target_recall": opts.target_recall,
+            "recall_at_k": win.recall, "recall_holdout": holdout, "us_per_query": win.cost_us,
+            "reused_parent_choice": reused, "items": len(items_ND), "tuning_queries": len(tune_QD),
+            "check_queries": len(check_QD), "serving_threads": opts.serving_threads,
+            "seconds": round(time.perf_counter() - t0, 2), "candidates": [c.summary() for c in cands]}
+    progress(f"retrieval chosen: {win.name} {win.settings.to_meta()} recall@{k} {win.recall:.4f} "
+             f"(held out {holdout:.4f}), {_mean_cost(win.cost_us):.0f} us/query")
+    return RetrievalChoice(win.index, meta, check_QD)

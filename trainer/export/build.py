@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts.registry import (ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE, Registry)
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
 from contracts.engine_format.backends import LIFTED_CONSTANT_PREFIX, load_runner
+from contracts.engine_format.item_index import read_meta as read_index_meta
 from contracts.engine_format.verify import ParityError, parity_max_abs_diff
-from trainer.export.ann import AnnOptions, build_hnsw
+from trainer.export.ann import AnnOptions, choose_retrieval
 from trainer.export.compile import CompileOptions, compile_user_tower
 from trainer.model import TwoTower
 
@@ -124,12 +125,43 @@ def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: tor
     return diff
 
 
+def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_ND: np.ndarray, ann: AnnOptions | None,
+                      queries_QT: np.ndarray | None, staging: Path, progress: Callable[[str], None]) -> dict | None:
+    """Measure and choose the retrieval method; write items.index (when an index won), ann.json, ann_queries.npy."""
+    if ann is None or queries_QT is None or len(items_ND) < ann.min_items:
+        return None
+    import faiss
+
+    with torch.no_grad():
+        queries_QD = torch.cat([tower(torch.from_numpy(queries_QT[s:s + 256]))
+                                for s in range(0, len(queries_QT), 256)]).numpy()
+    previous = read_index_meta(registry.engine_dir(parent)) if parent and registry.engine_dir(parent).is_dir() else None
+    choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, progress=progress)
+    if choice.index is not None:
+        faiss.write_index(choice.index, str(staging / ANN_FILE))
+    np.save(staging / ANN_CHECK_FILE, choice.check_queries_QD)
+    (staging / ANN_META_FILE).write_text(json.dumps(choice.meta, indent=1))
+    return choice.meta
+
+
+def _retrieval_metrics(meta: dict | None) -> dict[str, float]:
+    if not meta:
+        return {}
+    k = meta["k"]
+    out = {f"ann_recall@{k}": meta["recall_at_k"], f"ann_recall_holdout@{k}": meta["recall_holdout"],
+           "retrieval_us_per_query": float(np.mean(list(meta["us_per_query"].values())))}
+    if meta["kind"] == "hnsw":
+        out["ann_ef_search"] = float(meta["ef_search"])
+    return out
+
+
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
                  ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
                  refit: bool = True, progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
-    """ann + ann_queries_QT (real users' histories, left-padded rows): also build an HNSW index when
-    the catalogue has at least ann.min_items items, tuned on those users' embeddings.
+    """ann + ann_queries_QT (real users' histories, left-padded rows): for a catalogue of at least
+    ann.min_items items, choose the retrieval method by measurement on those users' embeddings (trainer/export/
+    ann.py), starting from the parent engine's choice; the index (if one won) and ann.json go into the engine.
     refit: when the parent engine has the same architecture hash (aoti), publish only the weights for
     its compiled graph (manifest.graph_version) instead of recompiling."""
     t0 = time.perf_counter()
@@ -161,17 +193,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         with torch.no_grad():
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
         np.save(staging / ITEMS_FILE, items_ND)
-        ann_metrics = {}
-        if ann is not None and ann_queries_QT is not None and n_items >= ann.min_items:
-            import faiss
-
-            with torch.no_grad():
-                queries_QD = torch.cat([tower(torch.from_numpy(ann_queries_QT[s:s + 256]))
-                                        for s in range(0, len(ann_queries_QT), 256)]).numpy()
-            index, meta = build_hnsw(items_ND, queries_QD, ann, progress)
-            faiss.write_index(index, str(staging / ANN_FILE))
-            (staging / ANN_META_FILE).write_text(json.dumps(meta, indent=1))
-            ann_metrics = {f"ann_recall@{meta['k']}": meta["recall_at_k"], "ann_ef_search": float(meta["ef_search"])}
+        retrieval = _choose_retrieval(registry, info.parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
         top = np.argsort(-counts, kind="stable")[:POPULARITY_TOP]
@@ -182,7 +204,8 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
             parent=info.parent, architecture_hash=arch, graph_version=graph_version,
             backend=options.backend, item_count=n_items, dim=frozen.cfg.out_dim, max_history=T,
             stream_offsets=info.stream_offsets, watermark_ms=info.watermark_ms,
-            eval_metrics={**info.eval_metrics, **ann_metrics},
+            eval_metrics={**info.eval_metrics, **_retrieval_metrics(retrieval)},
+            retrieval_json=json.dumps(retrieval) if retrieval else "",
             golden=pb.GoldenSet(batch=GOLDEN_BATCH, seq_len=T, dim=frozen.cfg.out_dim,
                                 history_rows=golden_BT.flatten().tolist(),
                                 user_embeddings=want_BD.flatten().tolist()),

@@ -1,0 +1,116 @@
+"""An engine's item index, as the trainer builds it and the server searches it.
+
+The build (trainer/export/ann.py) measures candidate retrieval methods on real users' queries and
+records its choice in `ann.json`; when the winner is an index it is saved as `items.index` (FAISS). Exact
+search has no index file. The search settings (efSearch, nprobe, re-rank factor) live in `ann.json`, so
+a search here is the search that was measured there. `ann_queries.npy` holds query embeddings the index
+was not tuned on; the server re-measures recall on them before the engine takes traffic, as it re-checks
+parity on the golden inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, LEGACY_ANN_FILE
+
+KINDS = ("exact", "hnsw", "ivf", "sq8")  # sq8: int8 scalar-quantised scan, exact re-rank of the best candidates
+
+
+@dataclass(frozen=True, slots=True)
+class SearchSettings:
+    kind: str                # one of KINDS
+    ef_search: int = 0       # hnsw: beam width of a search (>= results wanted)
+    nprobe: int = 0          # ivf: inverted lists visited per query
+    k_factor: float = 0.0    # sq8: candidates re-ranked exactly per result wanted (>= 1)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"SearchSettings.kind must be one of {KINDS}, got {self.kind!r}")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "SearchSettings":
+        """ann.json -> settings; an engine built before the method choice (HNSW only) has no "kind"."""
+        kind = meta.get("kind", "hnsw")
+        return cls(kind=kind, ef_search=int(meta.get("ef_search", 0)), nprobe=int(meta.get("nprobe", 0)),
+                   k_factor=float(meta.get("k_factor", 0.0)))
+
+    def to_meta(self) -> dict:
+        return {"kind": self.kind, "ef_search": self.ef_search, "nprobe": self.nprobe, "k_factor": self.k_factor}
+
+
+def faiss_params(settings: SearchSettings, kk: int):
+    """FAISS search parameters for kk results (read-only during a search, so one object serves every thread)."""
+    import faiss
+
+    if settings.kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(settings.ef_search, kk))
+    if settings.kind == "ivf":
+        return faiss.SearchParametersIVF(nprobe=settings.nprobe)
+    if settings.kind == "sq8":
+        return faiss.IndexRefineSearchParameters(k_factor=settings.k_factor)
+    raise ValueError(f"exact search has no FAISS parameters (kind {settings.kind!r})")
+
+
+class ItemIndex:
+    """A FAISS index over an engine's items with the search settings chosen at build time."""
+
+    def __init__(self, index, settings: SearchSettings) -> None:
+        self.index, self.settings = index, settings
+        self._params: dict[int, object] = {}  # results wanted -> FAISS search parameters
+
+    def search(self, queries_QD: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, kk), item indices (Q, kk)); an index of -1 marks a missing result."""
+        params = self._params.get(kk)
+        if params is None:
+            params = self._params[kk] = faiss_params(self.settings, kk)
+        return self.index.search(np.ascontiguousarray(queries_QD, dtype=np.float32), kk, params=params)
+
+
+def read_meta(engine_dir: Path) -> dict | None:
+    path = Path(engine_dir) / ANN_META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_item_index(engine_dir: Path, *, num_threads: int = 1) -> ItemIndex | None:
+    """The engine's index, or None when it has none (exact search)."""
+    engine_dir = Path(engine_dir)
+    meta = read_meta(engine_dir)
+    path = next((engine_dir / f for f in (ANN_FILE, LEGACY_ANN_FILE) if (engine_dir / f).is_file()), None)
+    if meta is None or path is None or SearchSettings.from_meta(meta).kind == "exact":
+        return None
+    import faiss  # only engines with an index need it
+
+    faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads
+    return ItemIndex(faiss.read_index(str(path)), SearchSettings.from_meta(meta))
+
+
+def exact_topk(queries_QD: np.ndarray, items_ND: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Exact top-k item indices (Q, k) by inner product (cosine on L2-normalised vectors)."""
+    import torch
+
+    items = torch.from_numpy(np.ascontiguousarray(items_ND, dtype=np.float32))
+    out = [torch.topk(torch.from_numpy(np.ascontiguousarray(queries_QD[s:s + chunk], dtype=np.float32)) @ items.T,
+                      k, dim=1).indices.numpy() for s in range(0, len(queries_QD), chunk)]
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def recall_at_k(found_QK: np.ndarray, exact_QK: np.ndarray) -> float:
+    """Share of the exact top-k found (a -1 in found never matches)."""
+    hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found_QK, exact_QK))
+    return float(hits / max(exact_QK.size, 1))
+
+
+def check_recall(index: ItemIndex, items_ND: np.ndarray, engine_dir: Path) -> tuple[float, float] | None:
+    """(recall@k on the stored held-out queries, the build's target), or None when the engine stored none."""
+    meta, path = read_meta(engine_dir), Path(engine_dir) / ANN_CHECK_FILE
+    if meta is None or not path.is_file():
+        return None
+    queries_QD = np.load(path)
+    k = min(int(meta["k"]), len(items_ND))
+    recall = recall_at_k(index.search(queries_QD, k)[1], exact_topk(queries_QD, items_ND, k))
+    return recall, float(meta["target_recall"])
