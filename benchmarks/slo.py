@@ -26,8 +26,10 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
+from benchmarks.server_cpu import CpuSample, per_request_ms
 from benchmarks.workload import parse_mix
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
@@ -60,10 +62,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, flags: list[str], log_path: Path,
+                 metrics_port: int = -1) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port",
-                             str(port), "--metrics-port", "-1", *flags], stdout=open(log_path, "w"),
+                             str(port), "--metrics-port", str(metrics_port), *flags], stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -112,14 +115,39 @@ def passes(s: dict, slo_ms: float, budget: float) -> bool:
 
 
 def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: float, label: str) -> dict:
-    """One load run against a freshly started server: no backlog from an earlier run leaks in."""
+    """One load run against a freshly started server: no backlog from an earlier run leaks in. Single-process
+    servers also report their CPU time per request by component (benchmarks/server_cpu.py)."""
     spec = CONFIGS[name]
-    proc, port = start_server(catalog / spec["dir"], spec["flags"] + args.server_flags.get(name, []),
-                              out / f"server-{name}.log")
+    flags = spec["flags"] + args.server_flags.get(name, [])
+    mport = -1 if "--workers" in flags else free_port()
+    proc, port = start_server(catalog / spec["dir"], flags, out / f"server-{name}.log", metrics_port=mport)
     try:
-        return one_run(base, port, rate, label)
+        before = CpuSample(proc.pid, mport) if mport > 0 else None
+        summary = one_run(base, port, rate, label)
+        if before is not None:
+            summary["cpu_ms_per_request"] = per_request_ms(before, CpuSample(proc.pid, mport))
+            c = summary["cpu_ms_per_request"]
+            print(f"    server CPU/request {c.get('total', 0):.3f} ms: event loop {c.get('event_loop', 0):.3f}, "
+                  f"compute {c.get('compute', 0):.3f} (tower {c.get('tower', 0):.3f}, retrieval "
+                  f"{c.get('retrieval', 0):.3f}), gRPC threads {c.get('grpc_threads', 0):.3f}, "
+                  f"batch {c.get('mean_batch', 0):.1f}", flush=True)
+        return summary
     finally:
         stop_server(proc)
+
+
+def calibrate(catalog: Path, out: Path) -> dict:
+    """The machine's speed today, beside the figures: gRPC loopback round trip, tower alone, a Python loop."""
+    proc, port = start_server(catalog, [], out / "server-calibration.log")
+    try:
+        rtt = grpc_roundtrip_ms(f"127.0.0.1:{port}")
+    finally:
+        stop_server(proc)
+    cal = {"grpc_roundtrip_ms": rtt, "tower_batch1_ms": tower_ms(catalog / "registry"),
+           "python_10m_loop_s": python_loop_s()}
+    print(f"calibration: gRPC loopback round trip {cal['grpc_roundtrip_ms']:.3f} ms, user tower (batch 1) "
+          f"{cal['tower_batch1_ms']:.3f} ms, 10M-step Python loop {cal['python_10m_loop_s']:.2f} s", flush=True)
+    return cal
 
 
 def bench_config(name: str, catalog: Path, args, base: LoadConfig, out: Path) -> dict:
@@ -128,7 +156,10 @@ def bench_config(name: str, catalog: Path, args, base: LoadConfig, out: Path) ->
     res: dict = {"what": spec["what"], "flags": spec["flags"] + args.server_flags.get(name, [])}
     runs = [measured(name, catalog, args, base, out, args.rate, f"{name}@{args.rate:.0f} run {i + 1}")
             for i in range(args.runs)]
+    cpu = [r["cpu_ms_per_request"] for r in runs if r.get("cpu_ms_per_request")]
     res["headline"] = {"rate": args.rate, "runs": runs,
+                       "median_cpu_ms_per_request": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]}
+                       if cpu else None,
                        "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
                        "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
                        "median_error_rate": statistics.median(r["error_rate"] for r in runs)}
@@ -226,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"catalog": str(args.catalog), "items": catalog["items"], "rate": args.rate,
                "ann": json.loads(ann.read_text()) if ann else None,
                "slo_p99_ms": args.slo_p99_ms, "error_budget": args.error_budget, "load": base.to_json(),
-               "cpus": os.cpu_count(), "configs": {}}
+               "cpus": os.cpu_count(), "calibration": calibrate(args.catalog, args.out), "configs": {}}
     for name in args.configs.split(","):
         results["configs"][name] = bench_config(name, args.catalog, args, base, args.out)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))

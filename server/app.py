@@ -84,6 +84,7 @@ class LivetowerServer:
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
         self.metrics.watch_freshness(lambda: self.manager.current)
+        self.metrics.watch_stages(self.manager.clock)
         self._tasks.append(asyncio.create_task(self._track_health()))
         log.info("gRPC on %s:%d; %d users' history warmed from %d events%s", self.config.host,
                  self.grpc_server_port, len(self.history), len(warm),

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -39,6 +40,10 @@ class ServerMetrics:
         self.events_rejected = Counter("livetower_events_rejected_total", "Events sent to the dead-letter table",
                                        ["field"], registry=r)
 
+    def watch_stages(self, clock) -> None:
+        """Export a StageClock (server/engine/stages.py): compute seconds per stage, batches and queries."""
+        self.registry.register(_StageCollector(clock))
+
     def watch_freshness(self, current_engine: Callable[[], object | None]) -> None:
         def freshness() -> float:
             engine = current_engine()
@@ -65,3 +70,18 @@ class ServerMetrics:
         elif kind in ("promote", "rollback", "canary_end"):
             self.canary_version.set(0)
             self.canary_fraction.set(0)
+
+
+class _StageCollector:
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def collect(self):
+        seconds = CounterMetricFamily("livetower_engine_stage_seconds",
+                                      "Compute-thread seconds per stage of Recommend batches", labels=["stage"])
+        for stage, value in self.clock.seconds.items():
+            seconds.add_metric([stage], value)
+        yield seconds
+        yield CounterMetricFamily("livetower_engine_batches", "Recommend batches computed", value=self.clock.batches)
+        yield CounterMetricFamily("livetower_engine_batched_queries", "Recommend queries computed in batches",
+                                  value=self.clock.queries)

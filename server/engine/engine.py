@@ -21,6 +21,7 @@ from contracts.registry import (ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
 from contracts.engine_format.item_index import ItemIndex, check_recall, load_item_index
+from server.engine.stages import StageClock
 from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
@@ -107,6 +108,7 @@ class Engine:
         self.popularity_scores = popularity_scores
         self.ann = ann  # the index chosen at build for large catalogues (None: exact search)
         self.engine_dir: Path | None = None  # set by load(): where the index's held-out check queries are
+        self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
@@ -178,6 +180,7 @@ class Engine:
 
     def recommend_batch(self, queries: Sequence["RecommendQuery"]) -> list[Ranked]:
         """One user-tower call and one scoring pass (exact (B, N) or ANN) for every query with a known item."""
+        t0 = time.perf_counter()
         out: list[Ranked | None] = [None] * len(queries)
         rows, model_q = [], []
         for i, q in enumerate(queries):
@@ -187,8 +190,10 @@ class Engine:
             else:
                 rows.append(rows_T)
                 model_q.append(i)
+        t1 = t2 = t3 = time.perf_counter()
         if model_q:
             u_BD = self.runner(np.stack(rows))
+            t2 = time.perf_counter()
             # Item indices (rows - 1) each query must not get back: its history, when exclude_seen.
             seen_B = [self._seen_indices(queries[i]) if queries[i].exclude_seen else () for i in model_q]
             k_max = max(queries[i].k for i in model_q)
@@ -196,11 +201,14 @@ class Engine:
                 scores_BK, idx_BK = self._ann_topk(u_BD, k_max, seen_B)
             else:
                 scores_BK, idx_BK = self._exact_topk(u_BD, k_max, seen_B)
+            t3 = time.perf_counter()
             ids = self.vocab.ids  # indices come from this engine's own items (< n_items): no bounds check needed
             for b, i in enumerate(model_q):
                 k = queries[i].k
                 scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
                 out[i] = Ranked([ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
+        if self.clock is not None:
+            self.clock.add((t0, t1, t2, t3, time.perf_counter()), len(queries))
         return out  # type: ignore[return-value]
 
     def _seen_indices(self, q: "RecommendQuery") -> list[int]:

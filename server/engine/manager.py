@@ -29,6 +29,7 @@ from contracts.registry import EngineCorrupt, Registry
 from contracts.rollout import CanaryPolicy, RolloutState
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.stages import StageClock
 
 log = logging.getLogger("livetower.engine")
 
@@ -128,6 +129,7 @@ class EngineManager:
         self._loader = loader
         self._user_histories = user_histories
         self._lock = threading.RLock()      # loads and rollout changes of this process, one at a time
+        self.clock = StageClock()           # compute time per stage, over every engine this process served
         # Engines no longer serving, kept until no request holds them, then dropped by the watcher's
         # thread: freeing one (its constants, index and item matrix) took 2 ms at 100k items and 19 ms
         # at 1M, which the last request's handler would otherwise spend on the event loop.
@@ -173,6 +175,7 @@ class EngineManager:
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.warmup_calls)
+        engine.clock = self.clock  # counted from here: warm-up is not serving
         seconds = time.perf_counter() - t0
         log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,
                  "refit" if engine.manifest.graph_version else "full", engine.manifest.backend,

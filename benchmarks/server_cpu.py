@@ -1,0 +1,84 @@
+"""A server's CPU time per request, by component, from outside the process.
+
+Per-thread CPU comes from /proc/PID/task/TID/stat (user + system ticks), grouped by thread: the main thread
+runs the event loop (gRPC aio's Python side: request parse, admission, response building and serialisation,
+handler Python), the compute thread (named `lt-compute`, server/batching.py) runs engine batches, gRPC's
+C-core threads move bytes. Inside the compute thread, the engine's stage clock (the metrics endpoint's
+`livetower_engine_stage_seconds`) splits the time into item rows, user tower, retrieval and assembly.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+from server.batching import COMPUTE_THREAD_NAME
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+GROUPS = ("event_loop", "compute", "grpc_threads", "other")
+
+
+def _group(pid: int, tid: int, comm: str) -> str:
+    if tid == pid:
+        return "event_loop"
+    if comm == COMPUTE_THREAD_NAME:
+        return "compute"
+    if comm.startswith(("grpc", "default-execu", "resolver-exec", "timer_manager", "global-cq")):
+        return "grpc_threads"
+    return "other"
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far per thread group (threads that ended are lost: take both samples while it runs)."""
+    out = dict.fromkeys(GROUPS, 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime, stime are fields 14, 15
+        out[_group(pid, int(task.name), comm)] += (int(fields[11]) + int(fields[12])) * TICK_S
+    return out
+
+
+def scrape(metrics_port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """The counters this module needs from the server's Prometheus endpoint (stage seconds, responses)."""
+    text = urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=10).read().decode()
+    out = {"responses": 0.0}
+    for line in text.splitlines():
+        if line.startswith("livetower_engine_stage_seconds_total{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[f"stage_{stage}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("livetower_engine_batches_total ", "livetower_engine_batched_queries_total ")):
+            out[line.split(" ")[0].removeprefix("livetower_engine_").removesuffix("_total")] = float(line.split()[1])
+        elif line.startswith("livetower_responses_total{"):
+            out["responses"] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class CpuSample:
+    """CPU per thread group and the server's counters at one moment."""
+
+    def __init__(self, pid: int, metrics_port: int) -> None:
+        self.threads = thread_cpu_s(pid)
+        self.counters = scrape(metrics_port)
+
+
+def per_request_ms(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """CPU milliseconds per request between two samples, by component (counted by the server's responses)."""
+    n = after.counters["responses"] - before.counters["responses"]
+    if n <= 0:
+        return {}
+    d = {g: after.threads[g] - before.threads[g] for g in GROUPS}
+    stages = {k: after.counters.get(k, 0.0) - before.counters.get(k, 0.0) for k in after.counters
+              if k.startswith("stage_")}
+    out = {"requests": n, "total": sum(d.values()) / n * 1e3}
+    out.update({g: d[g] / n * 1e3 for g in GROUPS})
+    out.update({k.removeprefix("stage_"): v / n * 1e3 for k, v in stages.items()})
+    out["compute_unstaged"] = (d["compute"] - sum(stages.values())) / n * 1e3  # batching glue, futures
+    batches = after.counters.get("batches", 0.0) - before.counters.get("batches", 0.0)
+    out["mean_batch"] = (after.counters.get("batched_queries", 0.0) - before.counters.get("batched_queries", 0.0)) \
+        / batches if batches else 0.0
+    return out

@@ -1,0 +1,30 @@
+"""CPU accounting of a serving process (benchmarks/server_cpu.py) against a real server: the compute thread is
+found by its OS name, the stage clock counts what the engine did, responses are counted by the server."""
+
+from __future__ import annotations
+
+import os
+
+from benchmarks.server_cpu import CpuSample, per_request_ms, thread_cpu_s
+from contracts.client import Client
+from tests.conftest import running_server, server_config, wait_for
+
+
+def test_cpu_per_request_by_component(trained_dir):
+    with running_server(server_config(trained_dir)) as (server, port):
+        wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
+        client = Client(f"127.0.0.1:{port}")
+        client.recommend("user-1", k=10, history=["item-1"])  # the compute thread exists from the first batch
+        before = CpuSample(os.getpid(), server.metrics_port)
+        for i in range(200):
+            client.recommend(f"user-{i}", k=20, history=[f"item-{j}" for j in range(i % 7 + 1)])
+        after = wait_for(lambda: (s := CpuSample(os.getpid(), server.metrics_port)).counters["responses"]
+                         - before.counters["responses"] >= 200 and s, 5, "200 responses counted")
+        client.close()
+    got = per_request_ms(before, after)
+    assert got["requests"] == 200
+    assert got["tower"] > 0 and got["retrieval"] > 0 and got["rows"] > 0 and got["assemble"] > 0
+    assert got["compute"] > 0  # the thread named lt-compute was found and ran the batches (10 ms CPU ticks)
+    assert 1 <= got["mean_batch"] <= 2
+    assert abs(got["total"] - sum(got[g] for g in ("event_loop", "compute", "grpc_threads", "other"))) < 1e-9
+    assert set(thread_cpu_s(os.getpid())) == {"event_loop", "compute", "grpc_threads", "other"}
