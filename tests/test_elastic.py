@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from trainer.elastic import (ElasticMetrics, FaultInjection, RoundFailed, choose_workers, record_choice,
                              run_distributed_round, train_windows_elastic)
-from trainer.elastic.worker import (GRADS_FILE, epoch_order, global_batches, local_share, rank_generator,
-                                    train_epochs)
-from trainer.training import WindowLoss, make_grad_scaler, train_windows
+from trainer.elastic.worker import GRADS_FILE
+from trainer.training import (Shard, WindowLoss, epoch_batches, global_batches, local_share, make_grad_scaler,
+                              rank_generator, train_epochs, train_windows, window_loss)
 
 EPOCHS = 2
 CFG = TrainConfig.tiny_debug(precision="fp32", elastic=ElasticConfig(max_workers=2, device="cpu"))
@@ -93,7 +93,7 @@ def test_ddp_gradients_equal_single_process_on_the_same_shards(scale_sequence, d
     model, _ = fresh_model(CFG, data)
     model.load_state_dict(m1)
     model.train()
-    batch_B = global_batches(epoch_order(data.inputs_WT.shape[0], 2, 0), CFG.batch_size)[0]
+    batch_B = epoch_batches(data.inputs_WT.shape[0], CFG.batch_size, 2, 0)[0]
     for rank in range(2):
         mine, weight = local_share(batch_B, data.mask_WT, rank, 2)
         loss = WindowLoss(model)(torch.from_numpy(data.inputs_WT[mine]), torch.from_numpy(data.targets_WT[mine]),
@@ -154,9 +154,8 @@ def test_precision_modes_loss_curves_agree(data):
     for precision in ("fp32", "bf16", "fp16"):
         cfg = CFG.replace(precision=precision)
         model, opt = fresh_model(cfg, data)
-        d = {"inputs_WT": data.inputs_WT, "targets_WT": data.targets_WT, "mask_WT": data.mask_WT,
-             "item_prob_R": data.item_prob_R, "n_items": data.n_items}
-        res = train_epochs(model, opt, WindowLoss(model), d, cfg=cfg, epochs=3, start_epoch=0, seed=7,
+        res = train_epochs(model, opt, window_loss(WindowLoss(model), cfg, data.item_prob_R, data.n_items),
+                           data.inputs_WT, data.targets_WT, data.mask_WT, cfg=cfg, epochs=3, seed=7,
                            scaler=make_grad_scaler(precision, "cpu", cfg.fp16_init_scale))
         curves[precision] = res.losses
     ref = curves["fp32"]
@@ -251,3 +250,51 @@ def test_local_share_weights_and_stand_in():
     assert list(mine) == [0, 2] and w == 2 * 4 / 4
     mine, w = local_share(batch_B, mask_WT, 1, 2)
     assert w == 0.0 and mask_WT[mine].any()  # trains a stand-in with weight 0, so the all-reduce still happens
+
+
+def test_the_epoch_plan_is_one_seeded_permutation_and_ranks_train_disjoint_shards_of_it():
+    n, bs = 1000, 32
+    plan = epoch_batches(n, bs, seed=5, epoch=3)
+    assert [len(b) for b in plan] == [bs] * (n // bs) + [n % bs]
+    assert sorted(np.concatenate(plan)) == list(range(n))  # every window once
+    assert all(np.array_equal(a, b) for a, b in zip(plan, epoch_batches(n, bs, seed=5, epoch=3)))  # (seed, epoch)
+    assert not np.array_equal(plan[0], epoch_batches(n, bs, seed=5, epoch=4)[0])
+    assert not np.array_equal(plan[0], epoch_batches(n, bs, seed=6, epoch=3)[0])
+    for world in (2, 3):
+        for batch_B in plan:
+            shards = [batch_B[r::world] for r in range(world)]
+            assert sorted(np.concatenate(shards)) == sorted(batch_B)  # disjoint, and together the whole batch
+
+
+def test_length_bucketing_keeps_every_window_once_and_sorts_within_chunks():
+    rng = np.random.default_rng(0)
+    n, bs = 5000, 16
+    lengths_W = rng.integers(1, 50, n)
+    plan = epoch_batches(n, bs, seed=1, epoch=0, lengths_W=lengths_W)
+    assert sorted(np.concatenate(plan)) == list(range(n))
+    spread = np.mean([np.ptp(lengths_W[b]) for b in plan])
+    assert spread < 0.2 * np.mean([np.ptp(lengths_W[b]) for b in epoch_batches(n, bs, seed=1, epoch=0)])
+    assert not np.array_equal(plan[0], epoch_batches(n, bs, seed=1, epoch=1, lengths_W=lengths_W)[0])
+
+
+def test_train_windows_is_the_in_process_round_and_on_epoch_end_can_stop(data):
+    """The sidecar's train_windows and the elastic W = 1 in-process path run the same loop on the same seed."""
+    a, opt_a = fresh_model(CFG, data)
+    b, opt_b = fresh_model(CFG, data)
+    losses = train_windows(a, opt_a, data.inputs_WT, data.targets_WT, data.mask_WT, item_prob_R=data.item_prob_R,
+                           n_items=data.n_items, cfg=CFG, epochs=EPOCHS, generator=torch.Generator().manual_seed(9))
+    st = _round(b, opt_b, data, 1, seed=9)
+    assert st.in_process and st.losses == losses
+    assert _max_diff(a.state_dict(), b.state_dict()) == 0.0
+    seen = []
+    res = train_epochs(a, opt_a, window_loss(WindowLoss(a), CFG, data.item_prob_R, data.n_items), data.inputs_WT,
+                       data.targets_WT, data.mask_WT, cfg=CFG, epochs=5, seed=1,
+                       on_epoch_end=lambda e, l, c: seen.append((e, len(l), int(c.min()))) or e == 2)
+    assert seen == [(1, 1, 1), (2, 2, 2)] and len(res.losses) == 2 and not a.training
+
+
+def test_shard_needs_an_all_reduce_beyond_one_rank():
+    with pytest.raises(ValueError, match="all_reduce"):
+        Shard(rank=0, world=2)
+    with pytest.raises(ValueError, match="rank"):
+        Shard(rank=2, world=2, all_reduce=lambda t: None)

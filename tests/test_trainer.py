@@ -182,3 +182,23 @@ def test_round_backlog_picks_two_workers_and_the_round_trains_on_them(data_dir):
     assert reg.get_sample_value("livetower_trainer_elastic_choices_total", {"reason": "max_workers"}) == 1
     assert reg.get_sample_value("livetower_trainer_elastic_attempts_total", {"outcome": "ok"}) == 1
     assert t.rate_per_worker and t.rate_per_worker > 0
+
+
+def test_split_round_holds_out_newest_events_and_trains_the_rest():
+    from trainer.loop import holdout_arrays, new_windows, split_round
+
+    new_by_user = {"a": [5, 6, 7], "b": [8], "c": [9], "d": [3, 4]}
+    kept = {"b": [1, 2], "x": [1, 3]}  # c: one event, no history: never held out
+    split = split_round(new_by_user, kept, max_eval_users=10, seed=0)
+    assert split.seqs == {"a": [5, 6, 7], "b": [1, 2, 8], "c": [9], "d": [3, 4]}
+    assert split.holdout == ["a", "b", "d"]
+    rows, windows = new_windows(split, 4)
+    assert sorted(rows) == [3, 5, 6, 9]  # the held-out newest events (7, 8, 4) are not trained now
+    targets = sorted(int(t) for _, tgt_T, m_T in windows for t in tgt_T[m_T])
+    assert targets == [6]  # 5 -> 6 is the only trained event with a history before it
+    hist_BT, tgt_B = holdout_arrays(split, 4)
+    assert tgt_B.tolist() == [7, 8, 4] and hist_BT.tolist() == [[0, 0, 5, 6], [0, 0, 1, 2], [0, 0, 0, 3]]
+    capped = split_round(new_by_user, kept, max_eval_users=2, seed=0)
+    assert len(capped.holdout) == 2 and set(capped.holdout) <= {"a", "b", "d"}
+    assert capped == split_round(new_by_user, kept, max_eval_users=2, seed=0)  # seeded
+    assert capped.holdout == sorted(capped.holdout)

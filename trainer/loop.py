@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.eventlog import SOURCE_KEY, EventSource
+from contracts.eventlog import SOURCE_KEY, EventBatch, EventSource, StoredEvent
 from contracts.registry import Registry
 from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -50,6 +50,59 @@ class RoundResult:
     gate: str               # "passed" | "failed" | "skipped"
     published_version: int  # 0 when nothing was published
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSplit:
+    """A round's events by user, and the users whose newest event is held out for evaluation."""
+    new_by_user: dict[str, list[int]]  # each user's item rows read this round, in order
+    seqs: dict[str, list[int]]         # each of those users' kept history + the new rows
+    holdout: list[str]                 # users whose newest event is held out (sorted)
+
+
+def split_round(new_by_user: dict[str, list[int]], user_seqs: dict[str, list[int]], *, max_eval_users: int,
+                seed: int) -> RoundSplit:
+    """Hold out the newest event of up to max_eval_users users (picked by `seed`) among those with a history."""
+    seqs = {u: user_seqs.get(u, []) + new for u, new in new_by_user.items()}
+    eligible = [u for u in new_by_user if len(seqs[u]) >= 2]
+    pick = np.random.default_rng(seed).permutation(len(eligible))[:max_eval_users]
+    return RoundSplit(new_by_user=new_by_user, seqs=seqs, holdout=sorted(eligible[i] for i in pick))
+
+
+def new_windows(split: RoundSplit, T: int) -> tuple[list[int], list]:
+    """(item rows trained, their next-item windows): every new event except the held-out ones."""
+    held = set(split.holdout)
+    rows, windows = [], []
+    for u, new in split.new_by_user.items():
+        seq, n_new = (split.seqs[u][:-1], len(new) - 1) if u in held else (split.seqs[u], len(new))
+        rows.extend(new[:n_new])
+        windows.extend(windows_for_new(seq, n_new, T))
+    return rows, windows
+
+
+def holdout_arrays(split: RoundSplit, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hist_BT, tgt_B): each held-out user's history before its newest event (left-padded), and that event."""
+    hist_BT = np.stack([left_pad(split.seqs[u][:-1], T) for u in split.holdout])
+    return hist_BT, np.asarray([split.seqs[u][-1] for u in split.holdout], np.int64)
+
+
+def gate_decision(metrics: dict[str, float], cfg: TrainConfig) -> str:
+    """The round's gate from its metrics (Trainer._evaluate): "skipped" below cfg.min_eval_users held-out users;
+    else "passed" when the model's Recall@10 is >= gate_min_ratio x popularity's and, when a serving model was
+    evaluated (serving_recall@10), >= gate_min_vs_serving x the serving model's less 2 standard errors of the
+    difference; else "failed"."""
+    n = metrics["holdout_users"]
+    if n < cfg.min_eval_users:
+        return "skipped"
+    model = metrics["model_recall@10"]
+    ok = model >= cfg.gate_min_ratio * metrics["popularity_recall@10"]
+    if "serving_recall@10" in metrics:
+        serving = metrics["serving_recall@10"]
+        # Same users, so a paired comparison; Var(hit_a - hit_b) <= p_a + p_b per user: small holdouts must not
+        # fail on noise.
+        noise = 2 * math.sqrt((model + serving) / n)
+        ok = ok and model >= cfg.gate_min_vs_serving * serving - noise
+    return "passed" if ok else "failed"
 
 
 class Trainer:
@@ -123,16 +176,42 @@ class Trainer:
         np.add.at(self.state.item_counts, rows, 1)
 
     def run_round(self) -> RoundResult | None:
-        cfg, T, st = self.cfg, self.model.cfg.max_history, self.state
-        batch = self.event_log.read_batch(self.state.offsets, cfg.max_round_events)
-        events = batch.events
-        self.metrics.dead_letters.inc(batch.dead_lettered)
-        if not events:
-            if batch.next_offsets != st.offsets:  # only dead letters were read: remember we are past them
-                st.offsets = batch.next_offsets
-                self._checkpoint()
+        """One round, step by step (module docstring). None when it trained nothing: no new event, or training
+        failed on every worker count (then its events are read again by the next round)."""
+        batch = self._read_batch()
+        if batch is None:
             return None
         t0 = time.perf_counter()
+        split = split_round(self._add_items(batch.events), self.state.user_seqs,
+                            max_eval_users=self.cfg.max_eval_users, seed=self.cfg.seed + self.state.step)
+        if not self._train(split, len(batch.events)):
+            return None
+        metrics = self._evaluate(split)
+        gate = gate_decision(metrics, self.cfg)
+        self._log_gate(metrics, gate)
+        self._fold_in(split)
+        self._commit(batch, split, metrics, gate)
+        version = self.publish(metrics, gate) if gate != "failed" else 0
+        self.metrics.rounds.labels(gate).inc()
+        self.metrics.round_seconds.set(time.perf_counter() - t0)
+        return RoundResult(len(batch.events), len(split.holdout), metrics, gate, version, time.perf_counter() - t0)
+
+    def _read_batch(self) -> EventBatch | None:
+        """The events after the checkpointed positions (up to max_round_events), or None when there are none; a
+        batch of dead letters only still moves the positions past them (checkpointed)."""
+        st = self.state
+        batch = self.event_log.read_batch(st.offsets, self.cfg.max_round_events)
+        self.metrics.dead_letters.inc(batch.dead_lettered)
+        if batch.events:
+            return batch
+        if batch.next_offsets != st.offsets:
+            st.offsets = batch.next_offsets
+            self._checkpoint()
+        return None
+
+    def _add_items(self, events: list[StoredEvent]) -> dict[str, list[int]]:
+        """Each user's item rows in this batch, in order. New items join the vocabulary; the item table (with its
+        optimizer state and the item counts) grows to fit them."""
         new_by_user: dict[str, list[int]] = defaultdict(list)
         for ev in events:
             new_by_user[ev.user_id].append(self.vocab.add(ev.item_id))
@@ -140,80 +219,89 @@ class Trainer:
         if rows_needed > self.model.num_rows:
             log.info("growing the item table %d -> %d rows", self.model.num_rows, rows_needed)
             grow_table(self.model, self.opt, rows_needed)
-            st.item_counts = np.concatenate([st.item_counts, np.zeros(rows_needed - len(st.item_counts), np.int64)])
+            counts = self.state.item_counts
+            self.state.item_counts = np.concatenate([counts, np.zeros(rows_needed - len(counts), np.int64)])
+        return dict(new_by_user)
 
-        # Hold out each user's newest event (when it has a history) for evaluation.
-        seqs = {u: st.user_seqs.get(u, []) + new for u, new in new_by_user.items()}
-        eligible = [u for u in new_by_user if len(seqs[u]) >= 2]
-        pick = np.random.default_rng(cfg.seed + st.step).permutation(len(eligible))[:cfg.max_eval_users]
-        holdout = sorted(eligible[i] for i in pick)
-        held = set(holdout)
-
-        train_rows, windows = [], []
-        for u, new in new_by_user.items():
-            seq, n_new = (seqs[u][:-1], len(new) - 1) if u in held else (seqs[u], len(new))
-            train_rows.extend(new[:n_new])
-            windows.extend(windows_for_new(seq, n_new, T))
+    def _train(self, split: RoundSplit, n_events: int) -> bool:
+        """Train the round's new windows (held-out events excepted), mixed with replayed windows of earlier users,
+        on the workers the elastic policy picks. False when every worker count failed: the model, optimizer and
+        item counts are then as they were."""
+        cfg, st = self.cfg, self.state
+        rows, windows = new_windows(split, self.model.cfg.max_history)
         counts_before = st.item_counts.copy()
-        self._count(train_rows)
-        n_new_windows = len(windows)
-        windows.extend(self._replay_windows(int(cfg.replay_fraction * n_new_windows), exclude=new_by_user))
-        n_items = len(self.vocab)
+        self._count(rows)
+        n_new = len(windows)
+        windows.extend(self._replay_windows(int(cfg.replay_fraction * n_new), exclude=split.new_by_user))
         log.info("round %d: %d events from %d users (%d new + %d replayed windows), %d held out, %d items",
-                 st.step + 1, len(events), len(new_by_user), n_new_windows, len(windows) - n_new_windows,
-                 len(holdout), n_items)
-        if windows:
-            choice = choose_workers(len(events), cfg.elastic, devices=self.devices,
-                                    events_per_s_per_worker=self.rate_per_worker)
-            record_choice(choice, self.elastic_metrics)
-            try:
-                stats = train_windows_elastic(
-                    self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(), n_items=n_items,
-                    cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator, workers=choice.workers,
-                    progress=lambda m: log.info("round %d %s", st.step + 1, m), scaler=self.scaler,
-                    metrics=self.elastic_metrics)
-            except RoundFailed as e:  # model and optimizer unchanged, positions not advanced: the next round retries
-                log.error("round %d failed on every worker count tried: %s; its events are read again next round",
-                          st.step + 1, e)
-                st.item_counts = counts_before
-                return None
-            self.rate_per_worker = stats.events_per_s_per_worker
+                 st.step + 1, n_events, len(split.new_by_user), n_new, len(windows) - n_new, len(split.holdout),
+                 len(self.vocab))
+        if not windows:
+            return True
+        choice = choose_workers(n_events, cfg.elastic, devices=self.devices,
+                                events_per_s_per_worker=self.rate_per_worker)
+        record_choice(choice, self.elastic_metrics)
+        try:
+            stats = train_windows_elastic(
+                self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(), n_items=len(self.vocab),
+                cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator, workers=choice.workers,
+                progress=lambda m: log.info("round %d %s", st.step + 1, m), scaler=self.scaler,
+                metrics=self.elastic_metrics)
+        except RoundFailed as e:  # model and optimizer unchanged, positions not advanced: the next round retries
+            log.error("round %d failed on every worker count tried: %s; its events are read again next round",
+                      st.step + 1, e)
+            st.item_counts = counts_before
+            return False
+        self.rate_per_worker = stats.events_per_s_per_worker
+        return True
 
-        metrics: dict[str, float] = {"holdout_users": float(len(holdout))}
-        if len(holdout) >= cfg.min_eval_users:
-            hist_BT = np.stack([left_pad(seqs[u][:-1], T) for u in holdout])
-            tgt_B = np.asarray([seqs[u][-1] for u in holdout], np.int64)
-            model_m = evaluate_model(ema.averaged(self.model, self.opt), hist_BT, tgt_B, n_items)
-            pop_m = evaluate_popularity(st.item_counts, tgt_B, n_items)
-            metrics.update({f"model_{k}": v for k, v in model_m.items()})
-            metrics.update({f"popularity_{k}": v for k, v in pop_m.items()})
-            ok = model_m["recall@10"] >= cfg.gate_min_ratio * pop_m["recall@10"]
-            baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B)
-            if serving is not None:
-                metrics.update({f"serving_{k}": v for k, v in serving.items()})
-                metrics["gate_baseline_version"] = float(baseline_version)
-                # Same users, so a paired comparison; allow 2 standard errors of the difference of the two
-                # hit rates (Var(hit_a - hit_b) <= p_a + p_b): small holdouts must not fail on noise.
-                noise = 2 * math.sqrt((model_m["recall@10"] + serving["recall@10"]) / len(holdout))
-                ok = ok and model_m["recall@10"] >= cfg.gate_min_vs_serving * serving["recall@10"] - noise
-            gate = "passed" if ok else "failed"
-            log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving %s | "
-                     "popularity R@10 %.4f N@10 %.4f -> gate %s", st.step + 1, len(holdout), model_m["recall@10"],
-                     model_m["ndcg@10"], "-" if serving is None else f"v{baseline_version} R@10 {serving['recall@10']:.4f}",
-                     pop_m["recall@10"], pop_m["ndcg@10"], gate)
-        else:
-            gate = "skipped"
-            log.info("round %d: %d held-out users < min_eval_users=%d: gate skipped", st.step + 1, len(holdout),
-                     cfg.min_eval_users)
+    def _evaluate(self, split: RoundSplit) -> dict[str, float]:
+        """The gate's statistics on the held-out events: Recall/NDCG@10 of the model (its weight average), of
+        popularity and of the serving model (when this trainer has it); holdout_users alone below
+        min_eval_users."""
+        metrics: dict[str, float] = {"holdout_users": float(len(split.holdout))}
+        if len(split.holdout) < self.cfg.min_eval_users:
+            return metrics
+        hist_BT, tgt_B = holdout_arrays(split, self.model.cfg.max_history)
+        n_items = len(self.vocab)
+        metrics.update({f"model_{k}": v for k, v in
+                        evaluate_model(ema.averaged(self.model, self.opt), hist_BT, tgt_B, n_items).items()})
+        metrics.update({f"popularity_{k}": v for k, v in
+                        evaluate_popularity(self.state.item_counts, tgt_B, n_items).items()})
+        baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B)
+        if serving is not None:
+            metrics.update({f"serving_{k}": v for k, v in serving.items()})
+            metrics["gate_baseline_version"] = float(baseline_version)
+        return metrics
 
-        # Fold the held-out events in so nothing consumed goes untrained.
-        if holdout:
-            self._count([seqs[u][-1] for u in holdout])
-            fold = [w for u in holdout for w in windows_for_new(seqs[u], 1, T)]
-            train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
-                          n_items=n_items, cfg=cfg, epochs=1, generator=self.generator, scaler=self.scaler)
+    def _log_gate(self, metrics: dict[str, float], gate: str) -> None:
+        step, n = self.state.step + 1, int(metrics["holdout_users"])
+        if gate == "skipped":
+            log.info("round %d: %d held-out users < min_eval_users=%d: gate skipped", step, n, self.cfg.min_eval_users)
+            return
+        serving = "-" if "serving_recall@10" not in metrics else \
+            f"v{int(metrics['gate_baseline_version'])} R@10 {metrics['serving_recall@10']:.4f}"
+        log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving %s | "
+                 "popularity R@10 %.4f N@10 %.4f -> gate %s", step, n, metrics["model_recall@10"],
+                 metrics["model_ndcg@10"], serving, metrics["popularity_recall@10"], metrics["popularity_ndcg@10"],
+                 gate)
 
-        for u, seq in seqs.items():
+    def _fold_in(self, split: RoundSplit) -> None:
+        """After the evaluation, one epoch on the held-out events, so nothing consumed goes untrained."""
+        if not split.holdout:
+            return
+        T = self.model.cfg.max_history
+        self._count([split.seqs[u][-1] for u in split.holdout])
+        fold = [w for u in split.holdout for w in windows_for_new(split.seqs[u], 1, T)]
+        train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
+                      n_items=len(self.vocab), cfg=self.cfg, epochs=1, generator=self.generator, scaler=self.scaler)
+
+    def _commit(self, batch: EventBatch, split: RoundSplit, metrics: dict[str, float], gate: str) -> None:
+        """Move the state past the batch (histories, positions, counters, the round's history line), append the
+        ledger, checkpoint atomically, and only then commit the positions to the event log."""
+        st, events = self.state, batch.events
+        T = self.model.cfg.max_history
+        for u, seq in split.seqs.items():
             st.user_seqs[u] = seq[-T:]
         st.offsets = batch.next_offsets
         st.trained_events += len(events)
@@ -224,15 +312,8 @@ class Trainer:
             self._write_ledger(st.step, events)
         self._checkpoint()
         self.event_log.commit(st.offsets)
-
         self.metrics.events_trained.inc(len(events))
         self.metrics.watermark.set(st.watermark_ms / 1000)
-        version = 0
-        if gate != "failed":
-            version = self.publish(metrics, gate)
-        self.metrics.rounds.labels(gate).inc()
-        self.metrics.round_seconds.set(time.perf_counter() - t0)
-        return RoundResult(len(events), len(holdout), metrics, gate, version, time.perf_counter() - t0)
 
     def _replay_windows(self, n: int, *, exclude) -> list:
         """Up to n windows over the kept sequences of users not in this round (seeded, reproducible)."""

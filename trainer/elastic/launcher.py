@@ -39,9 +39,9 @@ from trainer.config import TrainConfig
 from trainer.elastic.metrics import ElasticMetrics
 from trainer.elastic.policy import resolve_device
 from trainer.elastic.worker import (DATA_FILE, KILLED_FILE, SPEC_FILE, FaultInjection, RoundSpec, checkpoint_path,
-                                    latest_checkpoint, train_epochs, worker_main)
+                                    latest_checkpoint, worker_main)
 from trainer.model import TwoTower
-from trainer.training import WindowLoss, make_grad_scaler
+from trainer.training import WindowLoss, make_grad_scaler, round_seed, train_epochs, window_loss
 
 log = logging.getLogger("livetower.trainer.elastic")
 
@@ -240,15 +240,13 @@ def train_windows_elastic(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT
 
     W = 1 with cfg.elastic.in_process_single_worker trains here, with the workers' plan (world = 1), no launch.
     fault is a test hook (see FaultInjection)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    seed = round_seed(generator)
     if workers == 1 and cfg.elastic.in_process_single_worker and fault is None:
         t0 = time.time()
         if scaler is None:
             scaler = make_grad_scaler(cfg.precision, next(model.parameters()).device.type, cfg.fp16_init_scale)
-        data = {"inputs_WT": inputs_WT, "targets_WT": targets_WT, "mask_WT": mask_WT, "item_prob_R": item_prob_R,
-                "n_items": n_items}
-        res = train_epochs(model, opt, WindowLoss(model), data, cfg=cfg, epochs=epochs, start_epoch=0, seed=seed,
-                           scaler=scaler, progress=progress)
+        res = train_epochs(model, opt, window_loss(WindowLoss(model), cfg, item_prob_R, n_items), inputs_WT,
+                           targets_WT, mask_WT, cfg=cfg, epochs=epochs, seed=seed, scaler=scaler, progress=progress)
         train_s = max(res.t_end - res.t_first_step, 1e-9)
         targets = int(mask_WT.sum())
         stats = RoundStats(losses=res.losses, workers=1, in_process=True, epochs=epochs,

@@ -1,5 +1,7 @@
 """Offline training for quality studies: length-bucketed batches, a choice of loss, and early
 stopping on the VALIDATION set only (the best validation state is restored; test is never seen).
+The epochs are the sidecar's epoch loop (trainer/training.py: train_epochs) with this module's loss
+and an on-epoch-end validation.
 
 Losses (score s = cosine / temperature):
 - "sampled_softmax": the sidecar's loss (trainer/loss.py), with the TrainConfig's choice of negatives:
@@ -26,7 +28,7 @@ from trainer.config import TrainConfig
 from trainer.examples import stack_windows, windows_for_new
 from trainer.loss import full_softmax_loss, sampled_softmax_loss
 from trainer.model import TwoTower
-from trainer.training import autocast, make_optimizer
+from trainer.training import StepLoss, make_grad_scaler, make_optimizer, train_epochs
 from trainer.vocab import table_rows_for
 
 LOSSES = ("sampled_softmax", "full_softmax", "bce")
@@ -79,17 +81,6 @@ class OfflineTrainConfig:
         return d
 
 
-def batch_order(lengths_W: np.ndarray, batch: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
-    """Shuffled batches; with bucket, windows are sorted by length within chunks of 50 batches."""
-    order = rng.permutation(len(lengths_W))
-    if bucket:
-        chunk = 50 * batch
-        order = np.concatenate([c[np.argsort(lengths_W[c], kind="stable")]
-                                for c in np.split(order, range(chunk, len(order), chunk))]) if len(order) else order
-    batches = [order[s:s + batch] for s in range(0, len(order), batch)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cfg: OfflineTrainConfig,
                  item_prob_R: torch.Tensor, n_items: int, gen: torch.Generator,
                  temperature: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +101,72 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
                                 n_random=tc.n_random_negatives, temperature=temp, generator=gen,
                                 in_batch=tc.in_batch_negatives, logq=tc.logq_correction,
                                 pairwise_weight=tc.pairwise_weight)
+
+
+def offline_step_loss(model: TwoTower, cfg: OfflineTrainConfig, item_prob_R: torch.Tensor, n_items: int,
+                      log_scale: torch.Tensor | None) -> StepLoss:
+    """offline_loss as train_epochs' StepLoss; log_scale: the learned log(1 / temperature), or None."""
+    def loss(inp_BL: torch.Tensor, tgt_BL: torch.Tensor, m_BL: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        states_BLD = model.user_states(inp_BL)
+        temp = None if log_scale is None else torch.exp(-log_scale.clamp(max=-math.log(MIN_TEMPERATURE)))
+        return offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen, temp)
+    return loss
+
+
+@dataclass(slots=True)
+class _Validation:
+    """train_epochs' on_epoch_end for train_offline: log the epoch, validate the averaged weights every
+    eval_every epochs (and at the last), keep the best state, decay the learning rate after a validation that
+    is not the best, and stop after `patience` of those in a row."""
+    cfg: OfflineTrainConfig
+    model: TwoTower
+    opt: torch.optim.Optimizer
+    validate: Callable[[TwoTower], float] | None
+    progress: Callable[[str], None]
+    log: dict
+    log_scale: torch.Tensor | None
+    best_state: dict | None = None
+    best_val: float = -math.inf
+    stale: int = 0
+    val_seconds: float = 0.0
+    t_epoch: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, epoch: int, losses: list[float], _window_epochs_N: np.ndarray) -> bool:
+        cfg, log = self.cfg, self.log
+        log["epoch_loss"].append(losses[-1])
+        log["epochs_run"] = epoch
+        msg = f"epoch {epoch}/{cfg.epochs}: loss {losses[-1]:.4f} ({time.perf_counter() - self.t_epoch:.0f} s)"
+        if self.log_scale is not None:
+            t = math.exp(-min(float(self.log_scale.detach()), -math.log(MIN_TEMPERATURE)))
+            log.setdefault("temperature", []).append(round(t, 5))
+            msg += f", temperature {log['temperature'][-1]:.4f}"
+        if self.validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            msg += self._validate(epoch)
+        self.progress(msg)
+        self.t_epoch = time.perf_counter()
+        if cfg.patience and self.stale >= cfg.patience:
+            self.progress(f"early stop: no better validation for {self.stale} checks; best epoch {log['best_epoch']}")
+            return True
+        return False
+
+    def _validate(self, epoch: int) -> str:
+        t_val = time.perf_counter()
+        with ema.swapped_in(self.model, self.opt):  # validate (and keep as best) the averaged weights, if any
+            v = self.validate(self.model)
+            if v > self.best_val:
+                self.best_state = copy.deepcopy(self.model.state_dict())
+        self.val_seconds += time.perf_counter() - t_val
+        self.log["val_curve"].append([epoch, v])
+        msg = f", val {v:.4f}"
+        if v > self.best_val:
+            self.best_val, self.stale, self.log["best_epoch"] = v, 0, epoch
+        else:
+            self.stale += 1
+            if self.cfg.lr_decay < 1.0:
+                for g in self.opt.param_groups:
+                    g["lr"] *= self.cfg.lr_decay
+                msg += f", lr -> {self.opt.param_groups[0]['lr']:.2e}"
+        return msg
 
 
 def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig, *,
@@ -137,69 +194,20 @@ def train_offline(train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainC
     if cfg.learn_temperature:
         log_scale = torch.nn.Parameter(torch.tensor(-math.log(tc.model.temperature)))
         opt.add_param_group({"params": [log_scale], "weight_decay": 0.0})
-    gen = torch.Generator().manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
     log = {"windows": len(windows), "targets": int(mask_WT.sum()), "epochs_run": 0, "epoch_loss": [],
            "val_curve": [], "best_epoch": 0, "best_val": None}
-    best_state, best_val, stale, val_s = None, -math.inf, 0, 0.0
     t0 = time.perf_counter()
     progress(f"training on {len(windows)} windows ({int(mask_WT.sum())} targets), up to {cfg.epochs} epochs")
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total, steps, t_ep = 0.0, 0, time.perf_counter()
-        batches = batch_order(lengths_W, tc.batch_size, rng, cfg.bucket)
-        ema_decay = ema.decay_for(tc.ema_epochs, len(batches))
-        for b in batches:
-            L = max(int(lengths_W[b].max()), 1) if cfg.bucket else T  # crop the all-pad left columns
-            inp_BL = torch.from_numpy(inputs_WT[b, -L:])
-            tgt_BL = torch.from_numpy(targets_WT[b, -L:])
-            m_BL = torch.from_numpy(mask_WT[b, -L:])
-            if not bool(m_BL.any()):
-                continue
-            with autocast(tc.precision):
-                states_BLD = model.user_states(inp_BL)
-                temp = None if log_scale is None else torch.exp(-log_scale.clamp(max=-math.log(MIN_TEMPERATURE)))
-                loss = offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen, temp)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema.update(opt, ema_decay)
-            model.update_expert_bias()
-            total += float(loss.detach())
-            steps += 1
-        model.eval()
-        log["epoch_loss"].append(total / max(steps, 1))
-        log["epochs_run"] = epoch
-        msg = f"epoch {epoch}/{cfg.epochs}: loss {total / max(steps, 1):.4f} ({time.perf_counter() - t_ep:.0f} s)"
-        if log_scale is not None:
-            log.setdefault("temperature", []).append(round(math.exp(-min(float(log_scale.detach()), -math.log(MIN_TEMPERATURE))), 5))
-            msg += f", temperature {log['temperature'][-1]:.4f}"
-        if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            t_val = time.perf_counter()
-            with ema.swapped_in(model, opt):  # validate (and keep as best) the averaged weights, if any
-                v = validate(model)
-                if v > best_val:
-                    best_state = copy.deepcopy(model.state_dict())
-            val_s += time.perf_counter() - t_val
-            log["val_curve"].append([epoch, v])
-            msg += f", val {v:.4f}"
-            if v > best_val:
-                best_val, stale, log["best_epoch"] = v, 0, epoch
-            else:
-                stale += 1
-                if cfg.lr_decay < 1.0:
-                    for g in opt.param_groups:
-                        g["lr"] *= cfg.lr_decay
-                    msg += f", lr -> {opt.param_groups[0]['lr']:.2e}"
-        progress(msg)
-        if cfg.patience and stale >= cfg.patience:
-            progress(f"early stop: no better validation for {stale} checks; best epoch {log['best_epoch']}")
-            break
-    log["val_seconds"] = val_s  # validation during training, not counted in train_seconds
-    log["train_seconds"] = time.perf_counter() - t0 - val_s
-    if best_state is not None:  # validated with the averaged weights, if any
-        model.load_state_dict(best_state)
-        log["best_val"] = best_val
+    val = _Validation(cfg=cfg, model=model, opt=opt, validate=validate, progress=progress, log=log,
+                      log_scale=log_scale)
+    train_epochs(model, opt, offline_step_loss(model, cfg, item_prob_R, n_items, log_scale), inputs_WT, targets_WT,
+                 mask_WT, cfg=tc, epochs=cfg.epochs, seed=tc.seed, scaler=make_grad_scaler(tc.precision),
+                 lengths_W=lengths_W if cfg.bucket else None, on_epoch_end=val)
+    log["val_seconds"] = val.val_seconds  # validation during training, not counted in train_seconds
+    log["train_seconds"] = time.perf_counter() - t0 - val.val_seconds
+    if val.best_state is not None:  # validated with the averaged weights, if any
+        model.load_state_dict(val.best_state)
+        log["best_val"] = val.best_val
     else:
         model = ema.averaged(model, opt)  # the last averaged weights (the model itself without an average)
         log["best_epoch"] = log["epochs_run"]
