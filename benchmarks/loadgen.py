@@ -32,6 +32,8 @@ from typing import Callable
 from benchmarks import report
 from benchmarks.loadgen_worker import worker_entry
 from benchmarks.workload import ARRIVALS, KINDS, parse_mix, parse_range
+from contracts.config_flags import Flag, FlagSet, flag_set
+from contracts.config_flags import config_from_args as flags_to_config
 
 
 def _doc(text: str, **kw):
@@ -241,57 +243,29 @@ def _progress_line(cfg: LoadConfig, latest: dict, pending) -> str:
 
 # ---------------------------------------------------------------- CLI
 
-def _help(name: str) -> str:
-    f = {f.name: f for f in dataclasses.fields(LoadConfig)}[name]
-    d = f.default
-    return f"{f.metadata['doc']} (default: {d})"
+def _flags() -> FlagSet:
+    """Every LoadConfig field but `out` (the CLI's default is a new timestamped directory, not None)."""
+    return flag_set(
+        LoadConfig, "target", "rate", "duration_s", "warmup_s", Flag("arrival", choices=ARRIVALS), "procs",
+        "channels", "max_inflight", "deadline_ms", "users", "zipf_s", "items", "item_prefix", "history_len", "k",
+        "exclude_seen", Flag("score_candidates", parse=parse_range, note="LO:HI"),
+        Flag("mix", parse=parse_mix, note=f"kind=weight,... with kinds {sorted(KINDS)}"), "seed", "label",
+        "slo_p99_ms", "error_budget", Flag("progress", name="quiet", negate=True), Flag("use_uvloop", name="uvloop"),
+        "connect_timeout_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetower bench load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="localhost:50051", help=_help("target"))
-    p.add_argument("--rate", type=float, default=200.0, help=_help("rate"))
-    p.add_argument("--duration-s", type=float, default=30.0, help=_help("duration_s"))
-    p.add_argument("--warmup-s", type=float, default=5.0, help=_help("warmup_s"))
-    p.add_argument("--arrival", choices=ARRIVALS, default="fixed", help=_help("arrival"))
-    p.add_argument("--procs", type=int, default=1, help=_help("procs"))
-    p.add_argument("--channels", type=int, default=1, help=_help("channels"))
-    p.add_argument("--max-inflight", type=int, default=10_000, help=_help("max_inflight"))
-    p.add_argument("--deadline-ms", type=float, default=1000.0, help=_help("deadline_ms"))
-    p.add_argument("--users", type=int, default=100_000, help=_help("users"))
-    p.add_argument("--zipf-s", type=float, default=1.1, help=_help("zipf_s"))
-    p.add_argument("--items", type=int, default=100_000, help=_help("items"))
-    p.add_argument("--item-prefix", default="item-", help=_help("item_prefix"))
-    p.add_argument("--history-len", type=int, default=50, help=_help("history_len"))
-    p.add_argument("--k", type=int, default=100, help=_help("k"))
-    p.add_argument("--exclude-seen", action="store_true", help=_help("exclude_seen"))
-    p.add_argument("--score-candidates", type=parse_range, default=(100, 1000),
-                   help=_help("score_candidates") + "; LO:HI")
-    p.add_argument("--mix", type=parse_mix, default=(("recommend", 0.9), ("score", 0.1)),
-                   help=_help("mix") + f"; kind=weight,... with kinds {sorted(KINDS)}")
-    p.add_argument("--seed", type=int, default=0, help=_help("seed"))
-    p.add_argument("--label", default="load", help=_help("label"))
+    _flags().add_to(p)
     p.add_argument("--out", type=Path, default=None,
                    help="directory for results.json + results.png (default: bench-results/load/<timestamp>)")
-    p.add_argument("--slo-p99-ms", type=float, default=None, help=_help("slo_p99_ms"))
-    p.add_argument("--error-budget", type=float, default=None, help=_help("error_budget"))
-    p.add_argument("--quiet", action="store_true", help="no per-second progress lines")
-    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the workers")
-    p.add_argument("--connect-timeout-s", type=float, default=10.0, help=_help("connect_timeout_s"))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     out = args.out or Path("bench-results/load") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return LoadConfig(
-        target=args.target, rate=args.rate, duration_s=args.duration_s, warmup_s=args.warmup_s,
-        arrival=args.arrival, procs=args.procs, channels=args.channels, max_inflight=args.max_inflight,
-        deadline_ms=args.deadline_ms, users=args.users, zipf_s=args.zipf_s, items=args.items,
-        item_prefix=args.item_prefix, history_len=args.history_len, k=args.k, exclude_seen=args.exclude_seen,
-        score_candidates=tuple(args.score_candidates), mix=tuple(args.mix), seed=args.seed, label=args.label,
-        out=out, slo_p99_ms=args.slo_p99_ms, error_budget=args.error_budget, progress=not args.quiet,
-        use_uvloop=not args.no_uvloop, connect_timeout_s=args.connect_timeout_s)
+    return flags_to_config(_flags(), args, out=out)
 
 
 def main(argv: list[str] | None = None) -> int:

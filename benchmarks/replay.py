@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import replay_eval as ev
+from contracts.config_flags import Flag, FlagSet, flag_set
+from contracts.config_flags import config_from_args as flags_to_config
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
 
@@ -264,23 +266,7 @@ def run(cfg: ReplayConfig) -> dict:
             "rounds": rec.rounds, **scored}
 
 
-def config_from_args(args) -> ReplayConfig:
-    from trainer.model import ModelConfig
-
-    quick = args.quick
-    pick = lambda v, full, q: v if v is not None else (q if quick else full)  # noqa: E731
-    train = TrainConfig(model=ModelConfig.tiny_debug() if quick else ModelConfig(), backend="torch",
-                        round_min_events=pick(args.round_min_events, 1000, 500),
-                        round_interval_s=args.round_interval_s, poll_interval_s=0.5, epochs_per_round=args.epochs,
-                        gate_min_ratio=args.gate_min_ratio)
-    return ReplayConfig(dataset=args.dataset, data=args.data, out=args.out, speedup=pick(args.speedup, 6e4, 4e5),
-                        max_events=pick(args.max_events, 0, 20_000), eval_every=pick(args.eval_every, 5000, 2000),
-                        warmup_events=pick(args.warmup_events, 10_000, 5000),
-                        threads=args.threads, train=train)
-
-
-def run_from_args(args) -> int:
-    cfg = config_from_args(args)
+def run_config(cfg: ReplayConfig) -> int:
     t0 = time.monotonic()
     try:
         res = run(cfg)
@@ -304,33 +290,61 @@ def run_from_args(args) -> int:
     return 0
 
 
+# --quick: 20k events, the tiny model, a faster stream (about a minute); flags given still win
+QUICK = dict(speedup=4e5, max_events=20_000, warmup_events=5000, eval_every=2000)
+QUICK_TRAIN = dict(round_min_events=500)
+CLI_EPOCHS = 2  # the study's rounds train 2 epochs (TrainConfig's default is 10)
+
+
+def base_config(quick: bool) -> ReplayConfig:
+    """The config the flags are applied to: ReplayConfig's defaults, or the --quick ones."""
+    from trainer.model import ModelConfig
+
+    base = ReplayConfig()
+    train = base.train.replace(epochs_per_round=CLI_EPOCHS)
+    if not quick:
+        return dataclasses.replace(base, train=train)
+    return dataclasses.replace(base, **QUICK, train=train.replace(model=ModelConfig.tiny_debug(), **QUICK_TRAIN))
+
+
+def _flags() -> tuple[FlagSet, FlagSet]:
+    """The ReplayConfig fields and the fields of its TrainConfig that the study takes as flags."""
+    full = base_config(quick=False)
+    quick = lambda name, preset: f"--quick: {preset[name]:g}" if name in preset else ""  # noqa: E731
+    replay = flag_set(ReplayConfig, "data", "dataset", "out",
+                      *(Flag(name, note=quick(name, QUICK))
+                        for name in ("speedup", "max_events", "warmup_events", "eval_every")),
+                      "threads", defaults=full)
+    train = flag_set(TrainConfig, Flag("round_min_events", note=quick("round_min_events", QUICK_TRAIN)),
+                     "round_interval_s", Flag("epochs_per_round", name="epochs"), "gate_min_ratio",
+                     defaults=full.train)
+    return replay, train
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetower bench replay", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("../shared/data/ml-100k"),
-                   help="ml-100k directory (default ../shared/data/ml-100k)")
-    p.add_argument("--dataset", choices=("ml100k", "synthetic"), default="ml100k",
-                   help="synthetic: a small generated stream (tests)")
-    p.add_argument("--out", type=Path, default=Path("bench-results/replay"),
-                   help="results.json + results.png (work files in OUT/work, replaced each run)")
-    p.add_argument("--speedup", type=float, help="stream seconds per wall second (default 6e4: ~5 min; quick 4e5)")
-    p.add_argument("--max-events", type=int, help="replay only the first N events (default all; quick 20000)")
-    p.add_argument("--warmup-events", type=int,
-                   help="events in the log before the clock starts; engine 1 (the frozen one) is trained on them "
-                        "(default 10000; quick 5000; 0 = start cold: engine 1 is whatever the first round saw)")
-    p.add_argument("--eval-every", type=int, help="events per reported window (default 5000; quick 2000)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--round-min-events", type=int, help="trainer: round at this backlog (default 1000; quick 500)")
-    p.add_argument("--round-interval-s", type=float, default=10.0, help="trainer: or this long after the last round")
-    p.add_argument("--epochs", type=int, default=2, help="trainer: passes over each round's events")
-    p.add_argument("--gate-min-ratio", type=float, default=1.0,
-                   help="trainer: publish when model R@10 >= ratio x popularity on the round's holdout (0 = always)")
-    p.add_argument("--quick", action="store_true", help="20k events, tiny model, faster stream (about a minute)")
+    replay, train = _flags()
+    replay.add_to(p)
+    train.add_to(p)
+    preset = ", ".join(f"{k} {v:g}" for k, v in {**QUICK, **QUICK_TRAIN}.items())
+    p.add_argument("--quick", action="store_true", help=f"a study of about a minute: the tiny model, {preset}")
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> ReplayConfig:
+    replay, train = _flags()
+    base = base_config(args.quick)
+    return flags_to_config(replay, args, base, train=flags_to_config(train, args, base.train))
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_from_args(build_parser().parse_args(argv))
+    p = build_parser()
+    try:
+        cfg = config_from_args(p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))
+    return run_config(cfg)
 
 
 if __name__ == "__main__":

@@ -11,108 +11,124 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
+from contracts.config_flags import Flag, FlagSet, FlagValueError, config_from_args, flag_set, given_argv
 from livetower.cli_engines import DEFAULT_TARGET, add_engines_parser
 from livetower.cli_archive import add_archive_parser
 
 DEFAULT_DATA_DIR = Path("var/livetower")
 
 
-def _server_config(args):
+def _server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet]:
+    """The ServerConfig, EngineManagerConfig and BatchingConfig fields `serve` and `up` take as flags."""
     from server.batching import BatchingConfig
     from server.config import ServerConfig
     from server.engine.manager import EngineManagerConfig
 
-    batching = None if args.no_batching else BatchingConfig(
-        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-        max_queue_delay_ms=args.max_queue_delay_ms, max_loop_lag_ms=args.max_loop_lag_ms,
-        inline_below_ms=args.inline_below_ms)
-    return ServerConfig(data_dir=args.data_dir, host=args.host, port=args.port, events_url=args.events,
-                        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                        engines=EngineManagerConfig(poll_interval_s=args.poll_interval_s, num_threads=args.threads,
-                                                    leader=not args.rollout_follower, use_ann=not args.no_ann),
-                        batching=batching, uvloop=not args.no_uvloop, reuse_port=args.reuse_port,
-                        gil_switch_interval_s=args.gil_switch_interval_ms / 1e3, gc_freeze=not args.no_gc_freeze)
+    server = flag_set(ServerConfig, "host", "port",
+                      Flag("metrics_port", to_field=lambda port: None if port < 0 else port, note="-1: off"),
+                      Flag("gil_switch_interval_s", name="gil-switch-interval-ms", to_field=lambda ms: ms / 1e3,
+                           shown=lambda s: s * 1e3, note="in ms"),
+                      "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"))
+    engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
+                       Flag("use_ann", name="ann"),
+                       Flag("leader", name="rollout-follower", negate=True,
+                            note="--workers makes every process but the first a follower"))
+    batching = flag_set(BatchingConfig, "max_batch", "max_delay_ms", "max_queue", "max_queue_delay_ms",
+                        "max_loop_lag_ms", "inline_below_ms")
+    return server, engines, batching
+
+
+def _train_flag_sets() -> tuple[FlagSet, FlagSet]:
+    """The TrainConfig and ElasticConfig fields `train` and `up` take as flags."""
+    from contracts.registry import BACKENDS
+    from trainer.config import ELASTIC_DEVICES, PRECISIONS, ElasticConfig, TrainConfig
+
+    train = flag_set(TrainConfig, Flag("backend", choices=BACKENDS), "round_min_events", "round_interval_s",
+                     "max_round_events", Flag("epochs_per_round", name="epochs"), Flag("precision", choices=PRECISIONS))
+    elastic = flag_set(ElasticConfig, "min_workers", "max_workers", "events_per_worker",
+                       Flag("device", name="train-device", choices=ELASTIC_DEVICES))
+    return train, elastic
+
+
+def _server_config(args):
+    server, engines, batching = _server_flag_sets()
+    return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events,
+                            engines=config_from_args(engines, args),
+                            batching=None if args.no_batching else config_from_args(batching, args))
 
 
 def _train_config(args):
     from trainer.config import TrainConfig
 
+    train, elastic = _train_flag_sets()
     base = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
-    changes = {k: v for k, v in dict(backend=args.backend, round_min_events=args.round_min_events,
-                                      max_round_events=args.max_round_events,
-                                      round_interval_s=args.round_interval_s, epochs_per_round=args.epochs,
-                                      precision=args.precision).items() if v is not None}
-    elastic = {k: v for k, v in dict(min_workers=args.min_workers, max_workers=args.max_workers,
-                                      events_per_worker=args.events_per_worker, device=args.train_device).items()
-               if v is not None}
-    if elastic:
-        changes["elastic"] = base.elastic.replace(**elastic)
-    changes["inductor_cache_dir"] = args.data_dir / "inductor-cache"
-    return base.replace(**changes)
+    return config_from_args(train, args, base, elastic=config_from_args(elastic, args, base.elastic),
+                            inductor_cache_dir=args.data_dir / "inductor-cache")
 
 
-def _add_events_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
-                   help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
-                        "default: the embedded SQLite log in --data-dir")
+def _add_events_flag(p: argparse.ArgumentParser) -> argparse.Action:
+    return p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
+                          help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
+                               "default: the embedded SQLite log in --data-dir")
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     _add_events_flag(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus port (0 = any free, -1 = off)")
-    p.add_argument("--poll-interval-s", type=float, default=1.0, help="registry check interval")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for serving")
+    server, engines, batching = _server_flag_sets()
+    server.add_to(p)
+    engines.add_to(p)
     p.add_argument("--no-batching", action="store_true", help="compute inline on the event loop (baseline)")
-    p.add_argument("--max-batch", type=int, default=32, help="Recommend queries per engine call")
-    p.add_argument("--max-delay-ms", type=float, default=0.0, help="wait for a batch to fill")
-    p.add_argument("--max-queue", type=int, default=512, help="queued requests before shedding")
-    p.add_argument("--max-queue-delay-ms", type=float, default=20.0,
-                   help="shed a request that would wait longer than this for the compute thread")
-    p.add_argument("--max-loop-lag-ms", type=float, default=50.0,
-                   help="shed new requests while the event loop runs this far behind (0: never)")
-    p.add_argument("--inline-below-ms", type=float, default=0.0,
-                   help="compute a Recommend on the event loop (no compute-thread hand-off) when its engine's "
-                        "measured cost is below this and nothing is queued: lower P99 up to capacity, no "
-                        "overload protection past it (default 0: always the compute thread)")
-    p.add_argument("--gil-switch-interval-ms", type=float, default=1.0,
-                   help="longest a Python thread keeps the GIL from the event loop (Python's default: 5)")
-    p.add_argument("--no-gc-freeze", action="store_true",
-                   help="leave long-lived objects in the cyclic GC's scans (gc.freeze() is on by default)")
-    p.add_argument("--no-uvloop", action="store_true", help="default asyncio loop instead of uvloop")
-    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
-    p.add_argument("--rollout-follower", action="store_true",
-                   help="mirror rollout.json, make no automatic rollout decisions (set by --workers for all "
-                        "but the first process)")
-    p.add_argument("--no-ann", action="store_true", help="exact top-k even when the engine has an HNSW index")
+    batching.add_to(p)
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("aoti", "onnx", "torch"), help="engine backend (default aoti)")
-    p.add_argument("--round-min-events", type=int, help="start a round at this backlog (default 1000)")
-    p.add_argument("--round-interval-s", type=float, help="or after this long with any backlog (default 30)")
-    p.add_argument("--max-round-events", type=int, help="events one round consumes at most (default 200000)")
-    p.add_argument("--epochs", type=int, help="passes over each round's events (default 10)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="training precision: bf16 autocast (default), fp16 autocast + loss scaling, fp32")
-    p.add_argument("--min-workers", type=int, help="fewest training workers a round runs on (default 1)")
-    p.add_argument("--max-workers", type=int,
-                   help="most training workers a round may get, chosen from the backlog (default 1: in-process)")
-    p.add_argument("--events-per-worker", type=int, help="backlog per worker before another is added (default 50000)")
-    p.add_argument("--train-device", choices=("auto", "cpu", "cuda"),
-                   help="where workers train: cuda (one GPU each), cpu (gloo), auto (default: cuda when visible)")
-    p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)")
-    p.add_argument("--trainer-metrics-port", type=int, default=9465,
-                   help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")
+def _add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    train, elastic = _train_flag_sets()
+    return [*train.add_to(p), *elastic.add_to(p),
+            p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)"),
+            p.add_argument("--trainer-metrics-port", type=int, default=9465,
+                           help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")]
 
 
-def _serve_workers(args) -> int:
+def _add_up_flags(p: argparse.ArgumentParser) -> None:
+    _add_server_flags(p)
+    _add_train_flags(p)
+
+
+def _trainer_argv(args) -> list[str]:
+    """The events and train flags given to `up`, for its `livetower train` sidecar."""
+    p = argparse.ArgumentParser(add_help=False)
+    return given_argv([_add_events_flag(p), *_add_train_flags(p)], args)
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser whose flags are added when it is first used: serve/train/up read theirs from config
+    dataclasses whose modules import torch, which the other commands should not wait for."""
+
+    def __init__(self, *args, add_flags: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_flags = add_flags
+
+    def _populate(self) -> None:
+        add, self._add_flags = self._add_flags, None
+        if add is not None:
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populate()
+        return super().format_help()
+
+
+def _serve_workers(args, config) -> int:
     """--workers N: N server processes sharing the port with SO_REUSEPORT; the kernel spreads connections."""
     import subprocess
 
-    if args.port == 0:
+    if config.port == 0:
         raise SystemExit("--workers needs an explicit --port (processes must share one port)")
     argv = [a for a in sys.argv[1:] if a != "--reuse-port"]
     i = argv.index("--workers") if "--workers" in argv else None
@@ -121,7 +137,7 @@ def _serve_workers(args) -> int:
     argv = [a for a in argv if not a.startswith("--workers=")]
     procs = []
     for w in range(args.workers):
-        metrics = -1 if args.metrics_port < 0 else (0 if args.metrics_port == 0 else args.metrics_port + w)
+        metrics = -1 if config.metrics_port is None else (0 if config.metrics_port == 0 else config.metrics_port + w)
         follower = ["--rollout-follower"] if w > 0 else []
         procs.append(subprocess.Popen([sys.executable, "-m", "livetower", *argv, "--reuse-port", *follower,
                                        "--metrics-port", str(metrics)]))
@@ -139,11 +155,11 @@ def _serve_workers(args) -> int:
 def cmd_serve(args) -> int:
     from server.app import run, serve
 
-    if args.workers > 1:
-        return _serve_workers(args)
     config = _server_config(args)
+    if args.workers > 1:
+        return _serve_workers(args, config)
     run(serve(config, on_started=lambda s, port: print(
-        f"serving gRPC on {args.host}:{port} (metrics port {s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
+        f"serving gRPC on {config.host}:{port} (metrics port {s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
     return 0
 
 
@@ -209,14 +225,9 @@ def cmd_train(args) -> int:
 def cmd_up(args) -> int:
     from livetower.up import run_up
 
-    train_args = []
-    for flag in ("backend", "round_min_events", "round_interval_s", "max_round_events", "epochs", "precision", "events",
-                 "trainer_metrics_port", "min_workers", "max_workers", "events_per_worker", "train_device"):
-        if getattr(args, flag) is not None:
-            train_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.tiny:
-        train_args.append("--tiny")
-    run_up(_server_config(args), train_args=train_args, bootstrap_users=args.bootstrap_users)
+    config = _server_config(args)
+    _train_config(args)  # a bad train flag stops `up` here instead of failing in the restarted sidecar
+    run_up(config, train_args=_trainer_argv(args), bootstrap_users=args.bootstrap_users)
     return 0
 
 
@@ -287,22 +298,19 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetower", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("LIVETOWER_LOG_LEVEL", "INFO"))
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
 
-    up = sub.add_parser("up", help="server + trainer sidecar on embedded defaults")
+    up = sub.add_parser("up", help="server + trainer sidecar on embedded defaults", add_flags=_add_up_flags)
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     up.add_argument("--bootstrap-users", type=int, default=2000, help="synthetic users when the log is empty")
-    _add_server_flags(up)
-    _add_train_flags(up)
     up.set_defaults(func=cmd_up)
 
-    serve = sub.add_parser("serve", help="the gRPC server alone")
+    serve = sub.add_parser("serve", help="the gRPC server alone", add_flags=_add_server_flags)
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
-    _add_server_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    train = sub.add_parser("train", help="the trainer alone")
+    train = sub.add_parser("train", help="the trainer alone", add_flags=_add_train_flags)
     train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     train.add_argument("--once", action="store_true", help="run one round and exit")
     train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -312,7 +320,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train from a Delta archive (livetower archive) until it is drained, then exit; "
                             "a later plain run continues after the archived events")
     _add_events_flag(train)
-    _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
     ingest = sub.add_parser("ingest", help="append events to the log from a generator or data set")
@@ -370,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except FlagValueError as e:
+        print(f"livetower {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except grpc.RpcError as e:

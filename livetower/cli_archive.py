@@ -11,8 +11,16 @@ import sys
 import threading
 from pathlib import Path
 
+from contracts.config_flags import Flag, FlagSet, config_from_args, flag_set
+
 DEFAULT_DATA_DIR = Path("var/livetower")
 log = logging.getLogger("livetower.archive")
+
+
+def _archive_flags() -> FlagSet:
+    from trainer.sources.archive import ArchiveConfig
+
+    return flag_set(ArchiveConfig, "batch_events", "poll_interval_s", Flag("partition_by_date", name="partition"))
 
 
 def add_archive_parser(sub) -> argparse.ArgumentParser:
@@ -22,16 +30,13 @@ def add_archive_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="data directory of the event log")
     p.add_argument("--table", required=True, help="Delta table path or URI (created by the first batch)")
     p.add_argument("--once", action="store_true", help="archive what the log holds now and exit")
-    p.add_argument("--batch-events", type=int, default=10_000, help="events per Delta commit (default 10000)")
-    p.add_argument("--poll-interval-s", type=float, default=5.0, help="wait between passes once drained")
-    p.add_argument("--no-partition", action="store_true",
-                   help="do not partition a new table by event date (UTC day of timestamp_ms)")
+    _archive_flags().add_to(p)
     p.set_defaults(func=cmd_archive)
     return p
 
 
 def cmd_archive(args) -> int:
-    from trainer.sources.archive import ArchiveConfig, ArchiveError, DeltaArchiver
+    from trainer.sources.archive import ArchiveError, DeltaArchiver
     from contracts.eventlog import SqliteEventLog
 
     db = Path(args.data_dir) / "events.sqlite"
@@ -39,8 +44,7 @@ def cmd_archive(args) -> int:
         print(f"error: no event log at {db}: pass the --data-dir of a livetower server "
               "(or fill one with `livetower ingest`)", file=sys.stderr)
         return 2
-    cfg = ArchiveConfig(batch_events=args.batch_events, poll_interval_s=args.poll_interval_s,
-                        partition_by_date=not args.no_partition)
+    cfg = config_from_args(_archive_flags(), args)  # FlagValueError: livetower.cli.main reports it
     source = SqliteEventLog(db)
     try:
         archiver = DeltaArchiver(source, args.table, cfg)

@@ -31,9 +31,9 @@ class ServerConfig:
     max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
     host: str = "127.0.0.1"               # interface the gRPC server binds
     port: int = 50051                     # gRPC port (0 = pick a free one)
-    metrics_port: int | None = 9464       # Prometheus /metrics port (0 = free one, None = off)
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    engines: EngineManagerConfig = field(default_factory=EngineManagerConfig)
+    metrics_port: int | None = 9464       # Prometheus /metrics port (0 = a free one, None = off)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on one request (k, candidates, history, ids, bytes)
+    engines: EngineManagerConfig = field(default_factory=EngineManagerConfig)  # engine loading, rollout and canary
     batching: BatchingConfig | None = field(default_factory=BatchingConfig)  # None: inline, no batching
     uvloop: bool = True                   # run the server on uvloop when it is installed
     reuse_port: bool = False              # SO_REUSEPORT: several server processes share one port

@@ -32,7 +32,8 @@ class ElasticConfig:
     events_per_worker: int = 50_000      # backlog given to one worker before the policy adds another
     freshness_target_s: float = 60.0     # wanted training time of a round: add workers while the measured
                                          # per-worker rate says the backlog would take longer
-    device: str = "auto"                 # "cpu" (gloo), "cuda" (NCCL, one GPU per worker) or "auto"
+    device: str = "auto"                 # "cpu" (gloo), "cuda" (NCCL, one GPU per worker) or "auto" (cuda when a
+                                         # GPU is visible, else cpu)
     threads_per_worker: int = 1          # torch intra-op threads per worker process (CPU devices = cores // this)
     max_round_retries: int = 2           # a failed round re-runs from its newest epoch checkpoint with one worker
                                          # fewer, at most this often
@@ -74,7 +75,7 @@ class ElasticConfig:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture (trainer/model.py)
     batch_size: int = 128              # windows (sequences of max_history targets) per step
     lr: float = 1e-3                   # AdamW learning rate
     weight_decay: float = 0.0          # AdamW weight decay
