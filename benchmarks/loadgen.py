@@ -76,6 +76,8 @@ class LoadConfig:
     progress: bool = _doc("print a progress line about once a second", default=True)
     use_uvloop: bool = _doc("use uvloop in the workers when importable", default=True)
     connect_timeout_s: float = _doc("seconds a worker waits for its channels to connect", default=10.0)
+    metadata: tuple[tuple[str, str], ...] = _doc("gRPC metadata sent with every request (e.g. Ray Serve's "
+                                                 "application name)", default=())
 
     def __post_init__(self):
         def bad(name, why):
@@ -119,6 +121,8 @@ class LoadConfig:
             bad("slo_p99_ms", "must be > 0")
         if self.error_budget is not None and not (0 <= self.error_budget <= 1):
             bad("error_budget", "must be in [0, 1]")
+        if not all(isinstance(m, tuple) and len(m) == 2 and m[0] == m[0].lower() for m in self.metadata):
+            bad("metadata", "must be (key, value) pairs with lower-case keys")
         if self.rate / self.procs > 1e6:
             bad("rate", "per-worker rate over 1e6/s")
 
@@ -132,6 +136,7 @@ class LoadConfig:
         d["out"] = None if self.out is None else str(self.out)
         d["score_candidates"] = list(self.score_candidates)
         d["mix"] = dict(self.mix)
+        d["metadata"] = dict(self.metadata)
         return d
 
 
@@ -243,6 +248,14 @@ def _progress_line(cfg: LoadConfig, latest: dict, pending) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+def parse_metadata(text: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,key=value` -> (("key", "value"), ...)."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"metadata must be key=value,... got {text!r}")
+    return tuple((k.strip().lower(), v.strip()) for k, v in pairs)
+
+
 def _flags() -> FlagSet:
     """Every LoadConfig field but `out` (the CLI's default is a new timestamped directory, not None)."""
     return flag_set(
@@ -251,7 +264,7 @@ def _flags() -> FlagSet:
         "exclude_seen", Flag("score_candidates", parse=parse_range, note="LO:HI"),
         Flag("mix", parse=parse_mix, note=f"kind=weight,... with kinds {sorted(KINDS)}"), "seed", "label",
         "slo_p99_ms", "error_budget", Flag("progress", name="quiet", negate=True), Flag("use_uvloop", name="uvloop"),
-        "connect_timeout_s")
+        "connect_timeout_s", Flag("metadata", parse=parse_metadata, note="key=value,..."))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,13 +128,14 @@ async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, 
             raise TimeoutError(f"worker {idx}: no start signal")
         base = time.monotonic() + (start_value.value - time.time())  # monotonic time of offset 0
         deadline_s = cfg.deadline_ms / 1e3
+        metadata = cfg.metadata or None
         inflight: set[asyncio.Task] = set()
         finished = False
 
         async def one(call, req, kind: str, t_sched: float) -> None:
             rec.sent(time.monotonic() - base - t_sched)
             try:
-                await call(req, timeout=deadline_s)
+                await call(req, timeout=deadline_s, metadata=metadata)
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name

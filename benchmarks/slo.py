@@ -51,7 +51,12 @@ CONFIGS = {
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},
+    # A peer: the same engine (tower package, item index) served by another widely used model server.
+    "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
+                  "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},
 }
+# gRPC metadata a peer's ingress needs on every request (Ray Serve routes by application name).
+PEER_METADATA = {"ray": (("application", "livetower"),)}
 
 
 def free_port() -> int:
@@ -62,36 +67,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, flags: list[str], log_path: Path,
-                 metrics_port: int = -1) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int = -1,
+                 peer: str | None = None) -> tuple[subprocess.Popen, int]:
+    """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port",
-                             str(port), "--metrics-port", str(metrics_port), *flags], stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
+    if peer == "ray":
+        cmd = [sys.executable, "-m", "benchmarks.ray_peer", "--data-dir", str(data_dir), "--port", str(port), *flags]
+    else:
+        cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
+               "--metrics-port", str(metrics_port), *flags]
+    metadata = PEER_METADATA.get(peer)
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if "serving gRPC on" in log_path.read_text():
             stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             while time.monotonic() < deadline:
                 try:
                     for _ in range(20):  # with --workers, several connections reach every process
-                        stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5)
+                        stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5,
+                                       metadata=metadata)
                     return proc, port
                 except grpc.RpcError:
                     time.sleep(0.5)
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    proc.kill()
+    stop_server(proc)
     raise RuntimeError(f"server did not start serving; see {log_path}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+    """SIGTERM to the server's process group (a peer's helper processes too), then SIGKILL after 60 s."""
     try:
-        proc.wait(30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
@@ -119,8 +135,11 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     servers also report their CPU time per request by component (benchmarks/server_cpu.py)."""
     spec = CONFIGS[name]
     flags = spec["flags"] + args.server_flags.get(name, [])
-    mport = -1 if "--workers" in flags else free_port()
-    proc, port = start_server(catalog / spec["dir"], flags, out / f"server-{name}.log", metrics_port=mport)
+    peer = spec.get("peer")
+    mport = -1 if "--workers" in flags or peer else free_port()
+    if peer:
+        base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
+    proc, port = start_server(catalog / spec["dir"], flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
     try:
         before = CpuSample(proc.pid, mport) if mport > 0 else None
         summary = one_run(base, port, rate, label)
@@ -267,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                             / o["headline"]["median_p99_ms"]}
         if "capacity_qps" in b and "capacity_qps" in o:  # a --headline-only config has no capacity search
             results["ratio"]["capacity_optimised_over_baseline"] = o["capacity_qps"] / max(b["capacity_qps"], 1)
+    if {"ray-serve", "optimised"} <= set(results["configs"]):
+        r, o = results["configs"]["ray-serve"], results["configs"]["optimised"]
+        results.setdefault("ratio", {})["p99_at_rate_ray_serve_over_optimised"] = (
+            r["headline"]["median_p99_ms"] / o["headline"]["median_p99_ms"])
+        if "capacity_qps" in r and "capacity_qps" in o:
+            results["ratio"]["capacity_optimised_over_ray_serve"] = o["capacity_qps"] / max(r["capacity_qps"], 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "results.png")
     print(json.dumps({n: {"median_p99_ms@rate": c["headline"]["median_p99_ms"], "capacity_qps": c.get("capacity_qps"),

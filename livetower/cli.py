@@ -286,12 +286,26 @@ def cmd_eval(args) -> int:
     return run_eval_command(args)
 
 
+# `livetower bench X`: benchmarks/<module>.py's main(argv), and what it measures.
+BENCHES = {
+    "build": ("engine_build", "engine backends compared"),
+    "catalog": ("catalog", "a trained catalogue for load tests"),
+    "load": ("loadgen", "open-loop load generator"),
+    "slo": ("slo", "baseline vs optimised serving at fixed rates, capacity, CPU per request by component"),
+    "peers": ("peers", "livetower vs Ray Serve serving the same engine: P99 at 200 QPS, capacity"),
+    "swap": ("swap", "canary, promote and rollback under load, memory over swap cycles"),
+    "kill": ("kill_campaign", "kill -9 the Kafka-fed trainer many times, count lost events"),
+    "stream": ("stream", "event -> history latency and event -> serving freshness on Kafka"),
+    "kernels": ("kernels", "Triton retrieval kernel vs torch on a GPU"),
+    "train": ("train_bench", "training throughput per worker count and precision, elastic scaling events"),
+    "replay": ("replay", "ml-100k in time order, continuous vs frozen engines vs popularity"),
+}
+
+
 def cmd_bench(args) -> int:
     import importlib
 
-    module = {"build": "engine_build", "catalog": "catalog", "load": "loadgen", "slo": "slo", "swap": "swap",
-              "kill": "kill_campaign", "stream": "stream", "kernels": "kernels", "train": "train_bench",
-              "replay": "replay"}[args.what]
+    module = BENCHES[args.what][0]
     return importlib.import_module(f"benchmarks.{module}").main(args.rest)
 
 
@@ -354,15 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_flags(ev)
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG under bench-results/)")
-    bench.add_argument("what", choices=("build", "catalog", "load", "slo", "swap", "kill", "stream", "kernels", "train", "replay"),
-                       help="build: engine backends compared; catalog: a trained catalogue for load tests; "
-                            "load: open-loop load generator; slo: baseline vs optimised serving at fixed rates; "
-                            "swap: canary, promote and rollback under load, memory over swap cycles; "
-                            "kill: kill -9 the Kafka-fed trainer many times, count lost events; "
-                            "stream: event -> history latency and event -> serving freshness on Kafka; "
-                            "kernels: Triton retrieval kernel vs torch on a GPU; "
-                            "train: training throughput per worker count and precision, elastic scaling events; "
-                            "replay: ml-100k in time order, continuous vs frozen engines vs popularity")
+    bench.add_argument("what", choices=tuple(BENCHES),
+                       help="; ".join(f"{name}: {what}" for name, (_, what) in BENCHES.items()))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help after it)")
     bench.set_defaults(func=cmd_bench)
     return p
