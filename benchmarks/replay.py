@@ -52,8 +52,8 @@ class ReplayConfig:
     threads: int = 1                # torch intra-op threads (training and scoring)
     tick_s: float = 0.05            # the streamer appends what is due at most this often (one transaction)
     progress_s: float = 15.0        # seconds between progress lines
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        backend="torch", round_min_events=1000, round_interval_s=10.0, poll_interval_s=0.5))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the study's rounds: 2 epochs (TrainConfig: 10)
+        backend="torch", round_min_events=1000, round_interval_s=10.0, poll_interval_s=0.5, epochs_per_round=2))
 
     def __post_init__(self) -> None:
         if self.dataset not in ("ml100k", "synthetic"):
@@ -293,7 +293,6 @@ def run_config(cfg: ReplayConfig) -> int:
 # --quick: 20k events, the tiny model, a faster stream (about a minute); flags given still win
 QUICK = dict(speedup=4e5, max_events=20_000, warmup_events=5000, eval_every=2000)
 QUICK_TRAIN = dict(round_min_events=500)
-CLI_EPOCHS = 2  # the study's rounds train 2 epochs (TrainConfig's default is 10)
 
 
 def base_config(quick: bool) -> ReplayConfig:
@@ -301,10 +300,9 @@ def base_config(quick: bool) -> ReplayConfig:
     from trainer.model import ModelConfig
 
     base = ReplayConfig()
-    train = base.train.replace(epochs_per_round=CLI_EPOCHS)
     if not quick:
-        return dataclasses.replace(base, train=train)
-    return dataclasses.replace(base, **QUICK, train=train.replace(model=ModelConfig.tiny_debug(), **QUICK_TRAIN))
+        return base
+    return dataclasses.replace(base, **QUICK, train=base.train.replace(model=ModelConfig.tiny_debug(), **QUICK_TRAIN))
 
 
 def _flags() -> tuple[FlagSet, FlagSet]:

@@ -17,20 +17,23 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.server_cpu import CpuSample, per_request_ms
-from benchmarks.workload import parse_mix
+from benchmarks.workload import KINDS, make_workload, parse_mix
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 
@@ -98,11 +101,11 @@ def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port:
     raise RuntimeError(f"server did not start serving; see {log_path}")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (a peer's helper processes too), then SIGKILL after 60 s."""
+def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to the process group (a peer's helper processes, a trainer's workers too), SIGKILL after grace_s."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -132,17 +135,30 @@ def passes(s: dict, slo_ms: float, budget: float) -> bool:
 
 def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: float, label: str) -> dict:
     """One load run against a freshly started server: no backlog from an earlier run leaks in. Single-process
-    servers also report their CPU time per request by component (benchmarks/server_cpu.py)."""
+    servers also report their CPU time per request by component (benchmarks/server_cpu.py). With
+    --with-trainer, a copy of the catalogue is served while `livetower train` trains on it beside the server,
+    on the events the load itself logs, publishing engines the server canaries and promotes."""
     spec = CONFIGS[name]
     flags = spec["flags"] + args.server_flags.get(name, [])
     peer = spec.get("peer")
     mport = -1 if "--workers" in flags or peer else free_port()
     if peer:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
-    proc, port = start_server(catalog / spec["dir"], flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
+    data = catalog / spec["dir"]
+    sidecar = args.with_trainer and not peer
+    if sidecar:
+        data = copy_catalog(data, out / "work", backlog=args.trainer_backlog, seed=len(label))
+    proc, port = start_server(data, flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
+    trainer = start_trainer(data, args.trainer_flags.split(), out / f"trainer-{name}.log") if sidecar else None
     try:
         before = CpuSample(proc.pid, mport) if mport > 0 else None
+        trained_before = trainer_events(trainer[1]) if trainer else 0.0
+        t0 = time.monotonic()
         summary = one_run(base, port, rate, label)
+        if trainer:
+            summary["trainer"] = {"events_per_s": (trainer_events(trainer[1]) - trained_before)
+                                  / (time.monotonic() - t0), "flags": args.trainer_flags}
+            print(f"    trainer beside it: {summary['trainer']['events_per_s']:.1f} events/s trained", flush=True)
         if before is not None:
             summary["cpu_ms_per_request"] = per_request_ms(before, CpuSample(proc.pid, mport))
             c = summary["cpu_ms_per_request"]
@@ -152,7 +168,52 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
                   f"batch {c.get('mean_batch', 0):.1f}", flush=True)
         return summary
     finally:
+        if trainer:
+            stop_server(trainer[0], grace_s=5)
         stop_server(proc)
+
+
+def copy_catalog(src: Path, work: Path, *, backlog: int, seed: int) -> Path:
+    """A fresh copy of a catalogue's serving and training state (the trainer beside the server changes it), with
+    `backlog` new events in its log so the trainer beside the server is never idle during the run."""
+    from contracts.eventlog import SqliteEventLog
+
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(src, work, ignore=shutil.ignore_patterns(BASELINE_DIR))
+    wl = make_workload(users=20_000, zipf_s=1.1, items=json.loads((src / "catalog.json").read_text())["items"], k=100)
+    rng = np.random.default_rng(seed)  # the same kind of click events the load logs (benchmarks/workload.py)
+    log = SqliteEventLog(work / "events.sqlite")
+    try:
+        log.append_all(KINDS["log"].make(rng, wl).events[0] for _ in range(backlog))
+    finally:
+        log.close()
+    return work
+
+
+def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
+    """`livetower train` on data in rounds back to back (any backlog, every 2 s); ready once its metrics answer."""
+    mport = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "livetower", "train", "--data-dir", str(data),
+                             "--round-min-events", "100", "--round-interval-s", "2", "--trainer-metrics-port",
+                             str(mport), *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            trainer_events(mport)
+            return proc, mport
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_server(proc)
+                raise RuntimeError(f"trainer did not start; see {log_path}")
+            time.sleep(0.5)
+
+
+def trainer_events(metrics_port: int) -> float:
+    """livetower_trainer_events_trained_total from the trainer's metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("livetower_trainer_events_trained_total "))
 
 
 def calibrate(catalog: Path, out: Path) -> dict:
@@ -260,13 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-p99-ms", type=float, default=10.0)
     p.add_argument("--error-budget", type=float, default=0.001)
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--mix", default="recommend=1.0")
+    p.add_argument("--mix", default=None, help="request kinds and weights (default recommend=1.0)")
     p.add_argument("--optimised-flags", default="", help="extra `serve` flags for the optimised server")
     p.add_argument("--skip-overload", action="store_true")
+    p.add_argument("--with-trainer", action="store_true",
+                   help="each run serves a copy of the catalogue while `livetower train` trains on it beside the "
+                        "server, on the events the load logs (use a --mix with log=..., default then "
+                        "recommend=0.95,log=0.05)")
+    p.add_argument("--trainer-backlog", type=int, default=50_000,
+                   help="with --with-trainer: events added to the copy's log first, so the trainer never idles")
+    p.add_argument("--trainer-flags", default="--max-round-events 5000", help="extra `train` flags with --with-trainer (e.g. "
+                                                      "'--trainer-nice 0 --trainer-cpu-weight 0': no lower priority)")
     p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
     args = p.parse_args(argv)
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
     args.headline_only = {x for x in args.headline_only.split(",") if x}
+    args.mix = args.mix or ("recommend=0.95,log=0.05" if args.with_trainer else "recommend=1.0")
     args.server_flags = {"optimised": args.optimised_flags.split()}
     catalog = json.loads((args.catalog / "catalog.json").read_text())
     base = LoadConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, items=catalog["items"], k=args.k,

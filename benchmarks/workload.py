@@ -165,6 +165,20 @@ def _make_score(rng: np.random.Generator, wl: Workload):
                            candidate_ids=wl.sample_candidates(rng))
 
 
+def _make_log(rng: np.random.Generator, wl: Workload):
+    """One click event: a user of the population on an item near the end of their history (what they engage
+    with next), event id random (unique across workers without coordination)."""
+    import time
+
+    from proto import livetower_v1_pb2 as pb
+
+    user = wl.sample_user(rng)
+    item = wl.history_ids(user)[-1 - int(rng.integers(0, 5))]
+    return pb.LogEventsRequest(events=[pb.Event(event_id=f"load-{rng.integers(1 << 62):x}", user_id=wl.user_id(user),
+                                                item_id=item, action="click", weight=1.0,
+                                                timestamp_ms=int(time.time() * 1000))])
+
+
 def _bind_recommender(method: str):
     def bind(channel):
         from proto import livetower_v1_pb2_grpc as pb_grpc
@@ -198,6 +212,7 @@ def _bind_infer(channel):
 
 register_kind(RequestKind(name="recommend", make=_make_recommend, bind=_bind_recommender("Recommend")))
 register_kind(RequestKind(name="score", make=_make_score, bind=_bind_recommender("Score")))
+register_kind(RequestKind(name="log", make=_make_log, bind=_bind_recommender("LogEvents")))
 register_kind(RequestKind(name="infer_recommend", make=_make_infer_recommend, bind=_bind_infer))
 
 

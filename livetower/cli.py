@@ -83,9 +83,16 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     batching.add_to(p)
 
 
+def _priority_flags() -> FlagSet:
+    """How the trainer yields the CPU to a server beside it (trainer/priority.py): on by default."""
+    from trainer.priority import SidecarPriority
+
+    return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"))
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:
     train, elastic = _train_flag_sets()
-    return [*train.add_to(p), *elastic.add_to(p),
+    return [*train.add_to(p), *elastic.add_to(p), *_priority_flags().add_to(p),
             p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)"),
             p.add_argument("--trainer-metrics-port", type=int, default=9465,
                            help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")]
@@ -170,9 +177,11 @@ def cmd_train(args) -> int:
 
     from contracts.registry import Registry
     from trainer.loop import Trainer
+    from trainer.priority import lower_priority
 
-    torch.set_num_threads(args.train_threads)
     cfg = _train_config(args)
+    lower_priority(config_from_args(_priority_flags(), args))  # before any thread or worker starts: they inherit it
+    torch.set_num_threads(args.train_threads)
     if args.backfill:
         if args.events:
             raise SystemExit("--backfill trains from the archive: drop --events (a later run with --events continues)")

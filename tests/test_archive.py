@@ -164,6 +164,10 @@ def test_missing_or_foreign_table_gives_a_clear_error(tmp_path):
         ArchiveConfig(batch_events=0)
 
 
+# `train` in pytest's own process: leave its priority and cgroup alone (trainer/priority.py).
+IN_PROCESS = ["--trainer-nice", "0", "--trainer-cpu-weight", "0"]
+
+
 def test_cli_archive_then_train_backfill(tmp_path, capsys):
     """The operator path: ingest -> `livetower archive --once` -> `livetower train --backfill` drains the archive."""
     from livetower.cli import main
@@ -174,8 +178,9 @@ def test_cli_archive_then_train_backfill(tmp_path, capsys):
     assert main(["archive", "--once", "--data-dir", str(data), "--table", str(tmp_path / "archive")]) == 0
     capsys.readouterr()
     assert main(["train", "--backfill", str(tmp_path / "archive"), "--data-dir", str(data), "--tiny",
-                 "--backend", "torch", "--trainer-metrics-port", "-1", "--train-threads", "1"]) == 0
+                 "--backend", "torch", "--trainer-metrics-port", "-1", "--train-threads", "1",
+                 *IN_PROCESS]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["events"] == n and summary["rounds"] >= 1 and summary["published_versions"]
     assert main(["train", "--backfill", str(tmp_path / "nowhere"), "--data-dir", str(data), "--tiny",
-                 "--trainer-metrics-port", "-1"]) == 2
+                 "--trainer-metrics-port", "-1", *IN_PROCESS]) == 2

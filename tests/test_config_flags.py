@@ -170,10 +170,10 @@ def test_livetower_serve_train_up_defaults_are_the_dataclasses(capsys):
     tiny = cli._train_config(p.parse_args(["train", "--tiny"]))
     assert tiny == TrainConfig.tiny_debug(inductor_cache_dir=cli.DEFAULT_DATA_DIR / "inductor-cache")
 
-    server_sets, train_sets = cli._server_flag_sets(), cli._train_flag_sets()
+    server_sets, train_sets = cli._server_flag_sets(), (*cli._train_flag_sets(), cli._priority_flags())
     assert _check_helps(server_sets, _help(cli.main, ["serve"], capsys)) == 17
-    assert _check_helps(train_sets, _help(cli.main, ["train"], capsys)) == 10
-    assert _check_helps(server_sets + train_sets, _help(cli.main, ["up"], capsys)) == 27
+    assert _check_helps(train_sets, _help(cli.main, ["train"], capsys)) == 12
+    assert _check_helps(server_sets + train_sets, _help(cli.main, ["up"], capsys)) == 29
 
 
 def test_livetower_flags_keep_their_meaning():
@@ -244,8 +244,7 @@ def test_archive_load_and_replay_defaults_are_the_dataclasses(capsys):
     assert replay.config_from_args(replay.build_parser().parse_args([])) == replay.base_config(quick=False)
     quick = replay.config_from_args(replay.build_parser().parse_args(["--quick", "--speedup", "7"]))
     assert quick == dataclasses.replace(replay.base_config(quick=True), speedup=7.0)
-    assert replay.base_config(quick=False).train == replay.ReplayConfig().train.replace(
-        epochs_per_round=replay.CLI_EPOCHS)
+    assert replay.base_config(quick=False) == replay.ReplayConfig() and replay.ReplayConfig().train.epochs_per_round == 2
     assert _check_helps(replay._flags(), _help(replay.main, [], capsys)) == 12
     with pytest.raises(SystemExit):
         replay.main(["--dataset", "ml-1m"])

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -15,6 +16,7 @@ from benchmarks import report
 from benchmarks.loadgen import LoadConfig, main, run_load
 from benchmarks.workload import (KINDS, KindPicker, make_workload, parse_mix, parse_range, schedule,
                                  user_history, zipf_cdf)
+from contracts.events import event_problem
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 
@@ -246,6 +248,13 @@ def test_request_kinds_and_mix():
     assert rec.user_id.startswith("user-") and rec.history[0].startswith("it-")
     sizes = {len(KINDS["score"].make(rng, wl).candidate_ids) for _ in range(200)}
     assert sizes == {3, 4, 5, 6}
+    logs = [KINDS["log"].make(rng, wl) for _ in range(300)]
+    assert all(isinstance(r, pb.LogEventsRequest) and len(r.events) == 1 for r in logs)
+    ev = [r.events[0] for r in logs]
+    assert len({e.event_id for e in ev}) == 300 and all(e.item_id.startswith("it-") and e.timestamp_ms > 0 for e in ev)
+    user = int(ev[0].user_id.removeprefix("user-"))  # an item near the end of that user's own history
+    assert ev[0].item_id in wl.history_ids(user)[-5:]
+    assert not any(event_problem(e, int(time.time() * 1000)) for e in ev)  # the server accepts them
     assert parse_mix("recommend=0.9, score=0.1") == (("recommend", 0.9), ("score", 0.1))
     assert parse_range("100:1000") == (100, 1000) and parse_range("7") == (7, 7)
     picker = KindPicker((("recommend", 3.0), ("score", 1.0)))

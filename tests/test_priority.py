@@ -1,0 +1,43 @@
+"""The sidecar's lower CPU priority (trainer/priority.py): nice value and a cgroup of small CPU weight."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer.priority import SidecarPriority, join_cgroup
+
+
+def test_config_names_the_field_on_bad_values():
+    for bad, field in ((dict(nice=20), "nice"), (dict(cpu_weight=-1), "cpu_weight"), (dict(cgroup="a/b"), "cgroup")):
+        with pytest.raises(ValueError, match=f"SidecarPriority.{field}"):
+            SidecarPriority(**bad)
+
+
+def test_join_cgroup_v2_and_v1_layouts(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert "v2, weight 10" in join_cgroup(SidecarPriority(), 4242, v2)
+    assert (v2 / "livetower-trainer" / "cpu.weight").read_text() == "10"
+    assert (v2 / "livetower-trainer" / "cgroup.procs").read_text() == "4242"
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.shares").write_text("1024")
+    assert "v1, weight 25" in join_cgroup(SidecarPriority(cpu_weight=25), 4243, v1)
+    assert (v1 / "cpu" / "livetower-trainer" / "cpu.shares").read_text() == "256"
+    assert join_cgroup(SidecarPriority(), 1, tmp_path / "none") == "no cgroup CPU controller found"
+
+
+def test_a_trainer_process_lowers_itself_and_its_children_inherit():
+    code = ("import os, subprocess, sys; from trainer.priority import SidecarPriority, lower_priority; "
+            "lower_priority(SidecarPriority(nice=7, cpu_weight=0)); "
+            "print(os.nice(0), subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
+            "capture_output=True, text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+    base = os.nice(0)
+    assert out == [str(min(19, base + 7))] * 2

@@ -1,0 +1,71 @@
+"""The sidecar yields the CPU to the server it sits beside.
+
+On one host the trainer (its rounds, its DDP workers, its engine builds: all children inherit both settings)
+runs at a lower CPU priority than serving: a higher nice value, and, where a cgroup CPU controller is
+writable, its own cgroup with a small CPU weight (cgroup v2 `cpu.weight`, v1 `cpu.shares`). Either only
+matters under contention: a trainer alone on its machine trains at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("livetower.trainer")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class SidecarPriority:
+    nice: int = 10             # added to the trainer process's nice value (0: unchanged; 19 at most)
+    cpu_weight: int = 10       # CPU weight of the trainer's own cgroup against serving's default 100 (cgroup v2
+                               # cpu.weight; v1: cpu.shares = weight x 1024 / 100); 0: no cgroup
+    cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"SidecarPriority.nice must be in 0..19, got {self.nice}")
+        if not (self.cpu_weight == 0 or 1 <= self.cpu_weight <= 10_000):
+            raise ValueError(f"SidecarPriority.cpu_weight must be 0 (off) or in 1..10000, got {self.cpu_weight}")
+        if not self.cgroup or "/" in self.cgroup:
+            raise ValueError(f"SidecarPriority.cgroup must be a plain name, got {self.cgroup!r}")
+
+
+def _cpu_controller(root: Path) -> tuple[Path, str] | None:
+    """(the CPU controller's root, "v2" | "v1"), or None when neither is mounted writable."""
+    controllers = root / "cgroup.controllers"
+    if controllers.is_file() and "cpu" in controllers.read_text().split():
+        return root, "v2"
+    if (root / "cpu" / "cpu.shares").is_file():
+        return root / "cpu", "v1"
+    return None
+
+
+def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
+    """Move `pid` into a cgroup of weight p.cpu_weight; what was done, or why not."""
+    found = _cpu_controller(root)
+    if found is None:
+        return "no cgroup CPU controller found"
+    base, version = found
+    group = base / p.cgroup
+    try:
+        group.mkdir(exist_ok=True)
+        if version == "v2":
+            (group / "cpu.weight").write_text(str(p.cpu_weight))
+        else:
+            (group / "cpu.shares").write_text(str(max(2, p.cpu_weight * 1024 // 100)))
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as e:
+        return f"cgroup {group} not usable ({e.strerror})"
+    return f"cgroup {group} ({version}, weight {p.cpu_weight})"
+
+
+def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
+    """Apply p to the calling process (before it starts threads or workers, so they inherit it)."""
+    done = {"nice": os.nice(p.nice) if p.nice else os.nice(0)}
+    done["cgroup"] = join_cgroup(p, os.getpid(), root) if p.cpu_weight else "off"
+    log.info("sidecar priority: nice %d, %s", done["nice"], done["cgroup"])
+    return done
