@@ -164,3 +164,84 @@ def test_movielens_real_100k():
     assert len({e.event_id for e in evs}) == 100_000
     assert len({e.user_id for e in evs}) == 943 and len({e.item_id for e in evs}) == 1682
     assert {e.weight for e in evs} == {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+# ---- one u.data parser for both loaders: outputs identical to the two parsers it replaced
+
+def old_load_ml100k(directory):
+    """The events loader before the parsers were merged (kept verbatim as the reference)."""
+    from proto import livetower_v1_pb2 as pb
+
+    rows = []
+    with open(Path(directory) / "u.data") as f:
+        for line_no, line in enumerate(f):
+            user, item, rating, ts = line.split("\t")
+            rows.append((int(ts), int(user), line_no, int(item), float(rating)))
+    rows.sort()
+    return [pb.Event(event_id=f"ml100k-{u}-{i}", user_id=f"u{u}", item_id=f"m{i}", action="rate",
+                     weight=r, timestamp_ms=ts * 1000) for ts, u, _, i, r in rows]
+
+
+def old_load_ml100k_sequences(path):
+    """The sequences loader before the parsers were merged (kept verbatim as the reference): (items, times, n_items)."""
+    arr = np.loadtxt(Path(path) / "u.data", dtype=np.int64, ndmin=2)
+    order = np.lexsort((np.arange(len(arr)), arr[:, 3], arr[:, 0]))
+    arr = arr[order]
+    bounds = np.flatnonzero(np.diff(arr[:, 0])) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(arr)]
+    return ([arr[a:b, 1].copy() for a, b in zip(starts, ends)], [arr[a:b, 3].copy() for a, b in zip(starts, ends)],
+            int(arr[:, 1].max()))
+
+
+TIED_UDATA = [  # timestamp ties within a user (file order kept) and across users (user id order, then file order)
+    (5, 10, 3, 900), (12, 3, 4, 850), (2, 11, 4, 800), (5, 12, 1, 850), (5, 13, 5, 850), (12, 7, 2, 850),
+    (5, 9, 2, 850), (3, 14, 2, 1000), (2, 1, 5, 850), (12, 14, 1, 800), (3, 2, 3, 1000), (5, 1, 4, 100),
+]
+
+
+def assert_same_as_old(d):
+    from trainer.data.sequences import load_ml100k_sequences
+
+    new, old = load_ml100k(d), old_load_ml100k(d)
+    assert [e.SerializeToString() for e in new] == [e.SerializeToString() for e in old]
+    seq = load_ml100k_sequences(d)
+    items, times, n_items = old_load_ml100k_sequences(d)
+    assert seq.n_items == n_items and len(seq.items) == len(items) and len(seq.times) == len(times)
+    for a, b in zip(seq.items + seq.times, items + times):
+        assert a.dtype == b.dtype == np.int64 and a.tolist() == b.tolist()
+    return new, seq
+
+
+def test_ml100k_loaders_share_one_parser_and_match_the_old_ones(tmp_path, monkeypatch):
+    import trainer.data.movielens as ml
+    import trainer.data.sequences as sq
+
+    d = tmp_path / "ml"
+    write_udata(d, TIED_UDATA)
+    new, seq = assert_same_as_old(d)
+    # by hand: time, then user, then file line
+    assert [e.event_id for e in new] == ["ml100k-5-1", "ml100k-2-11", "ml100k-12-14", "ml100k-2-1", "ml100k-5-12",
+                                         "ml100k-5-13", "ml100k-5-9", "ml100k-12-3", "ml100k-12-7", "ml100k-5-10",
+                                         "ml100k-3-14", "ml100k-3-2"]
+    assert [s.tolist() for s in seq.items] == [[11, 1], [14, 2], [1, 12, 13, 9, 10], [14, 3, 7]]  # users 2, 3, 5, 12
+    assert seq.times[2].tolist() == [100, 850, 850, 850, 900]
+    rows = ml.read_udata(d / "u.data")
+    assert rows.dtype == np.int64 and rows.tolist() == [list(r) for r in TIED_UDATA]  # file order, as written
+    calls = []
+    monkeypatch.setattr(ml, "read_udata", lambda p: calls.append(p) or rows)
+    monkeypatch.setattr(sq, "read_udata", ml.read_udata)
+    ml.load_ml100k(d), sq.load_ml100k_sequences(d)
+    assert len(calls) == 2  # both go through the one parser
+
+
+def test_read_udata_rejects_a_wrong_column_count(tmp_path):
+    from trainer.data.movielens import read_udata
+
+    (tmp_path / "u.data").write_text("1\t2\t3\n")
+    with pytest.raises(ValueError, match="4 tab-separated columns"):
+        read_udata(tmp_path / "u.data")
+
+
+@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"{ML100K}/u.data not present")
+def test_ml100k_loaders_match_the_old_ones_on_the_real_file():
+    assert_same_as_old(ML100K)

@@ -17,7 +17,8 @@ from trainer.studies.incremental import training_events
 from trainer.model import ModelConfig, TwoTower
 from trainer.studies.offline import run_eval
 from trainer.studies.offline_train import OfflineTrainConfig
-from trainer.studies.protocols import EvalSet, expected_metrics, leave_one_out, negatives_for, sample_negatives, time_split
+from trainer.evaluate import evaluate_popularity, expected_metrics
+from trainer.studies.protocols import EvalSet, leave_one_out, negatives_for, sample_negatives, time_split
 from trainer.studies.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts
 
 
@@ -120,6 +121,28 @@ def test_popularity_baseline_ranks():
     # sampled: user0 item 3 beats 4 -> rank 1; user1 all three beat 12 -> rank 3; user2 rank 0
     assert m["sampled"]["hr@1"] == pytest.approx(1 / 3) and m["sampled"]["hr@3"] == pytest.approx(2 / 3)
     assert popularity_counts([np.array([1, 1, 3])], 4).tolist() == [0, 2, 0, 1, 0]
+
+
+def test_popularity_ties_by_hand_full_and_sampled():
+    n = 10
+    counts = np.array([0, 50, 40, 30, 30, 30, 5, 5, 5, 5, 5])  # items 3, 4, 5 tied at 30; 6..10 tied at 5
+    ev = EvalSet(users=np.arange(3), histories=[np.array([1]), np.array([4, 5]), np.array([], np.int64)],
+                 targets=np.array([4, 3, 8]))
+    negs = np.array([[3, 5, 4], [9, 2, 1], [6, 7, 2]])
+    m = evaluate_popularity_on(counts, ev, negatives_BK=negs, ks=(1, 2, 3))
+    # full: user0 target 4, item 1 seen: 1 above, 2 tied -> positions 2..4; user1 target 3, its ties seen:
+    # position 3 for sure; user2 target 8: 5 above, 4 tied -> positions 6..10
+    assert m["full"]["recall@2"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert m["full"]["recall@3"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["full"]["ndcg@3"] == pytest.approx(((1 / math.log2(3) + 1 / math.log2(4)) / 3 + 1 / math.log2(4)) / 3)
+    # sampled (the negatives are not excluded, a negative equal to the target ties with it): user0 3 tied of 3
+    # (items 3, 5 and the drawn 4 itself) -> positions 1..4; user1: 2 above -> 3; user2 1 above, 2 tied -> 2..4
+    assert m["sampled"]["hr@1"] == pytest.approx((1 / 4 + 0 + 0) / 3)
+    assert m["sampled"]["hr@2"] == pytest.approx((2 / 4 + 0 + 1 / 3) / 3)
+    assert m["sampled"]["hr@3"] == pytest.approx((3 / 4 + 1 + 2 / 3) / 3)
+    # the sidecar's gate metric is the same implementation: identical numbers on the same ranking
+    side = evaluate_popularity(counts, ev.targets, n, seen_rows=[h.tolist() for h in ev.histories], ks=(1, 2, 3))
+    assert side == pytest.approx(m["full"])
 
 
 def test_model_metrics_match_a_direct_computation():

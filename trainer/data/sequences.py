@@ -5,8 +5,8 @@ Items keep the data set's own 1-based integer ids, so row r of a model trained h
 
 - `games`: SASRec's Amazon "Games" file (`sasrec/Video.txt`, lines `user item`, 1-based ids, each
   user's lines contiguous and in time order; no timestamps).
-- `ml100k`: MovieLens-100k `u.data` (`user \\t item \\t rating \\t unix_ts`), sorted per user by
-  (timestamp, line number) so timestamp ties keep file order.
+- `ml100k`: MovieLens-100k `u.data` (`user \\t item \\t rating \\t unix_ts`), parsed by movielens.read_udata
+  (as the event loader is), sorted per user by (timestamp, line number) so timestamp ties keep file order.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from trainer.data.movielens import read_udata
 
 # Relative to the repository root (the data is never committed; pass --data to override).
 DEFAULT_PATHS = {"games": Path("../shared/data/sasrec/Video.txt"),
@@ -73,7 +75,7 @@ def load_ml100k_sequences(path: Path) -> SequenceData:
         path = path / "u.data"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass ml-100k/u.data (e.g. ../shared/data/ml-100k/u.data)")
-    arr = np.loadtxt(path, dtype=np.int64, ndmin=2)  # (A, 4): user, item, rating, ts
+    arr = read_udata(path)  # (A, 4): user, item, rating, ts in file order (the parser load_ml100k uses too)
     line_A = np.arange(len(arr))
     order = np.lexsort((line_A, arr[:, 3], arr[:, 0]))  # by user, then time, then line (stable ties)
     arr = arr[order]

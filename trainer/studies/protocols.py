@@ -1,4 +1,4 @@
-"""Offline evaluation protocols: splits, sampled negatives, and rank-based metrics.
+"""Offline evaluation protocols: splits and sampled negatives.
 
 - `sasrec` (Kang & McAuley, ICDM 2018, and kang205/SASRec util.py): per user with >= 3 actions the
   last item is the test target and the second-to-last the validation target; the model trains on
@@ -17,8 +17,9 @@
   input, never trained on). Full ranking. (Only first-event-per-user targets would leave ml-100k
   with ~90 test users: most of its users are active in a short window.)
 
-Ranks use random tie-breaking in expectation: an item scored exactly like the target is ahead
-of it with probability 1/2 (matters for popularity, whose scores tie a lot; model scores do not).
+Metrics (trainer/evaluate.py's `expected_metrics`, through trainer/studies/ranking.py) break ties
+uniformly at random in expectation: a target tied with e other items is equally likely at each of the
+e + 1 positions (matters for popularity, whose scores tie a lot; model scores do not).
 """
 
 from __future__ import annotations
@@ -125,25 +126,3 @@ def negatives_for(data: SequenceData, ev: EvalSet, split: Split, *, n: int = 100
         out_BN[i] = sample_negatives(rng, split.n_items, excl, n)
     return out_BN
 
-
-def expected_metrics(greater_B: np.ndarray, equal_B: np.ndarray, ks: tuple[int, ...],
-                     hit_name: str = "recall") -> dict[str, float]:
-    """HR/Recall@k and NDCG@k with ties broken uniformly at random, in expectation.
-
-    greater_B: candidates scored strictly above the target; equal_B: candidates tied with it
-    (the target itself not counted). Rank r (0-based) is uniform on greater..greater+equal.
-    hit_name: "hr" for the sampled protocol (one target: HR@k = Recall@k), "recall" otherwise.
-    """
-    g, e = greater_B.astype(np.float64), equal_B.astype(np.float64)
-    out = {}
-    for k in ks:
-        hit = np.zeros_like(g)
-        gain = np.zeros_like(g)
-        for r in range(k):  # P(rank == r) = 1/(e+1) when g <= r <= g+e
-            p_B = ((g <= r) & (r <= g + e)) / (e + 1)
-            hit += p_B
-            gain += p_B / np.log2(r + 2)
-        n = len(g)
-        out[f"{hit_name}@{k}"] = float(hit.mean()) if n else 0.0
-        out[f"ndcg@{k}"] = float(gain.mean()) if n else 0.0
-    return out

@@ -1,5 +1,8 @@
 """Scores an EvalSet with a model or with popularity and turns them into protocol metrics.
 
+The counting and the metrics are trainer/evaluate.py's (`rank_counts`, `expected_metrics`: ties broken
+uniformly at random in expectation), the same the sidecar's round gate uses.
+
 Item ids are the data set's (1..N). A model's row for item i is rows_of_item[i] (identity when the
 model was trained here; the sidecar Trainer's vocabulary otherwise; 0 = unknown item: the pad
 row, whose normalised embedding is 0, so it scores 0).
@@ -12,8 +15,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from trainer.evaluate import expected_metrics, rank_counts, tie_counts
 from trainer.model import TwoTower
-from trainer.studies.protocols import EvalSet, expected_metrics
+from trainer.studies.protocols import EvalSet
 
 
 def _batches_by_length(histories: list[np.ndarray], T: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -42,20 +46,13 @@ class Counts:
     def add(self, idx_B: np.ndarray, scores_BN: torch.Tensor, targets_B: np.ndarray, histories: list[np.ndarray],
             negatives_BK: np.ndarray | None) -> None:
         """scores_BN: (B, N) scores of items 1..N (column j = item j + 1)."""
-        B, N = scores_BN.shape
-        tgt_B1 = torch.from_numpy(targets_B - 1)[:, None]
-        t_B1 = scores_BN.gather(1, tgt_B1)
         if negatives_BK is not None:
+            t_B1 = scores_BN.gather(1, torch.from_numpy(targets_B - 1)[:, None])
             neg_BK = scores_BN.gather(1, torch.from_numpy(negatives_BK - 1))
-            self.smp_gt[idx_B] = (neg_BK > t_B1).sum(1).numpy()
-            self.smp_eq[idx_B] = (neg_BK == t_B1).sum(1).numpy()
-        allowed_BN = torch.ones(B, N, dtype=torch.bool)
-        for j, h in enumerate(histories):  # the user's history is excluded, the target never is
-            if len(h):
-                allowed_BN[j, torch.from_numpy(h - 1)] = False
-        allowed_BN.scatter_(1, tgt_B1, False)  # the target is not its own competitor
-        self.full_gt[idx_B] = ((scores_BN > t_B1) & allowed_BN).sum(1).numpy()
-        self.full_eq[idx_B] = ((scores_BN == t_B1) & allowed_BN).sum(1).numpy()
+            self.smp_gt[idx_B], self.smp_eq[idx_B] = tie_counts(neg_BK, t_B1)
+        # the user's history is excluded, the target never is (nor is it its own competitor)
+        self.full_gt[idx_B], self.full_eq[idx_B] = rank_counts(scores_BN, targets_B - 1,
+                                                              [np.asarray(h, np.int64) - 1 for h in histories])
 
     def metrics(self, ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
         out = {"full": expected_metrics(self.full_gt, self.full_eq, ks)}
