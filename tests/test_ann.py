@@ -74,7 +74,7 @@ def test_no_method_reaching_the_target_says_what_to_do():
     items, queries = _clustered(2000, 100, seed=3, clusters=2)
     with pytest.raises(ValueError, match="add 'exact' to AnnOptions.methods"):
         choose_retrieval(items, queries, AnnOptions(k=50, methods=("ivf",), nprobe_candidates=(1,),
-                                                    target_recall=1.0, **FAST), progress=lambda s: None)
+                                                    target_recall=1.0, tuning_margin=0.0, **FAST), progress=lambda s: None)
 
 
 @pytest.fixture(scope="module")

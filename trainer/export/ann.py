@@ -28,7 +28,9 @@ __all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "r
 class AnnOptions:
     min_items: int = 50_000           # measure and choose for catalogues at least this large; smaller: exact scan
     k: int = 100                      # recall is measured at this k (the serving k of the SLO)
-    target_recall: float = 0.95       # a method qualifies at its cheapest setting reaching this recall@k
+    target_recall: float = 0.95       # a method qualifies at its cheapest setting reaching this recall@k...
+    tuning_margin: float = 0.005      # ...plus this on the tuning queries, so that the held-out queries (and the
+                                      # server's check at load) see the target too, not just under it
     methods: tuple[str, ...] = KINDS  # candidates: "exact", "hnsw", "ivf", "sq8" (contracts/engine_format/item_index.py)
     hnsw_builds: tuple[tuple[int, int], ...] = ((16, 128), (32, 128), (32, 256))  # (M, efConstruction) built
     ef_search_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024)  # HNSW search settings, cheapest first
@@ -53,6 +55,8 @@ class AnnOptions:
         for name in ("ef_search_candidates", "nprobe_candidates", "k_factor_candidates", "batch_sizes"):
             if not getattr(self, name):
                 raise ValueError(f"AnnOptions.{name} must not be empty")
+        if not 0 <= self.tuning_margin < 1 - self.target_recall + 1e-9:
+            raise ValueError(f"AnnOptions.tuning_margin must be in [0, 1 - target_recall], got {self.tuning_margin}")
         if not 0 < self.check_fraction < 1:
             raise ValueError(f"AnnOptions.check_fraction must be in (0, 1), got {self.check_fraction}")
 
@@ -114,7 +118,7 @@ def _tune(cand: _Candidate, kind: str, values, queries_QD, exact_QK, opts: AnnOp
         recall = recall_at_k(ItemIndex(cand.index, s).search(queries_QD, k)[1], exact_QK)
         progress(f"retrieval {cand.name} {s.to_meta()}: recall@{k} {recall:.4f}")
         cand.recall = max(cand.recall, recall)
-        if recall >= opts.target_recall:
+        if recall >= opts.target_recall + opts.tuning_margin:
             cand.settings, cand.recall = s, recall
             return
 
