@@ -33,9 +33,9 @@ class AnnOptions:
                                       # server's check at load) see the target too, not just under it
     methods: tuple[str, ...] = KINDS  # candidates: "exact", "hnsw", "ivf", "sq8" (contracts/engine_format/item_index.py)
     hnsw_builds: tuple[tuple[int, int], ...] = ((16, 128), (32, 128), (32, 256))  # (M, efConstruction) built
-    ef_search_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024)  # HNSW search settings, cheapest first
+    ef_search_candidates: tuple[int, ...] = (64, 96, 128, 192, 256, 384, 512, 768, 1024)  # HNSW, cheapest first
     ivf_lists_per_sqrt_n: float = 4.0  # IVF-Flat: nlist = this x sqrt(items)
-    nprobe_candidates: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)  # IVF search settings, cheapest first
+    nprobe_candidates: tuple[int, ...] = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # IVF, cheapest first
     k_factor_candidates: tuple[float, ...] = (1.5, 2.0, 4.0, 8.0)  # int8 scan: candidates re-ranked per result
     batch_sizes: tuple[int, ...] = (1, 8)  # serving batch sizes timed; a method's cost is the mean per query
     time_per_measure_s: float = 0.25  # wall time of one (method, batch size) timing
