@@ -40,7 +40,7 @@ def test_every_method_is_measured_and_the_cheapest_qualifying_one_wins():
     items, queries = _clustered(4000, 200)
     choice = choose_retrieval(items, queries, AnnOptions(k=20, **FAST), progress=lambda s: None)
     cands = {c["name"].split()[0]: c for c in choice.meta["candidates"]}
-    assert set(cands) == {"exact", "hnsw", "ivf", "sq8"}
+    assert set(cands) == {"exact", "hnsw", "ivf", "sq8", "pq4"}
     qualified = [c for c in choice.meta["candidates"] if c["qualified"]]
     assert all(c["recall_at_k"] >= 0.95 and set(c["us_per_query"]) == {"1", "4"} for c in qualified)
     cheapest = min(qualified, key=lambda c: c["mean_us_per_query"])
@@ -50,7 +50,7 @@ def test_every_method_is_measured_and_the_cheapest_qualifying_one_wins():
     assert choice.meta["recall_holdout"] >= 0.9
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8", "pq4"])
 def test_a_forced_index_reaches_the_target_on_held_out_queries(kind):
     items, queries = _clustered(3000, 200, seed=1)
     choice = choose_retrieval(items, queries, AnnOptions(k=20, methods=(kind,), **FAST), progress=lambda s: None)

@@ -18,7 +18,8 @@ import numpy as np
 
 from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, LEGACY_ANN_FILE
 
-KINDS = ("exact", "hnsw", "ivf", "sq8")  # sq8: int8 scalar-quantised scan, exact re-rank of the best candidates
+# sq8: int8 scalar-quantised scan; pq4: 4-bit product-quantised SIMD fast scan; both re-rank the best candidates exactly
+KINDS = ("exact", "hnsw", "ivf", "sq8", "pq4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class SearchSettings:
     kind: str                # one of KINDS
     ef_search: int = 0       # hnsw: beam width of a search (>= results wanted)
     nprobe: int = 0          # ivf: inverted lists visited per query
-    k_factor: float = 0.0    # sq8: candidates re-ranked exactly per result wanted (>= 1)
+    k_factor: float = 0.0    # sq8, pq4: candidates re-ranked exactly per result wanted (>= 1)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -51,7 +52,7 @@ def faiss_params(settings: SearchSettings, kk: int):
         return faiss.SearchParametersHNSW(efSearch=max(settings.ef_search, kk))
     if settings.kind == "ivf":
         return faiss.SearchParametersIVF(nprobe=settings.nprobe)
-    if settings.kind == "sq8":
+    if settings.kind in ("sq8", "pq4"):
         return faiss.IndexRefineSearchParameters(k_factor=settings.k_factor)
     raise ValueError(f"exact search has no FAISS parameters (kind {settings.kind!r})")
 

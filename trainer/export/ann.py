@@ -1,7 +1,7 @@
 """Retrieval for large catalogues, chosen by measurement at engine build.
 
-Every candidate method (exact scan, HNSW with a few build settings, IVF-Flat, int8 scan + exact re-rank) is
-tuned on real users' query embeddings to its cheapest search setting that reaches the target recall@k
+Every candidate method (exact scan, HNSW with a few build settings, IVF-Flat, an int8 scan and a 4-bit fast
+scan, both with exact re-ranking) is tuned on real users' query embeddings to its cheapest search setting that reaches the target recall@k
 against exact search, then timed at the serving batch sizes with the serving thread count; the cheapest
 qualifying method wins. Queries held out from tuning measure the winner's recall again (and are stored for
 the server's check at load). A child engine first tries its parent's choice (same method and build
@@ -36,7 +36,7 @@ class AnnOptions:
     ef_search_candidates: tuple[int, ...] = (64, 96, 128, 192, 256, 384, 512, 768, 1024)  # HNSW, cheapest first
     ivf_lists_per_sqrt_n: float = 4.0  # IVF-Flat: nlist = this x sqrt(items)
     nprobe_candidates: tuple[int, ...] = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # IVF, cheapest first
-    k_factor_candidates: tuple[float, ...] = (1.5, 2.0, 4.0, 8.0)  # int8 scan: candidates re-ranked per result
+    k_factor_candidates: tuple[float, ...] = (1.5, 2.0, 4.0, 8.0, 16.0)  # sq8/pq4: candidates re-ranked per result
     batch_sizes: tuple[int, ...] = (1, 8)  # serving batch sizes timed; a method's cost is the mean per query
     time_per_measure_s: float = 0.25  # wall time of one (method, batch size) timing
     threads: int = 2                  # FAISS threads while building and tuning
@@ -98,6 +98,8 @@ def _build(kind: str, build: dict, items_ND: np.ndarray):
         index.hnsw.efConstruction = build["ef_construction"]
     elif kind == "ivf":
         index = faiss.index_factory(D, f"IVF{build['nlist']},Flat", faiss.METRIC_INNER_PRODUCT)
+    elif kind == "pq4":  # m sub-vectors of D/m dims, 4 bits each, scanned with SIMD lookups (FAISS fast scan)
+        index = faiss.index_factory(D, f"PQ{build['m']}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
     else:  # sq8
         index = faiss.index_factory(D, "SQ8,RFlat", faiss.METRIC_INNER_PRODUCT)
     index.train(items_ND)
@@ -106,7 +108,7 @@ def _build(kind: str, build: dict, items_ND: np.ndarray):
 
 
 def _settings(kind: str, value) -> SearchSettings:
-    key = {"hnsw": "ef_search", "ivf": "nprobe", "sq8": "k_factor"}[kind]
+    key = {"hnsw": "ef_search", "ivf": "nprobe", "sq8": "k_factor", "pq4": "k_factor"}[kind]
     return SearchSettings(kind=kind, **{key: value})
 
 
@@ -172,14 +174,16 @@ def _candidate(kind: str, build: dict, items_ND, tune_QD, exact_QK, opts: AnnOpt
     cand = _Candidate(name, index, build, time.perf_counter() - t0)
     progress(f"retrieval {name}: built in {cand.build_s:.1f}s")
     values = {"hnsw": opts.ef_search_candidates, "ivf": opts.nprobe_candidates,
-              "sq8": opts.k_factor_candidates}[kind]
+              "sq8": opts.k_factor_candidates, "pq4": opts.k_factor_candidates}[kind]
     if kind == "ivf":
         values = [v for v in values if v <= build["nlist"]] or [build["nlist"]]
     _tune(cand, kind, values, tune_QD, exact_QK, opts, progress)
     return cand
 
 
-def _builds(kind: str, n_items: int, opts: AnnOptions) -> list[dict]:
+def _builds(kind: str, n_items: int, dim: int, opts: AnnOptions) -> list[dict]:
+    if kind == "pq4":  # one and two dimensions per 4-bit code (finer codes: better recall, a longer scan)
+        return [{"m": m} for m in (dim, dim // 2) if m >= 1 and dim % m == 0]
     if kind == "hnsw":
         return [{"M": m, "ef_construction": efc} for m, efc in opts.hnsw_builds]
     if kind == "ivf":  # FAISS wants >= 39 training points per list
@@ -218,7 +222,8 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
         if not reused:
             progress(f"retrieval: the parent's {previous['kind']} misses recall {opts.target_recall}: measuring all")
     if not reused:
-        cands = measure([(kind, b) for kind in opts.methods for b in _builds(kind, len(items_ND), opts)])
+        cands = measure([(kind, b) for kind in opts.methods
+                         for b in _builds(kind, len(items_ND), items_ND.shape[1], opts)])
     qualified = [c for c in cands if c.settings is not None]
     if not qualified:  # no index reached the target and exact was not a candidate: the best recall it is
         best = max(cands, key=lambda c: c.recall)
