@@ -1,8 +1,8 @@
 """Retrieval for large catalogues, chosen by measurement at engine build.
 
 Every candidate method (exact scan, HNSW with a few build settings, IVF-Flat, an int8 scan and a 4-bit fast
-scan, both with exact re-ranking) is tuned on real users' query embeddings to its cheapest search setting that reaches the target recall@k
-against exact search, then timed at the serving batch sizes with the serving thread count; the cheapest
+scan, both with exact re-ranking) is tuned on real users' query embeddings to its cheapest search setting
+that reaches the target recall@k against exact search, then timed at the serving batch sizes with the serving thread count; the cheapest
 qualifying method wins. Queries held out from tuning measure the winner's recall again (and are stored for
 the server's check at load). A child engine first tries its parent's choice (same method and build
 settings, search setting re-tuned) and measures everything again only when that misses the target.
