@@ -77,7 +77,9 @@ def per_request_ms(before: CpuSample, after: CpuSample) -> dict[str, float]:
     out = {"requests": n, "total": sum(d.values()) / n * 1e3}
     out.update({g: d[g] / n * 1e3 for g in GROUPS})
     out.update({k.removeprefix("stage_"): v / n * 1e3 for k, v in stages.items()})
-    out["compute_unstaged"] = (d["compute"] - sum(stages.values())) / n * 1e3  # batching glue, futures
+    # The stages ran on the compute thread (batching) or, inline, on the event loop: what is left of that thread.
+    host = "compute" if d["compute"] > 0 else "event_loop"
+    out[f"{host}_unstaged"] = (d[host] - sum(stages.values())) / n * 1e3
     batches = after.counters.get("batches", 0.0) - before.counters.get("batches", 0.0)
     out["mean_batch"] = (after.counters.get("batched_queries", 0.0) - before.counters.get("batched_queries", 0.0)) \
         / batches if batches else 0.0
