@@ -131,3 +131,21 @@ def test_server_refuses_an_engine_whose_index_misses_its_recall(hnsw_engine_dir)
     bad = EngineManager(Registry(d / "registry"), EngineManagerConfig(), loader=degraded)
     with pytest.raises(EngineRejected, match="index recall .* below the build's target 0.95"):
         bad.load_verified(1)
+
+
+def test_an_engine_built_before_the_method_choice_loads_as_hnsw(tmp_path):
+    """Engines published before issue 20 have items.hnsw and an ann.json without "kind" (HNSW only)."""
+    import faiss
+
+    from contracts.engine_format.item_index import load_item_index
+    from contracts.registry import LEGACY_ANN_FILE
+
+    items, queries = _clustered(2000, 20, seed=4)
+    index = faiss.IndexHNSWFlat(items.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
+    index.add(items)
+    faiss.write_index(index, str(tmp_path / LEGACY_ANN_FILE))
+    (tmp_path / ANN_META_FILE).write_text(json.dumps({"M": 16, "ef_construction": 128, "ef_search": 128, "k": 20,
+                                                      "recall_at_k": 0.99}))
+    loaded = load_item_index(tmp_path)
+    assert loaded.settings == SearchSettings(kind="hnsw", ef_search=128)
+    assert recall_at_k(loaded.search(queries, 20)[1], exact_topk(queries, items, 20)) >= 0.9
