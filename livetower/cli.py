@@ -87,7 +87,8 @@ def _priority_flags() -> FlagSet:
     """How the trainer yields the CPU to a server beside it (trainer/priority.py): on by default."""
     from trainer.priority import SidecarPriority
 
-    return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"))
+    return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"),
+                    Flag("idle_policy", name="trainer-idle-policy"))
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:

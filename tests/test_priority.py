@@ -41,3 +41,13 @@ def test_a_trainer_process_lowers_itself_and_its_children_inherit():
                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
     base = os.nice(0)
     assert out == [str(min(19, base + 7))] * 2
+
+
+def test_idle_policy_is_inherited_by_the_trainers_children():
+    code = ("import os, subprocess, sys; from trainer.priority import SidecarPriority, lower_priority; "
+            "done = lower_priority(SidecarPriority(nice=0, cpu_weight=0, idle_policy=True)); "
+            "print(done['policy'], os.sched_getscheduler(0) == os.SCHED_IDLE, subprocess.run([sys.executable, '-c', "
+            "'import os; print(os.sched_getscheduler(0) == os.SCHED_IDLE)'], capture_output=True, text=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+    assert out == ["SCHED_IDLE", "True", "True"]
