@@ -16,9 +16,7 @@ when its last request ends. An engine that fails any step is refused and recorde
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ from contracts.registry import EngineCorrupt, Registry
 from contracts.rollout import CanaryPolicy, RolloutState
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.loading import load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
 
 log = logging.getLogger("livetower.engine")
@@ -74,40 +73,6 @@ class RolloutError(Exception):
 
 
 EngineLoader = Callable[[Registry, int, EngineManagerConfig], Engine]
-
-
-def load_from_registry(registry: Registry, version: int, config: EngineManagerConfig) -> Engine:
-    manifest = registry.verify(version, pause_s=config.verify_pause_s)
-    graph_dir = None
-    if manifest.graph_version:
-        registry.verify(manifest.graph_version, pause_s=config.verify_pause_s)
-        graph_dir = registry.engine_dir(manifest.graph_version)
-    try:
-        return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,
-                           use_ann=config.use_ann, graph_dir=graph_dir)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise EngineRejected(f"engine {version}: load failed: {e}") from e
-
-
-@contextlib.contextmanager
-def _lower_priority(nice: int):
-    """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it: an
-    engine load's CPU bursts then give way to the serving threads on a busy machine."""
-    tid = threading.get_native_id()
-    try:
-        before = os.getpriority(os.PRIO_PROCESS, tid)
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
-    except (OSError, AttributeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, before)
-        except OSError:  # raising priority back may need CAP_SYS_NICE; the thread stays lower (only loads run there)
-            log.debug("could not restore thread priority %d", before)
 
 
 class EngineManager:
@@ -164,7 +129,7 @@ class EngineManager:
         """Load `version` and prove it is fit to serve; raise EngineRejected / EngineCorrupt otherwise."""
         self.release_retired()  # free unheld old engines before another one takes memory
         t0 = time.perf_counter()
-        with _lower_priority(self.config.load_nice):
+        with lower_thread_priority(self.config.load_nice):
             engine = (self._loader or load_from_registry)(self.registry, version, self.config)
             diff = engine.golden_max_abs_diff()
             if diff > self.config.parity_tolerance:

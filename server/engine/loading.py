@@ -1,0 +1,52 @@
+"""Loading an engine from the registry for the manager: verify checksums (the graph version's too, for a
+refit), load with the configured threads and index, and the thread-priority guard loads run under."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from contracts.registry import Registry
+from server.engine.engine import Engine, EngineRejected
+
+if TYPE_CHECKING:
+    from server.engine.manager import EngineManagerConfig
+
+log = logging.getLogger("livetower.engine")
+
+
+def load_from_registry(registry: Registry, version: int, config: EngineManagerConfig) -> Engine:
+    manifest = registry.verify(version, pause_s=config.verify_pause_s)
+    graph_dir = None
+    if manifest.graph_version:
+        registry.verify(manifest.graph_version, pause_s=config.verify_pause_s)
+        graph_dir = registry.engine_dir(manifest.graph_version)
+    try:
+        return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,
+                           use_ann=config.use_ann, graph_dir=graph_dir)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise EngineRejected(f"engine {version}: load failed: {e}") from e
+
+
+@contextlib.contextmanager
+def lower_thread_priority(nice: int):
+    """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it: an
+    engine load's CPU bursts then give way to the serving threads on a busy machine."""
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, before + nice))
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:  # raising priority back may need CAP_SYS_NICE; the thread stays lower (only loads run there)
+            log.debug("could not restore thread priority %d", before)
