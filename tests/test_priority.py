@@ -32,22 +32,20 @@ def test_join_cgroup_v2_and_v1_layouts(tmp_path):
     assert join_cgroup(SidecarPriority(), 1, tmp_path / "none") == "no cgroup CPU controller found"
 
 
-def test_a_trainer_process_lowers_itself_and_its_children_inherit():
+def _lowered_process(priority: str, report: str) -> list[str]:
+    """Run `lower_priority(SidecarPriority(<priority>))` in a fresh process, then print `report` there and in a
+    child it starts (what the trainer's workers would inherit); the printed words."""
     code = ("import os, subprocess, sys; from trainer.priority import SidecarPriority, lower_priority; "
-            "lower_priority(SidecarPriority(nice=7, cpu_weight=0)); "
-            "print(os.nice(0), subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'], "
-            "capture_output=True, text=True).stdout.strip())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
-    base = os.nice(0)
-    assert out == [str(min(19, base + 7))] * 2
+            f"done = lower_priority(SidecarPriority({priority})); print({report}, subprocess.run([sys.executable, "
+            f"'-c', 'import os; print({report})'], capture_output=True, text=True).stdout.strip())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+
+
+def test_a_trainer_process_lowers_itself_and_its_children_inherit():
+    assert _lowered_process("nice=7, cpu_weight=0", "os.nice(0)") == [str(min(19, os.nice(0) + 7))] * 2
 
 
 def test_idle_policy_is_inherited_by_the_trainers_children():
-    code = ("import os, subprocess, sys; from trainer.priority import SidecarPriority, lower_priority; "
-            "done = lower_priority(SidecarPriority(nice=0, cpu_weight=0, idle_policy=True)); "
-            "print(done['policy'], os.sched_getscheduler(0) == os.SCHED_IDLE, subprocess.run([sys.executable, '-c', "
-            "'import os; print(os.sched_getscheduler(0) == os.SCHED_IDLE)'], capture_output=True, text=True).stdout.strip())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
-    assert out == ["SCHED_IDLE", "True", "True"]
+    idle = "os.sched_getscheduler(0) == os.SCHED_IDLE"
+    assert _lowered_process("nice=0, cpu_weight=0, idle_policy=True", idle) == ["True", "True"]
