@@ -43,9 +43,14 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def metrics_text(metrics_port: int, host: str = "127.0.0.1") -> str:
+    """A process's Prometheus exposition (server or trainer metrics endpoint)."""
+    return urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=10).read().decode()
+
+
 def scrape(metrics_port: int, host: str = "127.0.0.1") -> dict[str, float]:
     """The counters this module needs from the server's Prometheus endpoint (stage seconds, responses)."""
-    text = urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(metrics_port, host)
     out = {"responses": 0.0}
     for line in text.splitlines():
         if line.startswith("livetower_engine_stage_seconds_total{"):

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -32,7 +31,7 @@ import numpy as np
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.server_cpu import CpuSample, per_request_ms
+from benchmarks.server_cpu import CpuSample, metrics_text, per_request_ms
 from benchmarks.workload import KINDS, make_workload, parse_mix
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
@@ -147,7 +146,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     data = catalog / spec["dir"]
     sidecar = args.with_trainer and not peer
     if sidecar:
-        data = copy_catalog(data, out / "work", backlog=args.trainer_backlog, seed=len(label))
+        data = copy_catalog(data, out / "work", backlog=args.trainer_backlog, seed=0)  # the same backlog each run
     proc, port = start_server(data, flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
     trainer = start_trainer(data, args.trainer_flags.split(), out / f"trainer-{name}.log") if sidecar else None
     try:
@@ -211,8 +210,7 @@ def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subproc
 
 def trainer_events(metrics_port: int) -> float:
     """livetower_trainer_events_trained_total from the trainer's metrics endpoint."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[1]) for line in text.splitlines()
+    return next(float(line.split()[1]) for line in metrics_text(metrics_port).splitlines()
                 if line.startswith("livetower_trainer_events_trained_total "))
 
 

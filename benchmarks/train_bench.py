@@ -31,11 +31,10 @@ import torch
 from trainer.config import PRECISIONS, ElasticConfig, TrainConfig
 from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.elastic import FaultInjection, run_distributed_round, train_windows_elastic
-from trainer.elastic.worker import global_batches
 from trainer.evaluate import evaluate_model
 from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.model import ModelConfig, TwoTower
-from trainer.training import make_optimizer
+from trainer.training import global_batches, make_optimizer
 from trainer.vocab import ItemVocab, table_rows_for
 
 

@@ -82,12 +82,13 @@ def load_item_index(engine_dir: Path, *, num_threads: int = 1) -> ItemIndex | No
     engine_dir = Path(engine_dir)
     meta = read_meta(engine_dir)
     path = next((engine_dir / f for f in (ANN_FILE, LEGACY_ANN_FILE) if (engine_dir / f).is_file()), None)
-    if meta is None or path is None or SearchSettings.from_meta(meta).kind == "exact":
+    settings = SearchSettings.from_meta(meta) if meta is not None else None
+    if settings is None or path is None or settings.kind == "exact":
         return None
     import faiss  # only engines with an index need it
 
     faiss.omp_set_num_threads(num_threads)  # process-wide, like torch's intra-op threads
-    return ItemIndex(faiss.read_index(str(path)), SearchSettings.from_meta(meta))
+    return ItemIndex(faiss.read_index(str(path)), settings)
 
 
 def exact_topk(queries_QD: np.ndarray, items_ND: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:

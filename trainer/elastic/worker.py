@@ -34,7 +34,6 @@ from contracts.atomic import write_atomic
 from trainer.config import TrainConfig
 from trainer.model import ModelConfig, TwoTower
 from trainer.training import Shard, WindowLoss, make_grad_scaler, make_optimizer, train_epochs, window_loss
-from trainer.training import global_batches  # noqa: F401  (re-exported: benchmarks/train_bench.py imports it here)
 
 # Objects that hold the gloo process group are never freed in a worker. ~ProcessGroupGloo runs with the GIL held
 # and waits for the PG's work mutex, which a gloo thread can hold while it drops the last reference of a Python
