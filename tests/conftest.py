@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from contracts.eventlog import SqliteEventLog
 from contracts.registry import Registry
@@ -20,6 +21,14 @@ from server.engine.manager import EngineManagerConfig
 from trainer.config import TrainConfig
 from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.loop import Trainer
+
+# Fuzzing budgets (tests/test_fuzz_*.py): "ci" is the default, bounded run; the longer one is a command:
+#   .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py --hypothesis-profile=long
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=20_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("ci")
 
 SMALL_DATA = SyntheticConfig(n_users=200, n_items=300, n_clusters=10, events_per_user=20, seed=3)
 
