@@ -34,6 +34,7 @@ from benchmarks.loadgen_worker import worker_entry
 from benchmarks.workload import ARRIVALS, KINDS, parse_mix, parse_range
 from contracts.config_flags import Flag, FlagSet, flag_set
 from contracts.config_flags import config_from_args as flags_to_config
+from contracts.tls import ClientTls
 
 
 def _doc(text: str, **kw):
@@ -78,6 +79,7 @@ class LoadConfig:
     connect_timeout_s: float = _doc("seconds a worker waits for its channels to connect", default=10.0)
     metadata: tuple[tuple[str, str], ...] = _doc("gRPC metadata sent with every request (e.g. Ray Serve's "
                                                  "application name)", default=())
+    tls: ClientTls | None = _doc("TLS to the server (contracts/tls.py ClientTls); None: plaintext", default=None)
 
     def __post_init__(self):
         def bad(name, why):
@@ -264,7 +266,21 @@ def _flags() -> FlagSet:
         "exclude_seen", Flag("score_candidates", parse=parse_range, note="LO:HI"),
         Flag("mix", parse=parse_mix, note=f"kind=weight,... with kinds {sorted(KINDS)}"), "seed", "label",
         "slo_p99_ms", "error_budget", Flag("progress", name="quiet", negate=True), Flag("use_uvloop", name="uvloop"),
-        "connect_timeout_s", Flag("metadata", parse=parse_metadata, note="key=value,..."))
+        "connect_timeout_s", Flag("metadata", parse=parse_metadata, note="key=value,..."),
+        Flag("tls", parse=parse_tls, note="ca=FILE[,cert=FILE,key=FILE,server_name=NAME]"))
+
+
+def parse_tls(text: str) -> ClientTls:
+    """`ca=FILE[,cert=FILE,key=FILE,server_name=NAME]` -> ClientTls (a field name may also be given in full)."""
+    short = {"ca": "ca_file", "cert": "cert_file", "key": "key_file"}
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"tls must be ca=FILE[,cert=FILE,key=FILE,server_name=NAME], got {text!r}")
+    kwargs = {short.get(k.strip(), k.strip()): v.strip() for k, v in pairs}
+    try:
+        return ClientTls(**{k: v if k == "server_name" else Path(v) for k, v in kwargs.items()})
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"tls {text!r}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,14 +70,15 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int = -1,
-                 peer: str | None = None) -> tuple[subprocess.Popen, int]:
-    """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group."""
+                 peer: str | None = None, admin_port: int = 0) -> tuple[subprocess.Popen, int]:
+    """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group.
+    The admin listener gets admin_port (0: any free one, so benchmark servers never collide on 50052)."""
     port = free_port()
     if peer == "ray":
         cmd = [sys.executable, "-m", "benchmarks.ray_peer", "--data-dir", str(data_dir), "--port", str(port), *flags]
     else:
         cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
-               "--metrics-port", str(metrics_port), *flags]
+               "--admin-port", str(admin_port), "--metrics-port", str(metrics_port), *flags]
     metadata = PEER_METADATA.get(peer)
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

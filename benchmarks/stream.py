@@ -88,7 +88,7 @@ def wait_serving(stub, proc: subprocess.Popen, log: Path, timeout_s: float) -> N
 async def history_latency(target: KafkaTarget, addr: str, samples: int) -> dict:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, acks="all", linger_ms=0,
+    producer = AIOKafkaProducer(**target.client_kwargs(), acks="all", linger_ms=0,
                                 enable_idempotence=False)
     await producer.start()
     channel = grpc.aio.insecure_channel(addr)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         port, metrics_port = free_port(), free_port()
         trainer = spawn(["train", "--data-dir", str(work), "--events", url, "--trainer-metrics-port", "-1",
                          *args.train_flags.split()], out / "trainer.log")
-        server = spawn(["serve", "--data-dir", str(work), "--events", url, "--port", str(port),
+        server = spawn(["serve", "--data-dir", str(work), "--events", url, "--port", str(port), "--admin-port", "0",
                         "--metrics-port", str(metrics_port)], out / "server.log")
         procs = [trainer, server]
         addr = f"127.0.0.1:{port}"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.slo import start_server, stop_server
+from benchmarks.slo import free_port, start_server, stop_server
 from contracts.client import Client
 from contracts.eventlog import SqliteEventLog
 from contracts.registry import MANIFEST, Registry, manifest_from_json
@@ -263,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(data, ignore_errors=True)
     dst = Registry(data / "registry")
     copy_in(src, versions[0], dst)
-    (data / "admin.token").write_text(TOKEN + "\n")
-    proc, port = start_server(data, ["--threads", "1", *args.server_flags.split()], args.out / "server.log")
-    admin = Client(f"127.0.0.1:{port}", admin_token=TOKEN, timeout_s=30)
+    token_file = data / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the server refuses a token file others may read
+    admin_port = free_port()
+    proc, port = start_server(data, ["--threads", "1", *args.server_flags.split()], args.out / "server.log",
+                              admin_port=admin_port)
+    admin = Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin_port}", admin_token=TOKEN, timeout_s=30)
     try:
         fields = dict(kv.split("=", 1) for kv in args.policy.split(",") if kv)
         policy = pb.CanaryPolicy(mode="auto")

@@ -1,4 +1,9 @@
-"""A small synchronous client over the native API (for the CLI, examples and tests)."""
+"""A small synchronous client over the native API (for the CLI, examples and tests).
+
+Data calls go to `target`, EngineAdmin calls to `admin_target` (the server's admin listener, its own port).
+`tls` (contracts/tls.py ClientTls) secures both channels; None: plaintext (a localhost server).
+`producer_token` is sent with LogEvents to a server that requires producer credentials.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,29 @@ import time
 
 import grpc
 
+from contracts.tls import ClientTls, channel
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 
 
 class Client:
-    def __init__(self, target: str, *, timeout_s: float = 5.0, admin_token: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, *, admin_target: str | None = None, timeout_s: float = 5.0,
+                 admin_token: str | None = None, producer_token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
+        self.channel = channel(target, tls)
+        self.admin_channel = channel(admin_target, tls) if admin_target else None
         self._admin_md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._producer_md = (("authorization", f"Bearer {producer_token}"),) if producer_token else ()
         self.recommender = pb_grpc.RecommenderStub(self.channel)
-        self.admin = pb_grpc.EngineAdminStub(self.channel)
+        self._admin = pb_grpc.EngineAdminStub(self.admin_channel) if self.admin_channel else None
         self.timeout_s = timeout_s
+
+    @property
+    def admin(self) -> pb_grpc.EngineAdminStub:
+        if self._admin is None:
+            raise ValueError("admin calls go to the server's admin listener: pass admin_target (the admin port, "
+                             "default localhost:50052; --admin-target)")
+        return self._admin
 
     def wait_ready(self, timeout_s: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
@@ -31,7 +48,8 @@ class Client:
                                                       candidate_ids=candidate_ids), timeout=self.timeout_s)
 
     def log_events(self, events: list[pb.Event]) -> pb.LogEventsResponse:
-        return self.recommender.LogEvents(pb.LogEventsRequest(events=events), timeout=self.timeout_s)
+        return self.recommender.LogEvents(pb.LogEventsRequest(events=events), timeout=self.timeout_s,
+                                          metadata=self._producer_md)
 
     def log_event(self, user_id: str, item_id: str, action: str = "click", weight: float = 1.0) -> pb.LogEventsResponse:
         now = int(time.time() * 1000)
@@ -64,3 +82,5 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+        if self.admin_channel is not None:
+            self.admin_channel.close()

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
+from contracts.config_flags import FlagSet, config_from_args, flag_set
+from contracts.tls import ClientTls
+
 DEFAULT_TARGET = "localhost:50051"
+DEFAULT_ADMIN_TARGET = "localhost:50052"
 DEFAULT_TOKEN_FILE = Path("var/livetower/admin.token")
+ADMIN_TOKEN_ENV = "LIVETOWER_ADMIN_TOKEN"  # read here, in the command line only, and passed on explicitly
+
+
+def client_tls_flags() -> FlagSet:
+    """--tls-ca-file, --tls-cert-file, --tls-key-file, --tls-server-name: how a command's client reaches a TLS server."""
+    return flag_set(ClientTls, prefix="tls-")
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """ClientTls from the --tls-* flags; None (plaintext) when none was given."""
+    flags = client_tls_flags()
+    return config_from_args(flags, args) if flags.changes(args) else None
+
+
+def read_token(env: str, path: Path, what: str, flag: str) -> str:
+    """The token in environment variable `env`, else in the private file `path` (never a command-line argument:
+    argv is visible to every user of the machine and lands in shell history)."""
+    from contracts.secret_files import read_secret
+
+    if os.environ.get(env):
+        return os.environ[env].strip()
+    try:
+        return read_secret(path, what)
+    except ValueError as e:
+        raise SystemExit(f"no {what}: {e}; set {env} or pass {flag} FILE") from None
 
 
 def add_engines_parser(sub) -> None:
@@ -17,26 +47,18 @@ def add_engines_parser(sub) -> None:
                         "put VERSION in front of --fraction of users; promote / rollback: decide the canary "
                         "(rollback with no canary returns to the previous stable); policy: show or change it")
     p.add_argument("version", nargs="?", type=int, help="engine version (canary)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--admin-target", default=DEFAULT_ADMIN_TARGET,
+                   help="the server's admin listener host:port (livetower serve --admin-host/--admin-port)")
     p.add_argument("--fraction", type=float, default=0.0, help="canary share of users, (0, 1); 0: the policy's")
     p.add_argument("--reason", default="", help="recorded in the rollout history")
     p.add_argument("--admin-token-file", type=Path, default=DEFAULT_TOKEN_FILE,
-                   help="file with the server's admin token (default var/livetower/admin.token)")
-    p.add_argument("--admin-token", help="the token itself (overrides --admin-token-file)")
+                   help=f"file (mode 0600) with the server's admin token (default var/livetower/admin.token); "
+                        f"the environment variable {ADMIN_TOKEN_ENV}, when set, wins")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="policy: change a field, e.g. --set mode=manual --set min_requests=500 (repeatable)")
     p.add_argument("--json", action="store_true", help="status/policy: print the raw response as JSON")
+    client_tls_flags().add_to(p)
     p.set_defaults(func=cmd_engines)
-
-
-def _token(args) -> str:
-    if args.admin_token:
-        return args.admin_token
-    try:
-        return args.admin_token_file.read_text().strip()
-    except FileNotFoundError:
-        raise SystemExit(f"no admin token: {args.admin_token_file} does not exist; pass --admin-token-file "
-                         "(the server writes <data_dir>/admin.token) or --admin-token") from None
 
 
 def _policy_with(current, changes: list[str]):
@@ -83,7 +105,8 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
     from contracts.client import Client
 
-    c = Client(args.target, admin_token=_token(args))
+    token = read_token(ADMIN_TOKEN_ENV, args.admin_token_file, "admin token", "--admin-token-file")
+    c = Client(DEFAULT_TARGET, admin_target=args.admin_target, admin_token=token, tls=client_tls(args))
     if args.what == "list":
         resp = c.list_engines()
         print(f"serving: {resp.serving_version}")

@@ -68,7 +68,12 @@ def bootstrap_kafka_if_empty(events_url: str, *, users: int, seed: int = 0) -> i
     return asyncio.run(produce_all(target, generate(cfg), progress=lambda n: print(f"  {n}/{total} events", flush=True)))
 
 
-def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int) -> None:
+def _shown_host(host: str) -> str:
+    return "localhost" if host in ("127.0.0.1", "localhost") else host
+
+
+def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int,
+           admin_token: str | None = None) -> None:
     if config.events_url is not None:
         bootstrap_kafka_if_empty(config.events_url, users=bootstrap_users)
     else:
@@ -79,17 +84,22 @@ def run_up(config: ServerConfig, *, train_args: list[str], bootstrap_users: int)
             event_log.close()
 
     def announce(server, port: int) -> None:
-        target = f"{'localhost' if config.host in ('127.0.0.1', 'localhost') else config.host}:{port}"
+        target = f"{_shown_host(config.host)}:{port}"
+        admin_target = f"{_shown_host(config.admin_host)}:{server.admin_port}"
         metrics = f"http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
+        token = "" if admin_token else f" --admin-token-file {config.admin_token_path}"  # else: the env variable
+        tls = " --tls-ca-file CA.pem" if config.tls else ""
         print(f"""
-livetower is up: gRPC on {target}, metrics {metrics}, data in {config.data_dir}
+livetower is up: gRPC on {target} ({'TLS' if config.tls else 'plaintext'}), admin API on {admin_target}, \
+metrics {metrics}, data in {config.data_dir}
 The trainer sidecar is training the first engine (about a minute); until then Recommend says UNAVAILABLE.
 Try, in another shell:
-  livetower engines status --target {target} --admin-token-file {config.admin_token_path}
-  livetower query recommend --target {target} --user user-7 --k 5
-  livetower query log --target {target} --user user-7 --item item-42     # then watch a new engine appear:
+  livetower engines status --admin-target {admin_target}{tls}{token}
+  livetower query recommend --target {target}{tls} --user user-7 --k 5
+  livetower query log --target {target}{tls} --user user-7 --item item-42     # then watch a new engine appear:
                                                   # canaried on 10% of users, then promoted or rolled back
-  grpcurl -plaintext -d '{{"user_id":"user-7","k":5}}' {target} livetower.v1.Recommender/Recommend
+  grpcurl {'-cacert CA.pem' if config.tls else '-plaintext'} -d '{{"user_id":"user-7","k":5}}' {target} \
+livetower.v1.Recommender/Recommend
 Ctrl-C stops both.
 """, flush=True)
 
@@ -97,7 +107,7 @@ Ctrl-C stops both.
         stop = asyncio.Event()
         sidecar = asyncio.create_task(supervise_trainer(trainer_command(Path(config.data_dir), train_args), stop))
         try:
-            await serve(config, on_started=announce)
+            await serve(config, on_started=announce, admin_token=admin_token)
         finally:
             stop.set()
             await sidecar

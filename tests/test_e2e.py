@@ -41,14 +41,15 @@ def test_serve_and_train_processes_swap_under_load(tmp_path):
     log = SqliteEventLog(data / "events.sqlite")
     log.append(list(generate(SMALL_DATA)))
     log.close()
-    server = start(["serve", "--data-dir", str(data), "--port", "0", "--metrics-port", "-1",
+    server = start(["serve", "--data-dir", str(data), "--port", "0", "--admin-port", "0", "--metrics-port", "-1",
                     "--poll-interval-s", "0.2"], tmp_path / "serve.log")
     trainer = start(["train", "--data-dir", str(data), "--tiny", "--backend", "aoti", "--round-min-events", "300",
                      "--round-interval-s", "3600"], tmp_path / "train.log")
     procs = [server, trainer]
     try:
-        port = int(wait_for(lambda: re.search(r"serving gRPC on [\d.]+:(\d+)", (tmp_path / "serve.log").read_text()),
-                            60, "the server to listen").group(1))
+        listening = wait_for(lambda: re.search(r"serving gRPC on [\d.]+:(\d+) \(admin on [\d.]+:(\d+)",
+                                               (tmp_path / "serve.log").read_text()), 60, "the server to listen")
+        port, admin_port = int(listening.group(1)), int(listening.group(2))
         client = Client(f"127.0.0.1:{port}", timeout_s=10)
 
         def first_engine():
@@ -83,7 +84,8 @@ def test_serve_and_train_processes_swap_under_load(tmp_path):
         resp = client.log_events(stream_events(seed=21, n_users=60, events_per_user=8))
         assert resp.accepted == 480 and not resp.rejected
         wait_for(lambda: versions[2] > 0, 240, "engine 2 to serve its canary slice", interval_s=0.5)
-        admin = Client(f"127.0.0.1:{port}", timeout_s=10, admin_token=(data / "admin.token").read_text().strip())
+        admin = Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin_port}", timeout_s=10,
+                       admin_token=(data / "admin.token").read_text().strip())
         wait_for(lambda: admin.rollout().stable_version == 2, 90, "the canary to be promoted", interval_s=0.5)
         time.sleep(1.0)  # keep the load going after the promotion
         done.set()

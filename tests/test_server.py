@@ -13,13 +13,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from contracts.client import Client
 from contracts.registry import ITEMS_FILE, Registry
 from proto import livetower_v1_pb2 as pb
-from tests.conftest import ADMIN_TOKEN, make_trainer, running_server, server_config, stream_events, wait_for
+from tests.conftest import client_for, make_trainer, running_server, server_config, stream_events, wait_for
 
 
 @pytest.fixture
 def served(trained_dir):
     with running_server(server_config(trained_dir)) as (server, port):
-        client = Client(f"127.0.0.1:{port}", admin_token=ADMIN_TOKEN)
+        client = client_for(server, port)
         wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
         yield server, client, trained_dir
         client.close()
@@ -93,10 +93,15 @@ def test_score_and_log_limits(served):
     with pytest.raises(grpc.RpcError) as e:
         client.log_events([event(i) for i in range(10_001)])
     assert "events has 10001 entries; the limit is 10000" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:  # oversized message: our limit, not the transport's
-        client.log_events([event(i, user="u" * 256, item="i" * 256) for i in range(10_000)])
+    # Just over the limit: parsed, refused naming our limit. Far over: the transport refuses it unparsed.
+    with pytest.raises(grpc.RpcError) as e:
+        client.log_events([event(0, item="i" * (4194304 + 1000))])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "the limit is 4194304 (max_request_bytes)" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        client.log_events([event(i, user="u" * 256, item="i" * 256) for i in range(10_000)])
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in e.value.details()
 
 
 def test_log_events_rejects_bad_events_to_dead_letters(served):
@@ -135,10 +140,13 @@ def test_health_reflection_metrics(served):
     health = health_pb2_grpc.HealthStub(client.channel)
     wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service="livetower.v1.Recommender")).status
              == health_pb2.HealthCheckResponse.SERVING, 5, "Recommender SERVING")
-    refl = reflection_pb2_grpc.ServerReflectionStub(client.channel)
-    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-    names = {s.name for s in resp.list_services_response.service}
-    assert {"livetower.v1.Recommender", "livetower.v1.EngineAdmin", "grpc.health.v1.Health"} <= names
+    names = list_services(client.channel)
+    assert {"livetower.v1.Recommender", "grpc.health.v1.Health"} <= names and "livetower.v1.EngineAdmin" not in names
+    admin_names = list_services(client.admin_channel)
+    assert {"livetower.v1.EngineAdmin", "grpc.health.v1.Health"} <= admin_names
+    assert "livetower.v1.Recommender" not in admin_names
+    assert health_pb2_grpc.HealthStub(client.admin_channel).Check(
+        health_pb2.HealthCheckRequest(service="livetower.v1.EngineAdmin")).status == health_pb2.HealthCheckResponse.SERVING
     client.recommend("user-1", k=5)
     with pytest.raises(grpc.RpcError):
         client.recommend("user-1", k=0)
@@ -154,6 +162,25 @@ def test_health_reflection_metrics(served):
 
     text = wait_for(complete, 5, f"metrics {want}")
     assert "livetower_serving_engine_version 1.0" in text
+
+
+def list_services(channel) -> set[str]:
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    return {s.name for s in resp.list_services_response.service}
+
+
+def test_admin_is_not_served_on_the_data_port(served):
+    _, client, _ = served
+    from proto import livetower_v1_pb2_grpc as pb_grpc
+
+    with pytest.raises(grpc.RpcError) as e:
+        pb_grpc.EngineAdminStub(client.channel).GetRollout(pb.GetRolloutRequest(), timeout=5,
+                                                           metadata=client._admin_md)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as e:  # and the admin listener requires the token
+        pb_grpc.EngineAdminStub(client.admin_channel).GetRollout(pb.GetRolloutRequest(), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_admin_list_and_rollout(served):

@@ -59,7 +59,7 @@ class KafkaHistoryFeed:
         # A short fetch wait: the broker may hold a fetch that long before answering even when records
         # arrive meanwhile (tansu does: 500 ms, the default, gave a 230 ms median event->history delay).
         # 20 ms costs an idle server ~4% of a core in fetch round trips (measured; 5 ms cost 10%).
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.target.bootstrap, group_id=None,
+        self._consumer = AIOKafkaConsumer(**self.target.client_kwargs(), group_id=None,
                                           enable_auto_commit=False, auto_offset_reset="latest",
                                           fetch_max_wait_ms=self.fetch_max_wait_ms)
         await self._consumer.start()

@@ -70,12 +70,12 @@ class KafkaEventSource:
 
         await ensure_topics(self.target)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.target.bootstrap, group_id=self.group_id, enable_auto_commit=False,
+            **self.target.client_kwargs(), group_id=self.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(100, session_timeout_ms // 5))
         self._consumer.subscribe([self.target.topic], listener=_OnRebalance())
         await self._consumer.start()
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.target.bootstrap, acks="all",
+        self._producer = AIOKafkaProducer(**self.target.client_kwargs(), acks="all",
                                           enable_idempotence=False)
         await self._producer.start()
 

@@ -1,0 +1,90 @@
+"""TLS for the gRPC listeners and the clients that call them: the two config dataclasses and their credentials.
+
+Server: `TlsConfig(cert_file, key_file, client_ca_file)`; a client CA makes client certificates required (mTLS).
+Client: `ClientTls(ca_file, cert_file, key_file, server_name)`; `channel(target, tls)` / `aio_channel(...)` give a
+secure channel when tls is set, a plaintext one (localhost tests and benchmarks) when it is None.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class TlsConfig:
+    cert_file: Path | None = None       # PEM certificate chain the listeners present (with key_file: TLS on)
+    key_file: Path | None = None        # PEM private key of cert_file
+    client_ca_file: Path | None = None  # PEM CA bundle; set: every client must present a certificate it signed (mTLS)
+
+    def __post_init__(self) -> None:
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("TlsConfig needs both cert_file and key_file (tls_cert_file, tls_key_file)")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls {name} {path} is not a readable file")
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        pair = (Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ClientTls:
+    ca_file: Path | None = None      # PEM CA bundle that signed the server's certificate; None: the system roots
+    cert_file: Path | None = None    # PEM client certificate (servers that require mTLS)
+    key_file: Path | None = None     # PEM private key of cert_file
+    server_name: str | None = None   # name to check the server's certificate against; None: the target's host
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("ClientTls needs cert_file and key_file together (a client certificate and its key)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls {name} {path} is not a readable file")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: Path | None) -> bytes | None:
+            return Path(p).read_bytes() if p is not None else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca_file), private_key=read(self.key_file),
+                                            certificate_chain=read(self.cert_file))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    """A synchronous channel to target: TLS when tls is given, else plaintext."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+
+
+def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+    """An asyncio channel to target: TLS when tls is given, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host that only this machine can reach (the plaintext default is safe there)."""
+    host = host.strip("[]")
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
