@@ -1,8 +1,12 @@
 """The engine registry: `root/engines/<version>/manifest.json` + files, and `root/rollout.json`.
 
-Publish = build into a dot-prefixed staging dir, hash every file into the manifest, fsync, rename
-to the version number. A published version is never modified. Which version is stable lives in
-rollout.json, written atomically, so a restarted server serves what was promoted.
+Publish = build into a dot-prefixed staging dir, hash every file into the manifest, sign it (optional,
+contracts/signing.py), fsync, rename to the version number. A published version is never modified. Which
+version is stable lives in rollout.json, written atomically, so a restarted server serves what was promoted.
+
+Engines are flat directories. `verify` accepts one only when every entry is a regular file (no symlink, no
+subdirectory) listed in the manifest under a plain name, every file the loader will open for its backend is
+listed, and each listed file has its size and sha256; readers then open listed names only.
 """
 
 from __future__ import annotations
@@ -11,20 +15,28 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from google.protobuf import json_format
 
 from contracts.atomic import fsync_dir, fsync_tree, write_atomic
 from contracts.rollout import RolloutState
+from contracts.signing import ManifestTrust, sign
 from proto import livetower_v1_pb2 as pb
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"         # detached Ed25519 signature of manifest.json's bytes (contracts/signing.py)
 STAGING_PREFIX = ".tmp-"
+GC_PREFIX = STAGING_PREFIX + "gc-"  # an engine being deleted: renamed out of the version namespace first
 
 
 class EngineCorrupt(Exception):
@@ -80,22 +92,47 @@ class Registry:
     def read_manifest(self, version: int) -> pb.EngineManifest:
         return manifest_from_json((self.engine_dir(version) / MANIFEST).read_text())
 
-    def verify(self, version: int, *, pause_s: float = 0.0) -> pb.EngineManifest:
-        """Check size and sha256 of every file the manifest lists; raise EngineCorrupt otherwise. A file this
+    def verify(self, version: int, *, pause_s: float = 0.0, trust: ManifestTrust | None = None) -> pb.EngineManifest:
+        """The engine's manifest once it is proven whole; EngineCorrupt naming the problem otherwise.
+
+        Checked: the signature (when `trust` has keys or requires one) over the exact manifest bytes; every
+        manifest path a plain name; every entry of the directory a regular file the manifest lists; every
+        file the loader opens for this engine listed; size and sha256 of every listed file. A file this
         Registry hashed before is not hashed again while its size, mtime and inode are unchanged.
         pause_s: see sha256_file."""
         d = self.engine_dir(version)
+        if d.is_symlink() or not d.is_dir():
+            raise EngineCorrupt(f"engine {version}: {d.name} is not a directory")
         try:
-            m = self.read_manifest(version)
-        except (OSError, json_format.ParseError) as e:
+            raw = (d / MANIFEST).read_bytes()
+            sig = (d / SIGNATURE).read_bytes() if (d / SIGNATURE).is_file() else None
+        except OSError as e:
+            raise EngineCorrupt(f"engine {version}: unreadable manifest: {e}") from e
+        why = (trust or ManifestTrust()).check(raw, sig)
+        if why:
+            raise EngineCorrupt(f"engine {version}: {why}")
+        try:
+            m = manifest_from_json(raw.decode())
+        except (UnicodeDecodeError, json_format.ParseError) as e:
             raise EngineCorrupt(f"engine {version}: unreadable manifest: {e}") from e
         if m.version != version:
             raise EngineCorrupt(f"engine {version}: manifest says version {m.version}")
+        listed = check_listing(m, f"engine {version}")
+        for entry in os.scandir(d):
+            if entry.is_symlink():
+                raise EngineCorrupt(f"engine {version}: {entry.name!r} is a symlink; engines hold regular files only")
+            if not entry.is_file(follow_symlinks=False):
+                raise EngineCorrupt(f"engine {version}: {entry.name!r} is not a regular file")
+            if entry.name not in listed and entry.name not in (MANIFEST, SIGNATURE):
+                raise EngineCorrupt(f"engine {version}: file {entry.name!r} is not listed in the manifest")
         for f in m.files:
             p = d / f.path
-            if not p.is_file():
-                raise EngineCorrupt(f"engine {version}: missing file {f.path}")
-            st = p.stat()
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                raise EngineCorrupt(f"engine {version}: missing file {f.path}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise EngineCorrupt(f"engine {version}: {f.path} is not a regular file")
             if st.st_size != f.size:
                 raise EngineCorrupt(f"engine {version}: {f.path} is {st.st_size} bytes, manifest says {f.size}")
             key = (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -117,20 +154,30 @@ class Registry:
             shutil.rmtree(p, ignore_errors=True)
         return len(stale)
 
-    def publish(self, staging: Path, manifest: pb.EngineManifest) -> int:
-        """Hash the staged files into `manifest`, give it the next version and rename it into place."""
+    def publish(self, staging: Path, manifest: pb.EngineManifest, *, signing_key: Ed25519PrivateKey | None = None) -> int:
+        """Hash the staged files into `manifest`, give it the next version, sign it (with `signing_key`) and
+        rename it into place. The staging dir must be flat: engines hold regular files under plain names."""
         staging = Path(staging)
         del manifest.files[:]
-        for p in sorted(staging.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
-                manifest.files.add(path=str(p.relative_to(staging)), sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(staging.iterdir()):
+            if p.name in (MANIFEST, SIGNATURE):
+                continue
+            if p.is_symlink() or not p.is_file():
+                raise ValueError(f"staging dir {staging}: {p.name!r} is not a regular file (engines are flat)")
+            check_name(p.name, f"staging dir {staging}")
+            manifest.files.add(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
         manifest.created_ms = int(time.time() * 1000)
         for _ in range(100):
             # Above every numbered dir, published or not (a stray one must not block publishing).
             taken = [int(p.name) for p in self.engines_dir.iterdir() if p.name.isdigit()]
             version = max(taken, default=0) + 1
             manifest.version = version
-            write_atomic(staging / MANIFEST, manifest_to_json(manifest).encode())
+            raw = manifest_to_json(manifest).encode()
+            write_atomic(staging / MANIFEST, raw)
+            if signing_key is not None:  # before the rename: the engine appears signed or not at all
+                write_atomic(staging / SIGNATURE, sign(signing_key, raw))
+            else:
+                (staging / SIGNATURE).unlink(missing_ok=True)  # one copied in with the files signs other bytes
             fsync_tree(staging)
             try:
                 os.rename(staging, self.engine_dir(version))  # atomic; fails if the version exists
@@ -139,6 +186,47 @@ class Registry:
             fsync_dir(self.engines_dir)
             return version
         raise RuntimeError(f"could not publish into {self.engines_dir}: no free version after 100 tries")
+
+    # ---- garbage collection
+    def collect_garbage(self, keep_newest: int, protected: set[int] = frozenset()) -> list[int]:
+        """Delete old engines; returns the versions removed. Kept: the newest `keep_newest`, `protected`, the
+        rollout's stable and canary and the stable it was promoted from (a rollback's target), and for each
+        kept engine its parent and its graph version (a refit runs that version's compiled tower).
+
+        A reader holding an engine's files open keeps them (POSIX); one that is about to open a version sees
+        it vanish whole: each dir is renamed out of the version namespace (not a number: `versions()` skips
+        it) before it is deleted."""
+        if keep_newest < 1:
+            raise ValueError(f"keep_newest must be >= 1, got {keep_newest}")
+        versions = self.versions()
+        st = self.read_rollout()
+        keep = set(versions[-keep_newest:]) | set(protected) | {st.stable, st.canary}
+        keep |= {e.stable_version for e in st.history if e.action == "promote" and e.version == st.stable}
+        todo = [v for v in keep if v in versions]
+        while todo:  # parents and graph versions, transitively
+            v = todo.pop()
+            try:
+                m = self.read_manifest(v)
+            except (OSError, json_format.ParseError):
+                continue  # unreadable: nothing to follow; it stays while protected
+            for dep in (int(m.parent), int(m.graph_version)):
+                if dep and dep not in keep:
+                    keep.add(dep)
+                    todo.append(dep)
+        removed = []
+        for v in versions:
+            if v in keep:
+                continue
+            doomed = self.engines_dir / f"{GC_PREFIX}{v}-{secrets.token_hex(4)}"
+            try:
+                os.rename(self.engine_dir(v), doomed)
+            except FileNotFoundError:
+                continue  # another collector took it
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(v)
+        if removed:
+            fsync_dir(self.engines_dir)
+        return removed
 
     # ---- rollout state (written by servers only)
     def read_rollout(self) -> RolloutState:
@@ -149,6 +237,19 @@ class Registry:
 
     def write_rollout(self, state: RolloutState) -> None:
         write_atomic(self.rollout_path, state.to_json().encode())
+
+    def canary_salt(self) -> bytes:
+        """The secret that keys the canary user split (server/engine/canary.py): random, made once, kept in
+        rollout.json, so every server sharing this registry splits users alike, across restarts too."""
+        salt = self.read_rollout().canary_salt
+        if not salt:
+            with self.rollout_lock():
+                st = self.read_rollout()
+                if not st.canary_salt:  # another server may have made it while we waited
+                    st.canary_salt = secrets.token_hex(16)
+                    self.write_rollout(st)
+                salt = st.canary_salt
+        return bytes.fromhex(salt)
 
     @contextlib.contextmanager
     def rollout_lock(self) -> Iterator[None]:
@@ -178,3 +279,34 @@ ANN_FILE = "items.index"            # optional FAISS index over items.npy chosen
 LEGACY_ANN_FILE = "items.hnsw"      # the same, as engines built before the method choice named it (HNSW only)
 ANN_META_FILE = "ann.json"          # the retrieval choice: kind, search settings, recall, every candidate measured
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
+
+
+def check_name(name: str, where: str) -> None:
+    """A manifest path must be a plain file name: no separator, no `..`, nothing absolute, hidden or empty."""
+    if (not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name or "\0" in name
+            or name in (MANIFEST, SIGNATURE) or len(name) > 255):
+        raise EngineCorrupt(f"{where}: manifest path {name!r} is not a plain file name")
+
+
+def required_files(manifest: pb.EngineManifest) -> tuple[str, ...]:
+    """The files the server's loader opens unconditionally for this engine (a refit's tower is its graph
+    version's, checked when that version is verified)."""
+    if manifest.backend not in USER_TOWER_FILE:
+        return ()
+    tower = WEIGHTS_FILE if manifest.graph_version else USER_TOWER_FILE[manifest.backend]
+    return (tower, ITEMS_FILE, ITEM_IDS_FILE, POPULARITY_FILE)
+
+
+def check_listing(manifest: pb.EngineManifest, where: str) -> frozenset[str]:
+    """The manifest's file names, once each is a plain name, listed once, and every required file is listed."""
+    if manifest.backend not in USER_TOWER_FILE:
+        raise EngineCorrupt(f"{where}: unknown backend {manifest.backend!r}")
+    names = [f.path for f in manifest.files]
+    for name in names:
+        check_name(name, where)
+    if len(set(names)) != len(names):
+        raise EngineCorrupt(f"{where}: a file is listed twice in the manifest")
+    missing = [f for f in required_files(manifest) if f not in names]
+    if missing:
+        raise EngineCorrupt(f"{where}: manifest does not list {', '.join(missing)}, which the loader opens")
+    return frozenset(names)

@@ -89,6 +89,8 @@ class RolloutState:
     refused: dict[int, str] = field(default_factory=dict)      # failed load/parity: never served
     rolled_back: dict[int, str] = field(default_factory=dict)  # canaries rolled back: auto never retries them
     history: list[RolloutEvent] = field(default_factory=list)  # newest last, HISTORY_KEPT at most
+    canary_salt: str = ""                                      # hex secret keying the canary user split (made once by
+                                                               # Registry.canary_salt; never sent over the API)
 
     def record(self, action: str, version: int, actor: str, reason: str) -> RolloutEvent:
         ev = RolloutEvent(time_ms=int(time.time() * 1000), action=action, version=version,
@@ -103,7 +105,7 @@ class RolloutState:
             "canary_started_ms": self.canary_started_ms, "policy": asdict(self.policy) if self.policy else None,
             "refused": {str(k): v for k, v in self.refused.items()},
             "rolled_back": {str(k): v for k, v in self.rolled_back.items()},
-            "history": [asdict(e) for e in self.history]}, indent=1)
+            "history": [asdict(e) for e in self.history], "canary_salt": self.canary_salt}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RolloutState":
@@ -114,7 +116,8 @@ class RolloutState:
                    policy=CanaryPolicy(**d["policy"]) if d.get("policy") else None,
                    refused={int(k): v for k, v in d.get("refused", {}).items()},
                    rolled_back={int(k): v for k, v in d.get("rolled_back", {}).items()},
-                   history=[RolloutEvent(**e) for e in d.get("history", [])])
+                   history=[RolloutEvent(**e) for e in d.get("history", [])],
+                   canary_salt=str(d.get("canary_salt", "")))
 
     def end_canary(self) -> None:
         self.canary, self.canary_fraction, self.canary_started_ms = 0, 0.0, 0

@@ -69,9 +69,19 @@ def _server_version() -> str:
         return "0"
 
 
-def _is_version(version: str, engine: Engine) -> bool:
-    """An empty version means the serving engine; "1" and "01" both name engine 1."""
-    return version == "" or (version.isdigit() and int(version) == engine.version)
+MAX_VERSION_DIGITS = 18  # an engine version fits an int64; longer digit strings name no engine
+
+
+def _version_number(version: str, field: str = "model_version") -> int | None:
+    """None for "" (the serving engine); "1" and "01" both name engine 1. Anything else but ASCII digits (str.isdigit
+    also accepts "²", which int() refuses) is INVALID_ARGUMENT naming the field."""
+    if version == "":
+        return None
+    if not (version.isascii() and version.isdigit()) or len(version) > MAX_VERSION_DIGITS:
+        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{field} must be empty or a decimal engine version of at most {MAX_VERSION_DIGITS} "
+                          f"ASCII digits, got {version[:40]!r}")
+    return int(version)
 
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
@@ -197,17 +207,19 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                               f"{', '.join(MODELS)}")
         return spec
 
-    async def _resolve(self, name: str, version: str) -> tuple[ModelSpec, Engine]:
-        """The model and the engine that runs it; raises NOT_FOUND / UNAVAILABLE like Triton."""
+    async def _resolve(self, name: str, version: str, field: str = "model_version") -> tuple[ModelSpec, Engine]:
+        """The model and the engine that runs it; raises NOT_FOUND / UNAVAILABLE like Triton, INVALID_ARGUMENT
+        for a version that is not a number."""
         spec = self._spec(name)
+        number = _version_number(version, field)
         engine = self.manager.current  # hold this reference for the whole request
         if engine is None:
             raise KServeError(grpc.StatusCode.UNAVAILABLE,
                               f"Request for unknown model: '{name}' has no available versions: no engine is "
                               "serving yet (the trainer has not published one); retry shortly")
-        if not _is_version(version, engine):
+        if number is not None and number != engine.version:
             loaded = f"only the serving engine version {engine.version} is loaded"
-            if version.isdigit() and int(version) in await asyncio.to_thread(self.registry.versions):
+            if number in await asyncio.to_thread(self.registry.versions):
                 raise KServeError(grpc.StatusCode.UNAVAILABLE,
                                   f"Request for unknown model: '{name}' version {version} is not at ready state: "
                                   f"{loaded}; change the served engine through livetower.v1.EngineAdmin")
@@ -228,7 +240,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context) -> kpb.ModelReadyResponse:
         engine = self.manager.current
-        ready = request.name in MODELS and engine is not None and _is_version(request.version, engine)
+        try:
+            number = _version_number(request.version, "version")
+        except KServeError as e:
+            await self._abort(context, e)
+        ready = request.name in MODELS and engine is not None and number in (None, engine.version)
         return kpb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context) -> kpb.ServerMetadataResponse:
@@ -236,7 +252,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context) -> kpb.ModelMetadataResponse:
         try:
-            spec, engine = await self._resolve(request.name, request.version)
+            spec, engine = await self._resolve(request.name, request.version, "version")
         except KServeError as e:
             await self._abort(context, e)
         dim = int(engine.manifest.dim)
@@ -248,7 +264,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context) -> kpb.ModelConfigResponse:
         try:
-            spec, engine = await self._resolve(request.name, request.version)
+            spec, engine = await self._resolve(request.name, request.version, "version")
         except KServeError as e:
             await self._abort(context, e)
         dim = int(engine.manifest.dim)

@@ -28,14 +28,33 @@ MANUAL = CanaryPolicy(mode="manual", min_duration_s=0.2, max_duration_s=1.0, min
 
 def test_split_is_sticky_sized_and_salted_by_version():
     users = [f"user-{i}" for i in range(20_000)]
-    in_v2 = [in_canary(u, 2, 0.1) for u in users]
-    assert in_v2 == [in_canary(u, 2, 0.1) for u in users]  # sticky
+    salt = bytes(range(16))
+    in_v2 = [in_canary(u, 2, 0.1, salt) for u in users]
+    assert in_v2 == [in_canary(u, 2, 0.1, salt) for u in users]  # sticky
     assert 0.09 < np.mean(in_v2) < 0.11
-    in_v3 = [in_canary(u, 3, 0.1) for u in users]
+    in_v3 = [in_canary(u, 3, 0.1, salt) for u in users]
     assert 0.08 < np.mean(np.array(in_v2) == np.array(in_v3)) < 0.99 and in_v2 != in_v3  # another slice
-    assert not in_canary("", 2, 0.99)
-    grown = [in_canary(u, 2, 0.3) for u in users]  # raising the fraction keeps everyone already in
+    assert not in_canary("", 2, 0.99, salt)
+    grown = [in_canary(u, 2, 0.3, salt) for u in users]  # raising the fraction keeps everyone already in
     assert all(g for g, s in zip(grown, in_v2) if s)
+    other = [in_canary(u, 2, 0.1, b"another secret!!") for u in users]  # without the secret: another slice
+    assert 0.08 < np.mean(np.array(in_v2) == np.array(other)) < 0.99 and in_v2 != other
+
+
+def test_canary_salt_is_secret_random_persisted_and_shared(tmp_path):
+    """Made once, kept in rollout.json across restarts and shared by every Registry of the same root; never in
+    the API's rollout answer (server/servicer.py copies named fields only)."""
+    from contracts.registry import Registry
+
+    salt = Registry(tmp_path).canary_salt()
+    assert len(salt) == 16 and salt != bytes(16)
+    assert Registry(tmp_path).canary_salt() == salt  # a restart or another replica: the same split
+    assert Registry(tmp_path / "other").canary_salt() != salt  # random per registry
+    st = Registry(tmp_path).read_rollout()
+    st.record("policy", 0, "test", "a later write keeps the salt")
+    Registry(tmp_path).write_rollout(st)
+    assert Registry(tmp_path).canary_salt() == salt
+    assert "canary_salt" not in {f.name for f in pb.GetRolloutResponse.DESCRIPTOR.fields}
 
 
 def test_overlap_and_ks():
@@ -152,15 +171,17 @@ class Traffic:
             t.join(30)
 
 
-def admin_client(port: int) -> Client:
-    return Client(f"127.0.0.1:{port}", admin_token=ADMIN_TOKEN, timeout_s=30)
+def admin_client(server, port: int) -> Client:
+    """Data calls on port, admin calls on the server's admin listener."""
+    return Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{server.admin_port}", admin_token=ADMIN_TOKEN,
+                  timeout_s=30)
 
 
 # ---------------------------------------------------------------- integration: operator flow, auth, restart
 
 def test_manual_canary_sticky_promote_and_rollback(trained_dir):
     with running_server(server_config(trained_dir, policy=MANUAL)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         assert publish_v2(trained_dir) == 2
         time.sleep(0.5)  # manual mode: the new version waits for an operator
@@ -174,7 +195,9 @@ def test_manual_canary_sticky_promote_and_rollback(trained_dir):
         assert all(len(s) == 1 for s in traffic.seen.values()), "a user saw both versions during the canary"
         canary_users = {u for u, s in traffic.seen.items() if s == {(2, True)}}
         assert {u for u, s in traffic.seen.items() if s == {(1, False)}} | canary_users == set(traffic.seen)
-        assert canary_users == {u for u in traffic.seen if in_canary(u, 2, 0.3)}
+        salt = server.manager.canary_salt
+        assert salt == Registry(trained_dir / "registry").canary_salt()  # the registry's secret, as persisted
+        assert canary_users == {u for u in traffic.seen if in_canary(u, 2, 0.3, salt)}
         assert 0.2 < len(canary_users) / len(traffic.seen) < 0.4
         a = c.rollout().analysis
         assert a.canary_requests > 0 and a.stable_requests > 0 and a.verdict  # analysed, not acted on (manual)
@@ -201,7 +224,7 @@ def test_admin_calls_need_the_token_and_change_nothing(trained_dir):
         assert publish_v2(trained_dir) == 2
         before = (trained_dir / "registry" / "rollout.json").read_text()
         for token in (None, "wrong-token-but-long-enough"):
-            c = Client(f"127.0.0.1:{port}", admin_token=token)
+            c = Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{server.admin_port}", admin_token=token)
             for call in (lambda: c.start_canary(2, 0.5), c.promote, c.rollback, c.rollout, c.list_engines,
                          lambda: c.set_policy(pb.CanaryPolicy(mode="auto"))):
                 with pytest.raises(grpc.RpcError) as e:
@@ -216,7 +239,7 @@ def test_admin_calls_need_the_token_and_change_nothing(trained_dir):
 
 def test_set_policy_validates_and_persists(trained_dir):
     with running_server(server_config(trained_dir, policy=MANUAL)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         with pytest.raises(grpc.RpcError) as e:
             c.set_policy(pb.CanaryPolicy(mode="auto", fraction=1.5))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fraction must be in (0, 1)" in e.value.details()
@@ -230,14 +253,14 @@ def test_set_policy_validates_and_persists(trained_dir):
 def test_restart_mid_canary_keeps_stable_and_canary(trained_dir):
     config = server_config(trained_dir, policy=MANUAL)
     with running_server(config) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         assert publish_v2(trained_dir) == 2
         c.start_canary(2, 0.5)
         served_before = {u: c.recommend(u, k=3, history=["item-1"]).engine_version for u in map(str, range(50))}
         c.close()
     with running_server(config) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.canary is not None, 30, "the canary to be restored")
         ro = c.rollout()
         assert (ro.stable_version, ro.canary_version, ro.canary_fraction) == (1, 2, 0.5)
@@ -249,7 +272,7 @@ def test_restart_mid_canary_keeps_stable_and_canary(trained_dir):
 
 def test_auto_mode_canaries_and_promotes_a_good_engine(trained_dir):
     with running_server(server_config(trained_dir)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         with Traffic(port) as traffic:
             t0 = time.monotonic()
@@ -297,7 +320,7 @@ def test_faulty_canary_is_rolled_back_without_failed_requests(trained_dir, monke
     monkeypatch.setattr(manager_mod, "load_from_registry",
                         lambda reg, v, cfg: wrap(real(reg, v, cfg)) if v == 2 else real(reg, v, cfg))
     with running_server(server_config(trained_dir)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         with Traffic(port) as traffic:
             assert publish_v2(trained_dir) == 2
@@ -316,7 +339,7 @@ def test_faulty_canary_is_rolled_back_without_failed_requests(trained_dir, monke
 
 def test_garbage_scores_are_rolled_back(trained_dir):
     with running_server(server_config(trained_dir)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
 
         def garbage(staging, manifest):  # a valid, checksummed engine whose item vectors are noise
@@ -334,7 +357,7 @@ def test_garbage_scores_are_rolled_back(trained_dir):
 
 def test_engine_failing_parity_is_refused_and_never_serves(trained_dir):
     with running_server(server_config(trained_dir)) as (server, port):
-        c = admin_client(port)
+        c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
 
         def wrong_golden(staging, manifest):
@@ -348,13 +371,14 @@ def test_engine_failing_parity_is_refused_and_never_serves(trained_dir):
         c.close()
 
 
-def test_cli_engines_commands(trained_dir, capsys):
+def test_cli_engines_commands(trained_dir, capsys, monkeypatch):
     from livetower.cli import main
 
     with running_server(server_config(trained_dir, policy=MANUAL)) as (server, port):
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         assert publish_v2(trained_dir) == 2
-        auth = ["--target", f"127.0.0.1:{port}", "--admin-token", ADMIN_TOKEN]
+        monkeypatch.setenv("LIVETOWER_ADMIN_TOKEN", ADMIN_TOKEN)  # the token never goes in argv
+        auth = ["--admin-target", f"127.0.0.1:{server.admin_port}"]
         capsys.readouterr()
         assert main(["engines", "canary", "2", "--fraction", "0.4", *auth]) == 0
         assert "canary: 2 on 40% of users" in capsys.readouterr().out
@@ -366,7 +390,8 @@ def test_cli_engines_commands(trained_dir, capsys):
         assert policy["mode"] == "auto" and policy["min_requests"] == 7
         assert main(["engines", "list", *auth]) == 0
         assert "serving: 2" in capsys.readouterr().out
-        assert main(["engines", "rollback", "--target", f"127.0.0.1:{port}", "--admin-token", "x" * 20]) == 1
+        monkeypatch.setenv("LIVETOWER_ADMIN_TOKEN", "x" * 20)
+        assert main(["engines", "rollback", *auth]) == 1
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert server.manager.stable.version == 2
 

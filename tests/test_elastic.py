@@ -220,23 +220,28 @@ def test_torchrun_entry_point_resumes_a_round_from_its_epoch_checkpoint(scale_se
     import subprocess
     import sys
 
+    from trainer.elastic.files import load_spec, load_tensors, save_spec
     from trainer.elastic.launcher import free_port
-    from trainer.elastic.worker import SPEC_FILE, checkpoint_path
+    from trainer.elastic.worker import SPEC_FILE, RoundSpec, checkpoint_path
 
     src = scale_sequence["stats"][1].round_dir
     round_dir = tmp_path / "round"
     shutil.copytree(src, round_dir)
-    spec = torch.load(round_dir / SPEC_FILE, weights_only=False)
-    torch.save(dataclasses.replace(spec, out_dir=str(round_dir), state_path=str(round_dir / "state_input.pt"),
-                                   record_grads_step=None), round_dir / SPEC_FILE)
+    spec = load_spec(round_dir / SPEC_FILE, RoundSpec)
+    assert spec.cfg == CFG  # the JSON spec carries the whole config back
+    save_spec(round_dir / SPEC_FILE, dataclasses.replace(spec, out_dir=str(round_dir),
+                                                         state_path=str(round_dir / "state_input.pt"),
+                                                         record_grads_step=None))
+    for f in round_dir.glob("*.pt"):  # every round file the launcher and workers wrote: no pickle
+        torch.load(f, weights_only=True)
     checkpoint_path(round_dir, EPOCHS).unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "0",
            "-m", "trainer.elastic", str(round_dir / SPEC_FILE)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = torch.load(checkpoint_path(round_dir, EPOCHS), weights_only=False)
-    before = torch.load(checkpoint_path(round_dir, EPOCHS - 1), weights_only=False)
+    final = load_tensors(checkpoint_path(round_dir, EPOCHS))  # weights_only=True: no pickle in round files
+    before = load_tensors(checkpoint_path(round_dir, EPOCHS - 1))
     assert len(final["losses"]) == EPOCHS and final["losses"][0] == before["losses"][0]  # epoch 1 was not redone
     assert (final["window_epochs_N"] == EPOCHS).all()
 
@@ -298,3 +303,26 @@ def test_shard_needs_an_all_reduce_beyond_one_rank():
         Shard(rank=0, world=2)
     with pytest.raises(ValueError, match="rank"):
         Shard(rank=2, world=2, all_reduce=lambda t: None)
+
+
+def test_round_files_hold_no_pickle(tmp_path):
+    """Data, state and checkpoint files load with weights_only=True (numpy arrays come back as numpy); the spec
+    is JSON and comes back equal; a file holding any other object is refused, not run."""
+    import pickle
+
+    from trainer.elastic.files import load_spec, load_tensors, save_spec, save_tensors
+    from trainer.elastic.worker import FaultInjection, RoundSpec
+
+    mask = np.array([[True, False], [False, True]])
+    save_tensors(tmp_path / "d.pt", {"mask_WT": mask, "p": torch.arange(3.0), "n": 7, "opt": {"state": {0: {}},
+                                     "param_groups": [{"betas": (0.9, 0.99), "foreach": None}]}})
+    back = load_tensors(tmp_path / "d.pt")
+    assert isinstance(back["mask_WT"], np.ndarray) and (back["mask_WT"] == mask).all()
+    assert back["n"] == 7 and back["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    spec = RoundSpec(out_dir="/r", state_path="/r/s.pt", cfg=CFG, model_config=CFG.model.to_dict(), epochs=2,
+                     start_epoch=0, seed=5, attempt=1, device="cpu", fault=FaultInjection(rank=1, at_step=3))
+    save_spec(tmp_path / "spec.json", spec)
+    assert load_spec(tmp_path / "spec.json", RoundSpec) == spec
+    torch.save({"spec": spec}, tmp_path / "evil.pt")  # an object a pickle would rebuild (and could run code for)
+    with pytest.raises(pickle.UnpicklingError):
+        load_tensors(tmp_path / "evil.pt")

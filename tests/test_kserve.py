@@ -325,6 +325,34 @@ def test_raw_bytes_tensor_malformed(served):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
 
 
+@pytest.mark.parametrize("version", ["\u00b2", "\u0663", "1\u00b2", "1" * 19, " 1", "-1", "+1"])
+def test_version_that_is_not_ascii_digits_is_invalid_argument_without_a_traceback(served, version, caplog):
+    """str.isdigit() accepts "²" and "٣", which int() refuses: INVALID_ARGUMENT naming the field, on every RPC
+    that takes a version, and no per-request traceback in the log."""
+    import logging
+
+    _, port, _ = served
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = tc_pb_grpc.GRPCInferenceServiceStub(ch)
+        calls = [("model_version", lambda: stub.ModelInfer(tc_pb.ModelInferRequest(
+                     model_name="item_embeddings", model_version=version, inputs=[
+                         tc_pb.ModelInferRequest.InferInputTensor(name="ITEM_IDS", datatype="BYTES", shape=[1])],
+                     raw_input_contents=[encode_bytes_tensor([b"item-1"])]), timeout=10)),
+                 ("version", lambda: stub.ModelMetadata(tc_pb.ModelMetadataRequest(name="recommend", version=version),
+                                                        timeout=10)),
+                 ("version", lambda: stub.ModelConfig(tc_pb.ModelConfigRequest(name="recommend", version=version),
+                                                      timeout=10)),
+                 ("version", lambda: stub.ModelReady(tc_pb.ModelReadyRequest(name="recommend", version=version),
+                                                     timeout=10))]
+        for field, call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert e.value.details().startswith(f"{field} must be empty or a decimal engine version"), e.value.details()
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
 # ---------------------------------------------------------------- statistics and repository
 
 def test_inference_statistics(served):

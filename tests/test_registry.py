@@ -11,16 +11,15 @@ from contracts.registry import (
 from contracts.rollout import HISTORY_KEPT, CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 
+# Every file the loader opens for a torch engine (contracts/registry.py required_files), and one more.
 FILES = {"items.npy": b"\x93NUMPY" + bytes(range(200)), "item_ids.json": b'["a", "b"]',
-         "sub/user_tower.pt2": b"graph" * 1000, "empty.bin": b""}
+         "user_tower.ep.pt2": b"graph" * 1000, "popularity.json": b"{}", "empty.bin": b""}
 
 
 def stage(reg, files=FILES):
     d = reg.staging_dir()
     for rel, data in files.items():
-        p = d / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+        (d / rel).write_bytes(data)
     return d
 
 
@@ -50,12 +49,12 @@ def test_publish_gives_consecutive_versions_and_full_manifest(tmp_path):
 
 def test_publish_replaces_stale_file_list_and_skips_staged_manifest(tmp_path):
     reg = Registry(tmp_path)
-    d = stage(reg, {"a": b"1"})
+    d = stage(reg)
     (d / MANIFEST).write_text("stale")
-    m = pb.EngineManifest()
+    m = pb.EngineManifest(backend="torch")
     m.files.add(path="ghost", sha256="0" * 64, size=3)
     v = reg.publish(d, m)
-    assert [f.path for f in reg.read_manifest(v).files] == ["a"]
+    assert [f.path for f in reg.read_manifest(v).files] == sorted(FILES)
     reg.verify(v)
 
 
@@ -63,7 +62,7 @@ def test_published_dir_has_no_leftover_files(tmp_path):
     reg = Registry(tmp_path)
     v = publish(reg)
     root = reg.engine_dir(v)
-    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*")}
     assert on_disk == set(FILES) | {MANIFEST}
     # the staging dir was renamed, not copied
     assert [p.name for p in reg.engines_dir.iterdir()] == ["1"]
@@ -105,15 +104,15 @@ def test_verify_flipped_byte(tmp_path):
 def test_verify_missing_file(tmp_path):
     reg = Registry(tmp_path)
     v = publish(reg)
-    (reg.engine_dir(v) / "sub" / "user_tower.pt2").unlink()
-    with pytest.raises(EngineCorrupt, match="missing file sub/user_tower.pt2"):
+    (reg.engine_dir(v) / "user_tower.ep.pt2").unlink()
+    with pytest.raises(EngineCorrupt, match="missing file user_tower.ep.pt2"):
         reg.verify(v)
 
 
 def test_verify_truncated_file(tmp_path):
     reg = Registry(tmp_path)
     v = publish(reg)
-    p = reg.engine_dir(v) / "sub" / "user_tower.pt2"
+    p = reg.engine_dir(v) / "user_tower.ep.pt2"
     p.write_bytes(p.read_bytes()[:-1])
     with pytest.raises(EngineCorrupt, match="is 4999 bytes, manifest says 5000"):
         reg.verify(v)
@@ -125,7 +124,7 @@ def test_verify_bad_manifest(tmp_path):
     (reg.engine_dir(v) / MANIFEST).write_text("{not json")
     with pytest.raises(EngineCorrupt, match="unreadable manifest"):
         reg.verify(v)
-    with pytest.raises(EngineCorrupt, match="unreadable manifest"):
+    with pytest.raises(EngineCorrupt, match="not a directory"):
         reg.verify(42)  # no such version
 
 
@@ -220,7 +219,7 @@ def test_manifest_json_roundtrip_preserves_fields():
 
 def test_published_manifest_keeps_caller_fields(tmp_path):
     reg = Registry(tmp_path)
-    m = pb.EngineManifest(parent=4, trained_events=2**40, watermark_ms=123)
+    m = pb.EngineManifest(backend="torch", parent=4, trained_events=2**40, watermark_ms=123)
     m.stream_offsets["sqlite"] = 99
     v = reg.publish(stage(reg), m)
     back = reg.verify(v)

@@ -72,16 +72,21 @@ class ItemIndex:
         return self.index.search(np.ascontiguousarray(queries_QD, dtype=np.float32), kk, params=params)
 
 
-def read_meta(engine_dir: Path) -> dict | None:
+def _present(engine_dir: Path, name: str, listed: frozenset[str] | None) -> bool:
+    """listed: the manifest's verified file names; a reader opens only those (None: whatever is on disk)."""
+    return name in listed if listed is not None else (Path(engine_dir) / name).is_file()
+
+
+def read_meta(engine_dir: Path, listed: frozenset[str] | None = None) -> dict | None:
     path = Path(engine_dir) / ANN_META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text()) if _present(engine_dir, ANN_META_FILE, listed) else None
 
 
-def load_item_index(engine_dir: Path, *, num_threads: int = 1) -> ItemIndex | None:
-    """The engine's index, or None when it has none (exact search)."""
+def load_item_index(engine_dir: Path, *, num_threads: int = 1, listed: frozenset[str] | None = None) -> ItemIndex | None:
+    """The engine's index, or None when it has none (exact search). listed: see _present."""
     engine_dir = Path(engine_dir)
-    meta = read_meta(engine_dir)
-    path = next((engine_dir / f for f in (ANN_FILE, LEGACY_ANN_FILE) if (engine_dir / f).is_file()), None)
+    meta = read_meta(engine_dir, listed)
+    path = next((engine_dir / f for f in (ANN_FILE, LEGACY_ANN_FILE) if _present(engine_dir, f, listed)), None)
     settings = SearchSettings.from_meta(meta) if meta is not None else None
     if settings is None or path is None or settings.kind == "exact":
         return None
@@ -107,12 +112,13 @@ def recall_at_k(found_QK: np.ndarray, exact_QK: np.ndarray) -> float:
     return float(hits / max(exact_QK.size, 1))
 
 
-def check_recall(index: ItemIndex, items_ND: np.ndarray, engine_dir: Path) -> tuple[float, float] | None:
+def check_recall(index: ItemIndex, items_ND: np.ndarray, engine_dir: Path,
+                 listed: frozenset[str] | None = None) -> tuple[float, float] | None:
     """(recall@k on the stored held-out queries, the build's target), or None when the engine stored none."""
-    meta, path = read_meta(engine_dir), Path(engine_dir) / ANN_CHECK_FILE
-    if meta is None or not path.is_file():
+    meta, path = read_meta(engine_dir, listed), Path(engine_dir) / ANN_CHECK_FILE
+    if meta is None or not _present(engine_dir, ANN_CHECK_FILE, listed):
         return None
-    queries_QD = np.load(path)
+    queries_QD = np.load(path, allow_pickle=False)
     k = min(int(meta["k"]), len(items_ND))
     recall = recall_at_k(index.search(queries_QD, k)[1], exact_topk(queries_QD, items_ND, k))
     return recall, float(meta["target_recall"])

@@ -37,12 +37,13 @@ SHADOW_K = 100
 SHADOW_KEEP_QPS = 1.0    # shadow rate once policy.shadow_samples pairs are in: the estimate keeps updating
 
 
-def in_canary(user_id: str, canary_version: int, fraction: float) -> bool:
-    """Sticky: the same user and canary always give the same answer; salted by version so each
-    canary takes a different slice of users."""
+def in_canary(user_id: str, canary_version: int, fraction: float, salt: bytes) -> bool:
+    """Sticky: the same user, canary and salt always give the same answer; keyed by version so each canary
+    takes a different slice of users, and by the registry's secret salt (Registry.canary_salt) so a caller
+    cannot compute who is in the canary and aim expensive requests at it to force a rollback."""
     if not user_id:
         return False
-    h = hashlib.blake2b(f"{canary_version}\x00{user_id}".encode(), digest_size=8).digest()
+    h = hashlib.blake2b(f"{canary_version}\x00{user_id}".encode(), digest_size=8, key=salt).digest()
     return int.from_bytes(h, "big") < fraction * 2.0 ** 64
 
 

@@ -108,6 +108,7 @@ class Engine:
         self.popularity_scores = popularity_scores
         self.ann = ann  # the index chosen at build for large catalogues (None: exact search)
         self.engine_dir: Path | None = None  # set by load(): where the index's held-out check queries are
+        self.listed: frozenset[str] | None = None  # set by load(): the manifest's file names (the only ones read)
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
 
     @classmethod
@@ -121,15 +122,26 @@ class Engine:
         if manifest.graph_version and graph_dir is None:
             raise EngineRejected(f"engine {manifest.version} is a refit of engine {manifest.graph_version}: "
                                  "its graph directory is needed")
-        tower_file = Path(graph_dir or engine_dir) / USER_TOWER_FILE[manifest.backend]
+        # Only files the manifest lists (and Registry.verify hashed) are opened; a refit's tower file is its
+        # graph version's, verified and listed there.
+        listed = frozenset(f.path for f in manifest.files)
+
+        def own(name: str) -> Path:
+            if name not in listed:
+                raise EngineRejected(f"engine {manifest.version}: {name} is not listed in its manifest")
+            return engine_dir / name
+
+        tower_file = (Path(graph_dir) / USER_TOWER_FILE[manifest.backend] if manifest.graph_version
+                      else own(USER_TOWER_FILE[manifest.backend]))
         runner = load_runner(manifest.backend, tower_file, num_threads=num_threads,
-                             weights=engine_dir / WEIGHTS_FILE if manifest.graph_version else None)
-        vocab, n_items = VOCABULARIES.vocabulary_for((engine_dir / ITEM_IDS_FILE).read_bytes())
-        items_ND = np.ascontiguousarray(np.load(engine_dir / ITEMS_FILE), dtype=np.float32)
-        pop = json.loads((engine_dir / POPULARITY_FILE).read_text())
-        ann = load_item_index(engine_dir, num_threads=num_threads) if use_ann else None
+                             weights=own(WEIGHTS_FILE) if manifest.graph_version else None)
+        vocab, n_items = VOCABULARIES.vocabulary_for(own(ITEM_IDS_FILE).read_bytes())
+        items_ND = np.ascontiguousarray(np.load(own(ITEMS_FILE), allow_pickle=False), dtype=np.float32)
+        pop = json.loads(own(POPULARITY_FILE).read_text())
+        ann = load_item_index(engine_dir, num_threads=num_threads, listed=listed) if use_ann else None
         engine = cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann)
         engine.engine_dir = engine_dir
+        engine.listed = listed
         return engine
 
     # ---- checks before taking traffic
@@ -143,7 +155,7 @@ class Engine:
         """(recall@k of the index on the build's held-out queries, the build's target); None without an index."""
         if self.ann is None or self.engine_dir is None:
             return None
-        return check_recall(self.ann, self.items_ND.numpy(), self.engine_dir)
+        return check_recall(self.ann, self.items_ND.numpy(), self.engine_dir, self.listed)
 
     def warm_up(self, calls: int) -> float:
         """Run representative requests so lazy init and allocator growth happen off the request path."""

@@ -9,7 +9,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from contracts.registry import Registry
+from contracts.registry import EngineCorrupt, Registry
+from contracts.signing import KeyFileError, ManifestTrust
 from server.engine.engine import Engine, EngineRejected
 
 if TYPE_CHECKING:
@@ -19,10 +20,18 @@ log = logging.getLogger("livetower.engine")
 
 
 def load_from_registry(registry: Registry, version: int, config: EngineManagerConfig) -> Engine:
-    manifest = registry.verify(version, pause_s=config.verify_pause_s)
+    try:
+        trust = ManifestTrust.from_files(config.trusted_keys, config.require_signature)
+    except KeyFileError as e:
+        raise EngineCorrupt(f"engine {version}: cannot check its signature: {e}") from e
+    manifest = registry.verify(version, pause_s=config.verify_pause_s, trust=trust)
     graph_dir = None
     if manifest.graph_version:
-        registry.verify(manifest.graph_version, pause_s=config.verify_pause_s)
+        try:
+            registry.verify(manifest.graph_version, pause_s=config.verify_pause_s, trust=trust)
+        except EngineCorrupt as e:
+            raise EngineCorrupt(f"engine {version} runs the graph of engine {manifest.graph_version}, which is "
+                                f"refused: {e}") from e
         graph_dir = registry.engine_dir(manifest.graph_version)
     try:
         return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,

@@ -21,10 +21,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from contracts.registry import EngineCorrupt, Registry
 from contracts.rollout import CanaryPolicy, RolloutState
+from contracts.signing import ManifestTrust
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.loading import load_from_registry, lower_thread_priority
@@ -46,6 +48,9 @@ class EngineManagerConfig:
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # makes the automatic rollout decisions (one process per registry)
+    trusted_keys: Path | None = None  # file of trusted Ed25519 public keys (PEM blocks or 64-hex lines): a signed
+                                    # engine whose manifest.sig verifies with none of them is refused
+    require_signature: bool = False  # refuse engines without a manifest.sig that verifies (needs trusted_keys)
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class EngineManagerConfig:
             raise ValueError(f"verify_pause_s must be in [0, 0.1], got {self.verify_pause_s}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.require_signature and self.trusted_keys is None:
+            raise ValueError("require_signature needs trusted_keys (a file of trusted public keys)")
 
 
 class RolloutError(Exception):
@@ -82,6 +89,8 @@ class EngineManager:
                  user_histories: Callable[[], list[list[str]]] = list) -> None:
         self.registry = registry
         self.config = config
+        # Read once here so a bad key file stops the server at start; loads read it again (a rotated file).
+        ManifestTrust.from_files(config.trusted_keys, config.require_signature)
         self.stable: Engine | None = None   # read by request handlers; replaced atomically
         self.canary: Engine | None = None
         self.canary_fraction = 0.0
@@ -99,6 +108,7 @@ class EngineManager:
         # thread: freeing one (its constants, index and item matrix) took 2 ms at 100k items and 19 ms
         # at 1M, which the last request's handler would otherwise spend on the event loop.
         self._retired: list[Engine] = []
+        self.canary_salt = b""  # the registry's secret keying the user split; read before a canary starts
 
     @property
     def current(self) -> Engine | None:
@@ -111,7 +121,7 @@ class EngineManager:
     # ---- request path (event loop; no locks)
     def route(self, user_id: str) -> tuple[Engine | None, bool]:
         canary = self.canary
-        if canary is not None and in_canary(user_id, canary.version, self.canary_fraction):
+        if canary is not None and in_canary(user_id, canary.version, self.canary_fraction, self.canary_salt):
             return canary, True
         return self.stable, False
 
@@ -184,6 +194,8 @@ class EngineManager:
 
     def _begin_canary(self, engine: Engine, fraction: float) -> None:
         self._end_canary()
+        if not self.canary_salt:  # never under the rollout lock (flock would wait for itself)
+            self.canary_salt = self.registry.canary_salt()
         stats = CanaryStats()
         self.stats, self.canary_fraction = stats, fraction
         self.canary = engine

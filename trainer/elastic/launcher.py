@@ -17,7 +17,6 @@ dir must then be on storage every node sees.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import multiprocessing
 import shutil
@@ -34,8 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from contracts.atomic import write_atomic
 from trainer.config import TrainConfig
+from trainer.elastic.files import load_tensors, save_spec, save_tensors
 from trainer.elastic.metrics import ElasticMetrics
 from trainer.elastic.policy import resolve_device
 from trainer.elastic.worker import (DATA_FILE, KILLED_FILE, SPEC_FILE, FaultInjection, RoundSpec, checkpoint_path,
@@ -160,12 +159,10 @@ def run_distributed_round(model_state: dict, optimizer_state: dict, *, model_con
     parent = Path(ec.work_dir) if ec.work_dir else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     round_dir = Path(tempfile.mkdtemp(prefix="livetower-round-", dir=parent))
-    torch.save({"inputs_WT": inputs_WT, "targets_WT": targets_WT, "mask_WT": mask_WT,
-                "item_prob_R": item_prob_R.detach().cpu(), "n_items": n_items}, round_dir / DATA_FILE)
+    save_tensors(round_dir / DATA_FILE, {"inputs_WT": inputs_WT, "targets_WT": targets_WT, "mask_WT": mask_WT,
+                                         "item_prob_R": item_prob_R.detach().cpu(), "n_items": n_items})
     state_path = round_dir / "state_input.pt"
-    buf = io.BytesIO()
-    torch.save({"epoch": 0, "model": model_state, "optimizer": optimizer_state, "scaler": scaler_state}, buf)
-    write_atomic(state_path, buf.getvalue())
+    save_tensors(state_path, {"epoch": 0, "model": model_state, "optimizer": optimizer_state, "scaler": scaler_state})
     attempts: list[AttemptRecord] = []
     w, start_epoch, t_failed, t_killed = workers, 0, None, None
     try:
@@ -173,7 +170,7 @@ def run_distributed_round(model_state: dict, optimizer_state: dict, *, model_con
             spec = RoundSpec(out_dir=str(round_dir), state_path=str(state_path), cfg=cfg, model_config=model_config,
                              epochs=epochs, start_epoch=start_epoch, seed=seed, attempt=attempt, device=device,
                              fault=fault, record_grads_step=record_grads_step)
-            torch.save(spec, round_dir / SPEC_FILE)
+            save_spec(round_dir / SPEC_FILE, spec)
             say(f"round attempt {attempt + 1}: launching {w} {device} worker(s) from epoch {start_epoch}/{epochs} "
                 f"({inputs_WT.shape[0]} windows, {cfg.precision})")
             t_launch = time.time()
@@ -202,7 +199,7 @@ def run_distributed_round(model_state: dict, optimizer_state: dict, *, model_con
             t_done = time.time()
             attempts.append(AttemptRecord(attempt, w, start_epoch, "ok", t_done - t_launch))
             break
-        final = torch.load(checkpoint_path(round_dir, epochs), map_location="cpu", weights_only=False)
+        final = load_tensors(checkpoint_path(round_dir, epochs))
         t_first = max(r["t_first_step"] for r in results.values())
         t_end = max(r["t_end"] for r in results.values())
         train_s = max(t_end - min(r["t_first_step"] for r in results.values()), 1e-9)

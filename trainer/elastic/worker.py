@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
-import io
 import os
 import sys
 import signal
@@ -30,8 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from contracts.atomic import write_atomic
 from trainer.config import TrainConfig
+from trainer.elastic.files import load_tensors, save_tensors
 from trainer.model import ModelConfig, TwoTower
 from trainer.training import Shard, WindowLoss, make_grad_scaler, make_optimizer, train_epochs, window_loss
 
@@ -48,8 +47,9 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+# Round files hold no pickle (trainer/elastic/files.py): tensors and plain containers, and the spec as JSON.
 DATA_FILE = "round_data.pt"
-SPEC_FILE = "spec.pt"           # the latest attempt's RoundSpec (what `torchrun -m trainer.elastic` reads)
+SPEC_FILE = "spec.json"         # the latest attempt's RoundSpec (what `torchrun -m trainer.elastic` reads)
 KILLED_FILE = "killed_at"      # the fault hook writes the kill time here (recovery timing)
 GRADS_FILE = "grads.pt"         # the gradient hook's output
 
@@ -74,7 +74,8 @@ class FaultInjection:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class RoundSpec:
-    """What every rank of one launch attempt gets (pickled to the workers; the bulk lives in files)."""
+    """What every rank of one launch attempt gets (passed to launched workers in memory, written as SPEC_FILE
+    JSON for external launchers; the bulk lives in files)."""
     out_dir: str                   # round dir: DATA_FILE, epoch checkpoints, hook outputs
     state_path: str                # model/optimizer state to start from (round input or an epoch checkpoint)
     cfg: TrainConfig
@@ -90,11 +91,9 @@ class RoundSpec:
 
 def save_state(path: Path, *, epoch: int, model: TwoTower, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, losses: list[float], window_epochs_N: np.ndarray) -> None:
-    buf = io.BytesIO()
-    torch.save({"epoch": epoch, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "losses": list(losses), "window_epochs_N": window_epochs_N}, buf)
-    write_atomic(path, buf.getvalue())
+    save_tensors(path, {"epoch": epoch, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "losses": list(losses), "window_epochs_N": window_epochs_N})
 
 
 def build_replica(model_config: dict, state: dict, cfg: TrainConfig, device: torch.device):
@@ -138,8 +137,8 @@ def run_rank(spec: RoundSpec, *, rank: int, world: int, local_rank: int) -> dict
     t_group = time.time()
     try:
         out_dir = Path(spec.out_dir)
-        data = torch.load(out_dir / DATA_FILE, weights_only=False)
-        state = torch.load(spec.state_path, map_location="cpu", weights_only=False)
+        data = load_tensors(out_dir / DATA_FILE)
+        state = load_tensors(spec.state_path)
         model, opt, scaler = build_replica(spec.model_config, state, cfg, device)
         ddp = torch.nn.parallel.DistributedDataParallel(
             WindowLoss(model), device_ids=[local_rank] if cuda else None,

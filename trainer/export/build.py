@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from contracts.registry import (ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_TOWER_FILE, WEIGHTS_FILE, Registry)
+                                USER_TOWER_FILE, WEIGHTS_FILE, EngineCorrupt, Registry)
+from contracts.signing import ManifestTrust, load_private_key
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
 from contracts.engine_format.backends import LIFTED_CONSTANT_PREFIX, load_runner
@@ -78,8 +79,27 @@ def golden_histories(n_items: int, T: int, seed: int = 1234) -> torch.Tensor:
     return out
 
 
+def trusted_parent(registry: Registry, parent: int, trust: ManifestTrust | None,
+                   progress: Callable[[str], None]) -> int:
+    """`parent` when it and the graph it runs verify (files, and the signature when `trust` is given), else 0:
+    the build then reads nothing of it (no refit of its graph, no start from its retrieval choice) and
+    builds in full. A tampered parent must never lend its files, and must not stop publishing either: the
+    model comes from the trainer's own state, the parent's files only save time."""
+    if not parent or parent not in registry.versions():
+        return 0
+    try:
+        m = registry.verify(parent, trust=trust)
+        if m.graph_version:
+            registry.verify(int(m.graph_version), trust=trust)
+    except EngineCorrupt as e:
+        progress(f"parent engine {parent} failed verification ({e}): building in full without its files")
+        return 0
+    return parent
+
+
 def refit_graph_version(registry: Registry, parent: int, arch_hash: str, backend: str) -> int:
-    """The version whose compiled AOTI graph can run a model of `arch_hash` (0: none, compile)."""
+    """The version whose compiled AOTI graph can run a model of `arch_hash` (0: none, compile). `parent`
+    must be verified (trusted_parent)."""
     if backend != "aoti" or not parent or parent not in registry.versions():
         return 0
     m = registry.read_manifest(parent)
@@ -158,12 +178,15 @@ def _retrieval_metrics(meta: dict | None) -> dict[str, float]:
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
                  ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
-                 refit: bool = True, progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
+                 refit: bool = True, signing_key: Path | None = None,
+                 progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
     """ann + ann_queries_QT (real users' histories, left-padded rows): for a catalogue of at least
     ann.min_items items, choose the retrieval method by measurement on those users' embeddings (trainer/export/
     ann.py), starting from the parent engine's choice; the index (if one won) and ann.json go into the engine.
     refit: when the parent engine has the same architecture hash (aoti), publish only the weights for
-    its compiled graph (manifest.graph_version) instead of recompiling."""
+    its compiled graph (manifest.graph_version) instead of recompiling. The parent's files are used only
+    once it verifies (trusted_parent). signing_key: an Ed25519 private key file; the manifest is signed with
+    it and a parent must carry a signature that verifies with it."""
     t0 = time.perf_counter()
     n_items = len(vocab_ids)
     if n_items < 1:
@@ -173,7 +196,9 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     T = frozen.cfg.max_history
     golden_BT = golden_histories(n_items, T)
     arch = architecture_hash(frozen, options.backend)
-    graph_version = refit_graph_version(registry, info.parent, arch, options.backend) if refit else 0
+    key = load_private_key(signing_key) if signing_key is not None else None
+    parent = trusted_parent(registry, info.parent, ManifestTrust.of_signer(key) if key else None, progress)
+    graph_version = refit_graph_version(registry, parent, arch, options.backend) if refit else 0
     staging = registry.staging_dir()
     try:
         with torch.no_grad():
@@ -193,7 +218,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         with torch.no_grad():
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
         np.save(staging / ITEMS_FILE, items_ND)
-        retrieval = _choose_retrieval(registry, info.parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
+        retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
         top = np.argsort(-counts, kind="stable")[:POPULARITY_TOP]
@@ -212,7 +237,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
             parity_max_abs_diff=diff, model_config_json=json.dumps(frozen.cfg.to_dict()),
             trained_events=info.trained_events)
         manifest.build_seconds = time.perf_counter() - t0
-        version = registry.publish(staging, manifest)
+        version = registry.publish(staging, manifest, signing_key=key)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
