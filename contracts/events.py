@@ -14,7 +14,18 @@ class EventLimits:
     max_event_id_chars: int = 128    # event_id length limit
     max_action_chars: int = 32       # action length limit
     max_abs_weight: float = 1e6      # |weight| limit
-    max_future_ms: int = 24 * 3600 * 1000  # how far past "now" a timestamp may lie (clock skew)
+    max_future_ms: int = 5 * 60 * 1000  # how far past the server's clock a timestamp may lie (clock skew). Small on
+                                        # purpose: one event stamped a day ahead would move the trainer's event-time
+                                        # watermark (and the freshness metric) a day ahead
+
+    def __post_init__(self) -> None:
+        for name in ("max_id_chars", "max_event_id_chars", "max_action_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EventLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_abs_weight > 0:
+            raise ValueError(f"EventLimits.max_abs_weight must be > 0, got {self.max_abs_weight}")
+        if self.max_future_ms < 0:
+            raise ValueError(f"EventLimits.max_future_ms must be >= 0, got {self.max_future_ms}")
 
 
 DEFAULT_LIMITS = EventLimits()

@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
 from contracts.events import event_problem
+from contracts.kafka_security import KafkaSecurity
 from proto import livetower_v1_pb2 as pb
 
 log = logging.getLogger("livetower.kafka")
@@ -32,6 +33,7 @@ class KafkaTarget:
     bootstrap: str        # "host:port" of a broker
     topic: str            # the event topic
     partitions: int = 4   # partitions when this process has to create the topic
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # SSL / SASL (contracts/kafka_security.py)
 
     def __post_init__(self) -> None:
         if not self.topic or any(c not in _TOPIC_CHARS for c in self.topic) or len(self.topic) > 200:
@@ -47,6 +49,10 @@ class KafkaTarget:
     def position_key(self, partition: int) -> str:
         return f"kafka:{self.topic}:{partition}"
 
+    def client_kwargs(self) -> dict[str, object]:
+        """bootstrap_servers and the security options: the common arguments of every aiokafka client."""
+        return {"bootstrap_servers": self.bootstrap, **self.security.aiokafka_kwargs()}
+
 
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -61,11 +67,13 @@ def parse_events_url(url: str) -> KafkaTarget:
         raise ValueError(f"--events {url!r}: the broker must be HOST:PORT, e.g. kafka://127.0.0.1:9092/events")
     topic = u.path.lstrip("/")
     query = urllib.parse.parse_qs(u.query)
-    unknown = set(query) - {"partitions"}
+    known = {"partitions"} | KafkaSecurity.url_keys()
+    unknown = set(query) - known
     if unknown:
-        raise ValueError(f"--events {url!r}: unknown option(s) {sorted(unknown)}; only partitions=N is known")
+        raise ValueError(f"--events {url!r}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
     partitions = int(query["partitions"][0]) if "partitions" in query else 4
-    return KafkaTarget(bootstrap=f"{u.hostname}:{u.port}", topic=topic, partitions=partitions)
+    return KafkaTarget(bootstrap=f"{u.hostname}:{u.port}", topic=topic, partitions=partitions,
+                       security=KafkaSecurity.from_query(query))
 
 
 def encode_event(ev: pb.Event) -> tuple[bytes, bytes]:
@@ -92,7 +100,7 @@ async def ensure_topics(target: KafkaTarget, *, timeout_s: float = 30.0) -> None
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=target.bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(**target.client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except Exception as e:  # noqa: BLE001 - turn any connection failure into advice
@@ -140,7 +148,7 @@ class KafkaEventProducer:
         await ensure_topics(self.target)
         # No idempotence: the test broker (tansu) lacks it; duplicates from retries carry the same
         # event_id and are harmless (at-least-once).
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.target.bootstrap, acks="all",
+        self._producer = AIOKafkaProducer(**self.target.client_kwargs(), acks="all",
                                           linger_ms=self.linger_ms, enable_idempotence=False,
                                           request_timeout_ms=int(self.ack_timeout_s * 1000))
         await self._producer.start()
@@ -163,9 +171,24 @@ class KafkaEventProducer:
             self._inflight -= n
         return n
 
+    async def append_new(self, events: Sequence[pb.Event]) -> list[bool]:
+        """Every event counts as new: the topic cannot tell a repeated event_id; the trainer's reader drops
+        repeats (dedupe at the consumer)."""
+        await self.append(events)
+        return [True] * len(events)
+
     async def dead_letter(self, payload: bytes, reason: str) -> None:
-        await self._producer.send_and_wait(self.target.dead_letter_topic, value=payload,
-                                           headers=[("reason", reason.encode())])
+        await self.dead_letter_many([(payload, reason)])
+
+    async def dead_letter_many(self, letters: Sequence[tuple[bytes, str]]) -> None:
+        """(payload, reason) records to the dead-letter topic as one batch: sent together, acknowledged together."""
+        if not letters:
+            return
+        if self._producer is None:
+            raise RuntimeError("KafkaEventProducer.start() was not awaited")
+        futures = [await self._producer.send(self.target.dead_letter_topic, value=payload,
+                                             headers=[("reason", reason.encode())]) for payload, reason in letters]
+        await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout_s)
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -199,7 +222,7 @@ async def topic_size(target: KafkaTarget) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     await ensure_topics(target)
-    c = AIOKafkaConsumer(bootstrap_servers=target.bootstrap, group_id=None, enable_auto_commit=False)
+    c = AIOKafkaConsumer(**target.client_kwargs(), group_id=None, enable_auto_commit=False)
     await c.start()
     try:
         await c.topics()

@@ -39,12 +39,16 @@ class EventRejection(_message.Message):
     def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LogEventsResponse(_message.Message):
-    __slots__ = ("accepted", "rejected")
+    __slots__ = ("accepted", "rejected", "duplicates", "dead_letters_dropped")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: _containers.RepeatedCompositeFieldContainer[EventRejection]
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ...) -> None: ...
+    duplicates: int
+    dead_letters_dropped: int
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ..., duplicates: _Optional[int] = ..., dead_letters_dropped: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "history", "k", "exclude_seen")

@@ -1,7 +1,13 @@
-"""Server assembly: gRPC server with the servicers, health, reflection, metrics and the engine watcher.
+"""Server assembly: two gRPC listeners, the servicers, health, reflection, metrics and the engine watcher.
 
-`create_server(config)` returns (server, port) so tests can bind port 0. `serve(config)` runs until
-SIGINT/SIGTERM and shuts down gracefully: NOT_SERVING, stop the watcher, drain, `server.stop(grace)`.
+The data listener (config.host:port) serves Recommender, KServe, health and reflection; the admin listener
+(config.admin_host:admin_port, loopback by default) serves EngineAdmin with its own health and reflection, so
+the data port neither serves nor advertises the admin API. Both use config.tls when set. The transport
+refuses a message over the request limit (plus a margin) before it is parsed.
+
+`create_server(config)` returns (server, port) so tests can bind port 0 (`server.admin_port` is the admin
+one). `serve(config)` runs until SIGINT/SIGTERM and shuts down gracefully: NOT_SERVING, stop the watcher,
+drain, `server.stop(grace)`.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ from prometheus_client import start_http_server
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.registry import Registry
+from contracts.tls import TlsConfig, is_loopback
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
-from server.auth import AdminAuthInterceptor, load_or_create_token
+from server.auth import AdminAuthInterceptor, load_or_create_token, load_producer_tokens
 from server.batching import MicroBatcher
 from server.config import ServerConfig
 from server.engine.manager import EngineManager
 from server.events.sink import EventSink, KafkaEventProducer, SqliteSink
 from server.events.history import RecentHistory
+from server.ingest_guard import CallerBuckets, IngestGuardInterceptor
 from server.interceptors import ObservabilityInterceptor
 from server.events.kafka_feed import KafkaHistoryFeed, OwnEventIds
 from server.kserve import KSERVE, add_kserve_to_server
@@ -38,13 +46,19 @@ from server.servicer import EngineAdminServicer, RecommenderServicer
 log = logging.getLogger("livetower.server")
 RECOMMENDER = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["EngineAdmin"].full_name
-GRPC_MAX_MESSAGE_BYTES = 64 << 20  # transport cap; the friendlier per-request limit is in RequestLimits
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The transport refuses larger messages from their length prefix, before buffering or parsing them
+# (RESOURCE_EXHAUSTED); the margin lets a request just over max_request_bytes get the friendlier
+# INVALID_ARGUMENT naming the limit (server/interceptors.py).
+RECEIVE_MARGIN_BYTES = 64 << 10
+GRPC_MAX_SEND_BYTES = 16 << 20  # our responses are bounded by RequestLimits (k, candidates): far below this
 
 
 @dataclass(slots=True)
 class LivetowerServer:
     config: ServerConfig
     grpc_server: grpc.aio.Server
+    admin_server: grpc.aio.Server
     manager: EngineManager
     health: health.aio.HealthServicer
     sink: EventSink
@@ -58,6 +72,7 @@ class LivetowerServer:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _metrics_http: object | None = None
     _port: int = 0
+    admin_port: int = 0                       # the admin listener's bound port
 
     async def start(self) -> None:
         await self.sink.start()
@@ -80,14 +95,17 @@ class LivetowerServer:
             gc.collect()
             gc.freeze()  # everything so far (modules, warmed histories) outlives every request
         await self.grpc_server.start()
+        await self.admin_server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(ADMIN, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
         self.metrics.watch_freshness(lambda: self.manager.current)
         self.metrics.watch_stages(self.manager.clock)
         self._tasks.append(asyncio.create_task(self._track_health()))
-        log.info("gRPC on %s:%d; %d users' history warmed from %d events%s", self.config.host,
-                 self.grpc_server_port, len(self.history), len(warm),
+        log.info("gRPC on %s:%d (admin on %s:%d, %s); %d users' history warmed from %d events%s",
+                 self.config.host, self.grpc_server_port, self.config.admin_host, self.admin_port,
+                 "TLS" if self.config.tls else "plaintext", len(self.history), len(warm),
                  f"; the rest follow from Kafka topic {self.feed.target.topic}" if self.feed else "")
 
     @property
@@ -111,7 +129,8 @@ class LivetowerServer:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers drain us
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        grace = self.config.grace_s if grace is None else grace
+        await asyncio.gather(self.grpc_server.stop(grace), self.admin_server.stop(grace))
         if self.batcher is not None:
             await self.batcher.stop()
         if self._metrics_http is not None:
@@ -121,11 +140,13 @@ class LivetowerServer:
         await self.sink.stop()
 
 
-def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
-    """Build (not start) the server bound to config.host:config.port; returns it and the bound port."""
+def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tuple[LivetowerServer, int]:
+    """Build (not start) the server bound to config.host:config.port (and the admin listener); returns it and the
+    bound data port. admin_token: the EngineAdmin token; None: config.admin_token_path's (created if missing)."""
     registry = Registry(config.registry_path)
     metrics = ServerMetrics()
-    history = RecentHistory(max_users=config.history_users, per_user=config.history_len)
+    history = RecentHistory(max_users=config.history_users, per_user=config.history_len,
+                            max_bytes=config.history_max_bytes)
     event_log = feed = own_ids = None
     if config.events_url is None:
         event_log = SqliteEventLog(config.events_path)
@@ -149,38 +170,60 @@ def create_server(config: ServerConfig) -> tuple[LivetowerServer, int]:
 
     manager = EngineManager(registry, config.engines, on_event=on_engine_event,
                             user_histories=lambda: history.sample(1000))
-    if config.admin_token is not None:
-        token, hint = config.admin_token, "the server's configuration (admin_token)"
+    if admin_token is not None:
+        token, hint = admin_token, "the token the server was started with (LIVETOWER_ADMIN_TOKEN)"
     else:
         token, hint = load_or_create_token(config.admin_token_path), str(config.admin_token_path)
+    producers = load_producer_tokens(config.producer_tokens_file) if config.producer_tokens_file else None
+    buckets = (CallerBuckets(config.ingest_events_per_s, config.ingest_burst_events)
+               if config.ingest_events_per_s is not None else None)
     batcher = MicroBatcher(config.batching) if config.batching is not None else None
+    options = [("grpc.max_receive_message_length", config.limits.max_request_bytes + RECEIVE_MARGIN_BYTES),
+               ("grpc.max_send_message_length", GRPC_MAX_SEND_BYTES),
+               ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+    observe = ObservabilityInterceptor(metrics, config.limits.max_request_bytes, config.deadlines)
     grpc_server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(metrics, config.limits.max_request_bytes),
-                      AdminAuthInterceptor(token, hint)],
-        options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 1 if config.reuse_port else 0)])
+        interceptors=[observe, IngestGuardInterceptor(producer_tokens=producers, buckets=buckets,
+                                                      tokens_hint=str(config.producer_tokens_file))],
+        options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     pb_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(manager=manager, history=history, sink=sink, limits=config.limits,
-                            metrics=metrics, batcher=batcher, own_event_ids=own_ids), grpc_server)
-    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), grpc_server)
+                            metrics=metrics, batcher=batcher, own_event_ids=own_ids,
+                            event_limits=config.event_limits, ingest=config.ingest), grpc_server)
     add_kserve_to_server(grpc_server, manager=manager, registry=registry, limits=config.limits, batcher=batcher)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # one instance on both listeners: shutdown drains both
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (RECOMMENDER, ADMIN, KSERVE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        grpc_server)
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind gRPC on {config.host}:{config.port}: is another server running there?")
-    server = LivetowerServer(config=config, grpc_server=grpc_server, manager=manager, health=health_servicer,
-                             sink=sink, event_log=event_log, feed=feed, history=history, metrics=metrics,
-                             batcher=batcher)
-    server._port = port
+    reflection.enable_server_reflection((RECOMMENDER, KSERVE, HEALTH, reflection.SERVICE_NAME), grpc_server)
+    # Admin calls are few: a small concurrency cap keeps a flood of them from starving the event loop.
+    admin_server = grpc.aio.server(interceptors=[observe, AdminAuthInterceptor(token, hint)], options=options,
+                                   maximum_concurrent_rpcs=64)
+    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), admin_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin_server)
+    reflection.enable_server_reflection((ADMIN, HEALTH, reflection.SERVICE_NAME), admin_server)
+    port = _bind(grpc_server, config.host, config.port, config.tls, "gRPC")
+    admin_port = _bind(admin_server, config.admin_host, config.admin_port, config.tls, "admin gRPC")
+    server = LivetowerServer(config=config, grpc_server=grpc_server, admin_server=admin_server, manager=manager,
+                             health=health_servicer, sink=sink, event_log=event_log, feed=feed, history=history,
+                             metrics=metrics, batcher=batcher)
+    server._port, server.admin_port = port, admin_port
     return server, port
 
 
-async def serve(config: ServerConfig, *, on_started=None) -> None:
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None, what: str) -> int:
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+    else:
+        if not is_loopback(host):
+            log.warning("%s on %s:%d is PLAINTEXT and reachable from other machines: requests, events and tokens "
+                        "cross the network in clear; pass --tls-cert-file/--tls-key-file (and --tls-client-ca-file "
+                        "for mTLS)", what, host, port)
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {what} on {host}:{port}: is another server running there?")
+    return bound
+
+
+async def serve(config: ServerConfig, *, on_started=None, admin_token: str | None = None) -> None:
     import sys
 
     import torch
@@ -188,7 +231,7 @@ async def serve(config: ServerConfig, *, on_started=None) -> None:
     torch.set_num_threads(config.engines.num_threads)  # process-wide: retrieval and the user-tower runners
     sys.setswitchinterval(config.gil_switch_interval_s)  # process-wide: engine loads and shadow scoring run
     # Python in other threads; at the default 5 ms each of their turns could hold the event loop that long
-    server, port = create_server(config)
+    server, port = create_server(config, admin_token=admin_token)
     await server.start()
     if on_started is not None:
         on_started(server, port)

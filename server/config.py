@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.events import EventLimits
+from contracts.tls import TlsConfig
 from server.batching import BatchingConfig
 from server.engine.manager import EngineManagerConfig
+from server.events.sink import IngestConfig
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -25,6 +28,21 @@ class RequestLimits:
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
+class MethodDeadlines:
+    """Server-side deadlines per kind of method: applied when the client sent no deadline or a longer one."""
+
+    query_s: float = 10.0     # Recommend, Score and KServe ModelInfer
+    ingest_s: float = 30.0    # LogEvents
+    admin_s: float = 300.0    # EngineAdmin (StartCanary and Rollback load and check an engine inside the call)
+    other_s: float = 30.0     # everything else (KServe metadata, reflection)
+
+    def __post_init__(self) -> None:
+        for name in ("query_s", "ingest_s", "admin_s", "other_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"deadline {name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path                        # holds events.sqlite and registry/
     events_url: str | None = None         # kafka://HOST:PORT/TOPIC[?partitions=N]; None: data_dir/events.sqlite
@@ -39,6 +57,10 @@ class ServerConfig:
     reuse_port: bool = False              # SO_REUSEPORT: several server processes share one port
     history_users: int = 100_000          # users whose recent history is kept in memory (LRU)
     history_len: int = 50                 # recent items kept per user
+    history_max_bytes: int = 256 << 20    # estimated bytes all recent histories may hold (least recently active
+                                          # users evicted first): bounds memory whatever ids callers send
+    event_limits: EventLimits = field(default_factory=EventLimits)  # what one event may hold: id lengths, |weight|, clock skew
+    ingest: IngestConfig = field(default_factory=IngestConfig)      # per-request dead-letter cap
     history_warm_events: int = 200_000    # newest logged events replayed into the history at start
     grace_s: float = 5.0                  # drain time for in-flight requests at shutdown
     gc_freeze: bool = True                # gc.freeze() after start-up and after each engine load: long-lived
@@ -46,21 +68,38 @@ class ServerConfig:
                                           # full passes otherwise stalled every thread 40-300 ms under load
     gil_switch_interval_s: float = 0.001  # sys.setswitchinterval: how long a thread running Python may keep
                                           # others (the event loop) waiting for the GIL; Python's default is 5 ms
-    admin_token: str | None = None        # EngineAdmin bearer token; None: read admin_token_path
-    admin_token_file: Path | None = None  # token file; None: <data_dir>/admin.token (created, 0600, if missing)
+    admin_host: str = "127.0.0.1"         # interface the admin listener (EngineAdmin only) binds
+    admin_port: int = 50052               # admin listener port (0 = pick a free one)
+    admin_token_file: Path | None = None  # admin token file, mode 0600; None: <data_dir>/admin.token (created if missing)
+    tls: TlsConfig | None = None          # TLS (and mTLS with a client CA) on both listeners; None: plaintext
+    producer_tokens_file: Path | None = None  # "name:token" lines, mode 0600; set: LogEvents needs
+                                          # 'authorization: Bearer <token>' of one producer
+    ingest_events_per_s: float | None = 20_000.0  # LogEvents events/s per caller (producer, else peer host); None: no cap
+    ingest_burst_events: int = 50_000     # events a caller may send at once above its rate (>= limits.max_events)
+    max_concurrent_rpcs: int | None = 2048  # RPCs in progress on the data listener; beyond: RESOURCE_EXHAUSTED
+    deadlines: MethodDeadlines = field(default_factory=MethodDeadlines)  # server-side deadline per kind of method
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535 or None, got {self.metrics_port}")
-        for name in ("history_users", "history_len"):
+        for name in ("history_users", "history_len", "history_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.history_warm_events < 0:
             raise ValueError(f"history_warm_events must be >= 0, got {self.history_warm_events}")
-        if self.admin_token is not None and len(self.admin_token) < 16:
-            raise ValueError("admin_token must be at least 16 characters")
+        if not 0 <= self.admin_port <= 65535:
+            raise ValueError(f"admin_port must be in 0..65535, got {self.admin_port}")
+        if self.admin_port != 0 and self.admin_port == self.port and self.admin_host == self.host:
+            raise ValueError(f"admin_port {self.admin_port} is the data port: the admin listener needs its own")
+        if self.ingest_events_per_s is not None and not self.ingest_events_per_s > 0:
+            raise ValueError(f"ingest_events_per_s must be > 0 or None, got {self.ingest_events_per_s}")
+        if self.ingest_burst_events < self.limits.max_events:
+            raise ValueError(f"ingest_burst_events ({self.ingest_burst_events}) must be >= limits.max_events "
+                             f"({self.limits.max_events}): a full LogEvents request must be able to pass")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}")
         if self.events_url is not None:
             from contracts.kafka_events import parse_events_url
 

@@ -37,8 +37,16 @@ class ServerMetrics:
                                     "Record timestamp (produce time) to history update",
                                     buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
                                     registry=r)
-        self.events_rejected = Counter("livetower_events_rejected_total", "Events sent to the dead-letter table",
+        self.events_rejected = Counter("livetower_events_rejected_total", "Invalid events (LogEvents), by field",
                                        ["field"], registry=r)
+        self.events_duplicate = Counter("livetower_events_duplicate_total",
+                                        "Valid events not stored: their event_id was already in the log", registry=r)
+        self.dead_letters_dropped = Counter("livetower_dead_letters_dropped_total",
+                                            "Invalid events beyond the per-request dead-letter cap (not stored)",
+                                            registry=r)
+        self.history_bytes = Gauge("livetower_history_bytes", "Estimated bytes held by per-user recent histories",
+                                   registry=r)
+        self.history_users = Gauge("livetower_history_users", "Users with a recent history held", registry=r)
 
     def watch_stages(self, clock) -> None:
         """Export a StageClock (server/engine/stages.py): compute seconds per stage, batches and queries."""
@@ -51,6 +59,11 @@ class ServerMetrics:
             return time.time() - watermark / 1000 if watermark else float("nan")
 
         self.freshness.set_function(freshness)
+
+    def watch_history(self, history) -> None:
+        """Export a RecentHistory's size (server/events/history.py)."""
+        self.history_bytes.set_function(lambda: history.bytes)
+        self.history_users.set_function(lambda: len(history))
 
     def on_feed_record(self, delay_s: float, valid: bool) -> None:
         self.feed_records.labels("true" if valid else "false").inc()

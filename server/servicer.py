@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
-from contracts.events import event_problem
+from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
@@ -19,7 +19,7 @@ from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.manager import EngineManager, RolloutError
-from server.events.sink import Backpressure, EventSink
+from server.events.sink import Backpressure, EventSink, IngestConfig
 from server.events.history import RecentHistory
 from server.events.kafka_feed import OwnEventIds
 from server.metrics import ServerMetrics
@@ -59,15 +59,20 @@ async def through_batcher(context, submit):
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, *, manager: EngineManager, history: RecentHistory, sink: EventSink,
                  limits: RequestLimits, metrics: ServerMetrics, batcher: MicroBatcher | None,
-                 own_event_ids: OwnEventIds | None = None) -> None:
-        """own_event_ids: ids of events this process accepted, so the Kafka history feed skips them."""
+                 own_event_ids: OwnEventIds | None = None, event_limits: EventLimits = DEFAULT_LIMITS,
+                 ingest: IngestConfig = IngestConfig()) -> None:
+        """own_event_ids: ids of events this process accepted, so the Kafka history feed skips them.
+        event_limits: what an event may hold (ids, weight, clock skew); ingest: per-request dead-letter cap."""
         self.manager = manager
         self.batcher = batcher  # None: compute inline on the event loop (the naive baseline)
         self.history = history
         self.sink = sink
         self.own_event_ids = own_event_ids
         self.limits = limits
+        self.event_limits = event_limits
+        self.ingest = ingest
         self.metrics = metrics
+        metrics.watch_history(history)
 
     def _history(self, request) -> list[str]:
         return list(request.history) or self.history.get(request.user_id)
@@ -131,7 +136,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         accepted: list[pb.Event] = []
         rejected: list[pb.EventRejection] = []
         for i, ev in enumerate(request.events):
-            if problem := event_problem(ev, now_ms):
+            if problem := event_problem(ev, now_ms, self.event_limits):
                 rejected.append(pb.EventRejection(index=i, event_id=ev.event_id, reason=problem))
             else:
                 accepted.append(ev)
@@ -139,21 +144,26 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if self.own_event_ids is not None:  # before the write: the feed may read the event back at once
             for ev in accepted:
                 self.own_event_ids.add(ev.event_id)
+        # Dead letters beyond the cap are reported, not stored: a request of invalid events costs one bounded write.
+        stored = rejected[:self.ingest.max_dead_letters_per_request]
         try:
-            if accepted:
-                await self.sink.append(accepted)
-            for r in rejected:
-                await self.sink.dead_letter(request.events[r.index].SerializeToString(), r.reason)
+            is_new = await self.sink.append_new(accepted) if accepted else []
+            await self.sink.dead_letter_many([(request.events[r.index].SerializeToString(), r.reason) for r in stored])
         except Backpressure as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"event stream is backed up: {e}")
         except Exception as e:  # noqa: BLE001 - the client must retry; nothing was acknowledged
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"event log write failed ({e!r}); retry the request")
-        for ev in accepted:
+        new = [ev for ev, fresh in zip(accepted, is_new) if fresh]
+        for ev in new:  # an event whose id was taken first by someone else changes nobody's history
             self.history.append(ev.user_id, ev.item_id)
-        self.metrics.events_accepted.inc(len(accepted))
+        duplicates, dropped = len(accepted) - len(new), len(rejected) - len(stored)
+        self.metrics.events_accepted.inc(len(new))
+        self.metrics.events_duplicate.inc(duplicates)
+        self.metrics.dead_letters_dropped.inc(dropped)
         for r in rejected:
             self.metrics.events_rejected.labels(r.reason.split(" ", 1)[0]).inc()
-        return pb.LogEventsResponse(accepted=len(accepted), rejected=rejected)
+        return pb.LogEventsResponse(accepted=len(new), rejected=rejected, duplicates=duplicates,
+                                    dead_letters_dropped=dropped)
 
 
 class EngineAdminServicer(pb_grpc.EngineAdminServicer):

@@ -122,3 +122,40 @@ def test_wrong_format_version_is_actionable(tmp_path):
     torch.save(d, tmp_path / CHECKPOINT_FILE)
     with pytest.raises(ValueError, match="format None"):
         load_checkpoint(tmp_path)
+
+
+class _Boom:
+    """Unpickling this would run os.system: a crafted checkpoint must not get that far."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_checkpoint_is_read_without_pickle(tmp_path):
+    state = make_state()
+    state.item_last_seen_ms = np.arange(9, dtype=np.int64)
+    state.admission_sketch = np.ones((4, 16), np.int32)
+    save_checkpoint(tmp_path, state)
+    torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # tensors and plain containers only
+    back = load_checkpoint(tmp_path)
+    assert_states_equal(state, back)
+    np.testing.assert_array_equal(back.item_last_seen_ms, state.item_last_seen_ms)
+    np.testing.assert_array_equal(back.admission_sketch, state.admission_sketch)
+
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    torch.save({"format": FORMAT_VERSION, "model": _Boom()}, crafted / CHECKPOINT_FILE)
+    cwd = os.getcwd()
+    os.chdir(crafted)
+    try:
+        with pytest.raises(ValueError, match="not a format 2 checkpoint"):
+            load_checkpoint(crafted)
+    finally:
+        os.chdir(cwd)
+    assert not (crafted / "pwned-by-checkpoint").exists()
+
+
+def test_format_1_pickled_checkpoint_is_refused_with_advice(tmp_path):
+    torch.save({"format": 1, "item_counts": np.zeros(3, np.int64)}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="start fresh"):
+        load_checkpoint(tmp_path)

@@ -147,3 +147,84 @@ def test_reopen_after_close_keeps_everything(tmp_path):
     assert log2.append([ev(5), ev(6)]) == 2
     assert [r.offset for r in log2.read(6, 10)] == [6, 7]
     log2.close()
+
+
+def test_append_new_tells_which_events_were_new(tmp_path):
+    log = SqliteEventLog(tmp_path / "log.db")
+    assert log.append_new([ev(0), ev(1)]) == [True, True]
+    assert log.append_new([ev(1), ev(2), ev(2)]) == [False, True, False]  # earlier request's id, repeat within
+    assert log.count() == 3
+    log.close()
+
+
+def test_dead_letter_many_is_one_transaction(tmp_path):
+    log = SqliteEventLog(tmp_path / "log.db")
+    writes = []
+    log._conn.set_trace_callback(writes.append)
+    log.dead_letter_many([(b"p%d" % i, f"reason {i}") for i in range(500)])
+    assert log.dead_letter_count() == 500
+    assert [w for w in writes if w in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+    log.dead_letter_many([])
+    assert log.dead_letter_count() == 500
+    log.close()
+
+
+def _filled(tmp_path, n):
+    log = SqliteEventLog(tmp_path / "log.db")
+    log.append([ev(i) for i in range(n)])
+    return log
+
+
+def test_retention_deletes_only_what_every_consumer_committed(tmp_path):
+    from contracts.eventlog import RetentionConfig
+
+    keep_10 = RetentionConfig(events_max_age_s=0, events_keep_newest=10)
+    log = _filled(tmp_path, 100)
+    assert log.retain(keep_10).events_deleted == 0  # no consumer has committed: nothing is safe to delete
+    log.commit({"sqlite": 41})                      # the trainer consumed offsets 1..40
+    r = log.retain(keep_10)
+    assert (r.events_deleted, r.safe_offset) == (40, 41) and log.read(1, 1)[0].offset == 41
+    other = SqliteEventLog(tmp_path / "log.db", consumer="replayer")
+    other.commit({"sqlite": 1})                     # a second consumer still at the start holds the rest
+    log.commit({"sqlite": 101})
+    assert log.retain(keep_10).events_deleted == 0
+    other.commit({"sqlite": 101})
+    assert log.retain(keep_10).events_deleted == 50  # now 91..100 remain: the newest 10
+    assert [e.offset for e in log.read(1, 100)] == list(range(91, 101))
+    other.close()
+    log.close()
+
+
+def test_retention_keeps_the_newest_event_so_offsets_never_restart(tmp_path):
+    from contracts.eventlog import RetentionConfig
+
+    log = _filled(tmp_path, 5)
+    log.commit({"sqlite": 6})
+    far_future = 10**13
+    r = log.retain(RetentionConfig(events_max_age_s=1, events_keep_newest=0), now_ms=far_future)
+    assert r.events_deleted == 4 and [e.offset for e in log.read(1, 10)] == [5]
+    log.append([ev(99)])
+    assert log.read(6, 10)[0].offset == 6  # not 1: a consumer at offset 6 sees it
+    log.close()
+
+
+def test_retention_by_age_is_bounded_per_pass_and_handles_dead_letters(tmp_path):
+    from contracts.eventlog import RetentionConfig
+
+    log = _filled(tmp_path, 50)
+    log.commit({"sqlite": 51})
+    now = int(__import__("time").time() * 1000)
+    young = RetentionConfig(events_max_age_s=3600, events_keep_newest=0, dead_letters_max_age_s=0,
+                            dead_letters_keep_newest=3, max_rows_per_pass=20)
+    assert log.retain(young, now_ms=now).events_deleted == 0  # all received just now
+    old = RetentionConfig(events_max_age_s=3600, events_keep_newest=0, max_rows_per_pass=20,
+                          dead_letters_max_age_s=0, dead_letters_keep_newest=3)
+    later = now + 2 * 3600_000
+    assert log.retain(old, now_ms=later).events_deleted == 20  # at most max_rows_per_pass per call
+    assert log.retain(old, now_ms=later).events_deleted == 20
+    assert log.retain(old, now_ms=later).events_deleted == 9   # the newest stays
+    log.dead_letter_many([(b"x", "bad")] * 10)
+    assert log.retain(old, now_ms=later).dead_letters_deleted == 7 and log.dead_letter_count() == 3
+    with pytest.raises(ValueError, match="max_rows_per_pass"):
+        RetentionConfig(max_rows_per_pass=0)
+    log.close()

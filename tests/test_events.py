@@ -6,7 +6,7 @@ from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from proto import livetower_v1_pb2 as pb
 
 NOW = 1_767_225_600_000
-DAY_MS = 24 * 3600 * 1000
+SKEW_MS = 5 * 60 * 1000  # the default clock skew a timestamp may be ahead by
 
 
 def good(**kw):
@@ -24,7 +24,7 @@ def test_valid_event_is_accepted():
 
 def test_default_limits():
     assert DEFAULT_LIMITS == EventLimits(max_id_chars=256, max_event_id_chars=128, max_action_chars=32,
-                                         max_abs_weight=1e6, max_future_ms=DAY_MS)
+                                         max_abs_weight=1e6, max_future_ms=SKEW_MS)
 
 
 @pytest.mark.parametrize("field,limit", [("event_id", 128), ("user_id", 256), ("item_id", 256), ("action", 32)])
@@ -74,10 +74,10 @@ def test_non_positive_timestamp(ts):
 
 
 def test_future_timestamp():
-    assert event_problem(good(timestamp_ms=NOW + DAY_MS), NOW) is None
-    ts = NOW + DAY_MS + 1
+    assert event_problem(good(timestamp_ms=NOW + SKEW_MS), NOW) is None
+    ts = NOW + SKEW_MS + 1
     msg = event_problem(good(timestamp_ms=ts), NOW)
-    assert msg == (f"timestamp_ms is {ts}, more than {DAY_MS} ms after the server's clock ({NOW}); "
+    assert msg == (f"timestamp_ms is {ts}, more than {SKEW_MS} ms after the server's clock ({NOW}); "
                    "send epoch milliseconds")
     # microseconds instead of milliseconds is the classic mistake
     assert event_problem(good(timestamp_ms=NOW * 1000), NOW).startswith("timestamp_ms is ")
@@ -96,3 +96,12 @@ def test_custom_limits():
         "weight is 2.5; it must be finite with |weight| <= 2"
     assert event_problem(good(event_id="a", user_id="a", item_id="b", action="c", timestamp_ms=NOW + 1),
                          NOW, lim).startswith(f"timestamp_ms is {NOW + 1}, more than 0 ms")
+
+
+def test_an_event_a_day_ahead_is_refused_and_limits_are_validated():
+    """A day-ahead timestamp used to pass (and move the trainer's watermark a day ahead for good)."""
+    assert "after the server's clock" in event_problem(good(timestamp_ms=NOW + 24 * 3600 * 1000), NOW)
+    with pytest.raises(ValueError, match="max_future_ms"):
+        EventLimits(max_future_ms=-1)
+    with pytest.raises(ValueError, match="max_id_chars"):
+        EventLimits(max_id_chars=0)

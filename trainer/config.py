@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.eventlog import RetentionConfig
 from contracts.registry import BACKENDS
 from trainer.export.ann import AnnOptions
 from trainer.model import ModelConfig
@@ -107,11 +108,27 @@ class TrainConfig:
     gate_min_vs_serving: float = 0.95  # ...and >= this * the serving (last published) model's on the same fresh
                                        # holdout, less 2 standard errors of the paired difference (noise)
     replay_fraction: float = 0.5       # replay windows from earlier users' kept sequences, per new window (anti-forgetting)
+    item_min_count: int = 2            # a new item id gets a table row once it has this many events (counted in a
+                                       # fixed-size sketch); its events before that train nothing (trainer/items.py)
+    max_new_items_per_round: int = 50_000  # item ids admitted to the table per round at most (first seen first)
+    item_ttl_s: float = 30 * 86400.0   # items with no event for this long (event time, before the watermark) lose
+                                       # their rows; rows are renumbered, the table keeps its capacity (0: never)
+    admission_sketch_width: int = 1 << 21  # counters per row of the admission count-min sketch (4 rows of uint16:
+                                           # 16 MiB); halved every width/2 additions (trainer/items.py)
+    max_users: int = 500_000           # users whose recent rows the trainer keeps (user_seqs: replay, holdout
+                                       # context), least recently active dropped first
+    retention: RetentionConfig = field(default_factory=RetentionConfig)  # event-log and dead-letter retention
+                                       # (SQLite log; the trainer runs it after its commits)
     backend: str = "aoti"              # engine backend built after a passing round
     parity_tolerance: float = 1e-4     # engine vs torch reference max abs diff allowed at build
     inductor_cache_dir: Path | None = None  # TORCHINDUCTOR_CACHE_DIR for AOTI builds
     refit: bool = True                 # same architecture as the parent engine (aoti): publish weights for its
                                        # compiled graph instead of recompiling (no compile; the server refits)
+    signing_key: Path | None = None    # Ed25519 private key file (raw 32 bytes or PEM, mode 600): every published
+                                       # manifest is signed (manifest.sig) and a parent must verify with it before a
+                                       # refit reuses its files (`livetower registry keygen` makes one)
+    keep_engines: int = 0              # after each publish delete older engines beyond the newest this many (never
+                                       # stable, canary, the previous stable, nor their parents); 0 = keep all
     ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
     elastic: ElasticConfig = field(default_factory=ElasticConfig)  # workers per round, retries (trainer/elastic/)
 
@@ -123,6 +140,13 @@ class TrainConfig:
         for name in ("lr", "round_interval_s", "poll_interval_s", "parity_tolerance", "fp16_init_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("item_min_count", "max_new_items_per_round", "admission_sketch_width", "max_users"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.item_min_count > 65535:
+            raise ValueError(f"TrainConfig.item_min_count must be <= 65535 (sketch counters), got {self.item_min_count}")
+        if not self.item_ttl_s >= 0:
+            raise ValueError(f"TrainConfig.item_ttl_s must be >= 0 (0: never evict), got {self.item_ttl_s}")
         for name in ("gate_min_vs_serving", "replay_fraction"):
             if not 0 <= getattr(self, name) <= 10:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 10], got {getattr(self, name)}")
@@ -130,6 +154,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.ema_epochs < 0:
             raise ValueError(f"TrainConfig.ema_epochs must be >= 0, got {self.ema_epochs}")
+        if self.keep_engines < 0:
+            raise ValueError(f"TrainConfig.keep_engines must be >= 0, got {self.keep_engines}")
         if self.pairwise_weight < 0:
             raise ValueError(f"TrainConfig.pairwise_weight must be >= 0, got {self.pairwise_weight}")
         if self.precision not in PRECISIONS:

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +32,12 @@ from trainer.evaluate import evaluate_model, evaluate_popularity
 from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.export.build import BuildFailed, BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
+from trainer.items import AdmissionSketch, place_items, remember_users
 from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
 from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
                              resolve_device, train_windows_elastic)
-from trainer.training import grow_table, make_grad_scaler, make_optimizer, train_windows
+from trainer.training import make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
 log = logging.getLogger("livetower.trainer")
@@ -134,8 +135,8 @@ class Trainer:
             self.model = TwoTower(model_cfg, table_rows_for(0))
             self.opt = make_optimizer(self.model, cfg)
             self.state = TrainerState(model_config=model_cfg.to_dict(), model={}, optimizer={}, vocab=[],
-                                      item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs={},
-                                      offsets={})
+                                      item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs=OrderedDict(),
+                                      offsets={}, item_last_seen_ms=np.zeros(self.model.num_rows, np.int64))
             log.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
         else:
             model_cfg = ModelConfig.from_dict(state.model_config)
@@ -150,6 +151,13 @@ class Trainer:
             log.info("resumed from checkpoint: round %d, %d events trained, positions %s, %d items",
                      state.step, state.trained_events, state.offsets, len(self.vocab))
         self.model.eval()
+        st = self.state
+        st.user_seqs = OrderedDict(st.user_seqs)
+        if len(st.item_last_seen_ms) != len(st.item_counts):
+            st.item_last_seen_ms = np.zeros(len(st.item_counts), np.int64)
+        self.sketch = AdmissionSketch(cfg.admission_sketch_width, st.admission_sketch if st.admission_sketch.size
+                                      else None, st.admission_added)
+        self._last_retention = float("-inf")
         self.generator = torch.Generator().manual_seed(cfg.seed + self.state.step)
         self.scaler = make_grad_scaler(cfg.precision, "cpu", cfg.fp16_init_scale)  # fp16 loss scale, kept across rounds
         self.elastic_metrics = ElasticMetrics(self.metrics.registry)
@@ -210,18 +218,16 @@ class Trainer:
         return None
 
     def _add_items(self, events: list[StoredEvent]) -> dict[str, list[int]]:
-        """Each user's item rows in this batch, in order. New items join the vocabulary; the item table (with its
-        optimizer state and the item counts) grows to fit them."""
-        new_by_user: dict[str, list[int]] = defaultdict(list)
-        for ev in events:
-            new_by_user[ev.user_id].append(self.vocab.add(ev.item_id))
-        rows_needed = table_rows_for(len(self.vocab))
-        if rows_needed > self.model.num_rows:
-            log.info("growing the item table %d -> %d rows", self.model.num_rows, rows_needed)
-            grow_table(self.model, self.opt, rows_needed)
-            counts = self.state.item_counts
-            self.state.item_counts = np.concatenate([counts, np.zeros(rows_needed - len(counts), np.int64)])
-        return dict(new_by_user)
+        """Each user's item rows in this batch, in order; events of items without a row are left out. Expired
+        items are evicted, new ones admitted once counted often enough (trainer/items.py); the item table (with
+        its optimizer state and the per-row arrays) grows to fit them."""
+        r = place_items(events, state=self.state, vocab=self.vocab, sketch=self.sketch, model=self.model,
+                        opt=self.opt, cfg=self.cfg, now_ms=int(time.time() * 1000))
+        if r.evicted:
+            log.info("evicted %d items unseen for %gs; %d live items renumbered, table %d rows", r.evicted,
+                     self.cfg.item_ttl_s, len(self.vocab), self.model.num_rows)
+        self.metrics.on_items(r, table_rows=self.model.num_rows, vocab=len(self.vocab))
+        return r.rows_by_user
 
     def _train(self, split: RoundSplit, n_events: int) -> bool:
         """Train the round's new windows (held-out events excepted), mixed with replayed windows of earlier users,
@@ -300,20 +306,43 @@ class Trainer:
         """Move the state past the batch (histories, positions, counters, the round's history line), append the
         ledger, checkpoint atomically, and only then commit the positions to the event log."""
         st, events = self.state, batch.events
-        T = self.model.cfg.max_history
-        for u, seq in split.seqs.items():
-            st.user_seqs[u] = seq[-T:]
+        self.remember_users(split.seqs)
         st.offsets = batch.next_offsets
         st.trained_events += len(events)
-        st.watermark_ms = max(st.watermark_ms, max(ev.timestamp_ms for ev in events))
+        # Event time, but never past this trainer's clock: one future-stamped event must not move it for good.
+        st.watermark_ms = max(st.watermark_ms, min(max(ev.timestamp_ms for ev in events), int(time.time() * 1000)))
         st.step += 1
         st.history.append({"round": st.step, "events": len(events), "gate": gate, **metrics})
         if self.ledger_path is not None:
             self._write_ledger(st.step, events)
         self._checkpoint()
         self.event_log.commit(st.offsets)
+        self._retain()
         self.metrics.events_trained.inc(len(events))
         self.metrics.watermark.set(st.watermark_ms / 1000)
+
+    def remember_users(self, seqs: dict[str, list[int]]) -> None:
+        """Keep the round's users' newest rows (LRU over users, at most max_users)."""
+        dropped = remember_users(self.state.user_seqs, seqs, T=self.model.cfg.max_history,
+                                 max_users=self.cfg.max_users)
+        self.metrics.on_users(len(self.state.user_seqs), dropped)
+
+    def _retain(self) -> None:
+        """Event-log retention (SQLite log; a Kafka topic has the broker's), at most every retention.interval_s.
+        Only below every consumer's committed offset, so after this trainer's commit."""
+        retain = getattr(self.event_log, "retain", None)
+        if retain is None or time.monotonic() - self._last_retention < self.cfg.retention.interval_s:
+            return
+        self._last_retention = time.monotonic()
+        try:
+            r = retain(self.cfg.retention)
+        except Exception:  # noqa: BLE001 - retention is housekeeping: a busy log is tried again next time
+            log.exception("event-log retention failed; retried after the next round")
+            return
+        if r.events_deleted or r.dead_letters_deleted:
+            log.info("retention: deleted %d consumed events and %d dead letters", r.events_deleted,
+                     r.dead_letters_deleted)
+        self.metrics.on_retention(r.events_deleted, r.dead_letters_deleted)
 
     def _replay_windows(self, n: int, *, exclude) -> list:
         """Up to n windows over the kept sequences of users not in this round (seeded, reproducible)."""
@@ -338,8 +367,8 @@ class Trainer:
         newer history rows are dropped (as the server drops unknown ids) and newer targets count as misses."""
         version = self._baseline_version()
         state = self.state.published_models.get(version)
-        if state is None:
-            return version, None
+        if state is None or self.state.published_vocab_epochs.get(version, 0) != self.state.vocab_epoch:
+            return version, None  # none, or its rows name other items (a compaction since: trainer/items.py)
         rows = state["item_embedding.weight"].shape[0]
         n_known = min(len(self.vocab), rows - 1)
         served = TwoTower(self.model.cfg, rows)
@@ -364,6 +393,7 @@ class Trainer:
         st.model = self.model.state_dict()
         st.optimizer = self.opt.state_dict()
         st.vocab = list(self.vocab.ids)
+        st.admission_sketch, st.admission_added = self.sketch.table, self.sketch.added
         save_checkpoint(self.checkpoint_dir, st)
 
     def publish(self, metrics: dict[str, float], gate: str) -> int:
@@ -383,7 +413,7 @@ class Trainer:
         try:
             manifest = build_engine(model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
                                     parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
-                                    ann_queries_QT=queries_QT, refit=self.cfg.refit,
+                                    ann_queries_QT=queries_QT, refit=self.cfg.refit, signing_key=self.cfg.signing_key,
                                     progress=lambda m: log.info("%s", m))
         except BuildFailed as e:
             log.error("engine build refused: %s", e)
@@ -392,9 +422,15 @@ class Trainer:
             log.exception("engine build failed; training goes on and the next round builds again")
             return 0
         st.published_version = int(manifest.version)
+        if self.cfg.keep_engines:
+            removed = self.registry.collect_garbage(self.cfg.keep_engines, protected={st.published_version})
+            if removed:
+                log.info("registry gc: removed engines %s", removed)
         st.published_models[st.published_version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         keep = {st.published_version, self.registry.read_rollout().stable}
         st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
+        st.published_vocab_epochs[st.published_version] = st.vocab_epoch
+        st.published_vocab_epochs = {v: e for v, e in st.published_vocab_epochs.items() if v in keep}
         self.metrics.published_version.set(st.published_version)
         self._checkpoint()
         return st.published_version
