@@ -14,30 +14,40 @@ from pathlib import Path
 from typing import Callable
 
 from contracts.config_flags import Flag, FlagSet, FlagValueError, config_from_args, flag_set, given_argv
-from livetower.cli_engines import DEFAULT_TARGET, add_engines_parser
+from livetower.cli_engines import (ADMIN_TOKEN_ENV, DEFAULT_TARGET, add_engines_parser, client_tls,
+                                   client_tls_flags, read_token)
 from livetower.cli_archive import add_archive_parser
+from livetower.cli_signing import add_registry_parser
 
 DEFAULT_DATA_DIR = Path("var/livetower")
+PRODUCER_TOKEN_ENV = "LIVETOWER_PRODUCER_TOKEN"
 
 
-def _server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet]:
-    """The ServerConfig, EngineManagerConfig and BatchingConfig fields `serve` and `up` take as flags."""
+def _server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
+    """The ServerConfig, EngineManagerConfig, BatchingConfig, TlsConfig and MethodDeadlines fields `serve` and
+    `up` take as flags."""
+    from contracts.tls import TlsConfig
     from server.batching import BatchingConfig
-    from server.config import ServerConfig
+    from server.config import MethodDeadlines, ServerConfig
     from server.engine.manager import EngineManagerConfig
 
-    server = flag_set(ServerConfig, "host", "port",
+    server = flag_set(ServerConfig, "host", "port", "history_max_bytes",
                       Flag("metrics_port", to_field=lambda port: None if port < 0 else port, note="-1: off"),
                       Flag("gil_switch_interval_s", name="gil-switch-interval-ms", to_field=lambda ms: ms / 1e3,
                            shown=lambda s: s * 1e3, note="in ms"),
-                      "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"))
+                      "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"),
+                      "admin_host", "admin_port", "admin_token_file", "producer_tokens_file",
+                      Flag("ingest_events_per_s", to_field=lambda r: None if r <= 0 else r, note="0: no cap"),
+                      "ingest_burst_events",
+                      Flag("max_concurrent_rpcs", to_field=lambda n: None if n <= 0 else n, note="0: no cap"))
     engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
+                       "trusted_keys", "require_signature",
                        Flag("use_ann", name="ann"),
                        Flag("leader", name="rollout-follower", negate=True,
                             note="--workers makes every process but the first a follower"))
     batching = flag_set(BatchingConfig, "max_batch", "max_delay_ms", "max_queue", "max_queue_delay_ms",
                         "max_loop_lag_ms", "inline_below_ms")
-    return server, engines, batching
+    return server, engines, batching, flag_set(TlsConfig, prefix="tls-"), flag_set(MethodDeadlines, prefix="deadline-")
 
 
 def _train_flag_sets() -> tuple[FlagSet, FlagSet]:
@@ -46,17 +56,26 @@ def _train_flag_sets() -> tuple[FlagSet, FlagSet]:
     from trainer.config import ELASTIC_DEVICES, PRECISIONS, ElasticConfig, TrainConfig
 
     train = flag_set(TrainConfig, Flag("backend", choices=BACKENDS), "round_min_events", "round_interval_s",
-                     "max_round_events", Flag("epochs_per_round", name="epochs"), Flag("precision", choices=PRECISIONS))
+                     "max_round_events", Flag("epochs_per_round", name="epochs"), Flag("precision", choices=PRECISIONS),
+                     "signing_key", "keep_engines", "item_min_count", "max_new_items_per_round", "item_ttl_s",
+                     "max_users", "admission_sketch_width")
     elastic = flag_set(ElasticConfig, "min_workers", "max_workers", "events_per_worker",
                        Flag("device", name="train-device", choices=ELASTIC_DEVICES))
     return train, elastic
 
 
 def _server_config(args):
-    server, engines, batching = _server_flag_sets()
+    server, engines, batching, tls, deadlines = _server_flag_sets()
     return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events,
                             engines=config_from_args(engines, args),
-                            batching=None if args.no_batching else config_from_args(batching, args))
+                            batching=None if args.no_batching else config_from_args(batching, args),
+                            tls=config_from_args(tls, args) if tls.changes(args) else None,
+                            deadlines=config_from_args(deadlines, args))
+
+
+def _admin_token_from_env() -> str | None:
+    """LIVETOWER_ADMIN_TOKEN, read here only and handed to the server; None: the server's token file."""
+    return os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
 
 
 def _train_config(args):
@@ -76,11 +95,13 @@ def _add_events_flag(p: argparse.ArgumentParser) -> argparse.Action:
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
     _add_events_flag(p)
-    server, engines, batching = _server_flag_sets()
+    server, engines, batching, tls, deadlines = _server_flag_sets()
     server.add_to(p)
     engines.add_to(p)
     p.add_argument("--no-batching", action="store_true", help="compute inline on the event loop (baseline)")
     batching.add_to(p)
+    tls.add_to(p)
+    deadlines.add_to(p)
 
 
 def _priority_flags() -> FlagSet:
@@ -166,8 +187,9 @@ def cmd_serve(args) -> int:
     config = _server_config(args)
     if args.workers > 1:
         return _serve_workers(args, config)
-    run(serve(config, on_started=lambda s, port: print(
-        f"serving gRPC on {config.host}:{port} (metrics port {s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
+    run(serve(config, admin_token=_admin_token_from_env(), on_started=lambda s, port: print(
+        f"serving gRPC on {config.host}:{port} (admin on {config.admin_host}:{s.admin_port}, metrics port "
+        f"{s.metrics_port})", flush=True)), use_uvloop=config.uvloop)
     return 0
 
 
@@ -237,7 +259,8 @@ def cmd_up(args) -> int:
 
     config = _server_config(args)
     _train_config(args)  # a bad train flag stops `up` here instead of failing in the restarted sidecar
-    run_up(config, train_args=_trainer_argv(args), bootstrap_users=args.bootstrap_users)
+    run_up(config, train_args=_trainer_argv(args), bootstrap_users=args.bootstrap_users,
+           admin_token=_admin_token_from_env())
     return 0
 
 
@@ -263,7 +286,11 @@ def cmd_query(args) -> int:
 
     from contracts.client import Client
 
-    c = Client(args.target)
+    producer_token = None
+    if args.what == "log" and (os.environ.get(PRODUCER_TOKEN_ENV) or args.producer_token_file):
+        producer_token = read_token(PRODUCER_TOKEN_ENV, args.producer_token_file, "producer token",
+                                    "--producer-token-file")
+    c = Client(args.target, tls=client_tls(args), producer_token=producer_token)
     history = args.history.split(",") if args.history else None
     if args.what == "recommend":
         resp = c.recommend(args.user, k=args.k, history=history, exclude_seen=args.exclude_seen)
@@ -309,6 +336,9 @@ BENCHES = {
     "kernels": ("kernels", "Triton retrieval kernel vs torch on a GPU"),
     "train": ("train_bench", "training throughput per worker count and precision, elastic scaling events"),
     "replay": ("replay", "ml-100k in time order, continuous vs frozen engines vs popularity"),
+    "hardening-limits": ("hardening_limits", "16 concurrent 60 MiB requests: status codes, server RSS growth"),
+    "hardening-state": ("hardening_state", "dead-letter fsyncs and a concurrent LogEvents' latency; "
+                                           "1M new item ids through the trainer's admission"),
 }
 
 
@@ -363,9 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--candidates", default="", help="comma-separated item ids (score)")
     query.add_argument("--item", help="item id (log)")
     query.add_argument("--exclude-seen", action="store_true")
+    query.add_argument("--producer-token-file", type=Path,
+                       help=f"log: file (mode 0600) with this producer's token, for a server with "
+                            f"--producer-tokens-file; the environment variable {PRODUCER_TOKEN_ENV} wins")
+    client_tls_flags().add_to(query)
     query.set_defaults(func=cmd_query)
 
     add_engines_parser(sub)
+    add_registry_parser(sub)
     add_archive_parser(sub)
 
     broker = sub.add_parser("broker", help="a local Kafka-protocol broker (tansu, memory only) for trying --events")

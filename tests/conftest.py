@@ -82,7 +82,7 @@ TEST_BATCHING = BatchingConfig(max_queue_delay_ms=500, max_loop_lag_ms=0)
 
 
 def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overrides) -> ServerConfig:
-    base = dict(data_dir=data_dir, port=0, metrics_port=0, admin_token=ADMIN_TOKEN, batching=TEST_BATCHING, gc_freeze=False,
+    base = dict(data_dir=data_dir, port=0, admin_port=0, metrics_port=0, batching=TEST_BATCHING, gc_freeze=False,
                 engines=EngineManagerConfig(poll_interval_s=0.1, analysis_interval_s=0.05, warmup_calls=2,
                                             default_policy=policy), grace_s=1.0)
     base.update(overrides)
@@ -90,8 +90,10 @@ def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overr
 
 
 @contextlib.contextmanager
-def running_server(config: ServerConfig):
-    """Start the real gRPC server on its own event loop thread; yield (server, port); stop it."""
+def running_server(config: ServerConfig, *, admin_token: str | None = ADMIN_TOKEN):
+    """Start the real gRPC server on its own event loop thread; yield (server, port); stop it.
+
+    The admin listener is on server.admin_port, with admin_token (None: the data dir's token file)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box = {}
@@ -100,7 +102,7 @@ def running_server(config: ServerConfig):
         asyncio.set_event_loop(loop)
 
         async def start():
-            server, port = create_server(config)
+            server, port = create_server(config, admin_token=admin_token)
             await server.start()
             box["server"], box["port"] = server, port
             ready.set()
@@ -117,6 +119,14 @@ def running_server(config: ServerConfig):
         asyncio.run_coroutine_threadsafe(box["server"].stop(0.5), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)
+
+
+def client_for(server, port: int, **kw):
+    """A Client for a running_server: data calls on port, admin calls on server.admin_port (with ADMIN_TOKEN)."""
+    from contracts.client import Client
+
+    kw.setdefault("admin_token", ADMIN_TOKEN)
+    return Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{server.admin_port}", **kw)
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):

@@ -171,9 +171,9 @@ def test_livetower_serve_train_up_defaults_are_the_dataclasses(capsys):
     assert tiny == TrainConfig.tiny_debug(inductor_cache_dir=cli.DEFAULT_DATA_DIR / "inductor-cache")
 
     server_sets, train_sets = cli._server_flag_sets(), (*cli._train_flag_sets(), cli._priority_flags())
-    assert _check_helps(server_sets, _help(cli.main, ["serve"], capsys)) == 17
-    assert _check_helps(train_sets, _help(cli.main, ["train"], capsys)) == 13
-    assert _check_helps(server_sets + train_sets, _help(cli.main, ["up"], capsys)) == 30
+    assert _check_helps(server_sets, _help(cli.main, ["serve"], capsys)) == 34
+    assert _check_helps(train_sets, _help(cli.main, ["train"], capsys)) == 20
+    assert _check_helps(server_sets + train_sets, _help(cli.main, ["up"], capsys)) == 54
 
 
 def test_livetower_flags_keep_their_meaning():
