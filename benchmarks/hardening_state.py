@@ -14,6 +14,11 @@ per-user state are exactly the round's. Reports table rows, vocabulary size, use
 
     python -m benchmarks.hardening_state dead-letters
     python -m benchmarks.hardening_state items --events 1000000
+
+`server-items`: the same 1M unique ids (200 characters each) sent to a real server over LogEvents, its
+recent histories capped at 64 MiB: the server's RSS against that cap.
+
+    python -m benchmarks.hardening_state server-items --events 1000000
 """
 
 from __future__ import annotations
@@ -44,10 +49,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+def _start_server(data_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port), "--admin-port", "0",
-           "--metrics-port", "-1"]
+    cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
+           "--admin-port", "0", "--metrics-port", "-1", *extra]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -139,17 +144,71 @@ def measure_dead_letters(n_bad: int, work: Path) -> dict:
             "note": "fsync counts include the concurrent valid requests' commits (one each)"}
 
 
+def measure_server_items(n_events: int, work: Path, *, id_chars: int = 200, n_users: int = 200_000,
+                         history_max_bytes: int = 64 << 20, per_request: int = 1000) -> dict:
+    """n_events with unique random item ids of id_chars characters, for random users, into a real server
+    (LogEvents over gRPC, SQLite log), its recent histories capped at history_max_bytes. The server's RSS
+    (psutil, sampled every 50 ms) against that cap."""
+    import random
+
+    import psutil
+
+    proc, port = _start_server(work, work / "server.log",
+                               ("--history-max-bytes", str(history_max_bytes), "--ingest-events-per-s", "0"))
+    try:
+        server = psutil.Process(proc.pid)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)])
+        stub = pb_grpc.RecommenderStub(channel)
+        stub.LogEvents(_valid_request(0), timeout=30)  # warm: connection, first write
+        rss0 = server.memory_info().rss
+        peak, stop = [rss0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], server.memory_info().rss)
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rng, ts, t0, accepted, progress = random.Random(0), int(time.time() * 1000), time.perf_counter(), 0, []
+        for start in range(0, n_events, per_request):
+            events = [pb.Event(event_id=f"x{i}", user_id=f"user-{rng.randrange(n_users)}",
+                               item_id=f"{rng.getrandbits(128):032x}".ljust(id_chars, "z"), action="click",
+                               weight=1.0, timestamp_ms=ts) for i in range(start, min(start + per_request, n_events))]
+            accepted += stub.LogEvents(pb.LogEventsRequest(events=events), timeout=120).accepted
+            if (start // per_request) % 100 == 99:
+                progress.append({"events": start + len(events), "rss_mb": round(server.memory_info().rss / 2**20, 1)})
+                print(f"  {progress[-1]['events']:,} events, server RSS {progress[-1]['rss_mb']} MB", flush=True)
+        stream_s = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        rss1 = server.memory_info().rss
+        channel.close()
+    finally:
+        _stop(proc)
+    mb = 2**20
+    return {"events": n_events, "accepted": accepted, "id_chars": id_chars, "users": n_users,
+            "raw_item_id_bytes_mb": round(n_events * id_chars / mb, 1),
+            "history_max_bytes_mb": history_max_bytes / mb, "server_rss_before_mb": round(rss0 / mb, 1),
+            "server_rss_after_mb": round(rss1 / mb, 1), "server_rss_peak_mb": round(peak[0] / mb, 1),
+            "server_rss_growth_peak_mb": round((peak[0] - rss0) / mb, 1), "stream_s": round(stream_s, 1),
+            "progress": progress}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="livetower bench hardening-state", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("dead-letters", "items"))
+    p.add_argument("what", choices=("dead-letters", "items", "server-items"))
     p.add_argument("--bad-events", type=int, default=10_000, help="dead-letters: invalid events in the request")
     p.add_argument("--events", type=int, default=1_000_000, help="items: unique random item ids streamed")
+    p.add_argument("--history-max-mb", type=int, default=64, help="server-items: the server's history_max_bytes, MiB")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     args = p.parse_args(argv or [])
     with tempfile.TemporaryDirectory(prefix="hardening-") as tmp:
         if args.what == "dead-letters":
             result = measure_dead_letters(args.bad_events, Path(tmp))
+        elif args.what == "server-items":
+            result = measure_server_items(args.events, Path(tmp), history_max_bytes=args.history_max_mb << 20)
         else:
             result = measure_items(args.events, Path(tmp))
     print(json.dumps(result, indent=2))
