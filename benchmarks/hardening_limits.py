@@ -52,10 +52,11 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
-def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """`livetower serve` (plus `extra` flags) in its own process group; returns it once it serves, and its port."""
     port = free_port()
     cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
-           "--admin-port", "0", "--metrics-port", "-1"]
+           "--admin-port", "0", "--metrics-port", "-1", *extra]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -18,7 +18,7 @@ from contracts.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from server.engine import manager as manager_mod
 from server.engine.canary import CanaryStats, analyse, in_canary, ks_distance, quality_vouch, topk_overlap
-from tests.conftest import ADMIN_TOKEN, FAST_POLICY, make_trainer, running_server, server_config, stream_events, wait_for
+from tests.conftest import ADMIN_TOKEN, make_trainer, running_server, server_config, stream_events, wait_for
 
 MANUAL = CanaryPolicy(mode="manual", min_duration_s=0.2, max_duration_s=1.0, min_requests=20, shadow_samples=10,
                       shadow_qps=200.0)

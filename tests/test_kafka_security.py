@@ -14,7 +14,6 @@ import pytest
 import trustme
 
 from contracts.kafka_events import KafkaEventProducer, ensure_topics, parse_events_url
-from contracts.kafka_security import KafkaSecurity
 from server.events.kafka_feed import KafkaHistoryFeed, OwnEventIds
 from trainer.sources.kafka import KafkaEventSource
 

@@ -162,13 +162,15 @@ class EngineManager:
         try:
             return self.load_verified(version)
         except (EngineRejected, EngineCorrupt) as e:
-            log.error("refusing engine %d: %s; stable stays %s", version, e, self.stable.version if self.stable else 0)
+            reason = str(e)
+            log.error("refusing engine %d: %s; stable stays %s", version, reason,
+                      self.stable.version if self.stable else 0)
 
             def refuse(st: RolloutState) -> None:
-                st.refused[version] = str(e)
+                st.refused[version] = reason
                 if st.canary == version:
                     st.end_canary()
-                st.record("refuse", version, actor, str(e))
+                st.record("refuse", version, actor, reason)
 
             self._mutate(refuse)
             self._on_event("refused", version, 0.0)
