@@ -191,7 +191,9 @@ class Registry:
     def collect_garbage(self, keep_newest: int, protected: set[int] = frozenset()) -> list[int]:
         """Delete old engines; returns the versions removed. Kept: the newest `keep_newest`, `protected`, the
         rollout's stable and canary and the stable it was promoted from (a rollback's target), and for each
-        kept engine its parent and its graph version (a refit runs that version's compiled tower).
+        kept engine its graph version (a refit runs that version's compiled tower). Parents are lineage, not
+        dependencies: each engine's parent is the one published before it, so keeping parents would keep
+        every engine; a refit built from a parent that is gone is a full build (trainer/export/build.py).
 
         A reader holding an engine's files open keeps them (POSIX); one that is about to open a version sees
         it vanish whole: each dir is renamed out of the version namespace (not a number: `versions()` skips
@@ -203,16 +205,16 @@ class Registry:
         keep = set(versions[-keep_newest:]) | set(protected) | {st.stable, st.canary}
         keep |= {e.stable_version for e in st.history if e.action == "promote" and e.version == st.stable}
         todo = [v for v in keep if v in versions]
-        while todo:  # parents and graph versions, transitively
+        while todo:  # graph versions (a graph version is a full engine: the chain ends there)
             v = todo.pop()
             try:
                 m = self.read_manifest(v)
             except (OSError, json_format.ParseError):
                 continue  # unreadable: nothing to follow; it stays while protected
-            for dep in (int(m.parent), int(m.graph_version)):
-                if dep and dep not in keep:
-                    keep.add(dep)
-                    todo.append(dep)
+            dep = int(m.graph_version)
+            if dep and dep not in keep:
+                keep.add(dep)
+                todo.append(dep)
         removed = []
         for v in versions:
             if v in keep:

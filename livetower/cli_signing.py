@@ -18,7 +18,7 @@ def add_registry_parser(sub) -> None:
                     help="where the public key goes (PEM): the server's --trusted-keys (append it to rotate keys)")
     kg.set_defaults(func=cmd_keygen)
     gc = rsub.add_parser("gc", help="delete old engines (never stable, canary, the previous stable, nor their "
-                                    "parents and graph versions)")
+                                    "graph versions)")
     gc.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help="the registry root")
     gc.add_argument("--keep", type=int, required=True, help="newest engines kept (>= 1)")
     gc.set_defaults(func=cmd_gc)

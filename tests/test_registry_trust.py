@@ -161,26 +161,21 @@ def test_key_files(tmp_path, keys):
 
 # ---------------------------------------------------------------- garbage collection
 
-def test_gc_keeps_newest_stable_canary_previous_stable_and_parents(tmp_path):
+def test_gc_keeps_newest_stable_canary_previous_stable_and_graph_versions(tmp_path):
     reg = Registry(tmp_path)
-    for parent in range(8):
-        publish(reg, parent=parent)  # v1..v8, each the parent of the next
-    # Detach the lineage so parents do not pin everything: v8's parent is v2; v6's graph version is v1.
-    rewrite_manifest(reg, 8, lambda m: setattr(m, "parent", 2))
-    rewrite_manifest(reg, 6, lambda m: (setattr(m, "parent", 0), setattr(m, "graph_version", 1)))
-    rewrite_manifest(reg, 7, lambda m: setattr(m, "parent", 0))
+    for parent in range(9):
+        publish(reg, parent=parent)  # v1..v9, each the parent of the next (the live loop's lineage)
+    rewrite_manifest(reg, 6, lambda m: setattr(m, "graph_version", 1))  # canary 6 is a refit of 1's graph
     st = RolloutState(stable=3, canary=6)  # promote 3 -> 4: recorded with stable_version 3
     st.record("promote", 4, "auto", "ok")
     st.stable = 4
     reg.write_rollout(st)
-    for v in (4, 3):  # stable 4 and its previous stable 3 would pin their parents; cut those links
-        rewrite_manifest(reg, v, lambda m: setattr(m, "parent", 0))
     removed = reg.collect_garbage(keep_newest=2)
-    # kept: newest 2 (7, 8), 8's parent 2, stable 4, previous stable 3, canary 6 and its graph version 1
-    assert sorted(removed) == [5]
-    assert reg.versions() == [1, 2, 3, 4, 6, 7, 8]
+    # kept: newest 2 (8, 9), stable 4, previous stable 3, canary 6 and its graph version 1; parents pin nothing
+    assert sorted(removed) == [2, 5, 7]
+    assert reg.versions() == [1, 3, 4, 6, 8, 9]
     assert not [p for p in reg.engines_dir.iterdir() if not p.name.isdigit()]  # nothing left half-deleted
-    assert reg.collect_garbage(keep_newest=2, protected={7}) == []
+    assert reg.collect_garbage(keep_newest=2, protected={3}) == []
     with pytest.raises(ValueError, match="keep_newest must be >= 1"):
         reg.collect_garbage(keep_newest=0)
 

@@ -127,8 +127,8 @@ class TrainConfig:
     signing_key: Path | None = None    # Ed25519 private key file (raw 32 bytes or PEM, mode 600): every published
                                        # manifest is signed (manifest.sig) and a parent must verify with it before a
                                        # refit reuses its files (`livetower registry keygen` makes one)
-    keep_engines: int = 0              # after each publish delete older engines beyond the newest this many (never
-                                       # stable, canary, the previous stable, nor their parents); 0 = keep all
+    keep_engines: int = 20             # after each publish delete older engines beyond the newest this many (never
+                                       # stable, canary, the previous stable, nor their graph versions); 0 = keep all
     ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
     elastic: ElasticConfig = field(default_factory=ElasticConfig)  # workers per round, retries (trainer/elastic/)
 
