@@ -202,3 +202,18 @@ def test_split_round_holds_out_newest_events_and_trains_the_rest():
     assert len(capped.holdout) == 2 and set(capped.holdout) <= {"a", "b", "d"}
     assert capped == split_round(new_by_user, kept, max_eval_users=2, seed=0)  # seeded
     assert capped.holdout == sorted(capped.holdout)
+
+
+def test_publish_collects_old_engines_but_keeps_stable(data_dir):
+    """keep_engines: after each publish the registry keeps the newest N plus what serving needs (stable here)."""
+    from contracts.rollout import RolloutState
+
+    t = make_trainer(data_dir, keep_engines=1)
+    assert t.run_round().published_version == 1
+    reg = Registry(data_dir / "registry")
+    reg.write_rollout(RolloutState(stable=1))
+    for seed, expect in ((8, 2), (9, 3)):
+        t.event_log.append(stream_events(seed=seed))
+        assert t.run_round().published_version == expect
+    assert reg.versions() == [1, 3]  # v2: neither newest nor stable
+    assert not [p for p in reg.engines_dir.iterdir() if not p.name.isdigit()]
