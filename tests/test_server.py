@@ -212,8 +212,15 @@ def test_swaps_to_new_engine_and_refuses_corrupt_one(served):
     # Version 3: good -> served; rollout.json records it as stable.
     client.log_events(stream_events(seed=11))
     assert trainer.run_round().published_version == 3
-    wait_for(lambda: client.recommend("user-1", k=5).engine_version == 3, 30, "engine 3 to serve")
-    assert reg.read_rollout().stable == 3
+    # Engine 3 goes through a canary on a random (salted) slice of users, so one user may see it before
+    # it is promoted: wait for the promotion itself, with traffic from many users to analyse.
+    def promoted() -> bool:
+        for u in range(20):
+            client.recommend(f"user-{u}", k=5)
+        return reg.read_rollout().stable == 3
+
+    wait_for(promoted, 30, "engine 3 to be promoted")
+    assert client.recommend("user-1", k=5).engine_version == 3
 
 
 def test_restart_serves_promoted_not_newest(trained_dir):
