@@ -64,13 +64,22 @@ def _train_flag_sets() -> tuple[FlagSet, FlagSet]:
     return train, elastic
 
 
+def _tracing_flags() -> FlagSet:
+    """OpenTelemetry flags, shared by serve, train and up (one set: `up` hands them to its trainer too)."""
+    from contracts.tracing import TracingConfig
+
+    return flag_set(TracingConfig, Flag("enabled", name="tracing"), "otlp_endpoint", "sample_ratio", "service_name",
+                    "tls", "ca_file", "export_interval_ms", "max_queue_spans", prefix="tracing-")
+
+
 def _server_config(args):
     server, engines, batching, tls, deadlines = _server_flag_sets()
     return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events,
                             engines=config_from_args(engines, args),
                             batching=None if args.no_batching else config_from_args(batching, args),
                             tls=config_from_args(tls, args) if tls.changes(args) else None,
-                            deadlines=config_from_args(deadlines, args))
+                            deadlines=config_from_args(deadlines, args),
+                            tracing=config_from_args(_tracing_flags(), args))
 
 
 def _admin_token_from_env() -> str | None:
@@ -84,6 +93,7 @@ def _train_config(args):
     train, elastic = _train_flag_sets()
     base = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
     return config_from_args(train, args, base, elastic=config_from_args(elastic, args, base.elastic),
+                            tracing=config_from_args(_tracing_flags(), args, base.tracing),
                             inductor_cache_dir=args.data_dir / "inductor-cache")
 
 
@@ -114,15 +124,20 @@ def _priority_flags() -> FlagSet:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:
     train, elastic = _train_flag_sets()
-    return [*train.add_to(p), *elastic.add_to(p), *_priority_flags().add_to(p),
+    return [*train.add_to(p), *elastic.add_to(p), *_priority_flags().add_to(p), *_tracing_flags().add_to(p),
             p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)"),
             p.add_argument("--trainer-metrics-port", type=int, default=9465,
                            help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")]
 
 
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    _add_server_flags(p)
+    _tracing_flags().add_to(p)
+
+
 def _add_up_flags(p: argparse.ArgumentParser) -> None:
     _add_server_flags(p)
-    _add_train_flags(p)
+    _add_train_flags(p)  # with the tracing flags, which `up` hands to its trainer as well
 
 
 def _trainer_argv(args) -> list[str]:
@@ -237,9 +252,13 @@ def cmd_train(args) -> int:
         try:
             return run_backfill(trainer)
         finally:
+            trainer.close()
             event_log.close()
     if args.once:
-        result = trainer.run_round()
+        try:
+            result = trainer.run_round()
+        finally:
+            trainer.close()
         print(json.dumps(None if result is None else dataclasses.asdict(result), indent=1))
         return 0
     stop = threading.Event()
@@ -250,6 +269,7 @@ def cmd_train(args) -> int:
     try:
         trainer.run(stop)
     finally:
+        trainer.close()
         event_log.close()
     return 0
 
@@ -359,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--bootstrap-users", type=int, default=2000, help="synthetic users when the log is empty")
     up.set_defaults(func=cmd_up)
 
-    serve = sub.add_parser("serve", help="the gRPC server alone", add_flags=_add_server_flags)
+    serve = sub.add_parser("serve", help="the gRPC server alone", add_flags=_add_serve_flags)
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     serve.set_defaults(func=cmd_serve)

@@ -28,6 +28,7 @@ from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.registry import Registry
 from contracts.tls import TlsConfig, is_loopback
+from contracts.tracing import TRACING_OFF, Tracing, start_tracing
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.auth import AdminAuthInterceptor, load_or_create_token, load_producer_tokens
@@ -73,6 +74,7 @@ class LivetowerServer:
     _metrics_http: object | None = None
     _port: int = 0
     admin_port: int = 0                       # the admin listener's bound port
+    tracing: Tracing = TRACING_OFF            # the request spans' tracer and exporter (off: no tracer)
 
     async def start(self) -> None:
         await self.sink.start()
@@ -138,6 +140,7 @@ class LivetowerServer:
         if self.feed is not None:
             await self.feed.stop()
         await self.sink.stop()
+        await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still buffered (export_timeout_s)
 
 
 def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tuple[LivetowerServer, int]:
@@ -177,11 +180,12 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     producers = load_producer_tokens(config.producer_tokens_file) if config.producer_tokens_file else None
     buckets = (CallerBuckets(config.ingest_events_per_s, config.ingest_burst_events)
                if config.ingest_events_per_s is not None else None)
-    batcher = MicroBatcher(config.batching) if config.batching is not None else None
+    tracing = start_tracing(config.tracing, "livetower-server")
+    batcher = MicroBatcher(config.batching, tracing) if config.batching is not None else None
     options = [("grpc.max_receive_message_length", config.limits.max_request_bytes + RECEIVE_MARGIN_BYTES),
                ("grpc.max_send_message_length", GRPC_MAX_SEND_BYTES),
                ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
-    observe = ObservabilityInterceptor(metrics, config.limits.max_request_bytes, config.deadlines)
+    observe = ObservabilityInterceptor(metrics, config.limits.max_request_bytes, config.deadlines, tracing)
     grpc_server = grpc.aio.server(
         interceptors=[observe, IngestGuardInterceptor(producer_tokens=producers, buckets=buckets,
                                                       tokens_hint=str(config.producer_tokens_file))],
@@ -204,7 +208,7 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     admin_port = _bind(admin_server, config.admin_host, config.admin_port, config.tls, "admin gRPC")
     server = LivetowerServer(config=config, grpc_server=grpc_server, admin_server=admin_server, manager=manager,
                              health=health_servicer, sink=sink, event_log=event_log, feed=feed, history=history,
-                             metrics=metrics, batcher=batcher)
+                             metrics=metrics, batcher=batcher, tracing=tracing)
     server._port, server.admin_port = port, admin_port
     return server, port
 

@@ -18,6 +18,12 @@ instead of queueing without bound, so the requests that are admitted keep a boun
   loop a fraction of a computed one, so the backlog drains instead of growing;
 - a request whose deadline passed while queued is dropped, not computed.
 Engine-agnostic and grpc-free: the servicer maps the exceptions onto status codes.
+
+Tracing (when on, and only for requests whose span is sampled): admission adds an event to the request span
+("admitted", or "shed" with the reason); after its batch, a request gets two finished child spans, "batch.wait"
+(admission to the compute thread picking it up) and "engine.compute" (its batch: batch.size, engine version and
+the engine's stage times tower/retrieval/rows/assemble in ms, read off the StageClock before and after the
+batch). They are recorded after the fact on the event loop: no span is open on the compute thread.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from contracts.tracing import TRACING_OFF, Tracing, child_span
 from server.engine.engine import Engine, Ranked, RecommendQuery
+from server.engine.stages import STAGES
 
 
 LAG_DECAY_S = 0.01  # time constant of the loop-lag signal's decay
@@ -84,6 +92,16 @@ class _Job:
     query: RecommendQuery | None = None          # batched Recommend
     call: Callable[[], Any] | None = None        # anything else, run alone (Score)
     cost_s: float = 0.0                          # predicted compute time, part of the queued work
+    span: Any = None                             # the request's recording span (tracing on and sampled)
+    admitted_at: float = 0.0                     # perf_counter() at admission (traced jobs only)
+
+
+@dataclass(slots=True)
+class _Timing:
+    """A traced batch's times on the compute thread (perf_counter) and its stage seconds (None: not its own)."""
+    start: float = 0.0
+    end: float = 0.0
+    stages: tuple[float, ...] | None = None
 
 
 COMPUTE_THREAD_NAME = "lt-compute"  # the compute thread's OS name (/proc/PID/task/TID/comm): CPU accounting
@@ -100,8 +118,9 @@ def name_os_thread(name: str) -> None:
 
 
 class MicroBatcher:
-    def __init__(self, config: BatchingConfig) -> None:
+    def __init__(self, config: BatchingConfig, tracing: Tracing = TRACING_OFF) -> None:
         self.config = config
+        self._tracer = tracing.tracer  # None: tracing off, one check per request
         self._queue: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=name_os_thread,
@@ -161,6 +180,24 @@ class MicroBatcher:
         return max(self._lag_s, time.monotonic() - self._probe_due)
 
     def _admit(self, job: _Job) -> asyncio.Future:
+        if self._tracer is None:
+            return self._admit_untraced(job)
+        from opentelemetry.trace import get_current_span
+
+        span = get_current_span()
+        if not span.is_recording():
+            return self._admit_untraced(job)
+        depth = len(self._queue)
+        job.span, job.admitted_at = span, time.perf_counter()
+        try:
+            fut = self._admit_untraced(job)
+        except Overloaded as e:
+            span.add_event("shed", {"reason": str(e), "queue.depth": depth})
+            raise
+        span.add_event("admitted", {"queue.depth": depth, "job.predicted_compute_ms": job.cost_s * 1e3})
+        return fut
+
+    def _admit_untraced(self, job: _Job) -> asyncio.Future:
         cfg = self.config
         depth = len(self._queue)
         if depth >= cfg.max_queue:
@@ -201,12 +238,15 @@ class MicroBatcher:
 
     def _compute_inline(self, job: _Job) -> None:
         t0 = time.perf_counter()
+        timing = _Timing() if job.span is not None else None
         try:
-            result = job.engine.recommend_batch([job.query])[0]
+            result = (self._compute([job]) if timing is None else self._compute_timed([job], timing))[0]
         except Exception as e:  # noqa: BLE001 - the request's error, as on the compute thread
             job.future.set_exception(e)
             return
         self._learn_cost(job.engine, time.perf_counter() - t0)
+        if timing is not None:
+            self._trace_batch([job], timing, inline=True)
         self.inline += 1
         job.future.set_result(result)
 
@@ -259,6 +299,37 @@ class MicroBatcher:
             return [batch[0].call()]
         return batch[0].engine.recommend_batch([j.query for j in batch])
 
+    @classmethod
+    def _compute_timed(cls, batch: list[_Job], timing: _Timing) -> list[Any]:
+        """_compute, noting its start and end and the stage seconds the engine's clock gained meanwhile. The
+        clock is shared (the canary's shadow scoring adds to it from another thread): the stages count as
+        this batch's only when the clock gained exactly one batch."""
+        clock = batch[0].engine.clock
+        before = (clock.batches, *clock.seconds.values()) if clock is not None else None
+        timing.start = time.perf_counter()
+        try:
+            return cls._compute(batch)
+        finally:
+            timing.end = time.perf_counter()
+            if before is not None and batch[0].call is None and clock.batches == before[0] + 1:
+                timing.stages = tuple(b - a for a, b in zip(before[1:], clock.seconds.values()))
+
+    def _trace_batch(self, batch: list[_Job], timing: _Timing, *, inline: bool = False) -> None:
+        """The traced jobs' batch.wait and engine.compute spans, from the times the compute thread noted."""
+        to_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter -> epoch ns
+        start_ns, end_ns = int(timing.start * 1e9) + to_ns, int(timing.end * 1e9) + to_ns
+        attrs: dict[str, Any] = {"batch.size": len(batch), "livetower.engine_version": str(batch[0].engine.version),
+                                 "batch.inline": inline}
+        if timing.stages is not None:
+            attrs.update({f"stage.{name}_ms": s * 1e3 for name, s in zip(STAGES, timing.stages)})
+        name = "engine.compute" if batch[0].call is None else "engine.call"
+        for job in batch:
+            if job.span is None:
+                continue
+            if not inline:
+                child_span(self._tracer, job.span, "batch.wait", int(job.admitted_at * 1e9) + to_ns, start_ns)
+            child_span(self._tracer, job.span, name, start_ns, end_ns, attrs)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -273,8 +344,12 @@ class MicroBatcher:
             t0 = time.perf_counter()
             self._running_until = t0 + sum(j.cost_s for j in batch)
             self._computing = True
+            timing = _Timing() if self._tracer is not None and any(j.span is not None for j in batch) else None
             try:
-                results = await loop.run_in_executor(self._executor, self._compute, batch)
+                if timing is None:
+                    results = await loop.run_in_executor(self._executor, self._compute, batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._compute_timed, batch, timing)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the worker alive
                 for job in batch:
                     if not job.future.done():
@@ -285,6 +360,8 @@ class MicroBatcher:
             self._learn_cost(batch[0].engine, (time.perf_counter() - t0) / len(batch))
             self.batches += 1
             self.batched_queries += len(batch)
+            if timing is not None:
+                self._trace_batch(batch, timing)
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contracts.events import EventLimits
 from contracts.tls import TlsConfig
+from contracts.tracing import TracingConfig
 from server.batching import BatchingConfig
 from server.engine.manager import EngineManagerConfig
 from server.events.sink import IngestConfig
@@ -78,6 +79,7 @@ class ServerConfig:
     ingest_burst_events: int = 50_000     # events a caller may send at once above its rate (>= limits.max_events)
     max_concurrent_rpcs: int | None = 2048  # RPCs in progress on the data listener; beyond: RESOURCE_EXHAUSTED
     deadlines: MethodDeadlines = field(default_factory=MethodDeadlines)  # server-side deadline per kind of method
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # OpenTelemetry request spans over OTLP (off)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

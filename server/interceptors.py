@@ -1,5 +1,11 @@
 """Cross-cutting concerns for every unary RPC: request id, request-size limit, server-side deadline, logging,
-metrics."""
+metrics, and (when tracing is on) the request's span.
+
+The request span (SERVER kind, named "<package.Service>/<Method>") is the parent of the batcher's spans
+(server/batching.py) and carries: rpc.system/service/method, livetower.request_id, rpc.grpc.status_code,
+livetower.engine_version, livetower.canary and rpc.serialize_ms (with tracing on, the response is serialised
+here, not by grpc, so that its cost is timed). A W3C traceparent in the request metadata makes it a child of
+the caller's span."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import uuid
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from contracts.tracing import TRACING_OFF, Tracing
 
 from server.config import MethodDeadlines
 from server.metrics import ServerMetrics
@@ -52,8 +60,9 @@ class _ShedLog:
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, max_request_bytes: int,
-                 deadlines: MethodDeadlines | None = None) -> None:
+                 deadlines: MethodDeadlines | None = None, tracing: Tracing = TRACING_OFF) -> None:
         self.metrics = metrics
+        self.tracing = tracing
         self.max_request_bytes = max_request_bytes
         self.deadlines = deadlines or MethodDeadlines()
         self._shed_log = _ShedLog()
@@ -72,12 +81,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         # and the size limit is checked on the wire bytes before parsing. A refusing handler
         # (server/auth.py, server/ingest_guard.py) has no deserializer and gets the raw bytes.
         deserialize = handler.request_deserializer
+        tracing = self.tracing
+        serialize = handler.response_serializer if tracing.tracer is not None else None
 
         async def observed(raw: bytes, context: grpc.aio.ServicerContext):
             request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             t0 = time.perf_counter()
             code, version = "OK", ""
+            span = None
+            if tracing.tracer is not None:
+                span, token = _start_span(tracing, handler_call_details.method, metadata, request_id)
             try:
                 if len(raw) > max_bytes:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -99,6 +113,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                                             f"{method} ran past the server's deadline of {limit_s:g} s "
                                             f"({limit_field})")
                 version = str(getattr(response, "engine_version", "") or "")
+                if span is not None:
+                    return _serialize_traced(span, serialize, response)
                 return response
             except asyncio.CancelledError:
                 code = "CANCELLED"
@@ -112,6 +128,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("request %s %s failed", request_id, method)
                 raise
             finally:
+                if span is not None:
+                    _end_span(span, token, code, version, context)
                 elapsed = time.perf_counter() - t0
                 metrics.latency.labels(method, version).observe(elapsed)
                 metrics.responses.labels(method, code).inc()
@@ -120,5 +138,57 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elif code not in ("OK", "INVALID_ARGUMENT"):
                     log.warning("request %s %s -> %s in %.1f ms", request_id, method, code, elapsed * 1e3)
 
-        return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=None,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            observed, request_deserializer=None,
+            response_serializer=handler.response_serializer if serialize is None else None)
+
+
+# The status codes that mark a server span as failed (OpenTelemetry's gRPC conventions): the server's fault,
+# not the caller's (INVALID_ARGUMENT) nor load shedding's (RESOURCE_EXHAUSTED, answered by design).
+_ERROR_CODES = frozenset(("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"))
+
+
+def _start_span(tracing: Tracing, full_method: str, metadata: dict, request_id: str):
+    """The request's span, made current for this request's task; (span, the context token to detach)."""
+    from opentelemetry import context as otel_context
+    from opentelemetry.trace import SpanKind, set_span_in_context
+
+    service, _, method = full_method.lstrip("/").partition("/")
+    span = tracing.tracer.start_span(full_method.lstrip("/"), context=tracing.extract(metadata),
+                                     kind=SpanKind.SERVER)
+    if span.is_recording():
+        span.set_attributes({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                             "livetower.request_id": request_id})
+    return span, otel_context.attach(set_span_in_context(span))
+
+
+def _serialize_traced(span, serialize, response):
+    if serialize is None or isinstance(response, bytes):
+        return response
+    t0 = time.perf_counter()
+    data = serialize(response)
+    if span.is_recording():
+        span.set_attribute("rpc.serialize_ms", (time.perf_counter() - t0) * 1e3)
+        canary = getattr(response, "canary", None)
+        if canary is not None:
+            span.set_attribute("livetower.canary", bool(canary))
+    return data
+
+
+def _end_span(span, token, code: str, version: str, context) -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry.trace import Status, StatusCode
+
+    otel_context.detach(token)
+    if span.is_recording():
+        status = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+        span.set_attribute("rpc.grpc.status_code", status.value[0])
+        if version:
+            span.set_attribute("livetower.engine_version", version)
+        if code in _ERROR_CODES:
+            try:
+                details = context.details()
+            except (AttributeError, RuntimeError):
+                details = None
+            span.set_status(Status(StatusCode.ERROR, f"{code}: {details}" if details else code))
+    span.end()

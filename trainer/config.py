@@ -8,6 +8,7 @@ from pathlib import Path
 
 from contracts.eventlog import RetentionConfig
 from contracts.registry import BACKENDS
+from contracts.tracing import TracingConfig
 from trainer.export.ann import AnnOptions
 from trainer.model import ModelConfig
 
@@ -131,6 +132,7 @@ class TrainConfig:
                                        # stable, canary, the previous stable, nor their graph versions); 0 = keep all
     ann: AnnOptions = field(default_factory=AnnOptions)  # HNSW index for catalogues >= ann.min_items
     elastic: ElasticConfig = field(default_factory=ElasticConfig)  # workers per round, retries (trainer/elastic/)
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # OpenTelemetry round spans over OTLP (off)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs_per_round", "n_random_negatives", "round_min_events",

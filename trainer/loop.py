@@ -7,10 +7,15 @@ popularity on the same fresh holdout → fold the holdout in → checkpoint atom
 included) → build + publish an engine if the gate passed (beats popularity and does not fall
 below the serving model). Crash anywhere: the next start resumes from the last checkpoint,
 so every event is trained at least once.
+
+With cfg.tracing on, a round is one span "trainer.round" (round, events, gate, published version) with a
+child span per step: read, train (vocabulary growth, split, training), eval, commit (fold-in, checkpoint),
+build (the engine build) and publish (the registry's atomic publish, inside build).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +30,7 @@ import torch
 
 from contracts.eventlog import SOURCE_KEY, EventBatch, EventSource, StoredEvent
 from contracts.registry import Registry
+from contracts.tracing import start_tracing
 from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -161,6 +167,17 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + self.state.step)
         self.scaler = make_grad_scaler(cfg.precision, "cpu", cfg.fp16_init_scale)  # fp16 loss scale, kept across rounds
         self.elastic_metrics = ElasticMetrics(self.metrics.registry)
+        self.tracing = start_tracing(cfg.tracing, "livetower-trainer")
+
+    def close(self) -> None:
+        """Export the spans still buffered and stop the exporter (the event log is its owner's to close)."""
+        self.tracing.shutdown()
+
+    def _span(self, name: str, **attributes):
+        """A child span of the current one (the round's) while tracing is on; else nothing."""
+        if self.tracing.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracing.tracer.start_as_current_span(name, attributes=attributes or None)
 
     @property
     def next_offset(self) -> int:
@@ -186,20 +203,40 @@ class Trainer:
     def run_round(self) -> RoundResult | None:
         """One round, step by step (module docstring). None when it trained nothing: no new event, or training
         failed on every worker count (then its events are read again by the next round)."""
-        batch = self._read_batch()
+        if self.tracing.tracer is None:
+            return self._round(None)
+        with self.tracing.tracer.start_as_current_span("trainer.round",
+                                                       attributes={"round": self.state.step + 1}) as span:
+            return self._round(span)
+
+    def _round(self, span) -> RoundResult | None:
+        with self._span("read"):
+            batch = self._read_batch()
         if batch is None:
+            if span is not None:
+                span.set_attribute("events", 0)
             return None
         t0 = time.perf_counter()
-        split = split_round(self._add_items(batch.events), self.state.user_seqs,
-                            max_eval_users=self.cfg.max_eval_users, seed=self.cfg.seed + self.state.step)
-        if not self._train(split, len(batch.events)):
+        if span is not None:
+            span.set_attribute("events", len(batch.events))
+        with self._span("train", events=len(batch.events)):
+            split = split_round(self._add_items(batch.events), self.state.user_seqs,
+                                max_eval_users=self.cfg.max_eval_users, seed=self.cfg.seed + self.state.step)
+            trained = self._train(split, len(batch.events))
+        if not trained:
+            if span is not None:
+                span.set_attribute("gate", "train_failed")
             return None
-        metrics = self._evaluate(split)
-        gate = gate_decision(metrics, self.cfg)
+        with self._span("eval", holdout_users=len(split.holdout)):
+            metrics = self._evaluate(split)
+            gate = gate_decision(metrics, self.cfg)
         self._log_gate(metrics, gate)
-        self._fold_in(split)
-        self._commit(batch, split, metrics, gate)
+        with self._span("commit"):
+            self._fold_in(split)
+            self._commit(batch, split, metrics, gate)
         version = self.publish(metrics, gate) if gate != "failed" else 0
+        if span is not None:
+            span.set_attributes({"gate": gate, "published_version": version})
         self.metrics.rounds.labels(gate).inc()
         self.metrics.round_seconds.set(time.perf_counter() - t0)
         return RoundResult(len(batch.events), len(split.holdout), metrics, gate, version, time.perf_counter() - t0)
@@ -410,17 +447,28 @@ class Trainer:
         users = sorted(st.user_seqs)
         pick = np.random.default_rng(st.step).permutation(len(users))[:1000]
         queries_QT = np.stack([left_pad(st.user_seqs[users[i]], T) for i in pick]) if len(pick) else None
-        try:
-            manifest = build_engine(model, list(self.vocab.ids), st.item_counts, self.registry, info, options,
-                                    parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
-                                    ann_queries_QT=queries_QT, refit=self.cfg.refit, signing_key=self.cfg.signing_key,
-                                    progress=lambda m: log.info("%s", m))
-        except BuildFailed as e:
-            log.error("engine build refused: %s", e)
-            return 0
-        except Exception:  # a compiler/export failure must not crash-loop the trainer; the next round retries
-            log.exception("engine build failed; training goes on and the next round builds again")
-            return 0
+        registry = self.registry if self.tracing.tracer is None else _TracedPublish(self.registry, self._span)
+        with self._span("build", backend=self.cfg.backend) as build_span:
+            def progress(message: str) -> None:
+                log.info("%s", message)
+                if build_span is not None:
+                    build_span.add_event(message)
+
+            try:
+                manifest = build_engine(model, list(self.vocab.ids), st.item_counts, registry, info, options,
+                                        parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
+                                        ann_queries_QT=queries_QT, refit=self.cfg.refit,
+                                        signing_key=self.cfg.signing_key, progress=progress)
+            except BuildFailed as e:
+                log.error("engine build refused: %s", e)
+                if build_span is not None:
+                    build_span.set_attribute("build.refused", str(e))
+                return 0
+            except Exception as e:  # a compiler/export failure must not crash-loop the trainer; the next round retries
+                log.exception("engine build failed; training goes on and the next round builds again")
+                if build_span is not None:
+                    build_span.record_exception(e)
+                return 0
         st.published_version = int(manifest.version)
         if self.cfg.keep_engines:
             removed = self.registry.collect_garbage(self.cfg.keep_engines, protected={st.published_version})
@@ -447,3 +495,17 @@ class Trainer:
                 last_round = time.monotonic()
             else:
                 stop.wait(self.cfg.poll_interval_s)
+
+
+class _TracedPublish:
+    """The registry as build_engine sees it, with its atomic publish in a "publish" span (tracing on only)."""
+
+    def __init__(self, registry: Registry, span) -> None:
+        self._registry, self._span = registry, span
+
+    def publish(self, *args, **kwargs) -> int:
+        with self._span("publish"):
+            return self._registry.publish(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._registry, name)
