@@ -53,6 +53,12 @@ CONFIGS = {
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},
+    # Tracing (issue 24): the optimised server exporting OpenTelemetry spans over OTLP to a local sink process
+    # (benchmarks/otlp_sink.py; its CPU shares the machine, as a collector agent beside the server would).
+    "tracing-1pct": {"dir": ".", "flags": [], "tracing_ratio": 0.01,
+                     "what": "optimised, OpenTelemetry request spans sampled at 1 %, exported over OTLP"},
+    "tracing-100pct": {"dir": ".", "flags": [], "tracing_ratio": 1.0,
+                       "what": "optimised, every request traced (4 spans each), exported over OTLP"},
     # A peer: the same engine (tower package, item index) served by another widely used model server.
     "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
                   "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},
@@ -148,8 +154,18 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     sidecar = args.with_trainer and not peer
     if sidecar:
         data = copy_catalog(data, out / "work", backlog=args.trainer_backlog, seed=0)  # the same backlog each run
-    proc, port = start_server(data, flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
+    sink = start_otlp_sink(out / f"otlp-sink-{name}.log") if "tracing_ratio" in spec else None
+    if sink is not None:
+        flags = [*flags, "--tracing", "--tracing-otlp-endpoint", f"127.0.0.1:{sink[1]}",
+                 "--tracing-sample-ratio", str(spec["tracing_ratio"])]
+    try:
+        proc, port = start_server(data, flags, out / f"server-{name}.log", metrics_port=mport, peer=peer)
+    except Exception:
+        if sink is not None:
+            stop_otlp_sink(*sink)
+        raise
     trainer = start_trainer(data, args.trainer_flags.split(), out / f"trainer-{name}.log") if sidecar else None
+    summary = None
     try:
         before = CpuSample(proc.pid, mport) if mport > 0 else None
         trained_before = trainer_events(trainer[1]) if trainer else 0.0
@@ -170,7 +186,38 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     finally:
         if trainer:
             stop_server(trainer[0], grace_s=5)
-        stop_server(proc)
+        stop_server(proc)  # SIGTERM: the server flushes its buffered spans before it exits
+        if sink is not None:
+            spans = stop_otlp_sink(*sink)
+            if summary is not None:  # every span of the run, warm-up included, as counted by the sink
+                summary["spans_exported"] = spans
+                print(f"    spans received by the OTLP sink: {spans}", flush=True)
+
+
+def start_otlp_sink(log_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """benchmarks/otlp_sink.py in its own process on a free port (it counts spans, keeps none)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.otlp_sink", "--port", str(port), "--interval-s", "5"],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while "trace sink on" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc, grace_s=1)
+            raise RuntimeError(f"the OTLP sink did not start; see {log_path}")
+        time.sleep(0.1)
+    return proc, port, log_path
+
+
+def stop_otlp_sink(proc: subprocess.Popen, port: int, log_path: Path) -> int:
+    """SIGINT (it prints its total), then the spans it received."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        stop_server(proc, grace_s=1)
+    total = [line for line in log_path.read_text().splitlines() if line.startswith("total: ")]
+    return int(total[-1].split()[1]) if total else -1
 
 
 def copy_catalog(src: Path, work: Path, *, backlog: int, seed: int) -> Path:
