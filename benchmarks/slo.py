@@ -58,7 +58,7 @@ CONFIGS = {
     "tracing-1pct": {"dir": ".", "flags": [], "tracing_ratio": 0.01,
                      "what": "optimised, OpenTelemetry request spans sampled at 1 %, exported over OTLP"},
     "tracing-100pct": {"dir": ".", "flags": [], "tracing_ratio": 1.0,
-                       "what": "optimised, every request traced (4 spans each), exported over OTLP"},
+                       "what": "optimised, every request traced (request, batch-wait and compute spans), exported over OTLP"},
     # A peer: the same engine (tower package, item index) served by another widely used model server.
     "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
                   "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},

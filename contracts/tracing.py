@@ -1,15 +1,18 @@
 """OpenTelemetry traces for the server and the trainer: the config, and the tracer built from it.
 
 Off by default. Off, `start_tracing` returns TRACING_OFF (tracer None) without importing the OpenTelemetry SDK
-or an exporter, and the code that traces checks `tracer is None` once per request. On, spans are sampled by
-ParentBased(TraceIdRatioBased(sample_ratio)) (a request whose W3C `traceparent` says "sampled" is recorded
-whatever the ratio, one that says "not sampled" is not), buffered by a BatchSpanProcessor (a full queue drops
-spans, it never blocks a request) and exported over OTLP/gRPC from its own thread. The provider is the
+or an exporter, and the code that traces checks `tracer is None` once per request. On, the decision to trace a
+new trace is made before any span work (`Tracing.sampled`: one random draw against sample_ratio), so that an
+unsampled request costs no span, context or id generation; a request whose W3C `traceparent` says "sampled" is
+recorded whatever the ratio, one that says "not sampled" is not (the provider's sampler is
+ParentBased(ALWAYS_ON)). Spans are buffered by a BatchSpanProcessor (a full queue drops spans, it never blocks
+a request) and exported over OTLP/gRPC from its own thread. The provider is the
 process's own, not the global one: two servers in one process (tests) each keep theirs.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -55,13 +58,19 @@ class TracingConfig:
 class Tracing:
     """A process's tracer (None: tracing is off) and its provider's flush and shutdown."""
 
-    def __init__(self, tracer: "Tracer | None" = None, provider: Any = None) -> None:
+    def __init__(self, tracer: "Tracer | None" = None, provider: Any = None, sample_ratio: float = 1.0) -> None:
         self.tracer = tracer
+        self.sample_ratio = sample_ratio
         self._provider = provider
         if tracer is not None:
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
             self._propagator = TraceContextTextMapPropagator()
+
+    def sampled(self, metadata: Mapping[str, str]) -> bool:
+        """Whether to start a span for a unit of work (a request, a round): always when the caller sent a
+        traceparent (its own flag then decides, through the ParentBased sampler), else with sample_ratio."""
+        return "traceparent" in metadata or random.random() < self.sample_ratio
 
     def extract(self, metadata: Mapping[str, str]) -> "Context | None":
         """The caller's trace context from W3C `traceparent`/`tracestate` metadata; None when it sent none."""
@@ -90,15 +99,15 @@ def start_tracing(config: TracingConfig | None, default_service: str) -> Tracing
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
     exporter = config.exporter if config.exporter is not None else _otlp_exporter(config)
     provider = TracerProvider(resource=Resource.create({"service.name": config.service_name or default_service}),
-                              sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+                              sampler=ParentBased(ALWAYS_ON))  # new traces: Tracing.sampled
     provider.add_span_processor(BatchSpanProcessor(
         exporter, max_queue_size=config.max_queue_spans, max_export_batch_size=min(512, config.max_queue_spans),
         schedule_delay_millis=config.export_interval_ms, export_timeout_millis=config.export_timeout_s * 1000))
-    return Tracing(provider.get_tracer("livetower"), provider)
+    return Tracing(provider.get_tracer("livetower"), provider, config.sample_ratio)
 
 
 def _otlp_exporter(config: TracingConfig):

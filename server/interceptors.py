@@ -90,7 +90,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             t0 = time.perf_counter()
             code, version = "OK", ""
             span = None
-            if tracing.tracer is not None:
+            if tracing.tracer is not None and tracing.sampled(metadata):
                 span, token = _start_span(tracing, handler_call_details.method, metadata, request_id)
             try:
                 if len(raw) > max_bytes:
@@ -113,7 +113,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                                             f"{method} ran past the server's deadline of {limit_s:g} s "
                                             f"({limit_field})")
                 version = str(getattr(response, "engine_version", "") or "")
-                if span is not None:
+                if serialize is not None:  # tracing on: this handler serialises (grpc has no serializer for it)
                     return _serialize_traced(span, serialize, response)
                 return response
             except asyncio.CancelledError:
@@ -163,8 +163,10 @@ def _start_span(tracing: Tracing, full_method: str, metadata: dict, request_id: 
 
 
 def _serialize_traced(span, serialize, response):
-    if serialize is None or isinstance(response, bytes):
+    if isinstance(response, bytes):
         return response
+    if span is None:  # this request is not traced
+        return serialize(response)
     t0 = time.perf_counter()
     data = serialize(response)
     if span.is_recording():

@@ -4,6 +4,7 @@ the caller, sampling, and export over OTLP/gRPC to a real receiver."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from benchmarks.otlp_sink import OtlpSink
 from contracts.eventlog import SqliteEventLog
-from contracts.tracing import TracingConfig
+from contracts.tracing import Tracing, TracingConfig
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from tests.conftest import SMALL_DATA, make_trainer, running_server, server_config, wait_for
@@ -124,6 +125,28 @@ def test_training_round_span_tree(tmp_path):
     steps = [spans[n] for n in ("read", "train", "eval", "commit", "build")]
     assert all(a.end_time <= b.start_time for a, b in zip(steps, steps[1:]))  # in order, not overlapping
     assert spans["build"].events  # the build's progress messages
+
+
+def test_sampled_draws_at_the_ratio_and_follows_a_caller():
+    random.seed(7)
+    quarter = Tracing(sample_ratio=0.25)
+    n = sum(quarter.sampled({}) for _ in range(4000))
+    assert 850 < n < 1150, n  # binomial(4000, 0.25): 1000 +- 27 (sd)
+    assert not any(Tracing(sample_ratio=0.0).sampled({}) for _ in range(1000))
+    assert all(Tracing(sample_ratio=1.0).sampled({}) for _ in range(1000))
+    assert Tracing(sample_ratio=0.0).sampled({"traceparent": "00-..."})  # the caller's flag decides then
+
+
+def test_an_unsampled_round_records_nothing(tmp_path):
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    exporter = InMemorySpanExporter()
+    trainer = make_trainer(tmp_path, tracing=TracingConfig(enabled=True, exporter=exporter, sample_ratio=0.0),
+                           backend="torch")
+    assert trainer.run_round() is not None
+    trainer.close()
+    log.close()
+    assert exporter.get_finished_spans() == ()  # not even the steps as traces of their own
 
 
 def test_spans_reach_a_real_otlp_receiver(trained_dir):

@@ -174,8 +174,13 @@ class Trainer:
         self.tracing.shutdown()
 
     def _span(self, name: str, **attributes):
-        """A child span of the current one (the round's) while tracing is on; else nothing."""
+        """A child span of the current one (the round's) while tracing is on and the round is traced; else
+        nothing (an unsampled round's steps must not start traces of their own)."""
         if self.tracing.tracer is None:
+            return contextlib.nullcontext()
+        from opentelemetry.trace import get_current_span
+
+        if not get_current_span().is_recording():
             return contextlib.nullcontext()
         return self.tracing.tracer.start_as_current_span(name, attributes=attributes or None)
 
@@ -203,7 +208,7 @@ class Trainer:
     def run_round(self) -> RoundResult | None:
         """One round, step by step (module docstring). None when it trained nothing: no new event, or training
         failed on every worker count (then its events are read again by the next round)."""
-        if self.tracing.tracer is None:
+        if self.tracing.tracer is None or not self.tracing.sampled({}):
             return self._round(None)
         with self.tracing.tracer.start_as_current_span("trainer.round",
                                                        attributes={"round": self.state.step + 1}) as span:
