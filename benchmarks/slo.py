@@ -276,19 +276,46 @@ def calibrate(catalog: Path, out: Path) -> dict:
     return cal
 
 
+def headline(runs: list[dict], rate: float) -> dict:
+    cpu = [r["cpu_ms_per_request"] for r in runs if r.get("cpu_ms_per_request")]
+    return {"rate": rate, "runs": runs,
+            "median_cpu_ms_per_request": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} if cpu else None,
+            "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "median_error_rate": statistics.median(r["error_rate"] for r in runs)}
+
+
+def interleaved(names: list[str], catalog: Path, args, base: LoadConfig, out: Path) -> dict:
+    """Headlines only, measured in rounds: each round runs every config once, the order rotated by one per
+    round, so a machine that drifts (a slower minute) weighs on every config alike. Per round, each config's
+    difference to the first config (the baseline) is kept too: paired differences are steadier than medians."""
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(measured(name, catalog, args, base, out, args.rate, f"{name}@{args.rate:.0f} "
+                                                                                 f"round {r + 1}"))
+    res = {n: {"what": CONFIGS[n]["what"], "flags": CONFIGS[n]["flags"] + args.server_flags.get(n, []),
+               "headline": headline(runs[n], args.rate)} for n in names}
+    for n in names[1:]:
+        pairs = list(zip(runs[n], runs[names[0]]))
+        diff = {"p99_ms": [a["p99_ms"] - b["p99_ms"] for a, b in pairs]}
+        if all(a.get("cpu_ms_per_request") and b.get("cpu_ms_per_request") for a, b in pairs):
+            diff["cpu_ms_per_request"] = [a["cpu_ms_per_request"]["total"] - b["cpu_ms_per_request"]["total"]
+                                          for a, b in pairs]
+        res[n]["vs_" + names[0]] = {**{f"{k}_per_round": v for k, v in diff.items()},
+                                    **{f"median_{k}": statistics.median(v) for k, v in diff.items()}}
+        print(f"  {n} - {names[0]}: " + ", ".join(f"median {k} {statistics.median(v):+.3f}"
+                                                 for k, v in diff.items()), flush=True)
+    return res
+
+
 def bench_config(name: str, catalog: Path, args, base: LoadConfig, out: Path) -> dict:
     spec = CONFIGS[name]
     print(f"[{name}] {spec['what']}", flush=True)
     res: dict = {"what": spec["what"], "flags": spec["flags"] + args.server_flags.get(name, [])}
     runs = [measured(name, catalog, args, base, out, args.rate, f"{name}@{args.rate:.0f} run {i + 1}")
             for i in range(args.runs)]
-    cpu = [r["cpu_ms_per_request"] for r in runs if r.get("cpu_ms_per_request")]
-    res["headline"] = {"rate": args.rate, "runs": runs,
-                       "median_cpu_ms_per_request": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]}
-                       if cpu else None,
-                       "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
-                       "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                       "median_error_rate": statistics.median(r["error_rate"] for r in runs)}
+    res["headline"] = headline(runs, args.rate)
     if name in args.headline_only:
         return res
     sweep, passed = [], []
@@ -360,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headline-only", default="", help="configs (ablations) measured at --rate only: no sweep")
     p.add_argument("--rate", type=float, default=500.0, help="headline rate")
     p.add_argument("--runs", type=int, default=3, help="headline repetitions (median reported)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="headlines only, interleaved: this many rounds of every config once (order rotated), "
+                        "instead of --runs per config, the sweep and the overload (0: off)")
     p.add_argument("--sweep", default="100,200,300,400,500,600,800,1000,1200,1500,2000",
                    help="ascending rates for the capacity search")
     p.add_argument("--duration-s", type=float, default=20.0)
@@ -393,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                "ann": json.loads(ann.read_text()) if ann else None,
                "slo_p99_ms": args.slo_p99_ms, "error_budget": args.error_budget, "load": base.to_json(),
                "cpus": os.cpu_count(), "calibration": calibrate(args.catalog, args.out), "configs": {}}
-    for name in args.configs.split(","):
+    if args.rounds:
+        results["rounds"] = args.rounds
+        results["configs"] = interleaved(args.configs.split(","), args.catalog, args, base, args.out)
+    for name in args.configs.split(",") if not args.rounds else ():
         results["configs"][name] = bench_config(name, args.catalog, args, base, args.out)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if {"baseline", "optimised"} <= set(results["configs"]):

@@ -31,8 +31,10 @@ class TracingConfig:
     service_name: str = ""                 # OTel service.name; "": livetower-server or livetower-trainer
     tls: bool = False                      # TLS to the collector (system roots, or ca_file); off: plaintext
     ca_file: Path | None = None            # PEM CA bundle that signed the collector's certificate (with tls)
-    export_interval_ms: float = 1000.0     # how often buffered spans are sent
+    export_interval_ms: float = 100.0      # how often buffered spans are sent
     max_queue_spans: int = 8192            # spans buffered for export; beyond: new spans dropped, never waited for
+    export_batch_spans: int = 64           # spans per export call (at most): a small batch keeps each export's Python
+                                           # encoding, which holds the GIL, short (512 at 1 s read P99 17 ms at 500 QPS)
     export_timeout_s: float = 10.0         # one export call's deadline
     exporter: Any = field(default=None, repr=False, compare=False, metadata={
         "doc": "a SpanExporter used instead of OTLP (tests, embedding); not a flag"})
@@ -49,6 +51,8 @@ class TracingConfig:
                 raise ValueError(f"tracing ca_file {self.ca_file} is not a readable file")
         if not self.export_interval_ms > 0:
             raise ValueError(f"tracing export_interval_ms must be > 0, got {self.export_interval_ms}")
+        if self.export_batch_spans < 1:
+            raise ValueError(f"tracing export_batch_spans must be >= 1, got {self.export_batch_spans}")
         if self.max_queue_spans < 1:
             raise ValueError(f"tracing max_queue_spans must be >= 1, got {self.max_queue_spans}")
         if not self.export_timeout_s > 0:
@@ -105,7 +109,7 @@ def start_tracing(config: TracingConfig | None, default_service: str) -> Tracing
     provider = TracerProvider(resource=Resource.create({"service.name": config.service_name or default_service}),
                               sampler=ParentBased(ALWAYS_ON))  # new traces: Tracing.sampled
     provider.add_span_processor(BatchSpanProcessor(
-        exporter, max_queue_size=config.max_queue_spans, max_export_batch_size=min(512, config.max_queue_spans),
+        exporter, max_queue_size=config.max_queue_spans, max_export_batch_size=min(config.export_batch_spans, config.max_queue_spans),
         schedule_delay_millis=config.export_interval_ms, export_timeout_millis=config.export_timeout_s * 1000))
     return Tracing(provider.get_tracer("livetower"), provider, config.sample_ratio)
 
