@@ -367,14 +367,21 @@ def plot(results: dict, path: Path) -> None:
     a.set_ylabel("P99 ms (median of runs)")
     a.set_title(f"Recommend k={results['load']['k']} at {results['rate']:.0f} QPS, {results['items']} items")
     a.legend()
-    for n in names:
-        sw = results["configs"][n].get("sweep", [])
-        b.plot([s["rate"] for s in sw], [s["p99_ms"] for s in sw], marker="o", label=n)
+    if any(results["configs"][n].get("sweep") for n in names):
+        for n in names:
+            sw = results["configs"][n].get("sweep", [])
+            b.plot([s["rate"] for s in sw], [s["p99_ms"] for s in sw], marker="o", label=n)
+        b.set_xlabel("offered QPS (open loop)")
+        b.set_title("P99 vs offered load")
+    else:  # headlines only: every run's P99 (by round with --rounds), so the spread shows beside the medians
+        for n in names:
+            runs = results["configs"][n]["headline"]["runs"]
+            b.plot(range(1, len(runs) + 1), [r["p99_ms"] for r in runs], marker="o", label=n)
+        b.set_xlabel("round" if results.get("rounds") else "run")
+        b.set_title(f"P99 of each run at {results['rate']:.0f} QPS")
     b.axhline(results["slo_p99_ms"], color="red", ls="--")
-    b.set_xlabel("offered QPS (open loop)")
     b.set_ylabel("P99 ms")
     b.set_yscale("log")
-    b.set_title("P99 vs offered load")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
