@@ -39,6 +39,8 @@ class StoredEvent(NamedTuple):
     action: str
     weight: float
     timestamp_ms: int
+    impression_id: str = ""  # the Recommend response this event answers ("" = none); the SQLite log stores it,
+                             # the Kafka and archive sources leave it empty (only the attribution joiner reads it)
 
 
 class EventBatch(NamedTuple):
@@ -73,7 +75,8 @@ CREATE TABLE IF NOT EXISTS events (
   action TEXT NOT NULL,
   weight REAL NOT NULL,
   timestamp_ms INTEGER NOT NULL,
-  received_ms INTEGER NOT NULL
+  received_ms INTEGER NOT NULL,
+  impression_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,6 +90,20 @@ CREATE TABLE IF NOT EXISTS consumers (
   updated_ms INTEGER NOT NULL
 );
 """
+
+_COLUMNS = "offset, event_id, user_id, item_id, action, weight, timestamp_ms, impression_id"  # StoredEvent's order
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a log written by an older version up to _SCHEMA in place (CREATE TABLE IF NOT EXISTS leaves an
+    existing table as it was). ADD COLUMN with a constant default rewrites no rows: old events read as ''."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    if "impression_id" not in columns:
+        try:
+            conn.execute("ALTER TABLE events ADD COLUMN impression_id TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as e:  # another process (server, trainer) migrated it first
+            if "duplicate column" not in str(e):
+                raise
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -134,6 +151,7 @@ class SqliteEventLog:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
+            _migrate(self._conn)
 
     def append(self, events: Sequence[pb.Event]) -> int:
         """Append validated events in one transaction. A repeated event_id is ignored (idempotent
@@ -145,7 +163,7 @@ class SqliteEventLog:
         in the log (an earlier request's, or earlier in this one) is not stored again: False."""
         now = int(time.time() * 1000)
         sql = ("INSERT OR IGNORE INTO events (event_id, user_id, item_id, action, weight, timestamp_ms,"
-               " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
+               " received_ms, impression_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
         with self._lock:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -153,7 +171,7 @@ class SqliteEventLog:
                 new = []
                 for e in events:
                     cur.execute(sql, (e.event_id, e.user_id, e.item_id, e.action, float(e.weight),
-                                      int(e.timestamp_ms), now))
+                                      int(e.timestamp_ms), now, e.impression_id))
                     new.append(cur.rowcount == 1)
                 cur.execute("COMMIT")
             except BaseException:
@@ -207,9 +225,18 @@ class SqliteEventLog:
         """Events with offset >= start_offset, oldest first, at most `limit`."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT offset, event_id, user_id, item_id, action, weight, timestamp_ms FROM events"
-                " WHERE offset >= ? ORDER BY offset LIMIT ?", (start_offset, limit)).fetchall()
+                f"SELECT {_COLUMNS} FROM events WHERE offset >= ? ORDER BY offset LIMIT ?",
+                (start_offset, limit)).fetchall()
         return [StoredEvent(*r) for r in rows]
+
+    def read_received(self, start_offset: int, limit: int) -> list[tuple[StoredEvent, int]]:
+        """As `read`, with each event's received_ms (the server's clock when it was appended): the attribution
+        joiner's grace for impressions not yet flushed is measured on it."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS}, received_ms FROM events WHERE offset >= ? ORDER BY offset LIMIT ?",
+                (start_offset, limit)).fetchall()
+        return [(StoredEvent(*r[:-1]), r[-1]) for r in rows]
 
     def read_batch(self, offsets: Mapping[str, int], limit: int) -> EventBatch:
         start = offsets.get(SOURCE_KEY, 1)
@@ -292,8 +319,7 @@ class SqliteEventLog:
         """The newest `limit` events, oldest first (to warm per-user histories at start-up)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT offset, event_id, user_id, item_id, action, weight, timestamp_ms FROM events"
-                " ORDER BY offset DESC LIMIT ?", (limit,)).fetchall()
+                f"SELECT {_COLUMNS} FROM events ORDER BY offset DESC LIMIT ?", (limit,)).fetchall()
         return [StoredEvent(*r) for r in reversed(rows)]
 
     def end_offset(self) -> int:

@@ -103,6 +103,14 @@ livetower.v1.Recommender/Recommend
 Ctrl-C stops both.
 """, flush=True)
 
+    joiner_stop = None
+    if config.events_url is None and config.impressions is not None:
+        # The attribution joiner on a thread of this process (SQLite reads and writes, off the server's event
+        # loop); with Kafka the events are not in the SQLite log it reads, so it does not run.
+        from livetower.cli_attribution import joiner_thread
+
+        joiner, joiner_stop = joiner_thread(Path(config.data_dir))
+
     async def main() -> None:
         stop = asyncio.Event()
         sidecar = asyncio.create_task(supervise_trainer(trainer_command(Path(config.data_dir), train_args), stop))
@@ -112,4 +120,9 @@ Ctrl-C stops both.
             stop.set()
             await sidecar
 
-    run(main(), use_uvloop=config.uvloop)
+    try:
+        run(main(), use_uvloop=config.uvloop)
+    finally:
+        if joiner_stop is not None:
+            joiner_stop.set()
+            joiner.join(10)

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "user_id", "item_id", "action", "weight", "timestamp_ms")
+    __slots__ = ("event_id", "user_id", "item_id", "action", "weight", "timestamp_ms", "impression_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     user_id: str
     item_id: str
     action: str
     weight: float
     timestamp_ms: int
-    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., action: _Optional[str] = ..., weight: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    impression_id: str
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., action: _Optional[str] = ..., weight: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., impression_id: _Optional[str] = ...) -> None: ...
 
 class LogEventsRequest(_message.Message):
     __slots__ = ("events",)
@@ -63,18 +65,20 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("item_ids", "scores", "engine_version", "source", "canary")
+    __slots__ = ("item_ids", "scores", "engine_version", "source", "canary", "impression_id")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_ID_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     engine_version: int
     source: str
     canary: bool
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ...) -> None: ...
+    impression_id: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ..., impression_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("user_id", "history", "candidate_ids")

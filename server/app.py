@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from contracts.attribution import ImpressionWriter
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.registry import Registry
@@ -75,9 +76,12 @@ class LivetowerServer:
     _port: int = 0
     admin_port: int = 0                       # the admin listener's bound port
     tracing: Tracing = TRACING_OFF            # the request spans' tracer and exporter (off: no tracer)
+    impressions: ImpressionWriter | None = None  # records answered Recommend requests (attribution.sqlite)
 
     async def start(self) -> None:
         await self.sink.start()
+        if self.impressions is not None:
+            self.impressions.start()
         warm = []
         if self.event_log is not None:
             warm = await asyncio.to_thread(self.event_log.latest, self.config.history_warm_events)
@@ -140,6 +144,8 @@ class LivetowerServer:
         if self.feed is not None:
             await self.feed.stop()
         await self.sink.stop()
+        if self.impressions is not None:  # after the listeners drained: every answered request's impression is queued
+            await asyncio.to_thread(self.impressions.close)
         await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still buffered (export_timeout_s)
 
 
@@ -190,10 +196,15 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
         interceptors=[observe, IngestGuardInterceptor(producer_tokens=producers, buckets=buckets,
                                                       tokens_hint=str(config.producer_tokens_file))],
         options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    impressions = None
+    if config.impressions is not None:
+        impressions = ImpressionWriter(config.attribution_path, config.impressions,
+                                       on_drop=metrics.impressions_dropped.inc, on_written=metrics.impressions_written.inc)
     pb_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(manager=manager, history=history, sink=sink, limits=config.limits,
                             metrics=metrics, batcher=batcher, own_event_ids=own_ids,
-                            event_limits=config.event_limits, ingest=config.ingest), grpc_server)
+                            event_limits=config.event_limits, ingest=config.ingest, impressions=impressions),
+        grpc_server)
     add_kserve_to_server(grpc_server, manager=manager, registry=registry, limits=config.limits, batcher=batcher)
     health_servicer = health.aio.HealthServicer()  # one instance on both listeners: shutdown drains both
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -208,7 +219,7 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     admin_port = _bind(admin_server, config.admin_host, config.admin_port, config.tls, "admin gRPC")
     server = LivetowerServer(config=config, grpc_server=grpc_server, admin_server=admin_server, manager=manager,
                              health=health_servicer, sink=sink, event_log=event_log, feed=feed, history=history,
-                             metrics=metrics, batcher=batcher, tracing=tracing)
+                             metrics=metrics, batcher=batcher, tracing=tracing, impressions=impressions)
     server._port, server.admin_port = port, admin_port
     return server, port
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.attribution import ATTRIBUTION_FILE, ImpressionConfig
 from contracts.events import EventLimits
 from contracts.tls import TlsConfig
 from contracts.tracing import TracingConfig
@@ -80,6 +81,8 @@ class ServerConfig:
     max_concurrent_rpcs: int | None = 2048  # RPCs in progress on the data listener; beyond: RESOURCE_EXHAUSTED
     deadlines: MethodDeadlines = field(default_factory=MethodDeadlines)  # server-side deadline per kind of method
     tracing: TracingConfig = field(default_factory=TracingConfig)  # OpenTelemetry request spans over OTLP (off)
+    impressions: ImpressionConfig | None = field(default_factory=ImpressionConfig)  # Recommend responses recorded
+                                          # in data_dir/attribution.sqlite for attribution; None: off (no impression_id)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -116,6 +119,10 @@ class ServerConfig:
     @property
     def events_path(self) -> Path:
         return Path(self.data_dir) / "events.sqlite"
+
+    @property
+    def attribution_path(self) -> Path:
+        return Path(self.data_dir) / ATTRIBUTION_FILE
 
     @property
     def admin_token_path(self) -> Path:

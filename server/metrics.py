@@ -46,6 +46,11 @@ class ServerMetrics:
                                             registry=r)
         self.history_bytes = Gauge("livetower_history_bytes", "Estimated bytes held by per-user recent histories",
                                    registry=r)
+        self.impressions_written = Counter("livetower_impressions_written_total",
+                                           "Recommend responses stored in the attribution store", registry=r)
+        self.impressions_dropped = Counter("livetower_impressions_dropped_total",
+                                           "Recommend responses not recorded for attribution (writer queue full, "
+                                           "write failed or shutting down)", registry=r)
         self.history_users = Gauge("livetower_history_users", "Users with a recent history held", registry=r)
 
     def watch_stages(self, clock) -> None:

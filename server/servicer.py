@@ -6,10 +6,12 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
+from contracts.attribution import Impression, ImpressionWriter
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy
@@ -60,9 +62,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, *, manager: EngineManager, history: RecentHistory, sink: EventSink,
                  limits: RequestLimits, metrics: ServerMetrics, batcher: MicroBatcher | None,
                  own_event_ids: OwnEventIds | None = None, event_limits: EventLimits = DEFAULT_LIMITS,
-                 ingest: IngestConfig = IngestConfig()) -> None:
+                 ingest: IngestConfig = IngestConfig(), impressions: ImpressionWriter | None = None) -> None:
         """own_event_ids: ids of events this process accepted, so the Kafka history feed skips them.
-        event_limits: what an event may hold (ids, weight, clock skew); ingest: per-request dead-letter cap."""
+        event_limits: what an event may hold (ids, weight, clock skew); ingest: per-request dead-letter cap.
+        impressions: where answered Recommend requests are recorded for attribution (None: off)."""
         self.manager = manager
         self.batcher = batcher  # None: compute inline on the event loop (the naive baseline)
         self.history = history
@@ -72,6 +75,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.event_limits = event_limits
         self.ingest = ingest
         self.metrics = metrics
+        self.impressions = impressions
         metrics.watch_history(history)
 
     def _history(self, request) -> list[str]:
@@ -109,8 +113,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return await through_batcher(context, self.batcher.recommend(engine, query, deadline_of(context)))
 
         ranked, engine, is_canary = await self._on_routed_engine(context, request.user_id, recommend, query)
-        return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores,
-                                    engine_version=engine.version, source=ranked.source, canary=is_canary)
+        impression_id = ""
+        if self.impressions is not None:  # only answered requests: an abort above never gets here
+            impression_id = uuid.uuid4().hex
+            # submit() only queues (never blocks, never touches the disk); a full queue drops it, counted
+            self.impressions.submit(Impression(impression_id, request.user_id, "canary" if is_canary else "stable",
+                                               engine.version, list(ranked.item_ids), int(time.time() * 1000)))
+        return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores, engine_version=engine.version,
+                                    source=ranked.source, canary=is_canary, impression_id=impression_id)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         if problem := score_problem(request, self.limits):
