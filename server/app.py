@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from contracts.attribution import ImpressionWriter
+from contracts.attribution import ImpressionWriter, read_outcomes
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.registry import Registry
@@ -108,6 +108,9 @@ class LivetowerServer:
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
         self.metrics.watch_freshness(lambda: self.manager.current)
         self.metrics.watch_stages(self.manager.clock)
+        if self.impressions is not None:
+            path = self.config.attribution_path
+            self.metrics.watch_outcomes(lambda: read_outcomes(path))
         self._tasks.append(asyncio.create_task(self._track_health()))
         log.info("gRPC on %s:%d (admin on %s:%d, %s); %d users' history warmed from %d events%s",
                  self.config.host, self.grpc_server_port, self.config.admin_host, self.admin_port,

@@ -6,7 +6,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -57,6 +57,11 @@ class ServerMetrics:
         """Export a StageClock (server/engine/stages.py): compute seconds per stage, batches and queries."""
         self.registry.register(_StageCollector(clock))
 
+    def watch_outcomes(self, read: Callable[[], dict]) -> None:
+        """Export the attribution outcomes (contracts/attribution.py read_outcomes: {(arm, version): Outcome}),
+        read at scrape time on the metrics server's thread: one small table scan per scrape."""
+        self.registry.register(_OutcomeCollector(read))
+
     def watch_freshness(self, current_engine: Callable[[], object | None]) -> None:
         def freshness() -> float:
             engine = current_engine()
@@ -103,3 +108,25 @@ class _StageCollector:
         yield CounterMetricFamily("livetower_engine_batches", "Recommend batches computed", value=self.clock.batches)
         yield CounterMetricFamily("livetower_engine_batched_queries", "Recommend queries computed in batches",
                                   value=self.clock.queries)
+
+
+class _OutcomeCollector:
+    """Attribution counts per (arm, engine_version), as gauges: the joiner's totals since the store began."""
+    FIELDS = (("impressions", "Recommend responses recorded as impressions"),
+              ("hit_impressions", "Impressions with at least one attributed event on a shown item"),
+              ("hit_events", "Attributed events on a shown item"),
+              ("joined_events", "Events joined to an impression within the attribution window"))
+
+    def __init__(self, read: Callable[[], dict]) -> None:
+        self.read = read
+
+    def collect(self):
+        try:
+            outcomes = self.read()
+        except Exception:  # noqa: BLE001 - a locked or missing store must not fail the whole scrape
+            outcomes = {}
+        for name, doc in self.FIELDS:
+            family = GaugeMetricFamily(f"livetower_outcome_{name}", doc, labels=["arm", "engine_version"])
+            for (arm, version), outcome in outcomes.items():
+                family.add_metric([arm, str(version)], getattr(outcome, name))
+            yield family

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,9 @@ def test_server_returns_impression_ids_and_stores_them(trained_dir):
         store = connect(trained_dir / ATTRIBUTION_FILE)
         wait_for(lambda: store.execute("SELECT COUNT(*) FROM impressions").fetchone()[0] == len(ids), 10,
                  "impressions flushed")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        assert (f'livetower_outcome_impressions{{arm="stable",engine_version="{first.engine_version}"}} '
+                f'{float(len(ids))}') in metrics  # read from the store at scrape time
         client.close()
     rows = {r[0]: r[1:] for r in store.execute(
         "SELECT impression_id, user_id, arm, engine_version, item_ids FROM impressions")}

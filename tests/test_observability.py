@@ -139,6 +139,7 @@ def test_prometheus_scrapes_server_and_runs_every_dashboard_query(trained_dir, t
                 assert prom.query('livetower_engine_stage_seconds_total{stage="tower"}')
                 assert prom.query("livetower_trainer_consumer_lag_events")
                 assert prom.query("livetower_serving_freshness_seconds > 0")
+                assert prom.query('livetower_outcome_impressions{arm="stable", engine_version="1"} > 0')
 
                 def evaluated():
                     groups = prom.api("rules")["groups"]
