@@ -33,9 +33,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
-from contracts.eventlog import SqliteEventLog
+from contracts.eventlog import SOURCE_KEY, SqliteEventLog
 
 log = logging.getLogger("livetower.attribution")
 
@@ -292,6 +292,12 @@ class JoinConfig:
             raise ValueError(f"JoinConfig.poll_interval_s must be > 0, got {self.poll_interval_s}")
 
 
+def _chunks(ids: list[str], size: int = 500) -> Iterator[list[str]]:
+    """ids in slices of at most `size`: the bound parameters of one `IN (...)` (SQLite caps them)."""
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
 class JoinStep(NamedTuple):
     events: int        # events consumed (committed) by this step
     next_offset: int   # the committed position after it
@@ -318,9 +324,8 @@ class Joiner:
 
     def _impressions(self, ids: set[str]) -> dict[str, tuple[str, str, int, frozenset[str], int, int]]:
         """id -> (user_id, arm, engine_version, item set, served_ms, hit)."""
-        out, ids_list = {}, sorted(ids)
-        for i in range(0, len(ids_list), 500):
-            chunk = ids_list[i:i + 500]
+        out = {}
+        for chunk in _chunks(sorted(ids)):
             for r in self.conn.execute(
                     "SELECT impression_id, user_id, arm, engine_version, item_ids, served_ms, hit FROM impressions"
                     f" WHERE impression_id IN ({','.join('?' * len(chunk))})", chunk):
@@ -374,9 +379,7 @@ class Joiner:
                 raise RuntimeError(f"attribution position moved from {start} to {pos} under this joiner: "
                                    "is another joiner running on this data directory?")
             _add_counts(cur, deltas)
-            ids = sorted(newly_hit)
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
+            for chunk in _chunks(sorted(newly_hit)):
                 cur.execute(f"UPDATE impressions SET hit = 1 WHERE impression_id IN ({','.join('?' * len(chunk))})",
                             chunk)
             cur.execute("UPDATE joiner_state SET next_offset = ?, unknown_events = unknown_events + ?, updated_ms = ?"
@@ -384,7 +387,7 @@ class Joiner:
 
         _transaction(self.conn, body)
         if self.events.consumer == "attribution":  # never another consumer's row (a log handed in may be the trainer's)
-            self.events.commit({"sqlite": nxt})  # after the commit: retention may now drop what was joined
+            self.events.commit({SOURCE_KEY: nxt})  # after the commit: retention may now drop what was joined
         return JoinStep(sum(1 for ev, _ in rows if ev.offset < nxt), nxt, waiting)
 
     def run(self, stop: threading.Event, *, once: bool = False,

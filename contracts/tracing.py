@@ -67,9 +67,11 @@ class Tracing:
         self.sample_ratio = sample_ratio
         self._provider = provider
         if tracer is not None:
+            from opentelemetry.trace import get_current_span
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
             self._propagator = TraceContextTextMapPropagator()
+            self.current_span = get_current_span  # the span current in this task or thread (per request: no import)
 
     def sampled(self, metadata: Mapping[str, str]) -> bool:
         """Whether to start a span for a unit of work (a request, a round): always when the caller sent a

@@ -121,6 +121,7 @@ class MicroBatcher:
     def __init__(self, config: BatchingConfig, tracing: Tracing = TRACING_OFF) -> None:
         self.config = config
         self._tracer = tracing.tracer  # None: tracing off, one check per request
+        self._tracing = tracing
         self._queue: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=name_os_thread,
@@ -182,9 +183,7 @@ class MicroBatcher:
     def _admit(self, job: _Job) -> asyncio.Future:
         if self._tracer is None:
             return self._admit_untraced(job)
-        from opentelemetry.trace import get_current_span
-
-        span = get_current_span()
+        span = self._tracing.current_span()
         if not span.is_recording():
             return self._admit_untraced(job)
         depth = len(self._queue)
