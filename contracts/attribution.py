@@ -40,7 +40,6 @@ from contracts.eventlog import SOURCE_KEY, SqliteEventLog
 log = logging.getLogger("livetower.attribution")
 
 ATTRIBUTION_FILE = "attribution.sqlite"
-ARMS = ("stable", "canary")
 JOINER = "joiner"  # the joiner's row in joiner_state (one joiner per data directory)
 
 _SCHEMA = """
@@ -48,7 +47,7 @@ CREATE TABLE IF NOT EXISTS impressions (
   seq INTEGER PRIMARY KEY,             -- rowid: insertion order
   impression_id TEXT NOT NULL UNIQUE,
   user_id TEXT NOT NULL,
-  arm TEXT NOT NULL,                   -- "stable" | "canary"
+  arm TEXT NOT NULL,                   -- "stable" | "canary" | an experiment arm's name
   engine_version INTEGER NOT NULL,
   item_ids TEXT NOT NULL,              -- JSON array, best first
   served_ms INTEGER NOT NULL,
@@ -79,7 +78,7 @@ _COUNTERS = ("impressions", "hit_impressions", "hit_events", "joined_events", "l
 class Impression(NamedTuple):
     impression_id: str
     user_id: str
-    arm: str               # "stable" | "canary"
+    arm: str               # "stable" | "canary" | an experiment arm's name
     engine_version: int
     item_ids: Sequence[str]
     served_ms: int
@@ -167,6 +166,22 @@ def read_outcomes(path_or_conn: Path | sqlite3.Connection) -> dict[tuple[str, in
         if conn is not path_or_conn:
             conn.close()
     return {(r[0], r[1]): Outcome(*r[2:]) for r in rows}
+
+
+def window_counts(path: Path, served_from_ms: int, served_to_ms: int) -> dict[tuple[str, int], tuple[int, int]]:
+    """{(arm, engine_version): (impressions, impressions with >= 1 hit)} over the impressions served in
+    [served_from_ms, served_to_ms): what a canary or experiment is judged on (its own window, not the arm's
+    lifetime). A range scan of the served_ms index; {} while the store does not exist yet."""
+    if not path.exists():
+        return {}
+    conn = connect(path)
+    try:
+        rows = conn.execute("SELECT arm, engine_version, COUNT(*), SUM(hit) FROM impressions"
+                            " WHERE served_ms >= ? AND served_ms < ? GROUP BY arm, engine_version",
+                            (served_from_ms, served_to_ms)).fetchall()
+    finally:
+        conn.close()
+    return {(r[0], r[1]): (r[2], r[3] or 0) for r in rows}
 
 
 def read_joiner_state(path: Path) -> tuple[int, int]:

@@ -80,6 +80,17 @@ class Client:
         return self.admin.SetPolicy(pb.SetPolicyRequest(policy=policy), timeout=self.timeout_s,
                                     metadata=self._admin_md)
 
+    def start_experiment(self, request: pb.StartExperimentRequest) -> pb.Experiment:
+        # Loads every arm's engine inside the call: allow for large ones.
+        return self.admin.StartExperiment(request, timeout=max(self.timeout_s, 300.0), metadata=self._admin_md)
+
+    def experiment(self) -> pb.Experiment:
+        return self.admin.GetExperiment(pb.GetExperimentRequest(), timeout=self.timeout_s, metadata=self._admin_md)
+
+    def stop_experiment(self, reason: str = "", promote_version: int = 0) -> pb.Experiment:
+        return self.admin.StopExperiment(pb.StopExperimentRequest(reason=reason, promote_version=promote_version),
+                                         timeout=max(self.timeout_s, 120.0), metadata=self._admin_md)
+
     def close(self) -> None:
         self.channel.close()
         if self.admin_channel is not None:

@@ -6,13 +6,23 @@ server-owned), so a server restarted mid-canary resumes the same stable and cana
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+from contracts.outcome import TESTS, OutcomeTest
 from proto import livetower_v1_pb2 as pb
 
 MODES = ("auto", "manual")
 HISTORY_KEPT = 500  # newest rollout events kept in rollout.json
+
+
+class RolloutError(Exception):
+    """An operation that cannot be done in the current state; `code` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -29,6 +39,16 @@ class CanaryPolicy:
     shadow_samples: int = 100        # paired shadow comparisons needed before a decision
     shadow_qps: float = 20.0         # shadow pairs per second (each runs both engines) until shadow_samples are in;
                                      # then 1 per second
+    # What users did (contracts/outcome.py; needs impressions and a running attribution joiner, docs/experiments.md):
+    outcome_test: str = "off"        # "off": hit rate not judged; "sequential" | "fixed": promote only once the
+                                     # canary's hit rate is shown >= stable's - outcome_margin; roll back when shown
+                                     # worse than that, or not shown by outcome_horizon
+    outcome_margin: float = 0.01     # non-inferiority margin on the hit rate (absolute: 0.01 = 1 percentage point)
+    outcome_alpha: float = 0.05      # P(promoting a canary whose hit rate is truly worse by >= the margin) <= this
+    outcome_effect: float = 0.02     # difference the sequential test is tuned to (contracts/outcome.py OutcomeTest)
+    outcome_horizon: int = 20_000    # settled impressions per arm: the fixed test looks here; sequential gives up here
+    outcome_min_impressions: int = 200  # per arm before the hit-rate bounds are trusted
+    outcome_settle_s: float = 10.0   # impressions younger than this are not counted yet (their events still arrive)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,6 +70,22 @@ class CanaryPolicy:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.shadow_qps <= 0:
             raise ValueError(f"shadow_qps must be > 0, got {self.shadow_qps}")
+        if self.outcome_test not in ("off", *TESTS):
+            raise ValueError(f"outcome_test must be one of off, {', '.join(TESTS)}, got {self.outcome_test!r}")
+        if not 0 <= self.outcome_margin < 1:
+            raise ValueError(f"outcome_margin must be in [0, 1), got {self.outcome_margin}")
+        if self.outcome_settle_s < 0:
+            raise ValueError(f"outcome_settle_s must be >= 0, got {self.outcome_settle_s}")
+        self.outcome()  # validates the test's fields, naming them
+
+    def outcome(self) -> OutcomeTest:
+        """The hit-rate test this policy runs (whatever outcome_test says; "off" is the caller's to check)."""
+        try:
+            return OutcomeTest(test="fixed" if self.outcome_test == "fixed" else "sequential",
+                               alpha=self.outcome_alpha, effect=self.outcome_effect, horizon=self.outcome_horizon,
+                               min_impressions=self.outcome_min_impressions)
+        except ValueError as e:
+            raise ValueError(f"outcome_{e}") from None
 
     @classmethod
     def from_fields(cls, values: dict) -> "CanaryPolicy":
@@ -69,10 +105,75 @@ class CanaryPolicy:
         return pb.CanaryPolicy(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
+ARM_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_ARMS = 8
+RESERVED_ARMS = ("stable", "canary")  # the attribution store's arm labels outside experiments
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ExperimentArm:
+    name: str        # [a-z][a-z0-9_-]{0,31}, not "stable"/"canary": the arm's label on impressions and outcomes
+    version: int     # published engine version it serves (not the stable one; one arm per version)
+    fraction: float  # share of users (a sticky hash of the user id); the users of no arm are the control (stable)
+
+
+@dataclass(kw_only=True, slots=True)
+class Experiment:
+    """An A/B/N test: each arm serves a sticky share of users, the rest get stable (the control); decided on
+    hit rate (contracts/outcome.py experiment_decision) or stopped by an operator."""
+    id: int                           # keys the user split (a new experiment reshuffles users); its start time in ms
+    name: str
+    arms: tuple[ExperimentArm, ...]
+    control_version: int              # stable when it started (stable cannot change while it runs)
+    test: OutcomeTest
+    settle_s: float = 10.0            # impressions younger than this are not counted yet
+    promote_winner: bool = False      # a winner becomes stable automatically (else the operator decides)
+    ended_ms: int = 0                 # 0 while running
+    decision: str = ""                # when ended: "winner" | "no_winner" | "stopped"
+    winner_version: int = 0
+    reason: str = ""
+
+    @property
+    def running(self) -> bool:
+        return not self.ended_ms
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.name) <= 64:
+            raise ValueError(f"name must have 1 to 64 characters, got {len(self.name)}")
+        if not 1 <= len(self.arms) <= MAX_ARMS:
+            raise ValueError(f"arms: an experiment has 1 to {MAX_ARMS} arms, got {len(self.arms)}")
+        names, versions = [a.name for a in self.arms], [a.version for a in self.arms]
+        for a in self.arms:
+            if not ARM_NAME.fullmatch(a.name) or a.name in RESERVED_ARMS:
+                raise ValueError(f"arms: name {a.name!r} must match [a-z][a-z0-9_-]{{0,31}} and not be "
+                                 f"{' or '.join(RESERVED_ARMS)}")
+            if a.version <= 0 or a.version == self.control_version:
+                raise ValueError(f"arms: {a.name}'s version must be a published version other than stable "
+                                 f"({self.control_version}), got {a.version}")
+            if not 0 < a.fraction < 1:
+                raise ValueError(f"arms: {a.name}'s fraction must be in (0, 1), got {a.fraction}")
+        if len(set(names)) < len(names) or len(set(versions)) < len(versions):
+            raise ValueError("arms: names and versions must be distinct")
+        total = sum(a.fraction for a in self.arms)
+        if total >= 1:
+            raise ValueError(f"arms: fractions sum to {total:g}; they must leave the control a share (< 1)")
+        if self.settle_s < 0:
+            raise ValueError(f"settle_s must be >= 0, got {self.settle_s}")
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("arms", "test")},
+                "arms": [asdict(a) for a in self.arms], "test": asdict(self.test)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experiment":
+        return cls(**{**d, "arms": tuple(ExperimentArm(**a) for a in d["arms"]), "test": OutcomeTest(**d["test"])})
+
+
 @dataclass(kw_only=True, frozen=True, slots=True)
 class RolloutEvent:
     time_ms: int
-    action: str          # "serve" | "canary" | "promote" | "rollback" | "refuse" | "policy"
+    action: str          # "serve" | "canary" | "promote" | "rollback" | "refuse" | "policy" | "experiment" |
+                         # "experiment_end"
     version: int
     stable_version: int  # stable when it happened
     actor: str           # "operator" | "auto" | "startup"
@@ -91,6 +192,7 @@ class RolloutState:
     history: list[RolloutEvent] = field(default_factory=list)  # newest last, HISTORY_KEPT at most
     canary_salt: str = ""                                      # hex secret keying the canary user split (made once by
                                                                # Registry.canary_salt; never sent over the API)
+    experiment: Experiment | None = None                       # the running experiment, or the last one ended
 
     def record(self, action: str, version: int, actor: str, reason: str) -> RolloutEvent:
         ev = RolloutEvent(time_ms=int(time.time() * 1000), action=action, version=version,
@@ -105,7 +207,8 @@ class RolloutState:
             "canary_started_ms": self.canary_started_ms, "policy": asdict(self.policy) if self.policy else None,
             "refused": {str(k): v for k, v in self.refused.items()},
             "rolled_back": {str(k): v for k, v in self.rolled_back.items()},
-            "history": [asdict(e) for e in self.history], "canary_salt": self.canary_salt}, indent=1)
+            "history": [asdict(e) for e in self.history], "canary_salt": self.canary_salt,
+            "experiment": self.experiment.to_dict() if self.experiment else None}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RolloutState":
@@ -117,7 +220,12 @@ class RolloutState:
                    refused={int(k): v for k, v in d.get("refused", {}).items()},
                    rolled_back={int(k): v for k, v in d.get("rolled_back", {}).items()},
                    history=[RolloutEvent(**e) for e in d.get("history", [])],
-                   canary_salt=str(d.get("canary_salt", "")))
+                   canary_salt=str(d.get("canary_salt", "")),
+                   experiment=Experiment.from_dict(d["experiment"]) if d.get("experiment") else None)
+
+    @property
+    def running_experiment(self) -> Experiment | None:
+        return self.experiment if self.experiment is not None and self.experiment.running else None
 
     def end_canary(self) -> None:
         self.canary, self.canary_fraction, self.canary_started_ms = 0, 0.0, 0

@@ -89,6 +89,12 @@ def print_rollout(r) -> None:
               f"stable {a.stable_requests} req, P99 {a.stable_p99_ms:.2f} ms | ratio {a.p99_ratio:.2f}")
         print(f"  shadow: {a.shadow_samples} samples, top-k overlap {a.topk_overlap:.3f}, "
               f"score drift {a.score_drift:.3f}, engine CPU time ratio {a.shadow_latency_ratio:.2f}")
+        if r.policy.outcome_test not in ("", "off"):
+            print(f"  hit rate ({r.policy.outcome_test}): canary {a.canary_hit_rate:.4f} on {a.canary_impressions} | "
+                  f"stable {a.stable_hit_rate:.4f} on {a.stable_impressions} | difference {a.hit_rate_diff:+.4f} "
+                  f"in [{a.hit_rate_lo:+.4f}, {a.hit_rate_hi:+.4f}], margin {r.policy.outcome_margin:g}")
+    if r.HasField("experiment") and r.experiment.running:
+        print(f"experiment {r.experiment.name!r} running: livetower experiments show")
     if r.pending_versions:
         print(f"pending (published, not tried): {list(r.pending_versions)}")
     for v, why in sorted(r.refused_reasons.items()):

@@ -65,20 +65,22 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("item_ids", "scores", "engine_version", "source", "canary", "impression_id")
+    __slots__ = ("item_ids", "scores", "engine_version", "source", "canary", "impression_id", "arm")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
     IMPRESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     engine_version: int
     source: str
     canary: bool
     impression_id: str
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ..., impression_id: _Optional[str] = ...) -> None: ...
+    arm: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ..., impression_id: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("user_id", "history", "candidate_ids")
@@ -91,18 +93,20 @@ class ScoreRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., candidate_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "engine_version", "unknown_candidate_ids", "source", "canary")
+    __slots__ = ("scores", "engine_version", "unknown_candidate_ids", "source", "canary", "arm")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     engine_version: int
     unknown_candidate_ids: _containers.RepeatedScalarFieldContainer[str]
     source: str
     canary: bool
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., unknown_candidate_ids: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ...) -> None: ...
+    arm: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., engine_version: _Optional[int] = ..., unknown_candidate_ids: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., canary: _Optional[bool] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class EngineFile(_message.Message):
     __slots__ = ("path", "sha256", "size")
@@ -197,7 +201,7 @@ class ListEnginesResponse(_message.Message):
     def __init__(self, engines: _Optional[_Iterable[_Union[EngineManifest, _Mapping]]] = ..., serving_version: _Optional[int] = ...) -> None: ...
 
 class CanaryPolicy(_message.Message):
-    __slots__ = ("mode", "fraction", "min_requests", "min_duration_s", "max_duration_s", "max_p99_ratio", "max_error_rate", "min_topk_overlap", "max_score_drift", "shadow_samples", "shadow_qps")
+    __slots__ = ("mode", "fraction", "min_requests", "min_duration_s", "max_duration_s", "max_p99_ratio", "max_error_rate", "min_topk_overlap", "max_score_drift", "shadow_samples", "shadow_qps", "outcome_test", "outcome_margin", "outcome_alpha", "outcome_effect", "outcome_horizon", "outcome_min_impressions", "outcome_settle_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +213,13 @@ class CanaryPolicy(_message.Message):
     MAX_SCORE_DRIFT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SHADOW_QPS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_TEST_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_HORIZON_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_MIN_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_SETTLE_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     fraction: float
     min_requests: int
@@ -220,10 +231,17 @@ class CanaryPolicy(_message.Message):
     max_score_drift: float
     shadow_samples: int
     shadow_qps: float
-    def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ...) -> None: ...
+    outcome_test: str
+    outcome_margin: float
+    outcome_alpha: float
+    outcome_effect: float
+    outcome_horizon: int
+    outcome_min_impressions: int
+    outcome_settle_s: float
+    def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ..., outcome_test: _Optional[str] = ..., outcome_margin: _Optional[float] = ..., outcome_alpha: _Optional[float] = ..., outcome_effect: _Optional[float] = ..., outcome_horizon: _Optional[int] = ..., outcome_min_impressions: _Optional[int] = ..., outcome_settle_s: _Optional[float] = ...) -> None: ...
 
 class CanaryAnalysis(_message.Message):
-    __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason")
+    __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason", "canary_impressions", "stable_impressions", "canary_hit_rate", "stable_hit_rate", "hit_rate_diff", "hit_rate_lo", "hit_rate_hi")
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STABLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +256,13 @@ class CanaryAnalysis(_message.Message):
     SHADOW_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STABLE_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    STABLE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_DIFF_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_LO_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_HI_FIELD_NUMBER: _ClassVar[int]
     elapsed_s: float
     canary_requests: int
     stable_requests: int
@@ -252,7 +277,14 @@ class CanaryAnalysis(_message.Message):
     shadow_latency_ratio: float
     verdict: str
     reason: str
-    def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    canary_impressions: int
+    stable_impressions: int
+    canary_hit_rate: float
+    stable_hit_rate: float
+    hit_rate_diff: float
+    hit_rate_lo: float
+    hit_rate_hi: float
+    def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary_impressions: _Optional[int] = ..., stable_impressions: _Optional[int] = ..., canary_hit_rate: _Optional[float] = ..., stable_hit_rate: _Optional[float] = ..., hit_rate_diff: _Optional[float] = ..., hit_rate_lo: _Optional[float] = ..., hit_rate_hi: _Optional[float] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("time_ms", "action", "version", "stable_version", "actor", "reason")
@@ -275,7 +307,7 @@ class GetRolloutRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRolloutResponse(_message.Message):
-    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms")
+    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms", "experiment")
     class RefusedReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +334,7 @@ class GetRolloutResponse(_message.Message):
     ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     PENDING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CANARY_STARTED_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     stable_version: int
     canary_version: int
     state: str
@@ -314,7 +347,8 @@ class GetRolloutResponse(_message.Message):
     rolled_back: _containers.ScalarMap[int, str]
     pending_versions: _containers.RepeatedScalarFieldContainer[int]
     canary_started_ms: int
-    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ...) -> None: ...
+    experiment: Experiment
+    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ...) -> None: ...
 
 class StartCanaryRequest(_message.Message):
     __slots__ = ("version", "fraction")
@@ -341,3 +375,111 @@ class SetPolicyRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: CanaryPolicy
     def __init__(self, policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ...) -> None: ...
+
+class ExperimentArm(_message.Message):
+    __slots__ = ("name", "version", "fraction")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    fraction: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class ExperimentArmStatus(_message.Message):
+    __slots__ = ("name", "version", "fraction", "requests", "errors", "impressions", "hit_impressions", "hit_rate", "diff", "diff_lo", "diff_hi", "state")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HIT_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    DIFF_LO_FIELD_NUMBER: _ClassVar[int]
+    DIFF_HI_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    fraction: float
+    requests: int
+    errors: int
+    impressions: int
+    hit_impressions: int
+    hit_rate: float
+    diff: float
+    diff_lo: float
+    diff_hi: float
+    state: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., fraction: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., impressions: _Optional[int] = ..., hit_impressions: _Optional[int] = ..., hit_rate: _Optional[float] = ..., diff: _Optional[float] = ..., diff_lo: _Optional[float] = ..., diff_hi: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("name", "id", "control_version", "arms", "test", "alpha", "effect", "horizon", "min_impressions", "settle_s", "promote_winner", "running", "ended_ms", "decision", "winner_version", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_S_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_WINNER_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ENDED_MS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    WINNER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    id: int
+    control_version: int
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArmStatus]
+    test: str
+    alpha: float
+    effect: float
+    horizon: int
+    min_impressions: int
+    settle_s: float
+    promote_winner: bool
+    running: bool
+    ended_ms: int
+    decision: str
+    winner_version: int
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[int] = ..., control_version: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ExperimentArmStatus, _Mapping]]] = ..., test: _Optional[str] = ..., alpha: _Optional[float] = ..., effect: _Optional[float] = ..., horizon: _Optional[int] = ..., min_impressions: _Optional[int] = ..., settle_s: _Optional[float] = ..., promote_winner: _Optional[bool] = ..., running: _Optional[bool] = ..., ended_ms: _Optional[int] = ..., decision: _Optional[str] = ..., winner_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StartExperimentRequest(_message.Message):
+    __slots__ = ("name", "arms", "test", "alpha", "effect", "horizon", "min_impressions", "settle_s", "promote_winner")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_S_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_WINNER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArm]
+    test: str
+    alpha: float
+    effect: float
+    horizon: int
+    min_impressions: int
+    settle_s: float
+    promote_winner: bool
+    def __init__(self, name: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., test: _Optional[str] = ..., alpha: _Optional[float] = ..., effect: _Optional[float] = ..., horizon: _Optional[int] = ..., min_impressions: _Optional[int] = ..., settle_s: _Optional[float] = ..., promote_winner: _Optional[bool] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopExperimentRequest(_message.Message):
+    __slots__ = ("reason", "promote_version")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    promote_version: int
+    def __init__(self, reason: _Optional[str] = ..., promote_version: _Optional[int] = ...) -> None: ...

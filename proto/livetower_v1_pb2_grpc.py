@@ -224,6 +224,21 @@ class EngineAdminStub:
                 request_serializer=proto_dot_livetower__v1__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/StartExperiment',
+                request_serializer=proto_dot_livetower__v1__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/GetExperiment',
+                request_serializer=proto_dot_livetower__v1__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.StopExperiment = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/StopExperiment',
+                request_serializer=proto_dot_livetower__v1__pb2.StopExperimentRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.Experiment.FromString,
+                _registered_method=True)
 
 
 class EngineAdminServicer:
@@ -267,6 +282,25 @@ class EngineAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """NOT_FOUND when none ever ran
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +333,21 @@ def add_EngineAdminServicer_to_server(servicer, server):
                     servicer.SetPolicy,
                     request_deserializer=proto_dot_livetower__v1__pb2.SetPolicyRequest.FromString,
                     response_serializer=proto_dot_livetower__v1__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=proto_dot_livetower__v1__pb2.StartExperimentRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=proto_dot_livetower__v1__pb2.GetExperimentRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.Experiment.SerializeToString,
+            ),
+            'StopExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExperiment,
+                    request_deserializer=proto_dot_livetower__v1__pb2.StopExperimentRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.Experiment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -465,6 +514,87 @@ class EngineAdmin:
             '/livetower.v1.EngineAdmin/SetPolicy',
             proto_dot_livetower__v1__pb2.SetPolicyRequest.SerializeToString,
             proto_dot_livetower__v1__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/StartExperiment',
+            proto_dot_livetower__v1__pb2.StartExperimentRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/GetExperiment',
+            proto_dot_livetower__v1__pb2.GetExperimentRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/StopExperiment',
+            proto_dot_livetower__v1__pb2.StopExperimentRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from contracts.attribution import ImpressionWriter, read_outcomes
+from contracts.attribution import ImpressionWriter, read_outcomes, window_counts
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.registry import Registry
@@ -180,8 +180,12 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
             gc.freeze()
             log.info("gc collect + freeze after loading engine %d: %.1f ms", version, (time.perf_counter() - t0) * 1e3)
 
+    attribution_path = config.attribution_path
     manager = EngineManager(registry, config.engines, on_event=on_engine_event,
-                            user_histories=lambda: history.sample(1000))
+                            user_histories=lambda: history.sample(1000),
+                            outcome_counts=(lambda served_from_ms, served_to_ms: window_counts(
+                                attribution_path, served_from_ms, served_to_ms))
+                            if config.impressions is not None else None)
     if admin_token is not None:
         token, hint = admin_token, "the token the server was started with (LIVETOWER_ADMIN_TOKEN)"
     else:

@@ -3,7 +3,7 @@ metrics, and (when tracing is on) the request's span.
 
 The request span (SERVER kind, named "<package.Service>/<Method>") is the parent of the batcher's spans
 (server/batching.py) and carries: rpc.system/service/method, livetower.request_id, rpc.grpc.status_code,
-livetower.engine_version, livetower.canary and rpc.serialize_ms (with tracing on, the response is serialised
+livetower.engine_version, livetower.canary, livetower.arm and rpc.serialize_ms (with tracing on, the response is serialised
 here, not by grpc, so that its cost is timed). A W3C traceparent in the request metadata makes it a child of
 the caller's span."""
 
@@ -174,6 +174,7 @@ def _serialize_traced(span, serialize, response):
         canary = getattr(response, "canary", None)
         if canary is not None:
             span.set_attribute("livetower.canary", bool(canary))
+            span.set_attribute("livetower.arm", response.arm)
     return data
 
 

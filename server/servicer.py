@@ -14,13 +14,15 @@ import grpc
 from contracts.attribution import Impression, ImpressionWriter
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from contracts.registry import Registry
-from contracts.rollout import CanaryPolicy
+from contracts.outcome import ExperimentDecision, OutcomeTest
+from contracts.rollout import CanaryPolicy, Experiment, ExperimentArm, RolloutError
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
 from server.engine.engine import Engine, Ranked, RecommendQuery
-from server.engine.manager import EngineManager, RolloutError
+from server.engine.experiments import CONTROL, ArmLive
+from server.engine.manager import EngineManager
 from server.events.sink import Backpressure, EventSink, IngestConfig
 from server.events.history import RecentHistory
 from server.events.kafka_feed import OwnEventIds
@@ -32,15 +34,15 @@ T = TypeVar("T")
 
 
 async def _routed_engine(manager: EngineManager, context: grpc.aio.ServicerContext,
-                         user_id: str) -> tuple[Engine, bool]:
-    engine, is_canary = manager.route(user_id)  # hold this reference for the whole request
+                         user_id: str) -> tuple[Engine, str]:
+    engine, arm = manager.route(user_id)  # hold this reference for the whole request
     if engine is None:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             "no engine is serving yet: the trainer has not published one; retry shortly")
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was handled")
-    return engine, is_canary
+    return engine, arm
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -82,10 +84,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return list(request.history) or self.history.get(request.user_id)
 
     async def _on_routed_engine(self, context, user_id: str, work: Callable[[Engine], Awaitable[T]],
-                                query: RecommendQuery | None = None) -> tuple[T, Engine, bool]:
-        """Run `work` on the engine this user is routed to. A canary that fails is recorded as a
-        canary error and the request is answered by stable: canaries never fail a request."""
-        engine, is_canary = await _routed_engine(self.manager, context, user_id)
+                                query: RecommendQuery | None = None) -> tuple[T, Engine, str]:
+        """Run `work` on the engine this user is routed to (its arm: "stable", "canary" or an experiment's).
+        A canary or experiment arm that fails is recorded as that arm's error and the request is answered by
+        stable: only stable can fail a request."""
+        engine, arm = await _routed_engine(self.manager, context, user_id)
         t0 = time.perf_counter()
         try:
             result = await work(engine)
@@ -93,14 +96,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise
         except Exception as e:
             stable = self.manager.stable
-            if not is_canary or stable is None:
+            if arm == CONTROL or stable is None:
                 raise
-            self.manager.observe(engine, True, 0.0, error=True)
-            log.warning("canary engine %d failed (%s: %s); answered by stable %d", engine.version,
+            self.manager.observe(engine, arm, 0.0, error=True)
+            log.warning("%s engine %d failed (%s: %s); answered by stable %d", arm, engine.version,
                         type(e).__name__, e, stable.version)
-            return await work(stable), stable, False
-        self.manager.observe(engine, is_canary, time.perf_counter() - t0, error=False, query=query)
-        return result, engine, is_canary
+            return await work(stable), stable, CONTROL
+        self.manager.observe(engine, arm, time.perf_counter() - t0, error=False, query=query)
+        return result, engine, arm
 
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         if problem := recommend_problem(request, self.limits):
@@ -112,15 +115,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 return engine.recommend_batch([query])[0]
             return await through_batcher(context, self.batcher.recommend(engine, query, deadline_of(context)))
 
-        ranked, engine, is_canary = await self._on_routed_engine(context, request.user_id, recommend, query)
+        ranked, engine, arm = await self._on_routed_engine(context, request.user_id, recommend, query)
         impression_id = ""
         if self.impressions is not None:  # only answered requests: an abort above never gets here
             impression_id = uuid.uuid4().hex
             # submit() only queues (never blocks, never touches the disk); a full queue drops it, counted
-            self.impressions.submit(Impression(impression_id, request.user_id, "canary" if is_canary else "stable",
-                                               engine.version, list(ranked.item_ids), int(time.time() * 1000)))
+            self.impressions.submit(Impression(impression_id, request.user_id, arm, engine.version,
+                                               list(ranked.item_ids), int(time.time() * 1000)))
         return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores, engine_version=engine.version,
-                                    source=ranked.source, canary=is_canary, impression_id=impression_id)
+                                    source=ranked.source, canary=arm == "canary", impression_id=impression_id,
+                                    arm=arm)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         if problem := score_problem(request, self.limits):
@@ -133,9 +137,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return await through_batcher(
                 context, self.batcher.run(engine, lambda: engine.score(history, candidates), deadline_of(context)))
 
-        (scores, unknown, source), engine, is_canary = await self._on_routed_engine(context, request.user_id, score)
+        (scores, unknown, source), engine, arm = await self._on_routed_engine(context, request.user_id, score)
         return pb.ScoreResponse(scores=scores, engine_version=engine.version,
-                                unknown_candidate_ids=unknown, source=source, canary=is_canary)
+                                unknown_candidate_ids=unknown, source=source, canary=arm == "canary", arm=arm)
 
     async def LogEvents(self, request: pb.LogEventsRequest, context) -> pb.LogEventsResponse:
         n = len(request.events)
@@ -228,6 +232,65 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {e}")
         return await self._operate(context, lambda: self.manager.set_policy(policy))
 
+    async def StartExperiment(self, request: pb.StartExperimentRequest, context) -> pb.Experiment:
+        given = {"test": request.test, "alpha": request.alpha, "effect": request.effect, "horizon": request.horizon,
+                 "min_impressions": request.min_impressions}
+        try:  # proto3: 0 / "" is unset and takes the default
+            test = OutcomeTest(**{k: v for k, v in given.items() if v})
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.settle_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"settle_s must be >= 0, got {request.settle_s}")
+        arms = [ExperimentArm(name=a.name, version=a.version, fraction=a.fraction) for a in request.arms]
+        settle_s = request.settle_s or 10.0
+        return await self._experiment(context, lambda: self.manager.start_experiment(
+            request.name, arms, test, settle_s=settle_s, promote_winner=request.promote_winner))
+
+    async def GetExperiment(self, request, context) -> pb.Experiment:
+        return await self._experiment(context, lambda: None)
+
+    async def StopExperiment(self, request: pb.StopExperimentRequest, context) -> pb.Experiment:
+        v = request.promote_version
+        return await self._experiment(context, lambda: self.manager.stop_experiment(
+            reason=request.reason, winner_version=v, promote=bool(v), decision="stopped"))
+
+    async def _experiment(self, context, op: Callable[[], object]) -> pb.Experiment:
+        try:
+            await asyncio.to_thread(op)
+        except RolloutError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        status = await asyncio.to_thread(self.manager.experiment_status)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no experiment has run on this registry; start one with "
+                                                           "StartExperiment (livetower experiments start)")
+        return experiment_message(*status)
+
+
+def experiment_message(x: Experiment, decision: ExperimentDecision | None, live: dict[str, ArmLive]) -> pb.Experiment:
+    verdicts = {v.name: v for v in decision.arms} if decision else {}
+
+    def arm(name: str, version: int, fraction: float) -> pb.ExperimentArmStatus:
+        counts = (decision.control if name == CONTROL else verdicts[name].counts) if decision else None
+        v = verdicts.get(name)
+        b = v.vs_control if v else None
+        lv = live.get(name)
+        return pb.ExperimentArmStatus(
+            name=name, version=version, fraction=fraction, requests=lv.requests if lv else 0,
+            errors=lv.errors if lv else 0, impressions=counts.impressions if counts else 0,
+            hit_impressions=counts.hits if counts else 0, hit_rate=counts.rate if counts else 0.0,
+            diff=b.diff if b else 0.0, diff_lo=b.lo if b else 0.0, diff_hi=b.hi if b else 0.0,
+            state="control" if name == CONTROL else v.state if v else "running")
+
+    t = x.test
+    return pb.Experiment(
+        name=x.name, id=x.id, control_version=x.control_version,
+        arms=[arm(CONTROL, x.control_version, 1 - sum(a.fraction for a in x.arms)),
+              *(arm(a.name, a.version, a.fraction) for a in x.arms)],
+        test=t.test, alpha=t.alpha, effect=t.effect, horizon=t.horizon, min_impressions=t.min_impressions,
+        settle_s=x.settle_s, promote_winner=x.promote_winner, running=x.running, ended_ms=x.ended_ms,
+        decision=x.decision, winner_version=x.winner_version,
+        reason=x.reason or (decision.reason if decision else "no analysis yet"))
+
 
 def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
     st, v, policy = manager.rollout, manager.last_verdict, manager.policy
@@ -239,4 +302,5 @@ def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
         analysis=pb.CanaryAnalysis(verdict=v.action, reason=v.reason, **v.figures) if v else None,
         history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
         rolled_back=st.rolled_back, pending_versions=manager.pending_versions(),
-        canary_started_ms=st.canary_started_ms)
+        canary_started_ms=st.canary_started_ms,
+        experiment=experiment_message(*status) if (status := manager.experiment_status()) else None)

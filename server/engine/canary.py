@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from contracts.outcome import NonInferiority
 from contracts.rollout import CanaryPolicy
 from server.engine.engine import Engine, RecommendQuery
 
@@ -133,17 +134,30 @@ def quality_vouch(canary_metrics: dict[str, float], stable_version: int) -> str 
             f"R@10 {m.get('model_recall@10', 0):.4f} vs {m.get('serving_recall@10', 0):.4f}")
 
 
-def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None) -> Verdict:
-    """vouch: quality_vouch() of the canary; when set, low overlap and large drift do not roll back."""
-    f = stats.figures()
+NO_OUTCOME = {"canary_impressions": 0, "stable_impressions": 0, "canary_hit_rate": 0.0, "stable_hit_rate": 0.0,
+              "hit_rate_diff": 0.0, "hit_rate_lo": 0.0, "hit_rate_hi": 0.0}
+
+
+def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None,
+            outcome: NonInferiority | None = None) -> Verdict:
+    """vouch: quality_vouch() of the canary; when set, low overlap and large drift do not roll back.
+    outcome: the hit-rate test when the policy runs one (policy.outcome_test): a promotion also needs its
+    "pass", its "fail" rolls back."""
+    f = {**stats.figures(), **(outcome.figures() if outcome else NO_OUTCOME)}
     n_c, err_c = f["canary_requests"], f["canary_errors"]
 
     def verdict(action: str, reason: str) -> Verdict:
+        if action == "promote" and outcome is not None:
+            if outcome.action != "pass":
+                return Verdict("wait", f"{reason}; hit rate not yet shown within the margin: {outcome.reason}", f)
+            reason = f"{reason}; {outcome.reason}"
         return Verdict(action, reason, f)
 
     if err_c >= 3 and err_c / max(n_c, 1) > policy.max_error_rate:
         return verdict("rollback", f"canary error rate {err_c / max(n_c, 1):.3f} > max_error_rate "
                                    f"{policy.max_error_rate} ({err_c:.0f} errors in {n_c:.0f} requests)")
+    if outcome is not None and outcome.action == "fail":
+        return verdict("rollback", outcome.reason)
     if f["elapsed_s"] < policy.min_duration_s:
         return verdict("wait", f"{f['elapsed_s']:.1f}s of min_duration_s {policy.min_duration_s}s")
     if f["shadow_samples"] < policy.shadow_samples:

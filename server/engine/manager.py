@@ -16,6 +16,7 @@ when its last request ends. An engine that fails any step is refused and recorde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import threading
@@ -25,10 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 from contracts.registry import EngineCorrupt, Registry
-from contracts.rollout import CanaryPolicy, RolloutState
+from contracts.outcome import ArmCounts, noninferiority
+from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from contracts.signing import ManifestTrust
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.experiment_control import ExperimentControl
+from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.loading import load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
 
@@ -51,10 +55,11 @@ class EngineManagerConfig:
     trusted_keys: Path | None = None  # file of trusted Ed25519 public keys (PEM blocks or 64-hex lines): a signed
                                     # engine whose manifest.sig verifies with none of them is refused
     require_signature: bool = False  # refuse engines without a manifest.sig that verifies (needs trusted_keys)
+    outcome_interval_s: float = 2.0  # how often a canary's or experiment's hit rates are read from the attribution store
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance"):
+        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance", "outcome_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.recall_tolerance < 1:
@@ -71,22 +76,17 @@ class EngineManagerConfig:
             raise ValueError("require_signature needs trusted_keys (a file of trusted public keys)")
 
 
-class RolloutError(Exception):
-    """An operation that cannot be done in the current state; `code` is a gRPC status name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 EngineLoader = Callable[[Registry, int, EngineManagerConfig], Engine]
+# (served from ms, served to ms) -> {(arm, engine version): (impressions, hit impressions)}: attribution.window_counts
+OutcomeCounts = Callable[[int, int], dict[tuple[str, int], tuple[int, int]]]
 
 
-class EngineManager:
+class EngineManager(ExperimentControl):
     def __init__(self, registry: Registry, config: EngineManagerConfig,
                  on_event: Callable[[str, int, float], None] | None = None, *,  # (kind, version, value)
                  loader: EngineLoader | None = None,  # None: load_from_registry
-                 user_histories: Callable[[], list[list[str]]] = list) -> None:
+                 user_histories: Callable[[], list[list[str]]] = list,
+                 outcome_counts: OutcomeCounts | None = None) -> None:  # None: no impressions recorded
         self.registry = registry
         self.config = config
         # Read once here so a bad key file stops the server at start; loads read it again (a rotated file).
@@ -109,6 +109,9 @@ class EngineManager:
         # at 1M, which the last request's handler would otherwise spend on the event loop.
         self._retired: list[Engine] = []
         self.canary_salt = b""  # the registry's secret keying the user split; read before a canary starts
+        self.experiment: RunningExperiment | None = None  # arms' engines while rollout.json names a running one
+        self._outcome_counts = outcome_counts
+        self._outcomes_read = (-1.0, (0, 0), {})  # (monotonic time, window, counts): reads throttled
 
     @property
     def current(self) -> Engine | None:
@@ -119,15 +122,26 @@ class EngineManager:
         return self.rollout.policy or self.config.default_policy
 
     # ---- request path (event loop; no locks)
-    def route(self, user_id: str) -> tuple[Engine | None, bool]:
+    def route(self, user_id: str) -> tuple[Engine | None, str]:
+        """(engine, arm): arm is "stable", "canary" or an experiment arm's name (what impressions record)."""
+        experiment = self.experiment
+        if experiment is not None:
+            hit = experiment.route(user_id)
+            if hit is not None:
+                return hit[1], hit[0]
+            return self.stable, CONTROL
         canary = self.canary
         if canary is not None and in_canary(user_id, canary.version, self.canary_fraction, self.canary_salt):
-            return canary, True
-        return self.stable, False
+            return canary, "canary"
+        return self.stable, CONTROL
 
-    def observe(self, engine: Engine, is_canary: bool, seconds: float, error: bool,
+    def observe(self, engine: Engine, arm: str, seconds: float, error: bool,
                 query: RecommendQuery | None = None) -> None:
-        stats, canary = self.stats, self.canary
+        experiment = self.experiment
+        if experiment is not None:
+            experiment.observe(arm, error)
+            return
+        stats, canary, is_canary = self.stats, self.canary, arm == "canary"
         if stats is None or canary is None or (is_canary and engine is not canary):
             return  # no canary, or a request that started before this canary
         stats.observe(is_canary, seconds, error)
@@ -253,7 +267,9 @@ class EngineManager:
                     self._end_canary()
             elif self.canary is not None:
                 self.canary_fraction = st.canary_fraction
-            if self.config.leader and self.policy.mode == "auto" and self.stable and not self.canary:
+            self._reconcile_experiment(self.rollout)
+            if (self.config.leader and self.policy.mode == "auto" and self.stable and not self.canary
+                    and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
                 if new:
                     try:
@@ -273,6 +289,10 @@ class EngineManager:
         if self.canary is not None and self.canary.version == st.stable:  # promoted elsewhere: no reload
             self._set_stable(self.canary)
             self._end_canary()
+            return
+        if (winner := self.arm_engine(st.stable)) is not None:  # an experiment's winner, promoted elsewhere
+            self._set_stable(winner)
+            self._end_experiment()
             return
         if st.stable in versions and st.stable not in st.refused:
             engine = self._load_or_refuse(st.stable, "startup")
@@ -308,6 +328,9 @@ class EngineManager:
             if self.canary is not None:
                 raise RolloutError("FAILED_PRECONDITION", f"engine {self.canary.version} is in canary; "
                                                           "promote or roll it back first")
+            if self.experiment is not None:
+                raise RolloutError("FAILED_PRECONDITION", f"experiment {self.experiment.experiment.name!r} is "
+                                                          "running; stop it first (livetower experiments stop)")
             if version == self.stable.version:
                 raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
             if version not in self.registry.versions():
@@ -362,6 +385,9 @@ class EngineManager:
                 return st
             if self.stable is None:
                 raise RolloutError("FAILED_PRECONDITION", "nothing is serving: nothing to roll back")
+            if self.experiment is not None:
+                raise RolloutError("FAILED_PRECONDITION", f"stable is the control of experiment "
+                                                          f"{self.experiment.experiment.name!r}; stop it first")
             current = self.stable.version
             previous = next((e.stable_version for e in reversed(self.rollout.history)
                              if e.action == "promote" and e.version == current and e.stable_version), 0)
@@ -393,13 +419,25 @@ class EngineManager:
 
     # ---- automatic decisions
     def analyse_once(self) -> Verdict | None:
-        """Analyse the running canary; in auto mode (leader) act on the verdict. Blocking."""
+        """Analyse the running canary (or experiment); in auto mode (leader) act on the verdict. Blocking."""
+        if self.experiment is not None:
+            self.analyse_experiment()
+            return None
         canary, stats = self.canary, self.stats
         if canary is None or stats is None:
             return None
-        stable = self.stable
+        stable, policy = self.stable, self.policy
         vouch = quality_vouch(dict(canary.manifest.eval_metrics), stable.version) if stable is not None else None
-        verdict = analyse(stats, self.policy, vouch=vouch)
+        outcome = None
+        if policy.outcome_test != "off" and stable is not None:
+            counts = self.read_outcomes(self.rollout.canary_started_ms, policy.outcome_settle_s)
+            outcome = noninferiority(ArmCounts(*counts.get(("canary", canary.version), (0, 0))),
+                                     ArmCounts(*counts.get((CONTROL, stable.version), (0, 0))),
+                                     policy.outcome(), policy.outcome_margin)
+            if self._outcome_counts is None:
+                outcome = dataclasses.replace(outcome, action="fail", reason=(
+                    "the policy judges hit rate (outcome_test) but this server records no impressions"))
+        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome)
         self.last_verdict = verdict
         if not (self.config.leader and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict
@@ -418,7 +456,7 @@ class EngineManager:
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.config.poll_interval_s
                     await asyncio.to_thread(self.poll_once)
-                if self.canary is not None:
+                if self.canary is not None or self.experiment is not None:
                     await asyncio.to_thread(self.analyse_once)
                 if self._retired:
                     await asyncio.to_thread(self.release_retired)
