@@ -5,13 +5,15 @@ Two writers, one file (`<data_dir>/attribution.sqlite`, WAL):
   queue and its own thread, one transaction per flush; the request never waits for the disk and never fails
   for it: on overflow the impression is dropped and counted), and counts it into `outcomes` in the same
   transaction, so an impression is counted exactly once (INSERT OR IGNORE: a replayed one adds nothing);
-- the joiner (`Joiner`) reads the SQLite event log in offset order from its own position and, for events
-  that name an impression, adds joined / hit / late / mismatch counts to that impression's (arm, version).
+- the joiner (`Joiner`) reads the event stream (the SQLite event log, or the Kafka topic: attribution_sources.py)
+  in offset order from its own positions and, for events that name an impression, adds joined / hit / late /
+  mismatch counts to that impression's (arm, version).
 
-Exactly once: a joiner batch's counter updates, its impressions' hit flags and its new position commit in ONE
+Exactly once: a joiner batch's counter updates, its impressions' hit flags and its new positions commit in ONE
 transaction, so a kill -9 at any point keeps or discards the whole batch, and a restart resumes from the
-committed position. An event whose impression is not in the store yet (the server flushes every ~100 ms) is
-waited for until its received_ms is `grace_ms` old; the batch stops there (so the order stays the log's).
+committed positions. An event whose impression is not in the store yet (the server flushes every ~100 ms) is
+waited for until it was received `grace_ms` ago; its position key (the log, or its Kafka partition) stops there
+for this batch, so each key's order is kept.
 
 Join rules, for an event with impression_id set:
   unknown impression (after the grace) -> unknown_events (no arm: counted on the joiner's own row);
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
+from contracts.attribution_sources import JoinSource, LogJoinSource
 from contracts.eventlog import SOURCE_KEY, SqliteEventLog
 
 log = logging.getLogger("livetower.attribution")
@@ -67,7 +70,8 @@ CREATE TABLE IF NOT EXISTS outcomes (
 );
 CREATE TABLE IF NOT EXISTS joiner_state (
   name TEXT PRIMARY KEY,
-  next_offset INTEGER NOT NULL,        -- event log offset: everything below is counted
+  next_offset INTEGER NOT NULL,        -- SQLite event log offset: everything below is counted
+  positions TEXT NOT NULL DEFAULT '{}', -- other sources' positions (Kafka: one per partition), JSON
   unknown_events INTEGER NOT NULL,     -- events naming an impression the store never got (dropped, forged)
   updated_ms INTEGER NOT NULL
 );
@@ -104,6 +108,8 @@ def connect(path: Path, *, busy_timeout_ms: int = 10_000) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
+    if "positions" not in {r[1] for r in conn.execute("PRAGMA table_info(joiner_state)")}:  # a store from before
+        conn.execute("ALTER TABLE joiner_state ADD COLUMN positions TEXT NOT NULL DEFAULT '{}'")
     return conn
 
 
@@ -314,25 +320,34 @@ def _chunks(ids: list[str], size: int = 500) -> Iterator[list[str]]:
 
 
 class JoinStep(NamedTuple):
-    events: int        # events consumed (committed) by this step
-    next_offset: int   # the committed position after it
-    waiting: bool      # stopped at an event whose impression is not stored yet (within the grace)
+    events: int                 # records consumed (committed) by this step
+    next_offset: int            # the committed SQLite log position after it (1 with a Kafka source)
+    waiting: bool               # stopped at an event whose impression is not stored yet (within the grace)
+    positions: dict[str, int] = {}  # every committed position (one per Kafka partition)
 
 
 class Joiner:
-    """Joins the event log to the impressions; one committed transaction per `step`."""
+    """Joins an event source (the SQLite log by default; contracts/attribution_sources.py) to the impressions;
+    one committed transaction per `step`."""
 
-    def __init__(self, data_dir: Path, cfg: JoinConfig = JoinConfig(), *, event_log: SqliteEventLog | None = None):
+    def __init__(self, data_dir: Path, cfg: JoinConfig = JoinConfig(), *, event_log: SqliteEventLog | None = None,
+                 source: JoinSource | None = None):
         self.cfg = cfg
         self.conn = connect(Path(data_dir) / ATTRIBUTION_FILE)
-        self._own_log = event_log is None
-        # consumer="attribution": its committed offset keeps retention from deleting events not yet joined
-        self.events = event_log or SqliteEventLog(Path(data_dir) / "events.sqlite", consumer="attribution")
+        self.source = source or LogJoinSource(Path(data_dir), event_log)
+        self._own_source = source is None
         self.conn.execute("INSERT OR IGNORE INTO joiner_state (name, next_offset, unknown_events, updated_ms)"
                           " VALUES (?, 1, 0, ?)", (JOINER, int(time.time() * 1000)))
 
+    def positions(self, cur: sqlite3.Cursor | sqlite3.Connection | None = None) -> dict[str, int]:
+        """Everything below each position is counted. The SQLite log's lives in next_offset (as before there
+        were other sources), the others in the positions JSON."""
+        offset, other = (cur or self.conn).execute("SELECT next_offset, positions FROM joiner_state WHERE name = ?",
+                                                   (JOINER,)).fetchone()
+        return {**json.loads(other or "{}"), SOURCE_KEY: offset}
+
     def position(self) -> int:
-        return self.conn.execute("SELECT next_offset FROM joiner_state WHERE name = ?", (JOINER,)).fetchone()[0]
+        return self.positions()[SOURCE_KEY]
 
     def unknown_events(self) -> int:
         return self.conn.execute("SELECT unknown_events FROM joiner_state WHERE name = ?", (JOINER,)).fetchone()[0]
@@ -349,25 +364,29 @@ class Joiner:
 
     def step(self, now_ms: int | None = None) -> JoinStep:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        start = self.position()
-        rows = self.events.read_received(start, self.cfg.batch_events)
-        known = self._impressions({ev.impression_id for ev, _ in rows if ev.impression_id})
+        start = self.positions()
+        rows = self.source.read(start, self.cfg.batch_events)
+        known = self._impressions({r.event.impression_id for r in rows if r.event and r.event.impression_id})
         window_ms, grace_ms = int(self.cfg.window_s * 1000), int(self.cfg.grace_s * 1000)
         deltas: dict[tuple[str, int], dict[str, int]] = {}
         newly_hit: set[str] = set()
-        unknown, nxt, waiting = 0, start, False
+        unknown, nxt, consumed = 0, dict(start), 0
+        blocked: set[str] = set()  # keys stopped at an impression not flushed yet: their order is kept
 
         def add(key: tuple[str, int], counter: str) -> None:
             d = deltas.setdefault(key, {})
             d[counter] = d.get(counter, 0) + 1
 
-        for ev, received_ms in rows:
-            if ev.impression_id:
+        for r in rows:
+            if r.key in blocked:
+                continue
+            ev = r.event
+            if ev is not None and ev.impression_id:
                 imp = known.get(ev.impression_id)
                 if imp is None:
-                    if now_ms - received_ms < grace_ms:
-                        waiting = True  # its impression may still be in the server's writer queue
-                        break
+                    if now_ms - r.received_ms < grace_ms:
+                        blocked.add(r.key)  # its impression may still be in the server's writer queue
+                        continue
                     unknown += 1
                 else:
                     user_id, arm, version, items, served_ms, hit = imp
@@ -383,27 +402,29 @@ class Joiner:
                             if not hit and ev.impression_id not in newly_hit:
                                 newly_hit.add(ev.impression_id)
                                 add(key, "hit_impressions")
-            nxt = ev.offset + 1
+            nxt[r.key] = r.offset + 1
+            consumed += 1
         if nxt == start:
-            return JoinStep(0, start, waiting)
+            return JoinStep(0, start[SOURCE_KEY], bool(blocked), start)
 
         def body(cur: sqlite3.Cursor) -> None:
-            # Guard against a second joiner on the same store: the position must still be where this batch began.
-            (pos,) = cur.execute("SELECT next_offset FROM joiner_state WHERE name = ?", (JOINER,)).fetchone()
-            if pos != start:
-                raise RuntimeError(f"attribution position moved from {start} to {pos} under this joiner: "
+            # Guard against a second joiner on the same store: the positions must still be where this batch began.
+            now = self.positions(cur)
+            if now != start:
+                raise RuntimeError(f"attribution positions moved from {start} to {now} under this joiner: "
                                    "is another joiner running on this data directory?")
             _add_counts(cur, deltas)
             for chunk in _chunks(sorted(newly_hit)):
                 cur.execute(f"UPDATE impressions SET hit = 1 WHERE impression_id IN ({','.join('?' * len(chunk))})",
                             chunk)
-            cur.execute("UPDATE joiner_state SET next_offset = ?, unknown_events = unknown_events + ?, updated_ms = ?"
-                        " WHERE name = ?", (nxt, unknown, now_ms, JOINER))
+            others = {k: v for k, v in nxt.items() if k != SOURCE_KEY}
+            cur.execute("UPDATE joiner_state SET next_offset = ?, positions = ?, unknown_events = unknown_events + ?,"
+                        " updated_ms = ? WHERE name = ?",
+                        (nxt[SOURCE_KEY], json.dumps(others, sort_keys=True), unknown, now_ms, JOINER))
 
         _transaction(self.conn, body)
-        if self.events.consumer == "attribution":  # never another consumer's row (a log handed in may be the trainer's)
-            self.events.commit({SOURCE_KEY: nxt})  # after the commit: retention may now drop what was joined
-        return JoinStep(sum(1 for ev, _ in rows if ev.offset < nxt), nxt, waiting)
+        self.source.commit(nxt)  # after the commit: the log's retention may now drop what was joined
+        return JoinStep(consumed, nxt[SOURCE_KEY], bool(blocked), nxt)
 
     def run(self, stop: threading.Event, *, once: bool = False,
             progress: Callable[[JoinStep], None] | None = None) -> None:
@@ -420,5 +441,5 @@ class Joiner:
 
     def close(self) -> None:
         self.conn.close()
-        if self._own_log:
-            self.events.close()
+        if self._own_source:
+            self.source.close()

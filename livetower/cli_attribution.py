@@ -25,8 +25,11 @@ def _join_flags() -> FlagSet:
 def add_attribution_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("attribution", help="impressions (Recommend responses) joined to the events they led to")
     cmds = p.add_subparsers(dest="attribution_command", required=True)
-    join = cmds.add_parser("join", help="run the joiner over the SQLite event log (exactly once; resumes)")
+    join = cmds.add_parser("join", help="run the joiner over the event stream (exactly once; resumes)")
     join.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    join.add_argument("--events", default=None, metavar="URL",
+                      help="kafka://HOST:PORT/TOPIC: join the topic the server produces to (the server's --events); "
+                           "default: the data dir's SQLite event log")
     join.add_argument("--once", action="store_true", help="join what the log holds now and exit")
     _join_flags().add_to(join)
     join.set_defaults(func=cmd_join)
@@ -38,21 +41,38 @@ def add_attribution_parser(sub) -> argparse.ArgumentParser:
 
 
 def _progress(step: JoinStep) -> None:
-    log.info("joined %d events; position %d%s", step.events, step.next_offset,
+    log.info("joined %d events; positions %s%s", step.events, step.positions,
              " (waiting for an impression the server has not flushed yet)" if step.waiting else "")
 
 
+def open_joiner(data_dir: Path, cfg: JoinConfig, events_url: str | None) -> Joiner:
+    """A joiner over the SQLite log (events_url None) or the Kafka topic of `events_url`."""
+    if events_url is None:
+        return Joiner(data_dir, cfg)
+    from contracts.attribution_sources import KafkaJoinSource
+    from contracts.kafka_events import parse_events_url
+
+    source = KafkaJoinSource(parse_events_url(events_url))
+    try:
+        return Joiner(data_dir, cfg, source=source)
+    except BaseException:
+        source.close()
+        raise
+
+
 def cmd_join(args) -> int:
-    joiner = Joiner(args.data_dir, config_from_args(_join_flags(), args))
+    joiner = open_joiner(args.data_dir, config_from_args(_join_flags(), args), args.events)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("attribution joiner on %s from offset %d", args.data_dir, joiner.position())
+    log.info("attribution joiner on %s from %s", args.data_dir, joiner.positions())
     try:
         joiner.run(stop, once=args.once, progress=_progress)
     finally:
-        log.info("attribution joiner stopped at offset %d", joiner.position())
+        log.info("attribution joiner stopped at %s", joiner.positions())
         joiner.close()
+        if args.events is not None:
+            joiner.source.close()
     return 0
 
 
@@ -78,7 +98,8 @@ def cmd_show(args) -> int:
     return 0
 
 
-def joiner_thread(data_dir: Path, cfg: JoinConfig = JoinConfig()) -> tuple[threading.Thread, threading.Event]:
+def joiner_thread(data_dir: Path, cfg: JoinConfig = JoinConfig(), events_url: str | None = None
+                  ) -> tuple[threading.Thread, threading.Event]:
     """The joiner on a daemon thread (for `livetower up`); set the event to stop it. It restarts itself after an
     error (each step is one transaction, so a failed step changed nothing)."""
     stop = threading.Event()
@@ -87,15 +108,17 @@ def joiner_thread(data_dir: Path, cfg: JoinConfig = JoinConfig()) -> tuple[threa
         while not stop.is_set():
             joiner = None
             try:
-                joiner = Joiner(data_dir, cfg)
-                joiner.run(stop, progress=lambda s: log.debug("joined %d events; position %d", s.events,
-                                                                s.next_offset))
+                joiner = open_joiner(data_dir, cfg, events_url)
+                joiner.run(stop, progress=lambda s: log.debug("joined %d events; positions %s", s.events,
+                                                                s.positions))
             except Exception:  # noqa: BLE001 - attribution must not take the server down
                 log.exception("attribution joiner failed; restarting in 5 s")
                 stop.wait(5.0)
             finally:
                 if joiner is not None:
                     joiner.close()
+                    if events_url is not None:
+                        joiner.source.close()
 
     t = threading.Thread(target=run, name="attribution-joiner", daemon=True)
     t.start()

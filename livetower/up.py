@@ -104,12 +104,12 @@ Ctrl-C stops both.
 """, flush=True)
 
     joiner_stop = None
-    if config.events_url is None and config.impressions is not None:
-        # The attribution joiner on a thread of this process (SQLite reads and writes, off the server's event
-        # loop); with Kafka the events are not in the SQLite log it reads, so it does not run.
+    if config.impressions is not None:
+        # The attribution joiner on a thread of this process (off the server's event loop), over the same event
+        # stream the server writes: the SQLite log, or the Kafka topic.
         from livetower.cli_attribution import joiner_thread
 
-        joiner, joiner_stop = joiner_thread(Path(config.data_dir))
+        joiner, joiner_stop = joiner_thread(Path(config.data_dir), events_url=config.events_url)
 
     async def main() -> None:
         stop = asyncio.Event()

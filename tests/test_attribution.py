@@ -164,19 +164,67 @@ def test_join_rules(tmp_path):
     joiner = Joiner(tmp_path, JoinConfig(window_s=window / 1000, grace_s=5.0))
     now = int(time.time() * 1000)
     step = joiner.step(now)
-    assert step == (9, 10, True)  # stopped at the unknown id, within its grace
-    assert joiner.step(now) == (0, 10, True)
+    assert step[:3] == (9, 10, True)  # stopped at the unknown id, within its grace
+    assert joiner.step(now)[:3] == (0, 10, True)
     assert read_outcomes(store) == {("stable", 1): Outcome(2, 1, 2, 4, 2, 1), ("canary", 2): Outcome(1, 1, 1, 1, 0, 0)}
-    assert joiner.step(now + 5_001) == (1, 11, False) and joiner.unknown_events() == 1
+    assert joiner.step(now + 5_001)[:3] == (1, 11, False) and joiner.unknown_events() == 1
     log.append([event(11, "u1", "i4", NOW_MS + 1_000, "C")])  # its impression is not flushed yet
-    assert joiner.step() == (0, 11, True)
+    assert joiner.step()[:3] == (0, 11, True)
     insert_impressions(store, [Impression("C", "u1", "stable", 1, ["i4"], NOW_MS)])
-    assert joiner.step() == (1, 12, False)
+    assert joiner.step()[:3] == (1, 12, False)
     assert read_outcomes(store)[("stable", 1)] == Outcome(3, 2, 3, 5, 2, 1)
-    assert joiner.step(now + 10**9) == (0, 12, False)  # nothing read twice
+    assert joiner.step(now + 10**9)[:3] == (0, 12, False)  # nothing read twice
     assert log.committed() == {"attribution": 12}  # retention keeps what the joiner has not read
     joiner.close()
     log.close()
+    store.close()
+
+
+class PartitionedSource:
+    """Two position keys (as Kafka partitions are), read from lists: what the joiner sees of a topic."""
+
+    def __init__(self, records: dict[str, list]) -> None:
+        self.records = records
+
+    def read(self, positions, limit):
+        from contracts.attribution_sources import ReceivedEvent
+
+        out = []
+        for key, evs in self.records.items():
+            for off, (ev, received_ms) in enumerate(evs):
+                if off >= positions.get(key, 0):
+                    out.append(ReceivedEvent(key, off, ev, received_ms))
+        return out[:limit]
+
+    def commit(self, positions):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_an_unflushed_impression_holds_back_only_its_own_partition(tmp_path):
+    from contracts.eventlog import StoredEvent
+
+    store = connect(tmp_path / ATTRIBUTION_FILE)
+    insert_impressions(store, [Impression("A", "u1", "stable", 1, ["i1"], NOW_MS)])
+    now = int(time.time() * 1000)
+
+    def stored(i: int, imp: str) -> StoredEvent:
+        return StoredEvent(i, f"e{i}", "u1", "i1", "click", 1.0, NOW_MS + 1_000, imp)
+
+    source = PartitionedSource({"p0": [(stored(0, "LATE"), now), (stored(1, "A"), now)],
+                                "p1": [(stored(2, "A"), now), (None, now), (stored(3, "A"), now)]})
+    joiner = Joiner(tmp_path, JoinConfig(grace_s=5.0), source=source)
+    step = joiner.step(now)
+    assert step.waiting and step.events == 3 and step.positions == {"sqlite": 1, "p1": 3}  # p0 waits for "LATE"
+    assert read_outcomes(store)[("stable", 1)].joined_events == 2  # the malformed record (None) is stepped over
+    insert_impressions(store, [Impression("LATE", "u1", "stable", 1, ["i2"], NOW_MS)])
+    step = joiner.step(now)
+    assert not step.waiting and step.events == 2 and step.positions == {"sqlite": 1, "p0": 2, "p1": 3}
+    assert read_outcomes(store)[("stable", 1)].joined_events == 4
+    assert Joiner(tmp_path, source=source).positions() == {"sqlite": 1, "p0": 2, "p1": 3}  # committed
+    joiner.close()
     store.close()
 
 

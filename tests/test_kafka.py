@@ -205,3 +205,49 @@ def test_unreachable_broker_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConnectionError, match="cannot reach the Kafka broker"):
         KafkaEventSource(KafkaTarget(bootstrap=f"127.0.0.1:{free_port()}", topic="t"), call_timeout_s=30)
+
+
+def test_attribution_joiner_reads_the_topic_exactly_once(trained_dir, target):
+    """With --events kafka://, the joiner follows the topic: events naming impressions are counted per arm and
+    version, a malformed record is stepped over, and a restarted joiner resumes from its committed per-partition
+    positions without counting anything twice."""
+    from contracts.attribution import ATTRIBUTION_FILE, JoinConfig, Joiner, read_outcomes
+    from contracts.attribution_sources import KafkaJoinSource
+
+    cfg = server_config(trained_dir, events_url=f"kafka://{target.bootstrap}/{target.topic}?partitions=3")
+    with running_server(cfg) as (server, port):
+        client = Client(f"127.0.0.1:{port}")
+        wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
+        shown = [client.recommend(f"user-{u}", k=5, history=["item-1", "item-2"]) for u in range(12)]
+        now = int(time.time() * 1000)
+        hits = [pb.Event(event_id=f"h{u}", user_id=f"user-{u}", item_id=r.item_ids[0], action="click", weight=1.0,
+                         timestamp_ms=now, impression_id=r.impression_id) for u, r in enumerate(shown)]
+        misses = [pb.Event(event_id=f"m{u}", user_id=f"user-{u}", item_id="item-299", action="click", weight=1.0,
+                           timestamp_ms=now, impression_id=r.impression_id)
+                  for u, r in enumerate(shown) if "item-299" not in r.item_ids]
+        assert client.log_events(hits[:6] + misses).accepted == 6 + len(misses)
+        raw_produce(target, [(b"user-0", b"\xff not an event")])
+        version = shown[0].engine_version
+
+        def joined_all(joiner: Joiner, want: int) -> bool:
+            joiner.step()
+            return read_outcomes(trained_dir / ATTRIBUTION_FILE).get(("stable", version), (0,) * 6)[3] == want
+
+        source = KafkaJoinSource(target)
+        joiner = Joiner(trained_dir, JoinConfig(grace_s=5.0), source=source)
+        wait_for(lambda: joined_all(joiner, 6 + len(misses)), 20, "the first events joined", interval_s=0.2)
+        first = joiner.positions()
+        joiner.close()
+        source.close()
+        assert sum(v for k, v in first.items() if k.startswith("kafka:")) == 6 + len(misses) + 1  # + the bad record
+        assert client.log_events(hits[6:]).accepted == 6
+        client.close()
+    source = KafkaJoinSource(target)
+    joiner = Joiner(trained_dir, JoinConfig(grace_s=5.0), source=source)  # restarted: resumes, counts nothing twice
+    wait_for(lambda: joined_all(joiner, 12 + len(misses)), 20, "the rest joined", interval_s=0.2)
+    for _ in range(3):
+        joiner.step()
+    out = read_outcomes(trained_dir / ATTRIBUTION_FILE)[("stable", version)]
+    assert (out.impressions, out.hit_impressions, out.hit_events, out.joined_events) == (12, 12, 12, 12 + len(misses))
+    joiner.close()
+    source.close()
