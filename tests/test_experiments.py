@@ -152,10 +152,12 @@ def test_abn_experiment_promotes_the_better_arm_through_the_live_loop(trained_di
 
 
 def test_canary_outcome_criterion_rolls_back_a_worse_engine_and_promotes_an_equal_one(trained_dir):
-    """The shadow's ranking checks are off here (min_topk_overlap 0, max_score_drift 1), so hit rate is what
-    tells the noisy engine apart."""
+    """The shadow's ranking checks are off here (min_topk_overlap 0, max_score_drift 1), and so are the latency
+    ratios (a test process's GIL makes a new engine's first requests slow), so hit rate is what tells the noisy
+    engine apart."""
     policy = CanaryPolicy(mode="auto", fraction=0.5, min_duration_s=0.2, max_duration_s=1.0, min_requests=20,
                           shadow_samples=10, shadow_qps=200.0, min_topk_overlap=0.0, max_score_drift=1.0,
+                          max_p99_ratio=1000.0,
                           outcome_test="sequential", outcome_margin=0.02, outcome_min_impressions=60,
                           outcome_settle_s=0.3)
     reg = Registry(trained_dir / "registry")
@@ -202,3 +204,37 @@ def test_experiments_cli(trained_dir, capsys, monkeypatch):
         assert server.manager.stable.version == copy
         assert main(["experiments", "stop", *auth]) == 1
         assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_a_follower_process_routes_like_the_leader_and_follows_its_decision(trained_dir):
+    """Two managers on one registry, as `serve --workers 2` runs them: the follower loads the arms from
+    rollout.json on its poll, gives every user the same arm as the leader, and follows the stop and promotion
+    without loading the winner again."""
+    from contracts.outcome import OutcomeTest
+    from contracts.rollout import ExperimentArm
+    from server.engine.manager import EngineManager, EngineManagerConfig
+
+    reg = Registry(trained_dir / "registry")
+    b = reg.publish(*stage(reg, 1, reg))
+    c = publish_noisy(reg, 1, reg, 1.0, seed=3)
+    reg.write_rollout(RolloutState(stable=1, policy=MANUAL))
+    cfg = EngineManagerConfig(warmup_calls=0)
+    leader, follower = EngineManager(reg, cfg), EngineManager(reg, EngineManagerConfig(warmup_calls=0, leader=False))
+    leader.poll_once()
+    follower.poll_once()
+    leader.start_experiment("x", [ExperimentArm(name="b", version=b, fraction=0.25),
+                                  ExperimentArm(name="c", version=c, fraction=0.25)], OutcomeTest())
+    assert follower.route("user-1")[1] == "stable" or follower.experiment is None
+    follower.poll_once()
+    users = [f"user-{i}" for i in range(400)]
+    routes = [(leader.route(u)[1], leader.route(u)[0].version) for u in users]
+    assert routes == [(follower.route(u)[1], follower.route(u)[0].version) for u in users]
+    assert {r for r in routes} == {("stable", 1), ("b", b), ("c", c)}
+    winner = follower.experiment.engines["b"]
+    leader.stop_experiment(reason="test", winner_version=b, promote=True)
+    assert leader.stable.version == b and leader.experiment is None
+    follower.poll_once()
+    assert follower.experiment is None and follower.stable is winner  # the arm's engine, not a second load
+    assert {follower.route(u)[1] for u in users} == {"stable"}
+    st = reg.read_rollout()
+    assert st.stable == b and not st.experiment.running and st.experiment.decision == "stopped"
