@@ -43,17 +43,22 @@ class ExperimentControl:
     def _set_stable(self, engine: Engine) -> None: ...
     def _retire(self, engine: Engine | None) -> None: ...
 
+    def require_idle(self, starting: str) -> None:
+        """Raise unless stable serves and neither a canary nor an experiment runs (each needs stable to itself)."""
+        if self.stable is None:
+            raise RolloutError("FAILED_PRECONDITION", f"no stable engine yet: {starting} needs one (the first "
+                                                      "engine serves directly)")
+        if self.canary is not None:
+            raise RolloutError("FAILED_PRECONDITION", f"engine {self.canary.version} is in canary; promote or roll "
+                                                      f"it back before starting {starting}")
+        if self.experiment is not None:
+            raise RolloutError("FAILED_PRECONDITION", f"experiment {self.experiment.experiment.name!r} is running; "
+                                                      "stop it first (livetower experiments stop)")
+
     def start_experiment(self, name: str, arms: list[ExperimentArm], test: OutcomeTest, *, settle_s: float = 10.0,
                          promote_winner: bool = False, actor: str = "operator") -> RolloutState:
         with self._lock:
-            if self.stable is None:
-                raise RolloutError("FAILED_PRECONDITION", "no stable engine yet: an experiment needs a control")
-            if self.canary is not None:
-                raise RolloutError("FAILED_PRECONDITION", f"engine {self.canary.version} is in canary; promote or "
-                                                          "roll it back before starting an experiment")
-            if self.experiment is not None:
-                raise RolloutError("FAILED_PRECONDITION", f"experiment {self.experiment.experiment.name!r} is "
-                                                          "running; stop it first")
+            self.require_idle("an experiment")
             try:
                 x = Experiment(id=int(time.time() * 1000), name=name, arms=tuple(arms),
                                control_version=self.stable.version, test=test, settle_s=settle_s,

@@ -323,14 +323,7 @@ class EngineManager(ExperimentControl):
         if not 0 < fraction < 1:
             raise RolloutError("INVALID_ARGUMENT", f"fraction must be in (0, 1), got {fraction}")
         with self._lock:
-            if self.stable is None:
-                raise RolloutError("FAILED_PRECONDITION", "no stable engine yet: the first engine serves directly")
-            if self.canary is not None:
-                raise RolloutError("FAILED_PRECONDITION", f"engine {self.canary.version} is in canary; "
-                                                          "promote or roll it back first")
-            if self.experiment is not None:
-                raise RolloutError("FAILED_PRECONDITION", f"experiment {self.experiment.experiment.name!r} is "
-                                                          "running; stop it first (livetower experiments stop)")
+            self.require_idle("a canary")
             if version == self.stable.version:
                 raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
             if version not in self.registry.versions():
