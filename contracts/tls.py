@@ -62,18 +62,24 @@ class ClientTls:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+# Every channel balances round robin over the addresses its target resolves to: `dns:///name:port` (a Kubernetes
+# headless Service: one A record per ready replica, re-resolved as they come and go), `ipv4:a:p1,b:p2`, or a plain
+# host:port (one address: the same as gRPC's default pick_first).
+ROUND_ROBIN = ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')
+
+
 def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    """A synchronous channel to target: TLS when tls is given, else plaintext."""
+    """A synchronous channel to target: TLS when tls is given, else plaintext; round robin over its addresses."""
     if tls is None:
-        return grpc.insecure_channel(target, options=list(options))
-    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+        return grpc.insecure_channel(target, options=[ROUND_ROBIN, *options])
+    return grpc.secure_channel(target, tls.credentials(), options=[ROUND_ROBIN, *options, *tls.options()])
 
 
 def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to target: TLS when tls is given, else plaintext."""
+    """An asyncio channel to target: TLS when tls is given, else plaintext; round robin over its addresses."""
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=list(options))
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=[ROUND_ROBIN, *options])
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[ROUND_ROBIN, *options, *tls.options()])
 
 
 def is_loopback(host: str) -> bool:
