@@ -21,7 +21,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from google.protobuf import json_format
 
@@ -154,19 +154,12 @@ class Registry:
             shutil.rmtree(p, ignore_errors=True)
         return len(stale)
 
-    def publish(self, staging: Path, manifest: pb.EngineManifest, *, signing_key: Ed25519PrivateKey | None = None) -> int:
+    def publish(self, staging: Path, manifest: pb.EngineManifest, *,
+                signing_key: Ed25519PrivateKey | None = None) -> int:
         """Hash the staged files into `manifest`, give it the next version, sign it (with `signing_key`) and
         rename it into place. The staging dir must be flat: engines hold regular files under plain names."""
         staging = Path(staging)
-        del manifest.files[:]
-        for p in sorted(staging.iterdir()):
-            if p.name in (MANIFEST, SIGNATURE):
-                continue
-            if p.is_symlink() or not p.is_file():
-                raise ValueError(f"staging dir {staging}: {p.name!r} is not a regular file (engines are flat)")
-            check_name(p.name, f"staging dir {staging}")
-            manifest.files.add(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
-        manifest.created_ms = int(time.time() * 1000)
+        hash_into(staging, manifest)
         for _ in range(100):
             # Above every numbered dir, published or not (a stray one must not block publishing).
             taken = [int(p.name) for p in self.engines_dir.iterdir() if p.name.isdigit()]
@@ -215,20 +208,19 @@ class Registry:
             if dep and dep not in keep:
                 keep.add(dep)
                 todo.append(dep)
-        removed = []
-        for v in versions:
-            if v in keep:
-                continue
-            doomed = self.engines_dir / f"{GC_PREFIX}{v}-{secrets.token_hex(4)}"
-            try:
-                os.rename(self.engine_dir(v), doomed)
-            except FileNotFoundError:
-                continue  # another collector took it
-            shutil.rmtree(doomed, ignore_errors=True)
-            removed.append(v)
+        removed = [v for v in versions if v not in keep and self._remove_engine(v)]
         if removed:
             fsync_dir(self.engines_dir)
         return removed
+
+    def _remove_engine(self, version: int) -> bool:
+        doomed = self.engines_dir / f"{GC_PREFIX}{version}-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.engines_dir / str(version), doomed)
+        except FileNotFoundError:
+            return False  # another collector took it
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     # ---- rollout state (written by servers only)
     def read_rollout(self) -> RolloutState:
@@ -240,17 +232,27 @@ class Registry:
     def write_rollout(self, state: RolloutState) -> None:
         write_atomic(self.rollout_path, state.to_json().encode())
 
+    def update_rollout(self, change: Callable[[RolloutState], None]) -> RolloutState:
+        """Read-modify-write of the rollout state that no concurrent one can overwrite: here under an exclusive
+        file lock (processes sharing this directory); on object storage a compare-and-swap retried on conflict
+        (contracts/object_registry.py), so `change` must only derive the new state from the one it is given.
+        An exception from `change` writes nothing."""
+        with self.rollout_lock():
+            st = self.read_rollout()
+            change(st)
+            self.write_rollout(st)
+            return st
+
     def canary_salt(self) -> bytes:
         """The secret that keys the canary user split (server/engine/canary.py): random, made once, kept in
         rollout.json, so every server sharing this registry splits users alike, across restarts too."""
         salt = self.read_rollout().canary_salt
         if not salt:
-            with self.rollout_lock():
-                st = self.read_rollout()
+            def make(st: RolloutState) -> None:
                 if not st.canary_salt:  # another server may have made it while we waited
                     st.canary_salt = secrets.token_hex(16)
-                    self.write_rollout(st)
-                salt = st.canary_salt
+
+            salt = self.update_rollout(make).canary_salt
         return bytes.fromhex(salt)
 
     @contextlib.contextmanager
@@ -281,6 +283,19 @@ ANN_FILE = "items.index"            # optional FAISS index over items.npy chosen
 LEGACY_ANN_FILE = "items.hnsw"      # the same, as engines built before the method choice named it (HNSW only)
 ANN_META_FILE = "ann.json"          # the retrieval choice: kind, search settings, recall, every candidate measured
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
+
+
+def hash_into(staging: Path, manifest: pb.EngineManifest) -> None:
+    """List every staged file (name, size, sha256) in `manifest` and stamp its creation time."""
+    del manifest.files[:]
+    for p in sorted(staging.iterdir()):
+        if p.name in (MANIFEST, SIGNATURE):
+            continue
+        if p.is_symlink() or not p.is_file():
+            raise ValueError(f"staging dir {staging}: {p.name!r} is not a regular file (engines are flat)")
+        check_name(p.name, f"staging dir {staging}")
+        manifest.files.add(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
+    manifest.created_ms = int(time.time() * 1000)
 
 
 def check_name(name: str, where: str) -> None:

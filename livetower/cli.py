@@ -76,7 +76,7 @@ def _tracing_flags() -> FlagSet:
 
 def _server_config(args):
     server, engines, batching, tls, deadlines = _server_flag_sets()
-    return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events,
+    return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events, registry=args.registry,
                             engines=config_from_args(engines, args),
                             batching=None if args.no_batching else config_from_args(batching, args),
                             tls=config_from_args(tls, args) if tls.changes(args) else None,
@@ -99,10 +99,15 @@ def _train_config(args):
                             inductor_cache_dir=args.data_dir / "inductor-cache")
 
 
-def _add_events_flag(p: argparse.ArgumentParser) -> argparse.Action:
-    return p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
-                          help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
-                               "default: the embedded SQLite log in --data-dir")
+def _add_events_flag(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """--events and --registry: where events and engines live (shared by serve, train and up's sidecar)."""
+    return [p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
+                           help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
+                                "default: the embedded SQLite log in --data-dir"),
+            p.add_argument("--registry", metavar="PATH|s3://BUCKET/PREFIX",
+                           help="engine registry: a directory, or object storage (s3://BUCKET/PREFIX[?endpoint=URL&"
+                                "region=R], AWS credentials as usual; downloads cached in --data-dir/registry-cache); "
+                                "default: --data-dir/registry")]
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -145,7 +150,7 @@ def _add_up_flags(p: argparse.ArgumentParser) -> None:
 def _trainer_argv(args) -> list[str]:
     """The events and train flags given to `up`, for its `livetower train` sidecar."""
     p = argparse.ArgumentParser(add_help=False)
-    return given_argv([_add_events_flag(p), *_add_train_flags(p)], args)
+    return given_argv([*_add_events_flag(p), *_add_train_flags(p)], args)
 
 
 class _LazyParser(argparse.ArgumentParser):
@@ -215,7 +220,7 @@ def cmd_train(args) -> int:
 
     from prometheus_client import start_http_server
 
-    from contracts.registry import Registry
+    from contracts.object_registry import open_registry
     from trainer.loop import Trainer
     from trainer.priority import lower_priority
 
@@ -242,7 +247,8 @@ def cmd_train(args) -> int:
         from contracts.eventlog import SqliteEventLog
 
         event_log = SqliteEventLog(args.data_dir / "events.sqlite")
-    trainer = Trainer(cfg, event_log, Registry(args.data_dir / "registry"), args.data_dir / "trainer",
+    registry = open_registry(args.registry or args.data_dir / "registry", args.data_dir / "registry-cache")
+    trainer = Trainer(cfg, event_log, registry, args.data_dir / "trainer",
                       ledger_path=args.ledger)
     if args.trainer_metrics_port >= 0:
         httpd, _ = start_http_server(args.trainer_metrics_port, addr="127.0.0.1", registry=trainer.metrics.registry)

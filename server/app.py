@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +28,7 @@ from prometheus_client import start_http_server
 from contracts.attribution import ImpressionWriter, read_outcomes, window_counts
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
-from contracts.registry import Registry
+from contracts.object_registry import open_registry
 from contracts.tls import TlsConfig, is_loopback
 from contracts.tracing import TRACING_OFF, Tracing, start_tracing
 from proto import livetower_v1_pb2 as pb
@@ -155,7 +156,7 @@ class LivetowerServer:
 def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tuple[LivetowerServer, int]:
     """Build (not start) the server bound to config.host:config.port (and the admin listener); returns it and the
     bound data port. admin_token: the EngineAdmin token; None: config.admin_token_path's (created if missing)."""
-    registry = Registry(config.registry_path)
+    registry = open_registry(config.registry_spec, Path(config.data_dir) / "registry-cache")
     metrics = ServerMetrics()
     history = RecentHistory(max_users=config.history_users, per_user=config.history_len,
                             max_bytes=config.history_max_bytes)

@@ -48,6 +48,8 @@ class MethodDeadlines:
 class ServerConfig:
     data_dir: Path                        # holds events.sqlite and registry/
     events_url: str | None = None         # kafka://HOST:PORT/TOPIC[?partitions=N]; None: data_dir/events.sqlite
+    registry: str | None = None           # engine registry: a directory or s3://BUCKET/PREFIX (contracts/object_registry.py;
+                                          # downloads cached in data_dir/registry-cache); None: data_dir/registry
     max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
     host: str = "127.0.0.1"               # interface the gRPC server binds
     port: int = 50051                     # gRPC port (0 = pick a free one)
@@ -109,6 +111,10 @@ class ServerConfig:
             from contracts.kafka_events import parse_events_url
 
             parse_events_url(self.events_url)  # ValueError naming what is wrong
+        if self.registry is not None and self.registry.startswith("s3://"):
+            from contracts.object_registry import s3_store
+
+            s3_store(self.registry)  # ValueError naming what is wrong
         if self.max_inflight_events < 1:
             raise ValueError(f"max_inflight_events must be >= 1, got {self.max_inflight_events}")
         if self.grace_s < 0:
@@ -131,3 +137,8 @@ class ServerConfig:
     @property
     def registry_path(self) -> Path:
         return Path(self.data_dir) / "registry"
+
+    @property
+    def registry_spec(self) -> str | Path:
+        """What open_registry opens: the configured registry, else the data dir's."""
+        return self.registry or self.registry_path

@@ -191,12 +191,9 @@ class EngineManager(ExperimentControl):
             return None
 
     def _mutate(self, change: Callable[[RolloutState], None]) -> RolloutState:
-        with self._lock, self.registry.rollout_lock():
-            st = self.registry.read_rollout()
-            change(st)
-            self.registry.write_rollout(st)
-            self.rollout = st
-            return st
+        with self._lock:
+            self.rollout = self.registry.update_rollout(change)
+            return self.rollout
 
     # ---- applying rollout state to this process
     def _set_stable(self, engine: Engine) -> None:
