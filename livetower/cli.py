@@ -18,6 +18,7 @@ from livetower.cli_engines import (ADMIN_TOKEN_ENV, DEFAULT_TARGET, add_engines_
                                    client_tls_flags, read_token)
 from livetower.cli_archive import add_archive_parser
 from livetower.cli_attribution import add_attribution_parser
+from livetower.cli_catalog import add_catalog_parser
 from livetower.cli_experiments import add_experiments_parser
 from livetower.cli_signing import add_registry_parser
 
@@ -432,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_archive_parser(sub)
     add_attribution_parser(sub)
     add_experiments_parser(sub)
+    add_catalog_parser(sub)
 
     broker = sub.add_parser("broker", help="a local Kafka-protocol broker (tansu, memory only) for trying --events")
     broker.add_argument("--port", type=int, default=9092)

@@ -1,0 +1,224 @@
+"""Item side features in the item tower: hashing, the feature encoder, and how it combines with the id embedding.
+
+nanoGPT style: plain torch math, shapes in the names. N items, C categorical slots, W text tokens, F numeric
+features, D the tower's dim, R table rows.
+
+1. `featurize` (plain Python, no torch graph): catalogue records -> integer tensors. Every categorical
+   (name, value) pair and every text token (a lower-cased word, and each char n-gram of the word with `#`
+   boundary marks, both keyed by the feature name) is hashed with BLAKE2b into a fixed vocabulary:
+   `cat_buckets` / `text_buckets` rows, row 0 = padding. Hashing needs no vocabulary file and takes unseen
+   values (a new item's title words) without growing anything; colliding pairs share a row. Numeric features
+   are passed raw with a presence mask. Stable across processes (Python's hash() is salted; BLAKE2b is not),
+   so a server that hashes the same way gets the same rows.
+2. `ItemFeatureEncoder` (tensors in, tensors out; no data-dependent control flow, so torch.export takes it):
+   categorical multi-hot = mean of EmbeddingBag rows, text = mean of EmbeddingBag rows, numeric standardised
+   with the catalogue's mean/std (buffers) and projected with its presence mask; the three summed, then a
+   residual SiLU MLP: (N, D).
+3. `combine_item_embedding`: item vector = has_id * id_embedding + feature_embedding. An item with a trained
+   id row gets both; an item without one (new, cold) gets the feature embedding alone. Training drops the
+   id part of each item occurrence with probability `id_dropout` (as DropoutNet, Volkovs et al. 2017), so
+   the feature-only vector is trained to stand alone in the same space.
+4. `FeatureTwoTower`: trainer/model.py's TwoTower with that item tower (the user tower unchanged: the history
+   is embedded from the id table as before). It holds every row's feature tensors as buffers, so
+   `encode_items(rows)` keeps TwoTower's signature and the offline training and evaluation code runs as is.
+
+The hashing is stdlib-only on purpose: when the server encodes upserted items it must move to contracts/
+(code shared by server and trainer lives in one place), not be copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contracts.catalog import CatalogRecord
+from trainer.model import INIT_STD, PAD_ROW, ModelConfig, TwoTower
+
+PAD_BUCKET = 0  # bucket 0 of each hashed vocabulary is padding (zero vector, no gradient)
+_WORD_RE = re.compile(r"[0-9a-z]+")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class FeatureConfig:
+    """The item feature encoder's shape and the hashing that feeds it."""
+
+    dim: int = 64                    # D: output size = the tower's dim (ModelConfig.dim)
+    cat_buckets: int = 1 << 14       # rows of the hashed (feature name, value) vocabulary (16,384; row 0 padding):
+                                     # ~1 MiB at D=64; the ml-100k genres need 19, a shop's brands many thousand
+    text_buckets: int = 1 << 15      # rows of the hashed (feature name, token) vocabulary (32,768; row 0 padding)
+    max_cat_values: int = 32         # C: categorical values kept per item (all categorical features together)
+    max_text_tokens: int = 96        # W: text tokens kept per item (words first, then char n-grams)
+    char_ngram: int = 3              # n of the char n-grams over each word (0 = words only)
+    numeric: tuple[str, ...] = ()    # the numeric features used, in column order (F = len); others are ignored
+    id_dropout: float = 0.5          # training: drop an occurrence's id embedding with this probability
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "max_cat_values", "max_text_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"FeatureConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("cat_buckets", "text_buckets"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
+                raise ValueError(f"FeatureConfig.{name} must be an int >= 2 (row 0 is padding), "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.char_ngram, int) or self.char_ngram < 0:
+            raise ValueError(f"FeatureConfig.char_ngram must be an int >= 0, got {self.char_ngram!r}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"FeatureConfig.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if len(set(self.numeric)) != len(self.numeric):
+            raise ValueError(f"FeatureConfig.numeric has duplicates: {self.numeric}")
+
+
+# ---- 1. records -> tensors ----
+
+def bucket(key: str, n_buckets: int) -> int:
+    """A stable hash of key into 1..n_buckets - 1 (0 is padding)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return 1 + h % (n_buckets - 1)
+
+
+def text_tokens(text: str, char_ngram: int) -> list[str]:
+    """Lower-cased words, then the char n-grams of each "#word#" (words shorter than n give none)."""
+    words = _WORD_RE.findall(text.lower())
+    grams = [f"#{w}#"[i:i + char_ngram] for w in words for i in range(len(w) + 3 - char_ngram)] \
+        if char_ngram else []
+    return [f"w:{w}" for w in words] + [f"c:{g}" for g in grams]
+
+
+class FeatureTensors(NamedTuple):
+    """Hashed features of N items (row i = item i; padding where absent)."""
+    cat_NC: Tensor       # int64 categorical buckets, PAD_BUCKET-padded
+    text_NW: Tensor      # int64 text-token buckets, PAD_BUCKET-padded
+    num_NF: Tensor       # float32 raw numeric values (0 where absent)
+    present_NF: Tensor   # float32 1 where the numeric feature is present, else 0
+
+    def index(self, rows_N: Tensor) -> FeatureTensors:
+        return FeatureTensors(*(t[rows_N] for t in self))
+
+
+def featurize(records: Sequence[CatalogRecord | None], cfg: FeatureConfig) -> FeatureTensors:
+    """records[i] -> row i of each tensor; None (e.g. the pad row) -> an all-padding row."""
+    N, C, W, Fn = len(records), cfg.max_cat_values, cfg.max_text_tokens, len(cfg.numeric)
+    cat_NC = torch.zeros(N, C, dtype=torch.int64)
+    text_NW = torch.zeros(N, W, dtype=torch.int64)
+    num_NF = torch.zeros(N, Fn)
+    present_NF = torch.zeros(N, Fn)
+    for i, r in enumerate(records):
+        if r is None:
+            continue
+        cats = [bucket(f"{name}\x1f{v}", cfg.cat_buckets) for name, vals in sorted(r.categorical.items())
+                for v in vals][:C]
+        cat_NC[i, :len(cats)] = torch.tensor(cats, dtype=torch.int64)
+        words, grams = [], []
+        for name, text in sorted(r.text.items()):
+            for t in text_tokens(text, cfg.char_ngram):
+                (words if t.startswith("w:") else grams).append(bucket(f"{name}\x1f{t}", cfg.text_buckets))
+        toks = (words + grams)[:W]
+        text_NW[i, :len(toks)] = torch.tensor(toks, dtype=torch.int64)
+        for j, name in enumerate(cfg.numeric):
+            if name in r.numeric:
+                num_NF[i, j], present_NF[i, j] = r.numeric[name], 1.0
+    return FeatureTensors(cat_NC, text_NW, num_NF, present_NF)
+
+
+# ---- 2. the encoder ----
+
+class ItemFeatureEncoder(nn.Module):
+    """(cat_NC, text_NW, num_NF, present_NF) -> (N, D) feature embedding."""
+
+    def __init__(self, cfg: FeatureConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, Fn = cfg.dim, len(cfg.numeric)
+        self.cat_bag = nn.EmbeddingBag(cfg.cat_buckets, D, mode="mean", padding_idx=PAD_BUCKET)
+        self.text_bag = nn.EmbeddingBag(cfg.text_buckets, D, mode="mean", padding_idx=PAD_BUCKET)
+        self.num_proj = nn.Linear(2 * Fn, D) if Fn else None  # [standardised values, presence] -> D
+        self.register_buffer("num_mean_F", torch.zeros(Fn))
+        self.register_buffer("num_std_F", torch.ones(Fn))
+        self.mlp_in = nn.Linear(D, 2 * D)
+        self.mlp_out = nn.Linear(2 * D, D)
+        for m in (self.cat_bag, self.text_bag):
+            nn.init.normal_(m.weight, std=INIT_STD)
+            with torch.no_grad():
+                m.weight[PAD_BUCKET].zero_()
+        for m in (self.num_proj, self.mlp_in, self.mlp_out):
+            if m is not None:
+                nn.init.normal_(m.weight, std=INIT_STD)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def fit_numeric(self, num_NF: Tensor, present_NF: Tensor) -> None:
+        """Set the standardisation from the catalogue: mean/std of each numeric feature where present."""
+        n_F = present_NF.sum(0).clamp_min(1.0)
+        mean_F = (num_NF * present_NF).sum(0) / n_F
+        var_F = (((num_NF - mean_F) * present_NF) ** 2).sum(0) / n_F
+        self.num_mean_F.copy_(mean_F)
+        self.num_std_F.copy_(torch.where(var_F > 0, var_F.sqrt(), torch.ones_like(var_F)))
+
+    def forward(self, cat_NC: Tensor, text_NW: Tensor, num_NF: Tensor, present_NF: Tensor) -> Tensor:
+        h_ND = self.cat_bag(cat_NC) + self.text_bag(text_NW)  # mean over non-padding slots; all-padding -> 0
+        if self.num_proj is not None:
+            z_NF = (num_NF - self.num_mean_F) / self.num_std_F * present_NF  # absent -> 0 (= the mean)
+            h_ND = h_ND + self.num_proj(torch.cat([z_NF, present_NF], dim=-1))
+        return h_ND + self.mlp_out(F.silu(self.mlp_in(h_ND)))  # (N, D)
+
+
+# ---- 3. id + features ----
+
+def combine_item_embedding(id_ND: Tensor, has_id_N1: Tensor, feat_ND: Tensor) -> Tensor:
+    """(N, D) item vector before the tower's projection: id row (where the item has a trained one) + features.
+    has_id_N1: 1.0 where the item has an id row, 0.0 for a feature-only item."""
+    return has_id_N1 * id_ND + feat_ND
+
+
+# ---- 4. the two-tower model with a feature item tower ----
+
+class FeatureTwoTower(TwoTower):
+    """TwoTower whose encode_items(rows) combines each row's id embedding with its feature embedding.
+
+    features: every table row's hashed features (row 0 = padding); has_id_R: 1.0 for rows whose id embedding
+    is trained (or will be), 0.0 for feature-only rows. Both are buffers (saved with the state dict)."""
+
+    def __init__(self, cfg: ModelConfig, num_rows: int, feat_cfg: FeatureConfig, features: FeatureTensors,
+                 has_id_R: Tensor):
+        super().__init__(cfg, num_rows)
+        if feat_cfg.dim != cfg.dim:
+            raise ValueError(f"FeatureConfig.dim={feat_cfg.dim} must equal ModelConfig.dim={cfg.dim}")
+        if features.cat_NC.shape[0] != num_rows or has_id_R.shape != (num_rows,):
+            raise ValueError(f"features ({features.cat_NC.shape[0]} rows) and has_id_R {tuple(has_id_R.shape)} "
+                             f"must cover the table's {num_rows} rows")
+        self.feat_cfg = feat_cfg
+        self.features = ItemFeatureEncoder(feat_cfg)
+        self.features.fit_numeric(features.num_NF, features.present_NF)
+        for name, t in zip(FeatureTensors._fields, features):
+            self.register_buffer(f"row_{name}", t.clone())
+        self.register_buffer("has_id_R", has_id_R.float().clone())
+
+    def row_features(self, rows_N: Tensor) -> FeatureTensors:
+        return FeatureTensors(self.row_cat_NC[rows_N], self.row_text_NW[rows_N], self.row_num_NF[rows_N],
+                              self.row_present_NF[rows_N])
+
+    def feature_embedding(self, rows_N: Tensor) -> Tensor:
+        """(N, D) feature-only vectors of table rows (pad rows -> 0)."""
+        if self.training:  # each distinct row once (a batch repeats popular items many times)
+            uniq_U, inv_N = torch.unique(rows_N, return_inverse=True)
+            return self.features(*self.row_features(uniq_U))[inv_N] * (rows_N != PAD_ROW).unsqueeze(-1)
+        return self.features(*self.row_features(rows_N)) * (rows_N != PAD_ROW).unsqueeze(-1)
+
+    def item_vectors(self, rows_N: Tensor) -> Tensor:
+        has_N1 = self.has_id_R[rows_N].unsqueeze(-1)
+        if self.training and self.feat_cfg.id_dropout > 0:
+            has_N1 = has_N1 * (torch.rand_like(has_N1) >= self.feat_cfg.id_dropout).to(has_N1.dtype)
+        return combine_item_embedding(self.item_embedding(rows_N), has_N1, self.feature_embedding(rows_N))
+
+    def encode_items(self, rows_N: Tensor) -> Tensor:
+        return F.normalize(self.item_proj(self.item_vectors(rows_N)), dim=-1)  # (N, out_dim)
+
+    @torch.no_grad()
+    def grow(self, num_rows: int) -> None:
+        raise NotImplementedError("FeatureTwoTower: growing the table needs the new rows' features (not built)")
