@@ -176,8 +176,9 @@ class RolloutEvent:
                          # "experiment_end"
     version: int
     stable_version: int  # stable when it happened
-    actor: str           # "operator" | "auto" | "startup"
+    actor: str           # "operator" | "auto" | "startup" | "reconcile"
     reason: str
+    replica: str = ""    # the server process that made the change (host:pid, or its --replica-id)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -193,10 +194,12 @@ class RolloutState:
     canary_salt: str = ""                                      # hex secret keying the canary user split (made once by
                                                                # Registry.canary_salt; never sent over the API)
     experiment: Experiment | None = None                       # the running experiment, or the last one ended
+    leader: str = ""                                           # replica holding the decision lease (server/engine/
+    leader_until_ms: int = 0                                   # lease.py) and when it lapses unless renewed
 
-    def record(self, action: str, version: int, actor: str, reason: str) -> RolloutEvent:
+    def record(self, action: str, version: int, actor: str, reason: str, replica: str = "") -> RolloutEvent:
         ev = RolloutEvent(time_ms=int(time.time() * 1000), action=action, version=version,
-                          stable_version=self.stable, actor=actor, reason=reason)
+                          stable_version=self.stable, actor=actor, reason=reason, replica=replica)
         self.history.append(ev)
         del self.history[:-HISTORY_KEPT]
         return ev
@@ -208,7 +211,8 @@ class RolloutState:
             "refused": {str(k): v for k, v in self.refused.items()},
             "rolled_back": {str(k): v for k, v in self.rolled_back.items()},
             "history": [asdict(e) for e in self.history], "canary_salt": self.canary_salt,
-            "experiment": self.experiment.to_dict() if self.experiment else None}, indent=1)
+            "experiment": self.experiment.to_dict() if self.experiment else None,
+            "leader": self.leader, "leader_until_ms": self.leader_until_ms}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RolloutState":
@@ -221,7 +225,8 @@ class RolloutState:
                    rolled_back={int(k): v for k, v in d.get("rolled_back", {}).items()},
                    history=[RolloutEvent(**e) for e in d.get("history", [])],
                    canary_salt=str(d.get("canary_salt", "")),
-                   experiment=Experiment.from_dict(d["experiment"]) if d.get("experiment") else None)
+                   experiment=Experiment.from_dict(d["experiment"]) if d.get("experiment") else None,
+                   leader=str(d.get("leader", "")), leader_until_ms=int(d.get("leader_until_ms", 0)))
 
     @property
     def running_experiment(self) -> Experiment | None:

@@ -44,7 +44,7 @@ def _server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                       "ingest_burst_events",
                       Flag("max_concurrent_rpcs", to_field=lambda n: None if n <= 0 else n, note="0: no cap"))
     engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
-                       "trusted_keys", "require_signature",
+                       "trusted_keys", "require_signature", "replica_id", "lease_s",
                        Flag("use_ann", name="ann"),
                        Flag("leader", name="rollout-follower", negate=True,
                             note="--workers makes every process but the first a follower"))

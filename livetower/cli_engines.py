@@ -78,7 +78,10 @@ def _policy_with(current, changes: list[str]):
 
 
 def print_rollout(r) -> None:
-    print(f"stable: {r.stable_version or '-'}   state: {r.state}   policy: {r.policy.mode}")
+    print(f"stable: {r.stable_version or '-'}   state: {r.state}   policy: {r.policy.mode}   answered by: {r.replica}")
+    if r.leader:
+        left = r.leader_until_ms / 1000 - time.time()
+        print(f"decisions: {r.leader} ({'lease ' + format(left, '.1f') + ' s left' if left > 0 else 'lease lapsed'})")
     if r.canary_version:
         age = time.time() - r.canary_started_ms / 1000 if r.canary_started_ms else 0.0
         print(f"canary: {r.canary_version} on {100 * r.canary_fraction:g}% of users for {age:.0f}s")
@@ -103,7 +106,8 @@ def print_rollout(r) -> None:
         print(f"rolled back {v}: {why}")
     for e in r.history[-10:]:
         when = time.strftime("%H:%M:%S", time.localtime(e.time_ms / 1000))
-        print(f"  {when} {e.action:<8} v{e.version:<4} (stable {e.stable_version}) by {e.actor}: {e.reason}")
+        who = f"{e.actor}@{e.replica}" if e.replica else e.actor
+        print(f"  {when} {e.action:<8} v{e.version:<4} (stable {e.stable_version}) by {who}: {e.reason}")
 
 
 def cmd_engines(args: argparse.Namespace) -> int:

@@ -287,27 +287,29 @@ class CanaryAnalysis(_message.Message):
     def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary_impressions: _Optional[int] = ..., stable_impressions: _Optional[int] = ..., canary_hit_rate: _Optional[float] = ..., stable_hit_rate: _Optional[float] = ..., hit_rate_diff: _Optional[float] = ..., hit_rate_lo: _Optional[float] = ..., hit_rate_hi: _Optional[float] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
-    __slots__ = ("time_ms", "action", "version", "stable_version", "actor", "reason")
+    __slots__ = ("time_ms", "action", "version", "stable_version", "actor", "reason", "replica")
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     time_ms: int
     action: str
     version: int
     stable_version: int
     actor: str
     reason: str
-    def __init__(self, time_ms: _Optional[int] = ..., action: _Optional[str] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    replica: str
+    def __init__(self, time_ms: _Optional[int] = ..., action: _Optional[str] = ..., version: _Optional[int] = ..., stable_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetRolloutResponse(_message.Message):
-    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms", "experiment")
+    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms", "experiment", "leader", "leader_until_ms", "replica")
     class RefusedReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +337,9 @@ class GetRolloutResponse(_message.Message):
     PENDING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CANARY_STARTED_MS_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    LEADER_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stable_version: int
     canary_version: int
     state: str
@@ -348,7 +353,10 @@ class GetRolloutResponse(_message.Message):
     pending_versions: _containers.RepeatedScalarFieldContainer[int]
     canary_started_ms: int
     experiment: Experiment
-    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ...) -> None: ...
+    leader: str
+    leader_until_ms: int
+    replica: str
+    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ..., leader: _Optional[str] = ..., leader_until_ms: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class StartCanaryRequest(_message.Message):
     __slots__ = ("version", "fraction")

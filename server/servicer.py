@@ -302,5 +302,6 @@ def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
         analysis=pb.CanaryAnalysis(verdict=v.action, reason=v.reason, **v.figures) if v else None,
         history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
         rolled_back=st.rolled_back, pending_versions=manager.pending_versions(),
-        canary_started_ms=st.canary_started_ms,
+        canary_started_ms=st.canary_started_ms, leader=st.leader, leader_until_ms=st.leader_until_ms,
+        replica=manager.replica,
         experiment=experiment_message(*status) if (status := manager.experiment_status()) else None)

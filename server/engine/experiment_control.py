@@ -38,7 +38,9 @@ class ExperimentControl:
     _outcome_counts: Callable[[int, int], dict] | None
     _outcomes_read: tuple[float, tuple[int, int], dict]
 
-    def _mutate(self, change: Callable[[RolloutState], None]) -> RolloutState: ...
+    leading: bool
+
+    def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState: ...
     def _load_or_refuse(self, version: int, actor: str) -> Engine | None: ...
     def _set_stable(self, engine: Engine) -> None: ...
     def _retire(self, engine: Engine | None) -> None: ...
@@ -114,7 +116,7 @@ class ExperimentControl:
                     st.record("promote", winner_version, actor, f"winner of experiment {x.name!r}")
                     st.stable = winner_version
 
-            st = self._mutate(end)
+            st = self._mutate(end, actor)
             if promote:
                 self._set_stable(winner)
             self._end_experiment()
@@ -184,7 +186,7 @@ class ExperimentControl:
             return
         x = running.experiment
         decision = running.decide(self.read_outcomes(x.id, x.settle_s))
-        if not self.config.leader or decision.action == "wait":
+        if not self.leading or decision.action == "wait":
             return
         version = next((a.version for a in x.arms if a.name == decision.winner), 0)
         log.info("experiment %r: %s %s", x.name, decision.action, decision.reason)

@@ -33,6 +33,7 @@ from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
+from server.engine.lease import check_holder, default_replica_id, hold
 from server.engine.loading import load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
 
@@ -51,7 +52,10 @@ class EngineManagerConfig:
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
-    leader: bool = True             # makes the automatic rollout decisions (one process per registry)
+    leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
+                                    # (server/engine/lease.py); False: never (serve --workers' followers)
+    replica_id: str = ""            # names this process in the lease and the history; "": host:pid
+    lease_s: float = 5.0            # the decision lease lapses this long after its last renewal (renewed at half)
     trusted_keys: Path | None = None  # file of trusted Ed25519 public keys (PEM blocks or 64-hex lines): a signed
                                     # engine whose manifest.sig verifies with none of them is refused
     require_signature: bool = False  # refuse engines without a manifest.sig that verifies (needs trusted_keys)
@@ -59,7 +63,7 @@ class EngineManagerConfig:
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance", "outcome_interval_s"):
+        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance", "outcome_interval_s", "lease_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.recall_tolerance < 1:
@@ -110,6 +114,8 @@ class EngineManager(ExperimentControl):
         self._retired: list[Engine] = []
         self.canary_salt = b""  # the registry's secret keying the user split; read before a canary starts
         self.experiment: RunningExperiment | None = None  # arms' engines while rollout.json names a running one
+        self.replica = config.replica_id or default_replica_id()
+        self.leading = False  # holds the decision lease (as of the last poll)
         self._outcome_counts = outcome_counts
         self._outcomes_read = (-1.0, (0, 0), {})  # (monotonic time, window, counts): reads throttled
 
@@ -190,9 +196,21 @@ class EngineManager(ExperimentControl):
             self._on_event("refused", version, 0.0)
             return None
 
-    def _mutate(self, change: Callable[[RolloutState], None]) -> RolloutState:
+    def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState:
+        """Apply `change` to the shared rollout state; the events it records name this replica. An automatic
+        decision (actor "auto") is fenced: it applies only while this replica holds the decision lease."""
+        replica = self.replica
+
+        def stamped(st: RolloutState) -> None:
+            if actor == "auto":
+                check_holder(st, replica)
+            before = {id(e) for e in st.history}
+            change(st)
+            st.history = [e if id(e) in before or e.replica else dataclasses.replace(e, replica=replica)
+                          for e in st.history]
+
         with self._lock:
-            self.rollout = self.registry.update_rollout(change)
+            self.rollout = self.registry.update_rollout(stamped)
             return self.rollout
 
     # ---- applying rollout state to this process
@@ -249,6 +267,8 @@ class EngineManager(ExperimentControl):
             self.release_retired()
             before = (self.stable, self.canary)
             st = self.registry.read_rollout()
+            if self.config.leader:
+                self.leading, st = hold(self.registry, self.replica, self.config.lease_s, st)
             self.rollout = st
             versions = set(self.registry.versions())
             if self.stable is None or self.stable.version != st.stable:
@@ -265,7 +285,7 @@ class EngineManager(ExperimentControl):
             elif self.canary is not None:
                 self.canary_fraction = st.canary_fraction
             self._reconcile_experiment(self.rollout)
-            if (self.config.leader and self.policy.mode == "auto" and self.stable and not self.canary
+            if (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
                     and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
                 if new:
@@ -334,7 +354,7 @@ class EngineManager(ExperimentControl):
                 st.canary, st.canary_fraction, st.canary_started_ms = version, fraction, int(time.time() * 1000)
                 st.record("canary", version, actor, reason or f"{100 * fraction:g}% of users")
 
-            st = self._mutate(begin)
+            st = self._mutate(begin, actor)
             self._begin_canary(engine, fraction)
             return st
 
@@ -349,7 +369,7 @@ class EngineManager(ExperimentControl):
                 st.stable = canary.version
                 st.end_canary()
 
-            st = self._mutate(promote)
+            st = self._mutate(promote, actor)
             self._set_stable(canary)
             self._end_canary()
             self._on_event("promote", canary.version, 0.0)
@@ -369,7 +389,7 @@ class EngineManager(ExperimentControl):
                     st.rolled_back[canary.version] = why
                     st.end_canary()
 
-                st = self._mutate(drop)
+                st = self._mutate(drop, actor)
                 self._end_canary()
                 self._on_event("rollback", canary.version, 0.0)
                 return st
@@ -394,7 +414,7 @@ class EngineManager(ExperimentControl):
                 st.rolled_back[current] = why
                 st.stable = previous
 
-            st = self._mutate(back)
+            st = self._mutate(back, actor)
             self._set_stable(engine)
             self._on_event("rollback", current, 0.0)
             return st
@@ -429,7 +449,7 @@ class EngineManager(ExperimentControl):
                     "the policy judges hit rate (outcome_test) but this server records no impressions"))
         verdict = analyse(stats, policy, vouch=vouch, outcome=outcome)
         self.last_verdict = verdict
-        if not (self.config.leader and self.policy.mode == "auto") or verdict.action == "wait":
+        if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict
         log.info("auto %s of canary %d: %s", verdict.action, canary.version, verdict.reason)
         act = self.promote if verdict.action == "promote" else self.rollback

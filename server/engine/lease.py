@@ -1,0 +1,61 @@
+"""The decision lease: at most one replica makes the automatic rollout decisions (auto canaries, promotions and
+rollbacks on the analysis, experiment ends) at a time, and another takes over when it dies. grpc-free.
+
+The holder and its expiry live in rollout.json and change only through Registry.update_rollout (an exclusive
+file lock, or compare-and-swap on object storage), so two replicas never both take it. The holder renews at
+half-life; once it lapses (the holder died, hung, or lost the registry) the next candidate to poll takes it and
+the history records who took it from whom. Each automatic decision is fenced: its own state change checks, in
+the same update, that the decider still holds an unexpired lease, so a holder that paused past its expiry
+cannot decide after its successor has (no decision is made twice).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from contracts.registry import Registry
+from contracts.rollout import RolloutError, RolloutState
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseHeld(Exception):
+    pass
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def hold(registry: Registry, replica: str, lease_s: float, st: RolloutState) -> tuple[bool, RolloutState]:
+    """Take or renew the lease if it is free, lapsed or ours (st: the state just read); (holding, state)."""
+    lease_ms, now = int(lease_s * 1000), _now_ms()
+    if st.leader == replica and st.leader_until_ms - now > lease_ms / 2:
+        return True, st  # renewed recently enough
+    if st.leader not in ("", replica) and st.leader_until_ms > now:
+        return False, st
+
+    def take(s: RolloutState) -> None:
+        now = _now_ms()
+        if s.leader not in ("", replica) and s.leader_until_ms > now:
+            raise LeaseHeld(s.leader)  # another candidate took it since we read
+        if s.leader != replica:
+            lapsed = f" from {s.leader} (lapsed {(now - s.leader_until_ms) / 1000:.1f} s ago)" if s.leader else ""
+            s.record("lead", 0, "auto", f"took the decision lease{lapsed}", replica)
+        s.leader, s.leader_until_ms = replica, now + lease_ms
+
+    try:
+        return True, registry.update_rollout(take)
+    except LeaseHeld:
+        return False, registry.read_rollout()
+
+
+def check_holder(st: RolloutState, replica: str) -> None:
+    """Inside an automatic decision's state change: refuse unless `replica` still holds an unexpired lease."""
+    if st.leader != replica or st.leader_until_ms <= _now_ms():
+        raise RolloutError("FAILED_PRECONDITION", f"{replica} no longer holds the decision lease (held by "
+                                                  f"{st.leader or 'nobody'}): the decision is left to the holder")
