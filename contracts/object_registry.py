@@ -191,6 +191,21 @@ class ObjectRegistry(Registry):
         super()._remove_engine(version)  # the cached copy, if any
         return True
 
+    # ---- per-replica reports
+    def write_report(self, key: str, data: bytes) -> None:
+        import obstore as obs
+
+        obs.put(self.store, f"reports/{key}", data)
+
+    def read_reports(self, group: str) -> list[bytes]:
+        out = []
+        for key in self._keys(f"reports/{group}/"):
+            try:
+                out.append(self._get(key))
+            except FileNotFoundError:
+                continue  # replaced or removed since the listing
+        return out
+
     # ---- rollout state: compare-and-swap on the ETag
     def _read_rollout_tagged(self) -> tuple[RolloutState, str | None]:
         import obstore as obs

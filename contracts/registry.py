@@ -232,6 +232,17 @@ class Registry:
     def write_rollout(self, state: RolloutState) -> None:
         write_atomic(self.rollout_path, state.to_json().encode())
 
+    # ---- per-replica reports (canary evidence merged by the lease holder: server/engine/fleet_stats.py)
+    def write_report(self, key: str, data: bytes) -> None:
+        """Replace the small object `key` ("<group>/<replica>.json") under reports/."""
+        path = self.root / "reports" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+
+    def read_reports(self, group: str) -> list[bytes]:
+        d = self.root / "reports" / group
+        return [p.read_bytes() for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
     def update_rollout(self, change: Callable[[RolloutState], None]) -> RolloutState:
         """Read-modify-write of the rollout state that no concurrent one can overwrite: here under an exclusive
         file lock (processes sharing this directory); on object storage a compare-and-swap retried on conflict

@@ -13,16 +13,27 @@ from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from server.engine.manager import EngineManager, EngineManagerConfig
 
 
-def managers(trained_dir, lease_s: float = 0.6):
-    reg = Registry(trained_dir / "registry")
-    reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="manual")))
-    cfg = dict(warmup_calls=0, lease_s=lease_s)
-    return reg, EngineManager(reg, EngineManagerConfig(replica_id="a", **cfg)), \
-        EngineManager(reg, EngineManagerConfig(replica_id="b", **cfg))
+@pytest.fixture
+def managers(trained_dir):
+    """make(lease_s) -> (registry, a, b): two candidate replicas on one registry; their shadow threads are
+    stopped after the test (a torch call on a daemon thread at interpreter exit aborts the process)."""
+    made = []
+
+    def make(lease_s: float = 0.6):
+        reg = Registry(trained_dir / "registry")
+        reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="manual")))
+        cfg = dict(warmup_calls=0, lease_s=lease_s)
+        made.extend([EngineManager(reg, EngineManagerConfig(replica_id="a", **cfg)),
+                     EngineManager(reg, EngineManagerConfig(replica_id="b", **cfg))])
+        return reg, made[-2], made[-1]
+
+    yield make
+    for m in made:
+        m.close()
 
 
-def test_one_holder_then_a_takeover_when_it_lapses(trained_dir):
-    reg, a, b = managers(trained_dir)
+def test_one_holder_then_a_takeover_when_it_lapses(managers):
+    reg, a, b = managers()
     a.poll_once()
     b.poll_once()
     assert a.leading and not b.leading and reg.read_rollout().leader == "a"
@@ -41,8 +52,8 @@ def test_one_holder_then_a_takeover_when_it_lapses(trained_dir):
     assert not a.leading and reg.read_rollout().leader == "b"
 
 
-def test_a_holder_that_paused_past_its_lease_cannot_decide(trained_dir):
-    reg, a, b = managers(trained_dir)
+def test_a_holder_that_paused_past_its_lease_cannot_decide(managers):
+    reg, a, b = managers()
     v2 = reg.publish(*stage(reg, 1, reg))
     a.poll_once()
     a.start_canary(v2, 0.5)
@@ -61,3 +72,52 @@ def test_a_holder_that_paused_past_its_lease_cannot_decide(trained_dir):
     st = reg.read_rollout()
     assert [e.action for e in st.history if e.version == v2] == ["canary", "rollback"]
     assert [e.replica for e in st.history if e.version == v2] == ["a", "b"]  # who decided
+
+
+def test_merged_report_matches_the_replicas_own_figures():
+    import numpy as np
+
+    from server.engine.canary import CanaryStats
+    from server.engine.fleet_stats import fresh, merged_figures, report
+
+    rng = np.random.default_rng(1)
+    a, b, both = CanaryStats(), CanaryStats(), CanaryStats()
+    for st, scale in ((a, 0.002), (b, 0.004)):
+        for x in rng.exponential(scale, 2000):
+            for target in (st, both):
+                target.observe(True, float(x), error=False)
+                target.observe(False, float(x) * 0.9, error=False)
+        st.observe(True, 0.0, error=True)
+        both.observe(True, 0.0, error=True)
+    merged = merged_figures(fresh([report(a, "a", 7), report(b, "b", 7), report(b, "old", 6)], 7))
+    exact = both.figures()
+    for key in ("canary_requests", "stable_requests", "canary_errors"):
+        assert merged[key] == exact[key], key
+    assert merged["canary_p99_ms"] == pytest.approx(exact["canary_p99_ms"], rel=0.04)  # one ~3 % bucket
+    assert merged["p99_ratio"] == pytest.approx(exact["p99_ratio"], rel=0.06)
+
+
+def test_the_lease_holder_judges_the_canary_on_every_replicas_traffic(managers):
+    """a's own traffic on the canary is healthy; b's saw it fail. a holds the lease and rolls it back on the
+    merged evidence (judged on its own, it would have promoted)."""
+    reg, a, b = managers(lease_s=30.0)
+    policy = CanaryPolicy(mode="auto", min_duration_s=0.0, min_requests=20, shadow_samples=1, max_error_rate=0.05)
+    reg.update_rollout(lambda st: setattr(st, "policy", policy))
+    v2 = reg.publish(*stage(reg, 1, reg))
+    a.poll_once()  # takes the lease and auto-canaries v2
+    b.poll_once()
+    assert a.leading and not b.leading and a.canary.version == v2 == b.canary.version
+    for _ in range(200):
+        a.stats.observe(True, 0.002, error=False)
+        a.stats.observe(False, 0.002, error=False)
+        b.stats.observe(False, 0.002, error=False)
+    for _ in range(40):
+        b.stats.observe(True, 0.002, error=False)
+        b.stats.observe(True, 0.0, error=True)
+    a.stats.add_shadow(0.9, [0.5] * 10, [0.5] * 10, 0.001, 0.001)
+    b.analyse_once()  # publishes b's report (b does not decide)
+    assert reg.read_rollout().canary == v2
+    a.analyse_once()
+    st = reg.read_rollout()
+    assert st.canary == 0 and v2 in st.rolled_back and "error rate" in st.rolled_back[v2], st.rolled_back
+    assert st.history[-1].replica == "a" and st.history[-1].actor == "auto"

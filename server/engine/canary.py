@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from bisect import bisect_left
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ SCORES_PER_SAMPLE = 10   # top scores of each shadow sample that enter the drift
 SCORES_KEPT = 2_000      # newest such scores per arm (bounds the KS test's cost)
 SHADOW_K = 100
 SHADOW_KEEP_QPS = 1.0    # shadow rate once policy.shadow_samples pairs are in: the estimate keeps updating
+# Live latencies are also counted in fixed log-spaced buckets (~3 % wide; one overflow bucket), mergeable across
+# replicas (server/engine/fleet_stats.py).
+LATENCY_EDGES_S = tuple(float(x) for x in np.geomspace(1e-5, 30.0, 501))
+
+
+def latency_bucket(seconds: float) -> int:
+    return bisect_left(LATENCY_EDGES_S, seconds)
 
 
 def in_canary(user_id: str, canary_version: int, fraction: float, salt: bytes) -> bool:
@@ -74,6 +82,7 @@ class CanaryStats:
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self.latency_s = {True: deque(maxlen=LIVE_KEPT), False: deque(maxlen=LIVE_KEPT)}  # is_canary -> seconds
+        self.latency_hist: dict[bool, dict[int, int]] = {True: {}, False: {}}  # is_canary -> bucket -> count
         self.requests = {True: 0, False: 0}
         self.errors = {True: 0, False: 0}
         self.queries: deque[RecommendQuery] = deque(maxlen=256)  # recent live queries for the shadow
@@ -88,6 +97,8 @@ class CanaryStats:
                 self.errors[is_canary] += 1
             else:
                 self.latency_s[is_canary].append(seconds)
+                hist, b = self.latency_hist[is_canary], latency_bucket(seconds)
+                hist[b] = hist.get(b, 0) + 1
 
     def offer(self, query: RecommendQuery) -> None:
         self.queries.append(query)
@@ -139,11 +150,12 @@ NO_OUTCOME = {"canary_impressions": 0, "stable_impressions": 0, "canary_hit_rate
 
 
 def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None,
-            outcome: NonInferiority | None = None) -> Verdict:
+            outcome: NonInferiority | None = None, fleet: dict[str, float] | None = None) -> Verdict:
     """vouch: quality_vouch() of the canary; when set, low overlap and large drift do not roll back.
     outcome: the hit-rate test when the policy runs one (policy.outcome_test): a promotion also needs its
-    "pass", its "fail" rolls back."""
-    f = {**stats.figures(), **(outcome.figures() if outcome else NO_OUTCOME)}
+    "pass", its "fail" rolls back. fleet: figures merged over every replica's report (fleet_stats.py), judged
+    instead of this process's own."""
+    f = {**(fleet or stats.figures()), **(outcome.figures() if outcome else NO_OUTCOME)}
     n_c, err_c = f["canary_requests"], f["canary_errors"]
 
     def verdict(action: str, reason: str) -> Verdict:

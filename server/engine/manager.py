@@ -31,8 +31,10 @@ from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from contracts.signing import ManifestTrust
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.canary_control import CanaryControl
 from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
+from server.engine.fleet_stats import CanaryReports
 from server.engine.lease import check_holder, default_replica_id, hold
 from server.engine.loading import load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
@@ -85,7 +87,7 @@ EngineLoader = Callable[[Registry, int, EngineManagerConfig], Engine]
 OutcomeCounts = Callable[[int, int], dict[tuple[str, int], tuple[int, int]]]
 
 
-class EngineManager(ExperimentControl):
+class EngineManager(CanaryControl, ExperimentControl):
     def __init__(self, registry: Registry, config: EngineManagerConfig,
                  on_event: Callable[[str, int, float], None] | None = None, *,  # (kind, version, value)
                  loader: EngineLoader | None = None,  # None: load_from_registry
@@ -116,6 +118,7 @@ class EngineManager(ExperimentControl):
         self.experiment: RunningExperiment | None = None  # arms' engines while rollout.json names a running one
         self.replica = config.replica_id or default_replica_id()
         self.leading = False  # holds the decision lease (as of the last poll)
+        self._reports = CanaryReports(registry, self.replica)  # the running canary's evidence from every replica
         self._outcome_counts = outcome_counts
         self._outcomes_read = (-1.0, (0, 0), {})  # (monotonic time, window, counts): reads throttled
 
@@ -229,6 +232,7 @@ class EngineManager(ExperimentControl):
             self.canary_salt = self.registry.canary_salt()
         stats = CanaryStats()
         self.stats, self.canary_fraction = stats, fraction
+        self._reports = CanaryReports(self.registry, self.replica)
         self.canary = engine
         if self.config.leader and self.stable is not None:
             self._shadow = ShadowScorer(self.stable, engine, stats, self.policy,
@@ -333,100 +337,6 @@ class EngineManager(ExperimentControl):
                 return
         self.state = "no_engine"
 
-    # ---- operations (blocking; call off the event loop)
-    def start_canary(self, version: int, fraction: float = 0.0, *, actor: str = "operator",
-                     reason: str = "") -> RolloutState:
-        fraction = fraction or self.policy.fraction
-        if not 0 < fraction < 1:
-            raise RolloutError("INVALID_ARGUMENT", f"fraction must be in (0, 1), got {fraction}")
-        with self._lock:
-            self.require_idle("a canary")
-            if version == self.stable.version:
-                raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
-            if version not in self.registry.versions():
-                raise RolloutError("NOT_FOUND", f"engine {version} is not published; see ListEngines")
-            engine = self._load_or_refuse(version, actor)
-            if engine is None:
-                raise RolloutError("FAILED_PRECONDITION", f"engine {version} refused: "
-                                                          f"{self.rollout.refused.get(version, '')}")
-
-            def begin(st: RolloutState) -> None:
-                st.canary, st.canary_fraction, st.canary_started_ms = version, fraction, int(time.time() * 1000)
-                st.record("canary", version, actor, reason or f"{100 * fraction:g}% of users")
-
-            st = self._mutate(begin, actor)
-            self._begin_canary(engine, fraction)
-            return st
-
-    def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
-        with self._lock:
-            canary = self.canary
-            if canary is None or (expect and canary.version != expect):
-                raise RolloutError("FAILED_PRECONDITION", "no canary to promote")
-
-            def promote(st: RolloutState) -> None:
-                st.record("promote", canary.version, actor, reason or "promoted by an operator")
-                st.stable = canary.version
-                st.end_canary()
-
-            st = self._mutate(promote, actor)
-            self._set_stable(canary)
-            self._end_canary()
-            self._on_event("promote", canary.version, 0.0)
-            return st
-
-    def rollback(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
-        """Drop the canary; with none, go back to the stable version before the current one."""
-        with self._lock:
-            canary = self.canary
-            if canary is not None:
-                if expect and canary.version != expect:
-                    raise RolloutError("FAILED_PRECONDITION", f"canary is {canary.version}, not {expect}")
-                why = reason or "rolled back by an operator"
-
-                def drop(st: RolloutState) -> None:
-                    st.record("rollback", canary.version, actor, why)
-                    st.rolled_back[canary.version] = why
-                    st.end_canary()
-
-                st = self._mutate(drop, actor)
-                self._end_canary()
-                self._on_event("rollback", canary.version, 0.0)
-                return st
-            if self.stable is None:
-                raise RolloutError("FAILED_PRECONDITION", "nothing is serving: nothing to roll back")
-            if self.experiment is not None:
-                raise RolloutError("FAILED_PRECONDITION", f"stable is the control of experiment "
-                                                          f"{self.experiment.experiment.name!r}; stop it first")
-            current = self.stable.version
-            previous = next((e.stable_version for e in reversed(self.rollout.history)
-                             if e.action == "promote" and e.version == current and e.stable_version), 0)
-            if not previous:
-                raise RolloutError("FAILED_PRECONDITION", f"engine {current} was not promoted from another "
-                                                          "version: nothing to roll back to")
-            engine = self._load_or_refuse(previous, actor)
-            if engine is None:
-                raise RolloutError("FAILED_PRECONDITION", f"previous stable engine {previous} was refused")
-            why = reason or f"rolled back to {previous} by an operator"
-
-            def back(st: RolloutState) -> None:
-                st.record("rollback", current, actor, why)
-                st.rolled_back[current] = why
-                st.stable = previous
-
-            st = self._mutate(back, actor)
-            self._set_stable(engine)
-            self._on_event("rollback", current, 0.0)
-            return st
-
-    def set_policy(self, policy: CanaryPolicy, *, actor: str = "operator") -> RolloutState:
-        def change(st: RolloutState) -> None:
-            st.policy = policy
-            st.record("policy", 0, actor, f"mode={policy.mode} fraction={policy.fraction} "
-                                          f"min_requests={policy.min_requests}")
-
-        return self._mutate(change)
-
     # ---- automatic decisions
     def analyse_once(self) -> Verdict | None:
         """Analyse the running canary (or experiment); in auto mode (leader) act on the verdict. Blocking."""
@@ -447,7 +357,8 @@ class EngineManager(ExperimentControl):
             if self._outcome_counts is None:
                 outcome = dataclasses.replace(outcome, action="fail", reason=(
                     "the policy judges hit rate (outcome_test) but this server records no impressions"))
-        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome)
+        fleet = self._reports.tick(canary.version, stats, self.leading)
+        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet)
         self.last_verdict = verdict
         if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict
@@ -458,6 +369,10 @@ class EngineManager(ExperimentControl):
         except RolloutError as e:  # an operator acted first
             log.info("auto %s of %d skipped: %s", verdict.action, canary.version, e)
         return verdict
+
+    def close(self) -> None:
+        """Stop this process's canary work (its shadow thread); run() does this when it stops."""
+        self._end_canary()
 
     async def run(self, stop: asyncio.Event) -> None:
         next_poll = 0.0

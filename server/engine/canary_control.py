@@ -1,0 +1,131 @@
+"""Canary operations of the EngineManager (a mixin: the manager's concern split by file): start a canary,
+promote it, roll it back (or roll stable back to the version before it), set the policy. Blocking; call off the
+event loop. grpc-free. Every change goes through the manager's _mutate: one read-modify-write of the shared
+rollout state, fenced on the decision lease when the actor is "auto".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
+from server.engine.engine import Engine
+
+if TYPE_CHECKING:
+    import threading
+
+    from contracts.registry import Registry
+
+
+class CanaryControl:
+    # Provided by EngineManager (and ExperimentControl):
+    registry: "Registry"
+    _lock: "threading.RLock"
+    stable: Engine | None
+    canary: Engine | None
+    rollout: RolloutState
+
+    if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
+        @property
+        def policy(self) -> CanaryPolicy: ...
+        def require_idle(self, starting: str) -> None: ...
+        def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState: ...
+        def _load_or_refuse(self, version: int, actor: str) -> Engine | None: ...
+        def _begin_canary(self, engine: Engine, fraction: float) -> None: ...
+        def _end_canary(self) -> None: ...
+        def _set_stable(self, engine: Engine) -> None: ...
+        def _on_event(self, kind: str, version: int, value: float) -> None: ...
+
+    def start_canary(self, version: int, fraction: float = 0.0, *, actor: str = "operator",
+                     reason: str = "") -> RolloutState:
+        fraction = fraction or self.policy.fraction
+        if not 0 < fraction < 1:
+            raise RolloutError("INVALID_ARGUMENT", f"fraction must be in (0, 1), got {fraction}")
+        with self._lock:
+            self.require_idle("a canary")
+            if version == self.stable.version:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
+            if version not in self.registry.versions():
+                raise RolloutError("NOT_FOUND", f"engine {version} is not published; see ListEngines")
+            engine = self._load_or_refuse(version, actor)
+            if engine is None:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {version} refused: "
+                                                          f"{self.rollout.refused.get(version, '')}")
+
+            def begin(st: RolloutState) -> None:
+                st.canary, st.canary_fraction, st.canary_started_ms = version, fraction, int(time.time() * 1000)
+                st.record("canary", version, actor, reason or f"{100 * fraction:g}% of users")
+
+            st = self._mutate(begin, actor)
+            self._begin_canary(engine, fraction)
+            return st
+
+    def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
+        with self._lock:
+            canary = self.canary
+            if canary is None or (expect and canary.version != expect):
+                raise RolloutError("FAILED_PRECONDITION", "no canary to promote")
+
+            def promote(st: RolloutState) -> None:
+                st.record("promote", canary.version, actor, reason or "promoted by an operator")
+                st.stable = canary.version
+                st.end_canary()
+
+            st = self._mutate(promote, actor)
+            self._set_stable(canary)
+            self._end_canary()
+            self._on_event("promote", canary.version, 0.0)
+            return st
+
+    def rollback(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
+        """Drop the canary; with none, go back to the stable version before the current one."""
+        with self._lock:
+            canary = self.canary
+            if canary is not None:
+                if expect and canary.version != expect:
+                    raise RolloutError("FAILED_PRECONDITION", f"canary is {canary.version}, not {expect}")
+                why = reason or "rolled back by an operator"
+
+                def drop(st: RolloutState) -> None:
+                    st.record("rollback", canary.version, actor, why)
+                    st.rolled_back[canary.version] = why
+                    st.end_canary()
+
+                st = self._mutate(drop, actor)
+                self._end_canary()
+                self._on_event("rollback", canary.version, 0.0)
+                return st
+            if self.stable is None:
+                raise RolloutError("FAILED_PRECONDITION", "nothing is serving: nothing to roll back")
+            if self.experiment is not None:
+                raise RolloutError("FAILED_PRECONDITION", f"stable is the control of experiment "
+                                                          f"{self.experiment.experiment.name!r}; stop it first")
+            current = self.stable.version
+            previous = next((e.stable_version for e in reversed(self.rollout.history)
+                             if e.action == "promote" and e.version == current and e.stable_version), 0)
+            if not previous:
+                raise RolloutError("FAILED_PRECONDITION", f"engine {current} was not promoted from another "
+                                                          "version: nothing to roll back to")
+            engine = self._load_or_refuse(previous, actor)
+            if engine is None:
+                raise RolloutError("FAILED_PRECONDITION", f"previous stable engine {previous} was refused")
+            why = reason or f"rolled back to {previous} by an operator"
+
+            def back(st: RolloutState) -> None:
+                st.record("rollback", current, actor, why)
+                st.rolled_back[current] = why
+                st.stable = previous
+
+            st = self._mutate(back, actor)
+            self._set_stable(engine)
+            self._on_event("rollback", current, 0.0)
+            return st
+
+    def set_policy(self, policy: CanaryPolicy, *, actor: str = "operator") -> RolloutState:
+        def change(st: RolloutState) -> None:
+            st.policy = policy
+            st.record("policy", 0, actor, f"mode={policy.mode} fraction={policy.fraction} "
+                                          f"min_requests={policy.min_requests}")
+
+        return self._mutate(change)
