@@ -331,11 +331,13 @@ class Joiner:
     one committed transaction per `step`."""
 
     def __init__(self, data_dir: Path, cfg: JoinConfig = JoinConfig(), *, event_log: SqliteEventLog | None = None,
-                 source: JoinSource | None = None):
+                 source: JoinSource | None = None, owns_source: bool = False):
+        """source: None reads the data dir's SQLite log (event_log, when given, is that log opened by the caller).
+        owns_source: close() closes the source handed in too (one it made itself, it always closes)."""
         self.cfg = cfg
         self.conn = connect(Path(data_dir) / ATTRIBUTION_FILE)
         self.source = source or LogJoinSource(Path(data_dir), event_log)
-        self._own_source = source is None
+        self._own_source = source is None or owns_source
         self.conn.execute("INSERT OR IGNORE INTO joiner_state (name, next_offset, unknown_events, updated_ms)"
                           " VALUES (?, 1, 0, ?)", (JOINER, int(time.time() * 1000)))
 

@@ -43,9 +43,12 @@ def is_object_url(spec: str | Path) -> bool:
     return isinstance(spec, str) and spec.startswith("s3://")
 
 
-def open_registry(spec: str | Path, cache_dir: Path) -> Registry:
-    """A local directory (a path), or object storage (s3://...) cached under cache_dir."""
-    return ObjectRegistry(spec, cache_dir) if is_object_url(spec) else Registry(Path(spec))
+def open_registry(spec: str | Path | None, data_dir: Path) -> Registry:
+    """`--registry`: None is the data dir's own (<data_dir>/registry); a path is a local directory; s3://... is
+    object storage, downloaded into <data_dir>/registry-cache."""
+    if spec is None:
+        return Registry(Path(data_dir) / "registry")
+    return ObjectRegistry(spec, Path(data_dir) / "registry-cache") if is_object_url(spec) else Registry(Path(spec))
 
 
 def s3_store(url: str):

@@ -248,7 +248,7 @@ def cmd_train(args) -> int:
         from contracts.eventlog import SqliteEventLog
 
         event_log = SqliteEventLog(args.data_dir / "events.sqlite")
-    registry = open_registry(args.registry or args.data_dir / "registry", args.data_dir / "registry-cache")
+    registry = open_registry(args.registry, args.data_dir)
     trainer = Trainer(cfg, event_log, registry, args.data_dir / "trainer",
                       ledger_path=args.ledger)
     if args.trainer_metrics_port >= 0:

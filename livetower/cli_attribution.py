@@ -54,7 +54,7 @@ def open_joiner(data_dir: Path, cfg: JoinConfig, events_url: str | None) -> Join
 
     source = KafkaJoinSource(parse_events_url(events_url))
     try:
-        return Joiner(data_dir, cfg, source=source)
+        return Joiner(data_dir, cfg, source=source, owns_source=True)
     except BaseException:
         source.close()
         raise
@@ -71,8 +71,6 @@ def cmd_join(args) -> int:
     finally:
         log.info("attribution joiner stopped at %s", joiner.positions())
         joiner.close()
-        if args.events is not None:
-            joiner.source.close()
     return 0
 
 
@@ -117,8 +115,6 @@ def joiner_thread(data_dir: Path, cfg: JoinConfig = JoinConfig(), events_url: st
             finally:
                 if joiner is not None:
                     joiner.close()
-                    if events_url is not None:
-                        joiner.source.close()
 
     t = threading.Thread(target=run, name="attribution-joiner", daemon=True)
     t.start()

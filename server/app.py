@@ -17,7 +17,6 @@ import gc
 import logging
 import signal
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import grpc
@@ -156,7 +155,7 @@ class LivetowerServer:
 def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tuple[LivetowerServer, int]:
     """Build (not start) the server bound to config.host:config.port (and the admin listener); returns it and the
     bound data port. admin_token: the EngineAdmin token; None: config.admin_token_path's (created if missing)."""
-    registry = open_registry(config.registry_spec, Path(config.data_dir) / "registry-cache")
+    registry = open_registry(config.registry, config.data_dir)
     metrics = ServerMetrics()
     history = RecentHistory(max_users=config.history_users, per_user=config.history_len,
                             max_bytes=config.history_max_bytes)

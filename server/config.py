@@ -48,8 +48,9 @@ class MethodDeadlines:
 class ServerConfig:
     data_dir: Path                        # holds events.sqlite and registry/
     events_url: str | None = None         # kafka://HOST:PORT/TOPIC[?partitions=N]; None: data_dir/events.sqlite
-    registry: str | None = None           # engine registry: a directory or s3://BUCKET/PREFIX (contracts/object_registry.py;
-                                          # downloads cached in data_dir/registry-cache); None: data_dir/registry
+    registry: str | None = None           # engine registry: a directory, or s3://BUCKET/PREFIX (cached in
+                                          # data_dir/registry-cache; contracts/object_registry.py);
+                                          # None: data_dir/registry
     max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
     host: str = "127.0.0.1"               # interface the gRPC server binds
     port: int = 50051                     # gRPC port (0 = pick a free one)
@@ -134,11 +135,3 @@ class ServerConfig:
     def admin_token_path(self) -> Path:
         return Path(self.admin_token_file) if self.admin_token_file else Path(self.data_dir) / "admin.token"
 
-    @property
-    def registry_path(self) -> Path:
-        return Path(self.data_dir) / "registry"
-
-    @property
-    def registry_spec(self) -> str | Path:
-        """What open_registry opens: the configured registry, else the data dir's."""
-        return self.registry or self.registry_path

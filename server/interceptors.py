@@ -3,8 +3,8 @@ metrics, and (when tracing is on) the request's span.
 
 The request span (SERVER kind, named "<package.Service>/<Method>") is the parent of the batcher's spans
 (server/batching.py) and carries: rpc.system/service/method, livetower.request_id, rpc.grpc.status_code,
-livetower.engine_version, livetower.canary, livetower.arm and rpc.serialize_ms (with tracing on, the response is serialised
-here, not by grpc, so that its cost is timed). A W3C traceparent in the request metadata makes it a child of
+livetower.engine_version, livetower.canary, livetower.arm and rpc.serialize_ms (with tracing on, the response is
+serialised here, not by grpc, so that its cost is timed). A W3C traceparent in the request metadata makes it a child of
 the caller's span."""
 
 from __future__ import annotations

@@ -204,12 +204,14 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
     async def GetRollout(self, request, context) -> pb.GetRolloutResponse:
         return await asyncio.to_thread(rollout_response, self.manager)
 
-    async def _operate(self, context, op: Callable[[], object]) -> pb.GetRolloutResponse:
+    async def _operate(self, context, op: Callable[[], object], respond: Callable[[EngineManager], T] | None = None):
+        """Run a rollout operation off the event loop (RolloutError -> its status), then answer with
+        respond(manager): the rollout by default."""
         try:
             await asyncio.to_thread(op)
         except RolloutError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        return await asyncio.to_thread(rollout_response, self.manager)
+        return await asyncio.to_thread(respond or rollout_response, self.manager)
 
     async def StartCanary(self, request: pb.StartCanaryRequest, context) -> pb.GetRolloutResponse:
         if request.version <= 0:
@@ -255,11 +257,7 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             reason=request.reason, winner_version=v, promote=bool(v), decision="stopped"))
 
     async def _experiment(self, context, op: Callable[[], object]) -> pb.Experiment:
-        try:
-            await asyncio.to_thread(op)
-        except RolloutError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        status = await asyncio.to_thread(self.manager.experiment_status)
+        status = await self._operate(context, op, EngineManager.experiment_status)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no experiment has run on this registry; start one with "
                                                            "StartExperiment (livetower experiments start)")

@@ -67,10 +67,11 @@ def test_publish_download_verify_and_refuse_a_changed_object(trained_dir, url, t
     local = Registry(trained_dir / "registry")
     writer = ObjectRegistry(url, tmp_path / "writer-cache")
     assert writer.versions() == [] and copy_engine(local, 1, writer) == 1
-    reader = open_registry(url, tmp_path / "reader-cache")
+    reader = open_registry(url, tmp_path / "reader")
     assert isinstance(reader, ObjectRegistry) and reader.versions() == [1]
     m = reader.verify(1)  # downloaded into the reader's cache, every file hashed
-    assert m.version == 1 and (tmp_path / "reader-cache" / "engines" / "1" / "items.npy").is_file()
+    assert m.version == 1 and (tmp_path / "reader" / "registry-cache" / "engines" / "1" / "items.npy").is_file()
+    assert open_registry(None, tmp_path / "local").root == tmp_path / "local" / "registry"
     # a file changed in the bucket: a fresh reader downloads it and refuses it
     obs.put(writer.store, "engines/1/items.npy", b"not the engine")
     with pytest.raises(EngineCorrupt, match="items.npy"):

@@ -112,6 +112,20 @@ class CanaryStats:
             self.engine_s[True].append(canary_s)
             self.engine_s[False].append(stable_s)
 
+    def mergeable(self, samples: int) -> dict:
+        """What another process needs to merge this evidence with its own (server/engine/fleet_stats.py):
+        counts, latency buckets, shadow sums, and the newest `samples` scores and paired times per arm."""
+        with self._lock:
+            return {
+                "elapsed_s": time.monotonic() - self.started,
+                "requests": [self.requests[True], self.requests[False]],
+                "errors": [self.errors[True], self.errors[False]],
+                "latency_hist": [{str(i): n for i, n in self.latency_hist[arm].items()} for arm in (True, False)],
+                "overlap_sum": float(sum(self.overlaps)), "overlap_n": len(self.overlaps),
+                "scores": [list(self.scores[arm])[-samples:] for arm in (True, False)],
+                "engine_s": [self.engine_s[arm][-samples:] for arm in (True, False)],
+            }
+
     def figures(self) -> dict[str, float]:
         # Copy under the lock, compute outside it: observe() runs on the event loop and must not wait.
         with self._lock:

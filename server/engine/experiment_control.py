@@ -36,7 +36,7 @@ class ExperimentControl:
     rollout: RolloutState
     canary_salt: bytes
     _outcome_counts: Callable[[int, int], dict] | None
-    _outcomes_read: tuple[float, tuple[int, int], dict]
+    _outcomes_read: tuple[float, int, dict]
 
     leading: bool
 
@@ -45,6 +45,7 @@ class ExperimentControl:
         def _load_or_refuse(self, version: int, actor: str) -> Engine | None: ...
         def _set_stable(self, engine: Engine) -> None: ...
         def _retire(self, engine: Engine | None) -> None: ...
+        def split_salt(self) -> bytes: ...
 
     def require_idle(self, starting: str) -> None:
         """Raise unless stable serves and neither a canary nor an experiment runs (each needs stable to itself)."""
@@ -98,7 +99,7 @@ class ExperimentControl:
             if running is None or (expect_id and running.experiment.id != expect_id):
                 raise RolloutError("FAILED_PRECONDITION", "no experiment is running")
             x = running.experiment
-            winner = next((running.engines[a.name] for a in x.arms if a.version == winner_version), None)
+            winner = self.arm_engine(winner_version) if winner_version else None
             if winner_version and winner is None:
                 raise RolloutError("INVALID_ARGUMENT", f"engine {winner_version} is not an arm of experiment "
                                                        f"{x.name!r} (arms: {[a.version for a in x.arms]})")
@@ -125,9 +126,7 @@ class ExperimentControl:
 
     # ---- this process
     def _begin_experiment(self, x: Experiment, engines: dict[str, Engine]) -> None:
-        if not self.canary_salt:  # never under the rollout lock (flock would wait for itself)
-            self.canary_salt = self.registry.canary_salt()
-        self.experiment = RunningExperiment(x, engines, self.canary_salt)
+        self.experiment = RunningExperiment(x, engines, self.split_salt())
         log.info("experiment %r: %s", x.name, ", ".join(f"{a.name}=engine {a.version} on {100 * a.fraction:g}%"
                                                         for a in x.arms))
 
@@ -172,13 +171,13 @@ class ExperimentControl:
     def read_outcomes(self, served_from_ms: int, settle_s: float) -> dict[tuple[str, int], tuple[int, int]]:
         """Attribution counts over [served_from_ms, now - settle_s); at most one store read per
         config.outcome_interval_s for the same window start."""
-        at, window, counts = self._outcomes_read
+        at, window_start, counts = self._outcomes_read
         now = time.monotonic()
-        if window[0] == served_from_ms and now - at < self.config.outcome_interval_s:
+        if window_start == served_from_ms and now - at < self.config.outcome_interval_s:
             return counts
         to_ms = int(time.time() * 1000 - settle_s * 1000)
         counts = self._outcome_counts(served_from_ms, to_ms) if self._outcome_counts else {}
-        self._outcomes_read = (now, (served_from_ms, to_ms), counts)
+        self._outcomes_read = (now, served_from_ms, counts)
         return counts
 
     def analyse_experiment(self) -> None:

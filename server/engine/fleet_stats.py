@@ -26,19 +26,8 @@ FRESH_S = 10.0           # reports older than this are left out (a replica that 
 
 
 def report(stats: CanaryStats, replica: str, canary_version: int) -> bytes:
-    with stats._lock:
-        hist = {arm: {str(i): int(n) for i, n in stats.latency_hist[arm].items()} for arm in (True, False)}
-        body = {
-            "replica": replica, "canary_version": canary_version, "time_ms": int(time.time() * 1000),
-            "elapsed_s": time.monotonic() - stats.started,
-            "requests": [stats.requests[True], stats.requests[False]],
-            "errors": [stats.errors[True], stats.errors[False]],
-            "latency_hist": [hist[True], hist[False]],
-            "overlap_sum": float(sum(stats.overlaps)), "overlap_n": len(stats.overlaps),
-            "scores": [list(stats.scores[True])[-REPORT_SAMPLES:], list(stats.scores[False])[-REPORT_SAMPLES:]],
-            "engine_s": [stats.engine_s[True][-REPORT_SAMPLES:], stats.engine_s[False][-REPORT_SAMPLES:]],
-        }
-    return json.dumps(body).encode()
+    return json.dumps({"replica": replica, "canary_version": canary_version, "time_ms": int(time.time() * 1000),
+                       **stats.mergeable(REPORT_SAMPLES)}).encode()
 
 
 def fresh(raw_reports: list[bytes], canary_version: int, now_ms: int | None = None) -> list[dict]:

@@ -120,7 +120,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.leading = False  # holds the decision lease (as of the last poll)
         self._reports = CanaryReports(registry, self.replica)  # the running canary's evidence from every replica
         self._outcome_counts = outcome_counts
-        self._outcomes_read = (-1.0, (0, 0), {})  # (monotonic time, window, counts): reads throttled
+        self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
 
     @property
     def current(self) -> Engine | None:
@@ -228,8 +228,7 @@ class EngineManager(CanaryControl, ExperimentControl):
 
     def _begin_canary(self, engine: Engine, fraction: float) -> None:
         self._end_canary()
-        if not self.canary_salt:  # never under the rollout lock (flock would wait for itself)
-            self.canary_salt = self.registry.canary_salt()
+        self.split_salt()
         stats = CanaryStats()
         self.stats, self.canary_fraction = stats, fraction
         self._reports = CanaryReports(self.registry, self.replica)
@@ -239,6 +238,13 @@ class EngineManager(CanaryControl, ExperimentControl):
                                         lambda: self._user_histories()).start()
         self._on_event("canary", engine.version, fraction)
         log.info("canary engine %d serves %.1f%% of users", engine.version, 100 * fraction)
+
+    def split_salt(self) -> bytes:
+        """The registry's secret keying every user split (canary and experiments); read once, never under the
+        rollout lock (flock would wait for itself)."""
+        if not self.canary_salt:
+            self.canary_salt = self.registry.canary_salt()
+        return self.canary_salt
 
     def _retire(self, engine: Engine | None) -> None:
         if engine is not None and engine is not self.stable and engine is not self.canary:
