@@ -38,9 +38,10 @@ def free_port() -> int:
 class LocalBroker:
     """`with LocalBroker() as b: b.bootstrap` — a fresh, empty broker on a free loopback port."""
 
-    def __init__(self, port: int | None = None, *, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, *, log_path: Path | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host  # the address it listens on and advertises (another host's: benchmarks/fleet_hosts.py)
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.bootstrap = f"{host}:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
@@ -56,7 +57,7 @@ class LocalBroker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with code {self.proc.returncode} on port {self.port}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)

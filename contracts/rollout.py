@@ -196,6 +196,8 @@ class RolloutState:
     experiment: Experiment | None = None                       # the running experiment, or the last one ended
     leader: str = ""                                           # replica holding the decision lease (server/engine/
     leader_until_ms: int = 0                                   # lease.py) and when it lapses unless renewed
+    leader_address: str = ""                                   # HOST:PORT of the holder's admin listener: where
+                                                               # other replicas send operators (fleet mode)
 
     def record(self, action: str, version: int, actor: str, reason: str, replica: str = "") -> RolloutEvent:
         ev = RolloutEvent(time_ms=int(time.time() * 1000), action=action, version=version,
@@ -212,7 +214,8 @@ class RolloutState:
             "rolled_back": {str(k): v for k, v in self.rolled_back.items()},
             "history": [asdict(e) for e in self.history], "canary_salt": self.canary_salt,
             "experiment": self.experiment.to_dict() if self.experiment else None,
-            "leader": self.leader, "leader_until_ms": self.leader_until_ms}, indent=1)
+            "leader": self.leader, "leader_until_ms": self.leader_until_ms,
+            "leader_address": self.leader_address}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "RolloutState":
@@ -226,7 +229,8 @@ class RolloutState:
                    history=[RolloutEvent(**e) for e in d.get("history", [])],
                    canary_salt=str(d.get("canary_salt", "")),
                    experiment=Experiment.from_dict(d["experiment"]) if d.get("experiment") else None,
-                   leader=str(d.get("leader", "")), leader_until_ms=int(d.get("leader_until_ms", 0)))
+                   leader=str(d.get("leader", "")), leader_until_ms=int(d.get("leader_until_ms", 0)),
+                   leader_address=str(d.get("leader_address", "")))
 
     @property
     def running_experiment(self) -> Experiment | None:

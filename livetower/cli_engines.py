@@ -81,7 +81,8 @@ def print_rollout(r) -> None:
     print(f"stable: {r.stable_version or '-'}   state: {r.state}   policy: {r.policy.mode}   answered by: {r.replica}")
     if r.leader:
         left = r.leader_until_ms / 1000 - time.time()
-        print(f"decisions: {r.leader} ({'lease ' + format(left, '.1f') + ' s left' if left > 0 else 'lease lapsed'})")
+        at = f" at {r.leader_address}" if r.leader_address else ""
+        print(f"decisions: {r.leader}{at} ({'lease ' + format(left, '.1f') + ' s left' if left > 0 else 'lease lapsed'})")
     if r.canary_version:
         age = time.time() - r.canary_started_ms / 1000 if r.canary_started_ms else 0.0
         print(f"canary: {r.canary_version} on {100 * r.canary_fraction:g}% of users for {age:.0f}s")

@@ -309,7 +309,7 @@ class GetRolloutRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRolloutResponse(_message.Message):
-    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms", "experiment", "leader", "leader_until_ms", "replica")
+    __slots__ = ("stable_version", "canary_version", "state", "refused_versions", "refused_reasons", "canary_fraction", "policy", "analysis", "history", "rolled_back", "pending_versions", "canary_started_ms", "experiment", "leader", "leader_until_ms", "replica", "leader_address")
     class RefusedReasonsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +340,7 @@ class GetRolloutResponse(_message.Message):
     LEADER_FIELD_NUMBER: _ClassVar[int]
     LEADER_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     stable_version: int
     canary_version: int
     state: str
@@ -356,7 +357,8 @@ class GetRolloutResponse(_message.Message):
     leader: str
     leader_until_ms: int
     replica: str
-    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ..., leader: _Optional[str] = ..., leader_until_ms: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+    leader_address: str
+    def __init__(self, stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., state: _Optional[str] = ..., refused_versions: _Optional[_Iterable[int]] = ..., refused_reasons: _Optional[_Mapping[int, str]] = ..., canary_fraction: _Optional[float] = ..., policy: _Optional[_Union[CanaryPolicy, _Mapping]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., rolled_back: _Optional[_Mapping[int, str]] = ..., pending_versions: _Optional[_Iterable[int]] = ..., canary_started_ms: _Optional[int] = ..., experiment: _Optional[_Union[Experiment, _Mapping]] = ..., leader: _Optional[str] = ..., leader_until_ms: _Optional[int] = ..., replica: _Optional[str] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
 class StartCanaryRequest(_message.Message):
     __slots__ = ("version", "fraction")

@@ -219,11 +219,13 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     # Admin calls are few: a small concurrency cap keeps a flood of them from starving the event loop.
     admin_server = grpc.aio.server(interceptors=[observe, AdminAuthInterceptor(token, hint)], options=options,
                                    maximum_concurrent_rpcs=64)
-    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry), admin_server)
+    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry, fleet=config.fleet),
+                                              admin_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin_server)
     reflection.enable_server_reflection((ADMIN, HEALTH, reflection.SERVICE_NAME), admin_server)
     port = _bind(grpc_server, config.host, config.port, config.tls, "gRPC")
     admin_port = _bind(admin_server, config.admin_host, config.admin_port, config.tls, "admin gRPC")
+    manager.admin_address = config.admin_address(admin_port)  # before the watcher's first poll takes the lease
     server = LivetowerServer(config=config, grpc_server=grpc_server, admin_server=admin_server, manager=manager,
                              health=health_servicer, sink=sink, event_log=event_log, feed=feed, history=history,
                              metrics=metrics, batcher=batcher, tracing=tracing, impressions=impressions)

@@ -51,6 +51,12 @@ class ServerConfig:
     registry: str | None = None           # engine registry: a directory, or s3://BUCKET/PREFIX (cached in
                                           # data_dir/registry-cache; contracts/object_registry.py);
                                           # None: data_dir/registry
+    fleet: bool = False                   # one replica of many on one registry and one Kafka topic: events must
+                                          # be on Kafka and the registry shared (s3:// or a shared directory);
+                                          # rollout changes go to the decision lease's holder (others refuse
+                                          # them, naming its admin address)
+    advertise_host: str = ""              # host other replicas and operators reach this admin listener at;
+                                          # "": admin_host, or this machine's hostname when that is a wildcard
     max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
     host: str = "127.0.0.1"               # interface the gRPC server binds
     port: int = 50051                     # gRPC port (0 = pick a free one)
@@ -116,12 +122,28 @@ class ServerConfig:
             from contracts.object_registry import s3_store
 
             s3_store(self.registry)  # ValueError naming what is wrong
+        if self.fleet and self.events_url is None:
+            raise ValueError("fleet needs the events on Kafka: pass --events kafka://HOST:PORT/TOPIC (the SQLite "
+                             "log is one host's file, and SQLite's WAL does not work on a network filesystem)")
+        if self.fleet and self.registry is None:
+            raise ValueError("fleet needs one registry shared by every replica: pass --registry s3://BUCKET/PREFIX "
+                             "(or a directory every replica mounts)")
+        if self.advertise_host and (":" in self.advertise_host or "/" in self.advertise_host):
+            raise ValueError(f"advertise_host must be a bare host name or IPv4 address, got {self.advertise_host!r}")
         if self.max_inflight_events < 1:
             raise ValueError(f"max_inflight_events must be >= 1, got {self.max_inflight_events}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if not 0 < self.gil_switch_interval_s <= 0.1:
             raise ValueError(f"gil_switch_interval_s must be in (0, 0.1], got {self.gil_switch_interval_s}")
+
+    def admin_address(self, bound_port: int) -> str:
+        """HOST:PORT where other replicas and operators reach the admin listener bound on bound_port."""
+        import socket
+
+        host = self.advertise_host or (self.admin_host if self.admin_host not in ("0.0.0.0", "::", "", "[::]")
+                                       else socket.gethostname())
+        return f"{host}:{bound_port}"
 
     @property
     def events_path(self) -> Path:

@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 
 from contracts.attribution import Impression, ImpressionWriter
+from contracts.client import LEASE_HOLDER_KEY
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from contracts.registry import Registry
 from contracts.outcome import ExperimentDecision, OutcomeTest
@@ -22,6 +23,7 @@ from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.experiments import CONTROL, ArmLive
+from server.engine.lease import holder_address
 from server.engine.manager import EngineManager
 from server.events.sink import Backpressure, EventSink, IngestConfig
 from server.events.history import RecentHistory
@@ -181,11 +183,37 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
 
 class EngineAdminServicer(pb_grpc.EngineAdminServicer):
-    """Engine listing and rollout control. Authentication is the AdminAuthInterceptor's job."""
+    """Engine listing and rollout control. Authentication is the AdminAuthInterceptor's job.
 
-    def __init__(self, *, manager: EngineManager, registry: Registry) -> None:
+    fleet: rollout changes are made by the replica holding the decision lease; on any other replica they are
+    refused with FAILED_PRECONDITION and the holder's admin address (message and LEASE_HOLDER_KEY trailing
+    metadata), which contracts.client.Client follows. Reads (ListEngines, GetRollout, GetExperiment) answer here.
+    """
+
+    def __init__(self, *, manager: EngineManager, registry: Registry, fleet: bool = False) -> None:
         self.manager = manager
         self.registry = registry
+        self.fleet = fleet
+
+    async def _at_holder(self, context) -> None:
+        """Fleet mode: abort unless this replica holds the decision lease (as of its last poll, < 1 s old; were
+        it lost since, the change is still safe: every change is a compare-and-swap on rollout.json)."""
+        if not self.fleet or self.manager.leading:
+            return
+        st = self.manager.rollout
+        address = holder_address(st)
+        if address is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"no replica holds the decision lease right now (it lapsed; one takes it within "
+                                f"{self.manager.config.poll_interval_s:g} s): retry in a few seconds")
+        if not address:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"replica {self.manager.replica} does not make rollout decisions; {st.leader} holds "
+                                f"the decision lease but recorded no admin address: call it directly")
+        context.set_trailing_metadata(((LEASE_HOLDER_KEY, address),))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"replica {self.manager.replica} does not make rollout decisions: send this call to the "
+                            f"decision lease's holder {st.leader} at {address}")
 
     async def ListEngines(self, request, context) -> pb.ListEnginesResponse:
         def read() -> list[pb.EngineManifest]:
@@ -204,9 +232,12 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
     async def GetRollout(self, request, context) -> pb.GetRolloutResponse:
         return await asyncio.to_thread(rollout_response, self.manager)
 
-    async def _operate(self, context, op: Callable[[], object], respond: Callable[[EngineManager], T] | None = None):
+    async def _operate(self, context, op: Callable[[], object], respond: Callable[[EngineManager], T] | None = None,
+                       *, change: bool = True):
         """Run a rollout operation off the event loop (RolloutError -> its status), then answer with
-        respond(manager): the rollout by default."""
+        respond(manager): the rollout by default. change: it changes the rollout (fleet: the holder's job)."""
+        if change:
+            await self._at_holder(context)
         try:
             await asyncio.to_thread(op)
         except RolloutError as e:
@@ -249,15 +280,15 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             request.name, arms, test, settle_s=settle_s, promote_winner=request.promote_winner))
 
     async def GetExperiment(self, request, context) -> pb.Experiment:
-        return await self._experiment(context, lambda: None)
+        return await self._experiment(context, lambda: None, change=False)
 
     async def StopExperiment(self, request: pb.StopExperimentRequest, context) -> pb.Experiment:
         v = request.promote_version
         return await self._experiment(context, lambda: self.manager.stop_experiment(
             reason=request.reason, winner_version=v, promote=bool(v), decision="stopped"))
 
-    async def _experiment(self, context, op: Callable[[], object]) -> pb.Experiment:
-        status = await self._operate(context, op, EngineManager.experiment_status)
+    async def _experiment(self, context, op: Callable[[], object], *, change: bool = True) -> pb.Experiment:
+        status = await self._operate(context, op, EngineManager.experiment_status, change=change)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no experiment has run on this registry; start one with "
                                                            "StartExperiment (livetower experiments start)")
@@ -301,5 +332,5 @@ def rollout_response(manager: EngineManager) -> pb.GetRolloutResponse:
         history=[pb.RolloutEvent(**dataclasses.asdict(e)) for e in st.history[-50:]],
         rolled_back=st.rolled_back, pending_versions=manager.pending_versions(),
         canary_started_ms=st.canary_started_ms, leader=st.leader, leader_until_ms=st.leader_until_ms,
-        replica=manager.replica,
+        leader_address=st.leader_address, replica=manager.replica,
         experiment=experiment_message(*status) if (status := manager.experiment_status()) else None)

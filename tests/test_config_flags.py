@@ -172,9 +172,9 @@ def test_livetower_serve_train_up_defaults_are_the_dataclasses(capsys):
 
     server_sets, train_sets = cli._server_flag_sets(), (*cli._train_flag_sets(), cli._priority_flags())
     tracing = cli._tracing_flags()  # serve, train and up each take it once
-    assert _check_helps((*server_sets, tracing), _help(cli.main, ["serve"], capsys)) == 44
+    assert _check_helps((*server_sets, tracing), _help(cli.main, ["serve"], capsys)) == 46
     assert _check_helps((*train_sets, tracing), _help(cli.main, ["train"], capsys)) == 28
-    assert _check_helps((*server_sets, *train_sets, tracing), _help(cli.main, ["up"], capsys)) == 64
+    assert _check_helps((*server_sets, *train_sets, tracing), _help(cli.main, ["up"], capsys)) == 66
 
 
 def test_livetower_flags_keep_their_meaning():

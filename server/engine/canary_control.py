@@ -16,20 +16,25 @@ if TYPE_CHECKING:
     import threading
 
     from contracts.registry import Registry
+    from server.engine.manager import EngineManagerConfig
 
 
 class CanaryControl:
     # Provided by EngineManager (and ExperimentControl):
     registry: "Registry"
+    config: "EngineManagerConfig"
     _lock: "threading.RLock"
     stable: Engine | None
     canary: Engine | None
+    standby: Engine | None
     rollout: RolloutState
 
     if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
         @property
         def policy(self) -> CanaryPolicy: ...
         def require_idle(self, starting: str) -> None: ...
+        def pending_versions(self, versions: set[int] | None = None) -> list[int]: ...
+        def _retire(self, engine: Engine | None) -> None: ...
         def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState: ...
         def _load_or_refuse(self, version: int, actor: str) -> Engine | None: ...
         def _begin_canary(self, engine: Engine, fraction: float) -> None: ...
@@ -48,7 +53,7 @@ class CanaryControl:
                 raise RolloutError("FAILED_PRECONDITION", f"engine {version} is already stable")
             if version not in self.registry.versions():
                 raise RolloutError("NOT_FOUND", f"engine {version} is not published; see ListEngines")
-            engine = self._load_or_refuse(version, actor)
+            engine = self._engine_for(version, actor)
             if engine is None:
                 raise RolloutError("FAILED_PRECONDITION", f"engine {version} refused: "
                                                           f"{self.rollout.refused.get(version, '')}")
@@ -60,6 +65,26 @@ class CanaryControl:
             st = self._mutate(begin, actor)
             self._begin_canary(engine, fraction)
             return st
+
+    def _engine_for(self, version: int, actor: str) -> Engine | None:
+        """The standby when it is `version` (loaded and checked already), else a fresh load (None: refused)."""
+        standby = self.standby
+        if standby is not None and standby.version == version:
+            self.standby = None
+            return standby
+        return self._load_or_refuse(version, actor)
+
+    def _prefetch(self, versions: set[int]) -> None:
+        """Keep the newest pending version loaded as the standby (config.prefetch), so this replica follows its
+        canary, wherever decided, by a reference swap. A stale standby (promoted past, refused, rolled back) is
+        dropped. Under the manager's lock, in the watcher's thread."""
+        pending = self.pending_versions(versions) if self.config.prefetch and self.stable is not None else []
+        want = pending[-1] if pending else 0
+        if self.standby is not None and self.standby.version != want:
+            self._retire(self.standby)
+            self.standby = None
+        if want and self.standby is None and self.experiment is None:
+            self.standby = self._load_or_refuse(want, "prefetch")
 
     def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
         with self._lock:

@@ -31,10 +31,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def hold(registry: Registry, replica: str, lease_s: float, st: RolloutState) -> tuple[bool, RolloutState]:
-    """Take or renew the lease if it is free, lapsed or ours (st: the state just read); (holding, state)."""
+def hold(registry: Registry, replica: str, lease_s: float, st: RolloutState,
+         address: str = "") -> tuple[bool, RolloutState]:
+    """Take or renew the lease if it is free, lapsed or ours (st: the state just read); (holding, state).
+    address: where this replica's admin listener is reached (recorded with the lease for the other replicas)."""
     lease_ms, now = int(lease_s * 1000), _now_ms()
-    if st.leader == replica and st.leader_until_ms - now > lease_ms / 2:
+    if st.leader == replica and st.leader_until_ms - now > lease_ms / 2 and st.leader_address == address:
         return True, st  # renewed recently enough
     if st.leader not in ("", replica) and st.leader_until_ms > now:
         return False, st
@@ -46,12 +48,19 @@ def hold(registry: Registry, replica: str, lease_s: float, st: RolloutState) -> 
         if s.leader != replica:
             lapsed = f" from {s.leader} (lapsed {(now - s.leader_until_ms) / 1000:.1f} s ago)" if s.leader else ""
             s.record("lead", 0, "auto", f"took the decision lease{lapsed}", replica)
-        s.leader, s.leader_until_ms = replica, now + lease_ms
+        s.leader, s.leader_until_ms, s.leader_address = replica, now + lease_ms, address
 
     try:
         return True, registry.update_rollout(take)
     except LeaseHeld:
         return False, registry.read_rollout()
+
+
+def holder_address(st: RolloutState) -> str | None:
+    """The admin address of an unexpired lease's holder ("" if it recorded none); None when nobody holds it."""
+    if not st.leader or st.leader_until_ms <= _now_ms():
+        return None
+    return st.leader_address
 
 
 def check_holder(st: RolloutState, replica: str) -> None:

@@ -61,6 +61,8 @@ class EngineManagerConfig:
     trusted_keys: Path | None = None  # file of trusted Ed25519 public keys (PEM blocks or 64-hex lines): a signed
                                     # engine whose manifest.sig verifies with none of them is refused
     require_signature: bool = False  # refuse engines without a manifest.sig that verifies (needs trusted_keys)
+    prefetch: bool = True           # load the newest pending published version ahead of its canary (one engine more
+                                    # in memory), so every replica follows a canary decision by a swap, not a load
     outcome_interval_s: float = 2.0  # how often a canary's or experiment's hit rates are read from the attribution store
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
@@ -116,8 +118,10 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._retired: list[Engine] = []
         self.canary_salt = b""  # the registry's secret keying the user split; read before a canary starts
         self.experiment: RunningExperiment | None = None  # arms' engines while rollout.json names a running one
+        self.standby: Engine | None = None  # a pending version loaded and checked ahead of its canary (prefetch)
         self.replica = config.replica_id or default_replica_id()
         self.leading = False  # holds the decision lease (as of the last poll)
+        self.admin_address = ""  # HOST:PORT of this process's admin listener, recorded with the lease (set once bound)
         self._reports = CanaryReports(registry, self.replica)  # the running canary's evidence from every replica
         self._outcome_counts = outcome_counts
         self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
@@ -278,7 +282,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             before = (self.stable, self.canary)
             st = self.registry.read_rollout()
             if self.config.leader:
-                self.leading, st = hold(self.registry, self.replica, self.config.lease_s, st)
+                self.leading, st = hold(self.registry, self.replica, self.config.lease_s, st, self.admin_address)
             self.rollout = st
             versions = set(self.registry.versions())
             if self.stable is None or self.stable.version != st.stable:
@@ -287,7 +291,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             if (self.canary.version if self.canary else 0) != st.canary:
                 engine = None
                 if st.canary in versions and st.canary != (self.stable.version if self.stable else 0):
-                    engine = self._load_or_refuse(st.canary, "reconcile")
+                    engine = self._engine_for(st.canary, "reconcile")
                 if engine is not None and self.rollout.canary == engine.version:
                     self._begin_canary(engine, st.canary_fraction)
                 else:
@@ -295,6 +299,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             elif self.canary is not None:
                 self.canary_fraction = st.canary_fraction
             self._reconcile_experiment(self.rollout)
+            self._prefetch(versions)
             if (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
                     and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
@@ -322,7 +327,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             self._end_experiment()
             return
         if st.stable in versions and st.stable not in st.refused:
-            engine = self._load_or_refuse(st.stable, "startup")
+            engine = self._engine_for(st.stable, "startup")
             if engine is not None:
                 self._set_stable(engine)
                 return
@@ -379,6 +384,8 @@ class EngineManager(CanaryControl, ExperimentControl):
     def close(self) -> None:
         """Stop this process's canary work (its shadow thread); run() does this when it stops."""
         self._end_canary()
+        self._retire(self.standby)
+        self.standby = None
 
     async def run(self, stop: asyncio.Event) -> None:
         next_poll = 0.0
