@@ -196,11 +196,16 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
         self.fleet = fleet
 
     async def _at_holder(self, context) -> None:
-        """Fleet mode: abort unless this replica holds the decision lease (as of its last poll, < 1 s old; were
-        it lost since, the change is still safe: every change is a compare-and-swap on rollout.json)."""
+        """Fleet mode: abort unless this replica holds the decision lease (as of its last poll; were it lost
+        since, the change is still safe: every change is a compare-and-swap on rollout.json). The holder is read
+        afresh from the registry: this replica's own view may be as old as a load its watcher is busy with."""
         if not self.fleet or self.manager.leading:
             return
-        st = self.manager.rollout
+        try:
+            st = await asyncio.to_thread(self.manager.registry.read_rollout)
+        except Exception as e:  # noqa: BLE001 - the registry cannot be reached from here
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this replica cannot read the registry to find the "
+                                                             f"decision lease's holder ({e}); try another replica")
         address = holder_address(st)
         if address is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,

@@ -121,3 +121,19 @@ def test_the_lease_holder_judges_the_canary_on_every_replicas_traffic(managers):
     st = reg.read_rollout()
     assert st.canary == 0 and v2 in st.rolled_back and "error rate" in st.rolled_back[v2], st.rolled_back
     assert st.history[-1].replica == "a" and st.history[-1].actor == "auto"
+
+
+def test_every_replica_prefetches_a_publish_and_follows_its_canary_by_a_swap(managers):
+    reg, a, b = managers()
+    a.poll_once()
+    b.poll_once()
+    v2 = reg.publish(*stage(reg, 1, reg))
+    b.poll_once()
+    standby = b.standby
+    assert standby is not None and standby.version == v2  # loaded and checked before any decision
+    a.start_canary(v2, 0.5)
+    b.poll_once()
+    assert b.canary is standby and b.standby is None  # followed by a reference swap, no load
+    a.rollback(reason="test")
+    b.poll_once()
+    assert b.canary is None and b.standby is None  # a rolled-back version is not kept loaded

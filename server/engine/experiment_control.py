@@ -43,6 +43,7 @@ class ExperimentControl:
     if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
         def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState: ...
         def _load_or_refuse(self, version: int, actor: str) -> Engine | None: ...
+        def _engine_for(self, version: int, actor: str) -> Engine | None: ...
         def _set_stable(self, engine: Engine) -> None: ...
         def _retire(self, engine: Engine | None) -> None: ...
         def split_salt(self) -> bytes: ...
@@ -75,7 +76,7 @@ class ExperimentControl:
                 raise RolloutError("NOT_FOUND", f"engine(s) {missing} not published; see ListEngines")
             engines = {}
             for arm in arms:
-                engine = self._load_or_refuse(arm.version, actor)
+                engine = self._engine_for(arm.version, actor)
                 if engine is None:
                     raise RolloutError("FAILED_PRECONDITION", f"engine {arm.version} (arm {arm.name}) refused: "
                                                               f"{self.rollout.refused.get(arm.version, '')}")
@@ -145,7 +146,7 @@ class ExperimentControl:
         self._end_experiment()
         if x is None:
             return
-        engines = {a.name: self._load_or_refuse(a.version, "reconcile") for a in x.arms}
+        engines = {a.name: self._engine_for(a.version, "reconcile") for a in x.arms}
         if all(engines.values()):
             self._begin_experiment(x, engines)
 

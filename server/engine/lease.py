@@ -11,12 +11,18 @@ cannot decide after its successor has (no decision is made twice).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import time
+from typing import Callable
 
 from contracts.registry import Registry
 from contracts.rollout import RolloutError, RolloutState
+
+
+log = logging.getLogger("livetower.engine")
 
 
 def default_replica_id() -> str:
@@ -68,3 +74,17 @@ def check_holder(st: RolloutState, replica: str) -> None:
     if st.leader != replica or st.leader_until_ms <= _now_ms():
         raise RolloutError("FAILED_PRECONDITION", f"{replica} no longer holds the decision lease (held by "
                                                   f"{st.leader or 'nobody'}): the decision is left to the holder")
+
+
+async def renew_until(stop: asyncio.Event, renew: Callable[[], object], period_s: float) -> None:
+    """Call renew (blocking: take or renew the lease) every period_s off the event loop until stop. On its own
+    cadence, apart from the watcher, whose engine loads could otherwise hold it up past half the lease."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(renew)
+        except Exception:  # the registry unreachable: the lease lapses and another replica takes it
+            log.exception("decision lease renewal failed; retrying")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=period_s)
+        except TimeoutError:
+            pass

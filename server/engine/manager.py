@@ -35,7 +35,7 @@ from server.engine.canary_control import CanaryControl
 from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.fleet_stats import CanaryReports
-from server.engine.lease import check_holder, default_replica_id, hold
+from server.engine.lease import check_holder, default_replica_id, hold, renew_until
 from server.engine.loading import load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
 
@@ -280,9 +280,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         with self._lock:
             self.release_retired()
             before = (self.stable, self.canary)
-            st = self.registry.read_rollout()
-            if self.config.leader:
-                self.leading, st = hold(self.registry, self.replica, self.config.lease_s, st, self.admin_address)
+            st = self.keep_lease()
             self.rollout = st
             versions = set(self.registry.versions())
             if self.stable is None or self.stable.version != st.stable:
@@ -309,6 +307,15 @@ class EngineManager(CanaryControl, ExperimentControl):
                     except RolloutError as e:
                         log.warning("auto canary of engine %d not started: %s", max(new), e)
             return (self.stable, self.canary) != before
+
+    def keep_lease(self) -> RolloutState:
+        """Read rollout.json; take or renew the decision lease (config.leader). Needs no lock: run() also calls it
+        on its own cadence, so an engine load that holds the lock for longer than half the lease cannot let it
+        lapse (every lease change is a compare-and-swap)."""
+        st = self.registry.read_rollout()
+        if self.config.leader:
+            self.leading, st = hold(self.registry, self.replica, self.config.lease_s, st, self.admin_address)
+        return st
 
     def pending_versions(self, versions: set[int] | None = None) -> list[int]:
         """Published versions newer than stable, not in canary, never refused or rolled back (ascending)."""
@@ -388,6 +395,15 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.standby = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        lease = (asyncio.create_task(renew_until(stop, self.keep_lease, self.config.lease_s / 4))
+                 if self.config.leader else None)
+        try:
+            await self._watch(stop)
+        finally:
+            if lease is not None:
+                await lease
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         next_poll = 0.0
         while not stop.is_set():
             try:
@@ -401,7 +417,8 @@ class EngineManager(CanaryControl, ExperimentControl):
             except Exception:  # a registry hiccup must never kill the watcher
                 log.exception("engine watcher failed; retrying")
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.config.analysis_interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=min(self.config.analysis_interval_s,
+                                                                self.config.poll_interval_s))
             except TimeoutError:
                 pass
         self._end_canary()
