@@ -79,6 +79,9 @@ class LoadConfig:
     connect_timeout_s: float = _doc("seconds a worker waits for its channels to connect", default=10.0)
     metadata: tuple[tuple[str, str], ...] = _doc("gRPC metadata sent with every request (e.g. Ray Serve's "
                                                  "application name)", default=())
+    healthy_only: bool = _doc("send only to servers whose gRPC health service reports the Recommender SERVING "
+                              "(client-side health checking: skips replicas still loading or draining)",
+                              default=False)
     tls: ClientTls | None = _doc("TLS to the server (contracts/tls.py ClientTls); None: plaintext", default=None)
 
     def __post_init__(self):
@@ -266,7 +269,7 @@ def _flags() -> FlagSet:
         "exclude_seen", Flag("score_candidates", parse=parse_range, note="LO:HI"),
         Flag("mix", parse=parse_mix, note=f"kind=weight,... with kinds {sorted(KINDS)}"), "seed", "label",
         "slo_p99_ms", "error_budget", Flag("progress", name="quiet", negate=True), Flag("use_uvloop", name="uvloop"),
-        "connect_timeout_s", Flag("metadata", parse=parse_metadata, note="key=value,..."),
+        "connect_timeout_s", "healthy_only", Flag("metadata", parse=parse_metadata, note="key=value,..."),
         Flag("tls", parse=parse_tls, note="ca=FILE[,cert=FILE,key=FILE,server_name=NAME]"))
 
 

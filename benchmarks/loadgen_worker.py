@@ -110,11 +110,12 @@ async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, 
                        history_len=cfg.history_len, k=cfg.k, exclude_seen=cfg.exclude_seen,
                        score_candidates=cfg.score_candidates, seed=cfg.seed)
     picker = KindPicker(cfg.mix)
-    from contracts.tls import aio_channel
+    from contracts.tls import RECOMMENDER_SERVICE, aio_channel
 
     channels = [aio_channel(cfg.target, cfg.tls, options=[
         ("grpc.use_local_subchannel_pool", 1), ("livetower.loadgen_channel", idx * 1000 + c),
-        ("grpc.max_receive_message_length", 64 << 20)]) for c in range(cfg.channels)]
+        ("grpc.max_receive_message_length", 64 << 20)],
+        health_service=RECOMMENDER_SERVICE if cfg.healthy_only else None) for c in range(cfg.channels)]
     try:
         for ch in channels:
             try:

@@ -8,6 +8,7 @@ secure channel when tls is set, a plaintext one (localhost tests and benchmarks)
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,24 +63,59 @@ class ClientTls:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-# Every channel balances round robin over the addresses its target resolves to: `dns:///name:port` (a Kubernetes
-# headless Service: one A record per ready replica, re-resolved as they come and go), `ipv4:a:p1,b:p2`, or a plain
-# host:port (one address: the same as gRPC's default pick_first).
-ROUND_ROBIN = ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}')
+RECOMMENDER_SERVICE = "livetower.v1.Recommender"
 
 
-def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+def service_config(health_service: str | None = None) -> str:
+    """Every channel balances round robin over the addresses its target resolves to: `dns:///name:port` (a
+    Kubernetes headless Service: one A record per ready replica, re-resolved as they come and go), `ipv4:a:p1,b:p2`,
+    or a plain host:port (one address: the same as gRPC's default pick_first).
+
+    Recommend and Score are reads: one that fails UNAVAILABLE (its replica was killed, restarted or is still
+    loading) is sent again, to the next replica, within the call's deadline. health_service: pick only replicas
+    whose gRPC health service reports it SERVING (client-side health checking; the server reports the Recommender
+    SERVING once an engine serves, NOT_SERVING while it drains), so a replica that is up but not ready, or
+    shutting down, takes no traffic."""
+    reads = [{"service": RECOMMENDER_SERVICE, "method": m} for m in ("Recommend", "Score")]
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}],
+                    "methodConfig": [{"name": reads, "retryPolicy": {
+                        "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+    if health_service:
+        config["healthCheckConfig"] = {"serviceName": health_service}
+    return json.dumps(config)
+
+
+ROUND_ROBIN = ("grpc.service_config", service_config())
+# A replica whose link died sends no RST: without pings a channel would keep sending it calls until each one's
+# deadline. Pinging every second (1 s to answer) closes such a transport within about 2 s, and round robin then
+# skips it. The server accepts pings this often (SERVER_KEEPALIVE).
+KEEPALIVE = (("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
+SERVER_KEEPALIVE = (("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+                    ("grpc.keepalive_permit_without_calls", 1))
+
+
+def _options(health_service: str | None, options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    config = ROUND_ROBIN if health_service is None else ("grpc.service_config", service_config(health_service))
+    return [config, *KEEPALIVE, *options]
+
+
+def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = (),
+            health_service: str | None = None) -> grpc.Channel:
     """A synchronous channel to target: TLS when tls is given, else plaintext; round robin over its addresses."""
     if tls is None:
-        return grpc.insecure_channel(target, options=[ROUND_ROBIN, *options])
-    return grpc.secure_channel(target, tls.credentials(), options=[ROUND_ROBIN, *options, *tls.options()])
+        return grpc.insecure_channel(target, options=_options(health_service, options))
+    return grpc.secure_channel(target, tls.credentials(), options=[*_options(health_service, options), *tls.options()])
 
 
-def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+def aio_channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, object]] = (),
+                health_service: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to target: TLS when tls is given, else plaintext; round robin over its addresses."""
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=[ROUND_ROBIN, *options])
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[ROUND_ROBIN, *options, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=_options(health_service, options))
+    return grpc.aio.secure_channel(target, tls.credentials(),
+                                   options=[*_options(health_service, options), *tls.options()])
 
 
 def is_loopback(host: str) -> bool:

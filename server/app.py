@@ -28,7 +28,7 @@ from contracts.attribution import ImpressionWriter, read_outcomes, window_counts
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.object_registry import open_registry
-from contracts.tls import TlsConfig, is_loopback
+from contracts.tls import SERVER_KEEPALIVE, TlsConfig, is_loopback
 from contracts.tracing import TRACING_OFF, Tracing, start_tracing
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
@@ -197,7 +197,7 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     batcher = MicroBatcher(config.batching, tracing) if config.batching is not None else None
     options = [("grpc.max_receive_message_length", config.limits.max_request_bytes + RECEIVE_MARGIN_BYTES),
                ("grpc.max_send_message_length", GRPC_MAX_SEND_BYTES),
-               ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+               ("grpc.so_reuseport", 1 if config.reuse_port else 0), *SERVER_KEEPALIVE]
     observe = ObservabilityInterceptor(metrics, config.limits.max_request_bytes, config.deadlines, tracing)
     grpc_server = grpc.aio.server(
         interceptors=[observe, IngestGuardInterceptor(producer_tokens=producers, buckets=buckets,

@@ -137,3 +137,16 @@ def test_every_replica_prefetches_a_publish_and_follows_its_canary_by_a_swap(man
     a.rollback(reason="test")
     b.poll_once()
     assert b.canary is None and b.standby is None  # a rolled-back version is not kept loaded
+
+
+def test_hit_rates_are_added_over_every_replicas_reports(managers):
+    from server.engine.fleet_stats import fleet_outcomes
+
+    reg, a, b = managers()
+    fleet_outcomes(reg, "b", 1000, {("canary", 2): (40, 4), ("stable", 1): (160, 8)}, leading=False)
+    reg.write_report("outcomes-1000/torn.json", b"{not json")  # not evidence, not an error
+    fleet_outcomes(reg, "a", 1000, {("canary", 2): (10, 1)}, leading=False)
+    # a's newer counts for the window replace its older ones; b's stay (its impressions were served)
+    merged = fleet_outcomes(reg, "a", 1000, {("canary", 2): (60, 6), ("stable", 1): (240, 12)}, leading=True)
+    assert merged == {("canary", 2): (100, 10), ("stable", 1): (400, 20)}
+    assert fleet_outcomes(reg, "a", 2000, {("canary", 3): (5, 0)}, leading=True) == {("canary", 3): (5, 0)}

@@ -1,16 +1,24 @@
 """Canary operations of the EngineManager (a mixin: the manager's concern split by file): start a canary,
-promote it, roll it back (or roll stable back to the version before it), set the policy. Blocking; call off the
-event loop. grpc-free. Every change goes through the manager's _mutate: one read-modify-write of the shared
+promote it, roll it back (or roll stable back to the version before it), set the policy, keep the next version
+loaded (prefetch), and analyse the running canary (acting on the verdict when this replica holds the decision
+lease). Blocking; call off the event loop. grpc-free. Every change goes through the manager's _mutate: one read-modify-write of the shared
 rollout state, fenced on the decision lease when the actor is "auto".
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from contracts.outcome import ArmCounts, noninferiority
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
+from server.engine.canary import Verdict, analyse, quality_vouch
 from server.engine.engine import Engine
+from server.engine.experiments import CONTROL
+
+log = logging.getLogger("livetower.engine")
 
 if TYPE_CHECKING:
     import threading
@@ -154,3 +162,35 @@ class CanaryControl:
                                           f"min_requests={policy.min_requests}")
 
         return self._mutate(change)
+
+    def analyse_once(self) -> Verdict | None:
+        """Analyse the running canary (or experiment); in auto mode (leader) act on the verdict. Blocking."""
+        if self.experiment is not None:
+            self.analyse_experiment()
+            return None
+        canary, stats = self.canary, self.stats
+        if canary is None or stats is None:
+            return None
+        stable, policy = self.stable, self.policy
+        vouch = quality_vouch(dict(canary.manifest.eval_metrics), stable.version) if stable is not None else None
+        outcome = None
+        if policy.outcome_test != "off" and stable is not None:
+            counts = self.read_outcomes(self.rollout.canary_started_ms, policy.outcome_settle_s)
+            outcome = noninferiority(ArmCounts(*counts.get(("canary", canary.version), (0, 0))),
+                                     ArmCounts(*counts.get((CONTROL, stable.version), (0, 0))),
+                                     policy.outcome(), policy.outcome_margin)
+            if self._outcome_counts is None:
+                outcome = dataclasses.replace(outcome, action="fail", reason=(
+                    "the policy judges hit rate (outcome_test) but this server records no impressions"))
+        fleet = self._reports.tick(canary.version, stats, self.leading)
+        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet)
+        self.last_verdict = verdict
+        if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
+            return verdict
+        log.info("auto %s of canary %d: %s", verdict.action, canary.version, verdict.reason)
+        act = self.promote if verdict.action == "promote" else self.rollback
+        try:
+            act(actor="auto", reason=verdict.reason, expect=canary.version)
+        except RolloutError as e:  # an operator acted first
+            log.info("auto %s of %d skipped: %s", verdict.action, canary.version, e)
+        return verdict

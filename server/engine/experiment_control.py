@@ -18,6 +18,7 @@ from contracts.registry import Registry
 from contracts.rollout import Experiment, ExperimentArm, RolloutError, RolloutState
 from server.engine.engine import Engine
 from server.engine.experiments import ArmLive, RunningExperiment, decide
+from server.engine.fleet_stats import fleet_outcomes
 
 if TYPE_CHECKING:
     from server.engine.manager import EngineManagerConfig
@@ -39,6 +40,7 @@ class ExperimentControl:
     _outcomes_read: tuple[float, int, dict]
 
     leading: bool
+    replica: str
 
     if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
         def _mutate(self, change: Callable[[RolloutState], None], actor: str = "") -> RolloutState: ...
@@ -170,7 +172,8 @@ class ExperimentControl:
 
     # ---- outcome reads and the automatic decision
     def read_outcomes(self, served_from_ms: int, settle_s: float) -> dict[tuple[str, int], tuple[int, int]]:
-        """Attribution counts over [served_from_ms, now - settle_s); at most one store read per
+        """Attribution counts over [served_from_ms, now - settle_s), this replica's own added to every other
+        replica's when it holds the decision lease (fleet_stats.fleet_outcomes); at most one store read per
         config.outcome_interval_s for the same window start."""
         at, window_start, counts = self._outcomes_read
         now = time.monotonic()
@@ -178,6 +181,8 @@ class ExperimentControl:
             return counts
         to_ms = int(time.time() * 1000 - settle_s * 1000)
         counts = self._outcome_counts(served_from_ms, to_ms) if self._outcome_counts else {}
+        if self._outcome_counts is not None:  # every replica's impressions, when this replica decides
+            counts = fleet_outcomes(self.registry, self.replica, served_from_ms, counts, self.leading)
         self._outcomes_read = (now, served_from_ms, counts)
         return counts
 

@@ -7,6 +7,11 @@ whichever replica holds the lease. Merging is exact where it can be: request and
 counts in fixed log-spaced buckets (LATENCY_EDGES_S, ~3 % wide), so the merged P99 is the bucket where the fleet's
 99th percentile falls (read as its upper edge); shadow overlaps merge as sums; the score-drift test and the paired
 engine-time ratio run on the union of each replica's newest samples (REPORT_SAMPLES per arm).
+
+Hit rates (the outcome criterion and experiments) come from each replica's own attribution store, which holds the
+impressions that replica served. Each replica publishes its counts for the window being judged
+(`reports/outcomes-<window start>/<replica>.json`); the holder adds every replica's newest. Counts over a window
+only grow, so a report stays evidence after its replica dies (its impressions were served and joined).
 """
 
 from __future__ import annotations
@@ -109,3 +114,35 @@ class CanaryReports:
             reports = []
         self._figures = merged_figures(reports) if any(r["replica"] != self.replica for r in reports) else None
         return self._figures
+
+
+Counts = dict[tuple[str, int], tuple[int, int]]  # (arm, engine version) -> (impressions, hit impressions)
+
+
+def outcome_report(replica: str, counts: Counts) -> bytes:
+    return json.dumps({"replica": replica, "time_ms": int(time.time() * 1000),
+                       "counts": [[arm, v, n, hits] for (arm, v), (n, hits) in sorted(counts.items())]}).encode()
+
+
+def merged_outcomes(raw_reports: list[bytes]) -> Counts:
+    total: Counts = {}
+    for raw in raw_reports:
+        try:
+            rows = json.loads(raw)["counts"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn or foreign object: not evidence
+        for arm, v, n, hits in rows:
+            was = total.get((arm, v), (0, 0))
+            total[(arm, v)] = (was[0] + int(n), was[1] + int(hits))
+    return total
+
+
+def fleet_outcomes(registry, replica: str, window_start_ms: int, own: Counts, leading: bool) -> Counts:
+    """Publish this replica's counts for the window; the holder gets every replica's added (else its own)."""
+    group = f"outcomes-{window_start_ms}"
+    try:
+        registry.write_report(f"{group}/{replica}.json", outcome_report(replica, own))
+        return merged_outcomes(registry.read_reports(group)) if leading else own
+    except Exception:  # noqa: BLE001 - an unreachable registry: judge on what this replica saw
+        log.warning("outcome reports unavailable; judging this replica's own hit rates", exc_info=True)
+        return own

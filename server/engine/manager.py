@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from contracts.registry import EngineCorrupt, Registry
-from contracts.outcome import ArmCounts, noninferiority
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from contracts.signing import ManifestTrust
-from server.engine.canary import CanaryStats, ShadowScorer, Verdict, analyse, in_canary, quality_vouch
+from server.engine.canary import CanaryStats, ShadowScorer, Verdict, in_canary
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.canary_control import CanaryControl
 from server.engine.experiment_control import ExperimentControl
@@ -283,6 +282,8 @@ class EngineManager(CanaryControl, ExperimentControl):
             st = self.keep_lease()
             self.rollout = st
             versions = set(self.registry.versions())
+            if self.stable is None and st.canary in versions and st.canary not in st.refused and self.standby is None:
+                self.standby = self._load_or_refuse(st.canary, "startup")  # so stable and canary start serving at once
             if self.stable is None or self.stable.version != st.stable:
                 self._reconcile_stable(st, versions)
             st = self.rollout
@@ -354,39 +355,6 @@ class EngineManager(CanaryControl, ExperimentControl):
                 self._mutate(serve)
                 return
         self.state = "no_engine"
-
-    # ---- automatic decisions
-    def analyse_once(self) -> Verdict | None:
-        """Analyse the running canary (or experiment); in auto mode (leader) act on the verdict. Blocking."""
-        if self.experiment is not None:
-            self.analyse_experiment()
-            return None
-        canary, stats = self.canary, self.stats
-        if canary is None or stats is None:
-            return None
-        stable, policy = self.stable, self.policy
-        vouch = quality_vouch(dict(canary.manifest.eval_metrics), stable.version) if stable is not None else None
-        outcome = None
-        if policy.outcome_test != "off" and stable is not None:
-            counts = self.read_outcomes(self.rollout.canary_started_ms, policy.outcome_settle_s)
-            outcome = noninferiority(ArmCounts(*counts.get(("canary", canary.version), (0, 0))),
-                                     ArmCounts(*counts.get((CONTROL, stable.version), (0, 0))),
-                                     policy.outcome(), policy.outcome_margin)
-            if self._outcome_counts is None:
-                outcome = dataclasses.replace(outcome, action="fail", reason=(
-                    "the policy judges hit rate (outcome_test) but this server records no impressions"))
-        fleet = self._reports.tick(canary.version, stats, self.leading)
-        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet)
-        self.last_verdict = verdict
-        if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
-            return verdict
-        log.info("auto %s of canary %d: %s", verdict.action, canary.version, verdict.reason)
-        act = self.promote if verdict.action == "promote" else self.rollback
-        try:
-            act(actor="auto", reason=verdict.reason, expect=canary.version)
-        except RolloutError as e:  # an operator acted first
-            log.info("auto %s of %d skipped: %s", verdict.action, canary.version, e)
-        return verdict
 
     def close(self) -> None:
         """Stop this process's canary work (its shadow thread); run() does this when it stops."""
