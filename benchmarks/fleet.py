@@ -37,12 +37,16 @@ class FleetConfig:
     poll_interval_s: float = 1.0          # how often each replica reads rollout.json (serve --poll-interval-s)
     threads: int = 1                      # user-tower threads per replica (serve --threads)
     partitions: int = 4                   # of the events topic
+    registry: str = "s3"                  # "s3": a bucket on the moto server; "dir": a directory every host
+                                          # mounts (one filesystem under the namespaces, as NFS would give)
     extra_args: tuple[str, ...] = ()      # more `livetower serve` flags for every replica
     env: dict[str, str] = field(default_factory=dict)  # more environment for every replica
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.registry not in ("s3", "dir"):
+            raise ValueError(f"registry must be 's3' or 'dir', got {self.registry!r}")
         for name in ("lease_s", "poll_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -77,7 +81,8 @@ class Fleet:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        self.registry_url = f"s3://{BUCKET}/fleet?endpoint={endpoint}&region=us-east-1"
+        self.registry_url = (f"s3://{BUCKET}/fleet?endpoint={endpoint}&region=us-east-1" if self.config.registry == "s3"
+                             else str(self.workdir / "shared-registry"))
         self.events_url = f"kafka://{self.broker.bootstrap}/fleet-events?partitions={self.config.partitions}"
         (self.workdir / "admin.token").write_text(ADMIN_TOKEN)
         os.chmod(self.workdir / "admin.token", 0o600)
@@ -87,9 +92,9 @@ class Fleet:
 
     def registry(self) -> Registry:
         """The shared registry, as a trainer or operator outside the fleet sees it."""
-        from contracts.object_registry import ObjectRegistry
+        from contracts.object_registry import open_registry
 
-        return ObjectRegistry(self.registry_url, self.workdir / "publisher-cache")
+        return open_registry(self.registry_url, self.workdir / "publisher")
 
     def publish(self, version: int) -> int:
         """Copy engines_from's `version` into the shared registry as its next version; returns that number."""

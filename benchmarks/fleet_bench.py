@@ -311,14 +311,18 @@ def phase_cpu(fleet: Fleet, cfg: FleetBenchConfig, log) -> dict:
         if len(replicas) == 1:
             load.config = load.config.__class__(**{**asdict(load.config), "target": fleet.data_target(0)})
         before = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
+        t0 = time.monotonic()
         with load:
             pass
+        wall = time.monotonic() - t0
         after = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
         r = load.result
         n = r["requests"]["completed_ok"]
         cpu = sum(after[i] - before[i] for i in replicas)
+        marginal = cpu - wall * sum(idle[i] for i in replicas)  # less what the replicas spend with no traffic
         out[label] = {"requests_ok": n, "errors": r["errors"]["total"], "server_cpu_s": round(cpu, 2),
-                      "cpu_ms_per_request": round(1e3 * cpu / n, 3) if n else None,
+                      "wall_s": round(wall, 1), "cpu_ms_per_request": round(1e3 * cpu / n, 3) if n else None,
+                      "marginal_cpu_ms_per_request": round(1e3 * marginal / n, 3) if n else None,
                       "p50_ms": r["latency_ms"].get("p50"), "p99_ms": r["latency_ms"].get("p99")}
         log(f"cpu: {label}: {out[label]}")
     return out

@@ -119,3 +119,20 @@ def test_a_replica_cut_off_keeps_serving_then_converges(fleet):
              f"replica {cut} converging from {before} to {v}")
     r = fleet.client(cut).recommend(USERS[0], 5, history=["item-1"])
     assert r.engine_version == v and len(r.item_ids) == 5
+
+
+def test_a_plain_shared_directory_registry_works_too(trained_dir_template, tmp_path):
+    """The registry as a directory every host mounts (here: one filesystem under three network namespaces)."""
+    config = FleetConfig(replicas=2, lease_s=2.0, poll_interval_s=0.25, registry="dir")
+    with Fleet(tmp_path / "fleet", engines_from=Registry(trained_dir_template / "registry"), config=config,
+               log=lambda line: None) as f:
+        v1 = f.publish(1)
+        f.start_all(serving_version=v1, timeout_s=180)
+        lead = holder(f)
+        c = f.client(1 - lead)
+        c.set_policy(pb.CanaryPolicy(mode="manual"))
+        v2 = f.publish(1)
+        wait_for(lambda: all(r.pending_versions == [v2] for r in rollouts(f)), 20, "both replicas see the publish")
+        assert c.start_canary(v2, 0.5).replica == f"replica-{lead}"
+        assert c.promote("shared directory").stable_version == v2
+        wait_for(lambda: all(r.stable_version == v2 for r in rollouts(f)), 5, "both replicas on the promoted version")
