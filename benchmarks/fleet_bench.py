@@ -298,32 +298,37 @@ def phase_publishers(fleet: Fleet, cfg: FleetBenchConfig, log) -> dict:
             "claimed": len(claimed), "all_verify": all(s == "ok" for s in verified.values()), "verify": verified}
 
 
+def _cpu_run(fleet: Fleet, replicas: list[int], rate: float, seconds: float) -> dict:
+    load = Load(fleet, rate, seconds, f"cpu-{len(replicas)}-{rate:g}")
+    if len(replicas) == 1:
+        load.config = load.config.__class__(**{**asdict(load.config), "target": fleet.data_target(replicas[0])})
+    pids = {i: fleet.procs[i].pid for i in replicas}
+    before = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
+    with load:
+        pass
+    after = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
+    r = load.result
+    n = r["requests"]["completed_ok"]
+    cpu = sum(after[i] - before[i] for i in replicas)
+    return {"rate": rate, "requests_ok": n, "errors": r["errors"]["total"], "server_cpu_s": round(cpu, 3),
+            "cpu_ms_per_request": round(1e3 * cpu / n, 3) if n else None,
+            "p50_ms": r["latency_ms"].get("p50"), "p99_ms": r["latency_ms"].get("p99")}
+
+
 def phase_cpu(fleet: Fleet, cfg: FleetBenchConfig, log) -> dict:
+    """Server CPU per request, all replicas summed, at two rates: the slope between them is the cost of a
+    request; what it leaves over is the replicas' own fixed cost (polls, lease, history feed) per second."""
     pids = {i: p.pid for i, p in fleet.procs.items()}
     before = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
     time.sleep(10.0)
-    idle = {i: round((sum(thread_cpu_s(p).values()) - before[i]) / 10.0, 4) for i, p in pids.items()}
-    out: dict = {"idle_cpu_s_per_s": {str(i): v for i, v in idle.items()}}  # polls, lease renewals, no traffic
+    out: dict = {"idle_cpu_s_per_s": {str(i): round((sum(thread_cpu_s(p).values()) - before[i]) / 10.0, 4)
+                                      for i, p in pids.items()}}
     log(f"cpu: idle {out['idle_cpu_s_per_s']}")
     for label, replicas in (("3 replicas", list(range(fleet.config.replicas))), ("1 replica", [0])):
-        pids = {i: fleet.procs[i].pid for i in replicas}
-        load = Load(fleet, cfg.rate, cfg.cpu_s, f"cpu-{len(replicas)}")
-        if len(replicas) == 1:
-            load.config = load.config.__class__(**{**asdict(load.config), "target": fleet.data_target(0)})
-        before = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
-        t0 = time.monotonic()
-        with load:
-            pass
-        wall = time.monotonic() - t0
-        after = {i: sum(thread_cpu_s(p).values()) for i, p in pids.items()}
-        r = load.result
-        n = r["requests"]["completed_ok"]
-        cpu = sum(after[i] - before[i] for i in replicas)
-        marginal = cpu - wall * sum(idle[i] for i in replicas)  # less what the replicas spend with no traffic
-        out[label] = {"requests_ok": n, "errors": r["errors"]["total"], "server_cpu_s": round(cpu, 2),
-                      "wall_s": round(wall, 1), "cpu_ms_per_request": round(1e3 * cpu / n, 3) if n else None,
-                      "marginal_cpu_ms_per_request": round(1e3 * marginal / n, 3) if n else None,
-                      "p50_ms": r["latency_ms"].get("p50"), "p99_ms": r["latency_ms"].get("p99")}
+        lo, hi = (_cpu_run(fleet, replicas, rate, cfg.cpu_s) for rate in (cfg.rate * 0.5, cfg.rate * 1.5))
+        dn = hi["requests_ok"] - lo["requests_ok"]
+        slope = (hi["server_cpu_s"] - lo["server_cpu_s"]) / dn if dn > 0 else None
+        out[label] = {"runs": [lo, hi], "marginal_cpu_ms_per_request": round(1e3 * slope, 3) if slope else None}
         log(f"cpu: {label}: {out[label]}")
     return out
 
@@ -353,13 +358,13 @@ def run(cfg: FleetBenchConfig, log=print) -> dict:
                 results[name] = phases[name](fleet, watch, cfg, log)
                 log(json.dumps({k: v for k, v in results[name].items() if k != "load"}, default=str))
                 (cfg.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        fleet.client(0).set_policy(pb.CanaryPolicy(mode="manual"))  # publishes from here on wait: no canary runs
         if "publishers" in cfg.phases:
             log("== publishers")
             results["publishers"] = phase_publishers(fleet, cfg, log)
             log(json.dumps({k: v for k, v in results["publishers"].items() if k != "verify"}))
         if "cpu" in cfg.phases:
             log("== cpu")
-            fleet.client(0).set_policy(pb.CanaryPolicy(mode="manual"))
             results["cpu"] = phase_cpu(fleet, cfg, log)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     from benchmarks.fleet_plot import plot
@@ -368,18 +373,44 @@ def run(cfg: FleetBenchConfig, log=print) -> dict:
     return results
 
 
+def tiny_engine(workdir: Path, log=print) -> Path:
+    """A local registry with engine 1 of the tiny debug model on a small synthetic world (what the tests serve);
+    returns the registry dir. Built once per workdir (~10 s)."""
+    from contracts.eventlog import SqliteEventLog
+    from contracts.registry import Registry
+    from trainer.config import TrainConfig
+    from trainer.data.synthetic import SyntheticConfig, generate
+    from trainer.loop import Trainer
+
+    if (workdir / "registry" / "engines" / "1").is_dir():
+        return workdir / "registry"
+    workdir.mkdir(parents=True, exist_ok=True)
+    events = SqliteEventLog(workdir / "events.sqlite")
+    events.append(list(generate(SyntheticConfig(n_users=200, n_items=300, n_clusters=10, events_per_user=20,
+                                                seed=3))))
+    result = Trainer(TrainConfig.tiny_debug(), events, Registry(workdir / "registry"), workdir / "trainer").run_round()
+    if result is None or result.published_version != 1:
+        raise RuntimeError(f"the tiny engine was not published: {result}")
+    log(f"built the tiny engine in {workdir}/registry")
+    return workdir / "registry"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fleet_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-results/fleet"))
-    p.add_argument("--engines", type=Path, required=True, help="a local registry dir with engine 1 (what is published)")
+    p.add_argument("--engines", type=Path, help="a local registry dir whose engine 1 is published again and again "
+                                                "(default: the tiny debug engine, built under --out)")
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--cut-s", type=float, default=30.0)
+    p.add_argument("--poll-interval-s", type=float, default=1.0, help="each replica's serve --poll-interval-s")
     p.add_argument("--cpu-s", type=float, default=20.0)
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, from {','.join(PHASES)}")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    run(FleetBenchConfig(out=args.out, engines=args.engines, rate=args.rate, cut_s=args.cut_s, cpu_s=args.cpu_s,
+    engines = args.engines or tiny_engine(args.out / "tiny-engine")
+    run(FleetBenchConfig(out=args.out, engines=engines, rate=args.rate, cut_s=args.cut_s, cpu_s=args.cpu_s,
+                         poll_interval_s=args.poll_interval_s,
                          phases=tuple(p for p in args.phases.split(",") if p)))
     return 0
 

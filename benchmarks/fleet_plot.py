@@ -34,12 +34,14 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_title("faults")
     cpu = results.get("cpu", {})
     labels = [k for k in cpu if k != "idle_cpu_s_per_s"]
-    x = range(len(labels))
-    ax3.bar([i - 0.2 for i in x], [cpu[k]["cpu_ms_per_request"] or 0 for k in labels], 0.4, label="all CPU")
-    ax3.bar([i + 0.2 for i in x], [cpu[k].get("marginal_cpu_ms_per_request") or 0 for k in labels], 0.4,
-            label="less the idle replicas' own")
-    ax3.set_xticks(list(x), labels)
-    ax3.legend(fontsize=8)
+    x = list(range(len(labels)))
+    for j, (offset, name) in enumerate(((-0.3, "at rate/2"), (-0.1, "at 1.5 x rate"))):
+        ax3.bar([i + offset for i in x], [cpu[k]["runs"][j]["cpu_ms_per_request"] or 0 for k in labels], 0.2,
+                label=f"all CPU / requests {name}")
+    ax3.bar([i + 0.1 for i in x], [cpu[k]["marginal_cpu_ms_per_request"] or 0 for k in labels], 0.2,
+            label="marginal (slope between the two)")
+    ax3.set_xticks(x, labels)
+    ax3.legend(fontsize=7)
     ax3.set_ylabel("server CPU ms per request (all replicas)")
     ax3.set_title("CPU per request, same offered load")
     fig.tight_layout()
