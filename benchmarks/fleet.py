@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import grpc
 
 from benchmarks.fleet_hosts import Hosts
 from benchmarks.swap import copy_in
+from benchmarks.swap import wait as _wait
 from benchmarks.tansu import LocalBroker, free_port
 from contracts.registry import Registry
 
@@ -201,12 +201,3 @@ def _listening(host: str, port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def _wait(pred, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")

@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.fleet import Fleet, FleetConfig
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.server_cpu import thread_cpu_s
+from benchmarks.swap import wait as _wait
 from proto import livetower_v1_pb2 as pb
 
 # Auto mode, decided on the fleet's merged reports after >= 8 s and 100 requests per arm.
@@ -331,15 +332,6 @@ def phase_cpu(fleet: Fleet, cfg: FleetBenchConfig, log) -> dict:
         out[label] = {"runs": [lo, hi], "marginal_cpu_ms_per_request": round(1e3 * slope, 3) if slope else None}
         log(f"cpu: {label}: {out[label]}")
     return out
-
-
-def _wait(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 def run(cfg: FleetBenchConfig, log=print) -> dict:
