@@ -293,6 +293,10 @@ ANN_FILE = "items.index"            # optional FAISS index over items.npy chosen
                                     # item_index.py); absent when exact search won
 LEGACY_ANN_FILE = "items.hnsw"      # the same, as engines built before the method choice named it (HNSW only)
 ANN_META_FILE = "ann.json"          # the retrieval choice: kind, search settings, recall, every candidate measured
+ITEM_ENCODER_FILE = "item_encoder.ep.pt2"  # optional: the item feature encoder (torch.export program), engines of
+                                          # feature models: catalogue features -> item vectors (contracts/
+                                          # engine_format/item_encoder.py)
+ITEM_ENCODER_META = "item_encoder.json"   # its FeatureConfig and golden records with their vectors
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from contracts.catalog import CatalogRecord
-from trainer.features import (FeatureConfig, FeatureTwoTower, ItemFeatureEncoder, bucket, combine_item_embedding,
-                              featurize, text_tokens)
+from contracts.engine_format.item_features import FeatureConfig, bucket, featurize, text_tokens
+from trainer.features import FeatureTwoTower, ItemFeatureEncoder, combine_item_embedding
 from trainer.loss import sampled_softmax_loss
 from trainer.model import ModelConfig
 

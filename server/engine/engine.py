@@ -16,11 +16,14 @@ import numpy as np
 import torch
 
 from kernels.retrieval import topk_cosine_reference
-from contracts.registry import (ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ITEM_ENCODER_FILE, ITEM_ENCODER_META, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
+from contracts.catalog import CatalogRecord
+from contracts.engine_format.item_encoder import ItemEncoder
 from contracts.engine_format.item_index import ItemIndex, check_recall, load_item_index
+from server.engine.live_items import LiveItems, merge_topk
 from server.engine.stages import StageClock
 from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
@@ -110,6 +113,8 @@ class Engine:
         self.engine_dir: Path | None = None  # set by load(): where the index's held-out check queries are
         self.listed: frozenset[str] | None = None  # set by load(): the manifest's file names (the only ones read)
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
+        self.encoder: ItemEncoder | None = None  # set by load() for a feature model's engine: features -> vectors
+        self.live = LiveItems(int(manifest.dim), self._base_index)  # items upserted / deleted since the build
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
@@ -142,14 +147,18 @@ class Engine:
         engine = cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann)
         engine.engine_dir = engine_dir
         engine.listed = listed
+        if ITEM_ENCODER_FILE in listed:
+            engine.encoder = ItemEncoder.load(own(ITEM_ENCODER_FILE), own(ITEM_ENCODER_META))
         return engine
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
+        """The user tower's (and the item encoder's) largest difference from the build's golden outputs."""
         try:
-            return parity_max_abs_diff(self.runner, *golden_set(self.manifest))
+            diff = parity_max_abs_diff(self.runner, *golden_set(self.manifest))
         except ParityError as e:
             raise EngineRejected(f"engine {self.version}: {e}") from None
+        return max(diff, self.encoder.golden_max_abs_diff()) if self.encoder is not None else diff
 
     def index_recall(self) -> tuple[float, float] | None:
         """(recall@k of the index on the build's held-out queries, the build's target); None without an index."""
@@ -165,6 +174,21 @@ class Engine:
             self.recommend(hist, k=min(100, max(1, len(self.item_ids))), exclude_seen=True)
             time.sleep(0.005)  # spread over time: on 2 cores a burst of warm-up calls slowed the live batches
         return time.perf_counter() - t0
+
+    # ---- the catalogue after the build
+    def _base_index(self, item_id: str) -> int | None:
+        row = self.vocab.row_of.get(item_id)
+        return row - 1 if row is not None and row <= self.n_items else None
+
+    def upsert_items(self, records: Sequence[CatalogRecord]) -> None:
+        """Encode the records' features and serve them from the next request on (replacing same-id items)."""
+        if self.encoder is None:
+            raise EngineRejected(f"engine {self.version} has no item feature encoder (built from an id-only model): "
+                                 "it cannot serve items by their features")
+        self.live.upsert([r.id for r in records], self.encoder(records))
+
+    def delete_items(self, item_ids: Sequence[str]) -> int:
+        return self.live.delete(item_ids)
 
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:
@@ -187,7 +211,9 @@ class Engine:
 
     def _popular(self, q: "RecommendQuery") -> Ranked:
         seen = set(q.history) if q.exclude_seen else set()
-        picked = [(i, s) for i, s in zip(self.popularity_ids, self.popularity_scores) if i not in seen][:q.k]
+        deleted = self.live.current.deleted
+        picked = [(i, s) for i, s in zip(self.popularity_ids, self.popularity_scores)
+                  if i not in seen and not (deleted and self._base_index(i) in deleted)][:q.k]
         return Ranked([i for i, _ in picked], [s for _, s in picked], "popularity")
 
     def recommend_batch(self, queries: Sequence["RecommendQuery"]) -> list[Ranked]:
@@ -206,8 +232,12 @@ class Engine:
         if model_q:
             u_BD = self.runner(np.stack(rows))
             t2 = time.perf_counter()
-            # Item indices (rows - 1) each query must not get back: its history, when exclude_seen.
+            # Item indices (rows - 1) each query must not get back: its history, when exclude_seen, and the
+            # build-time items deleted or replaced since the build.
+            live = self.live.current
             seen_B = [self._seen_indices(queries[i]) if queries[i].exclude_seen else () for i in model_q]
+            if live.deleted:
+                seen_B = [[*seen, *live.deleted] for seen in seen_B]
             k_max = max(queries[i].k for i in model_q)
             if self.ann is not None:
                 scores_BK, idx_BK = self._ann_topk(u_BD, k_max, seen_B)
@@ -216,9 +246,13 @@ class Engine:
             t3 = time.perf_counter()
             ids = self.vocab.ids  # indices come from this engine's own items (< n_items): no bounds check needed
             for b, i in enumerate(model_q):
-                k = queries[i].k
-                scores = [s for s in scores_BK[b][:k] if s != float("-inf")]
-                out[i] = Ranked([ids[j] for j in idx_BK[b][:len(scores)]], scores, "model")
+                q = queries[i]
+                scores = [s for s in scores_BK[b][:q.k] if s != float("-inf")]
+                items = [ids[j] for j in idx_BK[b][:len(scores)]]
+                if live.ids:
+                    scores, items = merge_topk(scores, items, live, torch.from_numpy(u_BD[b]), q.k,
+                                               set(q.history) if q.exclude_seen else set())
+                out[i] = Ranked(items, scores, "model")
         if self.clock is not None:
             self.clock.add((t0, t1, t2, t3, time.perf_counter()), len(queries))
         return out  # type: ignore[return-value]
@@ -256,6 +290,9 @@ class Engine:
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""
+        live = self.live.current
+        if not live.empty:
+            return self._score_live(history, candidates, live)
         unknown = [c for c in candidates if c not in self.row_of]
         u_1D = self._user_vector(history)
         if u_1D is None:
@@ -267,3 +304,23 @@ class Engine:
         if unknown:
             scores = [s if c in self.row_of else float("nan") for s, c in zip(scores, candidates)]
         return scores, unknown, "model"
+
+    def _score_live(self, history: Sequence[str], candidates: Sequence[str], live) -> tuple[list[float], list[str], str]:
+        """score() once items were upserted or deleted: live vectors first, deleted build-time items unknown."""
+        def index(c: str) -> int | None:
+            b = self._base_index(c)
+            return None if b is None or b in live.deleted else b
+
+        unknown = [c for c in candidates if c not in live.row_of and index(c) is None]
+        u_1D = self._user_vector(history)
+        if u_1D is None:
+            pop = dict(zip(self.popularity_ids, self.popularity_scores))
+            return ([pop.get(c, 0.0) if c not in unknown else float("nan") for c in candidates], unknown, "popularity")
+        out = []
+        for c in candidates:
+            if c in live.row_of:
+                out.append(float(live.vecs_MD[live.row_of[c]] @ u_1D[0]))
+            else:
+                b = index(c)
+                out.append(float(self.items_ND[b] @ u_1D[0]) if b is not None else float("nan"))
+        return out, unknown, "model"

@@ -44,7 +44,8 @@ from contracts.catalog import CatalogRecord, read_ml100k_items
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.examples import stack_windows, windows_for_new
-from trainer.features import FeatureConfig, FeatureTwoTower, featurize
+from contracts.engine_format.item_features import FeatureConfig, featurize
+from trainer.features import FeatureTwoTower
 from trainer.studies.offline import PRESETS
 from trainer.studies.offline_train import OfflineTrainConfig, _Validation, offline_step_loss, train_offline
 from trainer.studies.protocols import EvalSet, leave_one_out

@@ -1,0 +1,98 @@
+"""New items served by their features without a new engine (issue 23 item 3, the engine side): an engine built
+from a feature model carries its item feature encoder (parity-checked at build and load); upserted items are
+encoded and retrieved beside the build-time items, deleted ones are no longer served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from contracts.catalog import CatalogRecord
+from contracts.engine_format.item_features import FeatureConfig, featurize
+from contracts.registry import ITEM_ENCODER_FILE, Registry
+from server.engine.engine import Engine, EngineRejected
+from server.engine.live_items import LiveItems
+from trainer.export.build import BuildInfo, build_engine
+from trainer.export.compile import CompileOptions
+from trainer.features import FeatureTwoTower
+from trainer.model import ModelConfig
+
+GENRES = ("Comedy", "Drama", "Horror", "Action")
+
+
+def record(i: int) -> CatalogRecord:
+    return CatalogRecord(id=f"item-{i}", categorical={"genre": (GENRES[i % 4],)}, text={"title": f"film number {i}"},
+                         numeric={"year": 1980.0 + i % 30})
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    n = 40
+    mcfg = ModelConfig.tiny_debug()
+    fcfg = FeatureConfig(dim=mcfg.dim, cat_buckets=64, text_buckets=256, numeric=("year",))
+    torch.manual_seed(0)
+    model = FeatureTwoTower(mcfg, n + 1, fcfg, featurize([None, *map(record, range(n))], fcfg),
+                            torch.ones(n + 1))
+    reg = Registry(tmp_path_factory.mktemp("reg"))
+    m = build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
+                     BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                     CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None)
+    assert ITEM_ENCODER_FILE in {f.path for f in m.files}
+    e = Engine.load(reg.engine_dir(m.version), reg.verify(m.version))
+    assert e.encoder is not None and e.golden_max_abs_diff() <= 1e-4
+    return e
+
+
+def brute_force(e: Engine, history: list[str], k: int) -> list[str]:
+    """The top k over every served item (build-time less deleted, plus live), history excluded."""
+    u_D = torch.from_numpy(e.runner(e.history_rows(history)[None, :]))[0]
+    live = e.live.current
+    scored = [(float(e.items_ND[i] @ u_D), e.vocab.ids[i]) for i in range(e.n_items) if i not in live.deleted]
+    scored += [(float(live.vecs_MD[r] @ u_D), x) for r, x in enumerate(live.ids)]
+    return [x for _, x in sorted((p for p in scored if p[1] not in history), key=lambda p: -p[0])[:k]]
+
+
+def test_upserted_items_are_retrieved_and_deleted_ones_are_not(engine):
+    history = ["item-1", "item-5", "item-9"]
+    new = [record(100 + i) for i in range(6)]
+    engine.upsert_items(new)
+    # the new items' vectors are the encoder's: the same as the build's feature-only vectors for these records
+    got = engine.recommend(history, k=50, exclude_seen=True)
+    assert got.item_ids == brute_force(engine, history, 50)
+    assert {r.id for r in new} <= set(got.item_ids)  # k covers every item: all six are served
+    top = engine.recommend(history, k=5, exclude_seen=True)
+    assert top.item_ids == brute_force(engine, history, 5) and top.scores == sorted(top.scores, reverse=True)
+    # delete a live item and a build-time item: neither comes back, and Score says they are unknown
+    assert engine.delete_items(["item-101", "item-3", "no-such-item"]) == 2
+    got = engine.recommend(history, k=60, exclude_seen=True)
+    assert "item-101" not in got.item_ids and "item-3" not in got.item_ids
+    assert got.item_ids == brute_force(engine, history, 60)
+    scores, unknown, source = engine.score(history, ["item-100", "item-3", "item-7"])
+    assert unknown == ["item-3"] and np.isnan(scores[1]) and source == "model"
+    u_D = torch.from_numpy(engine.runner(engine.history_rows(history)[None, :]))[0]
+    assert scores[0] == pytest.approx(float(torch.from_numpy(engine.encoder([new[0]])[0]) @ u_D), abs=1e-5)
+    # an upsert of a build-time id replaces its build-time row
+    engine.upsert_items([CatalogRecord(id="item-7", categorical={"genre": ("Horror",)})])
+    assert engine.live.current.ids.count("item-7") == 1
+    assert engine.recommend(history, k=60, exclude_seen=True).item_ids.count("item-7") == 1
+
+
+def test_an_id_only_engine_refuses_upserts(trained_dir):
+    reg = Registry(trained_dir / "registry")
+    e = Engine.load(reg.engine_dir(1), reg.verify(1))
+    assert e.encoder is None
+    with pytest.raises(EngineRejected, match="no item feature encoder"):
+        e.upsert_items([record(1)])
+
+
+def test_live_items_are_bounded_and_checked():
+    live = LiveItems(4, lambda x: None, max_items=3)
+    live.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    with pytest.raises(ValueError, match="limit is 3"):
+        live.upsert(["c", "d"], np.eye(4, dtype=np.float32)[2:])
+    assert live.current.ids == ("a", "b")  # a refused change changes nothing
+    with pytest.raises(ValueError, match="distinct"):
+        live.upsert(["c", "c"], np.eye(4, dtype=np.float32)[:2])
+    live.upsert(["a"], np.eye(4, dtype=np.float32)[3:])  # replace: still two
+    assert live.current.ids == ("b", "a") and live.current.vecs_MD[1, 3] == 1.0
