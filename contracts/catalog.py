@@ -239,7 +239,8 @@ class CatalogStore:
         return UpsertResult(ins, upd, same, version)
 
     def delete(self, ids: Iterable[str], kind: str = "item") -> tuple[int, int]:
-        """Delete records by id (one transaction) -> (records deleted, version after). Absent ids are ignored."""
+        """Delete records by id (one transaction) -> (records deleted, version after). An id the catalogue never
+        had gets a tombstone too (not counted): a serving engine may hold it from its build and must drop it."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         ids = list(ids)
@@ -248,12 +249,11 @@ class CatalogStore:
             n = 0
             for rid in ids:
                 row = cur.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (kind, rid)).fetchone()
-                if row is None or row[0] is None:
-                    continue
+                if row is not None and row[0] is None:
+                    continue  # deleted already
                 version += 1
-                n += 1
-                cur.execute("UPDATE records SET body = NULL, version = ? WHERE kind = ? AND id = ?",
-                            (version, kind, rid))
+                n += row is not None
+                cur.execute("INSERT OR REPLACE INTO records VALUES (?, ?, NULL, ?)", (kind, rid, version))
             return n, version
 
         return self._write(body)

@@ -493,3 +493,72 @@ class StopExperimentRequest(_message.Message):
     reason: str
     promote_version: int
     def __init__(self, reason: _Optional[str] = ..., promote_version: _Optional[int] = ...) -> None: ...
+
+class CatalogValues(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CatalogItem(_message.Message):
+    __slots__ = ("id", "categorical", "numeric", "text")
+    class CategoricalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CatalogValues
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CatalogValues, _Mapping]] = ...) -> None: ...
+    class NumericEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
+    NUMERIC_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    categorical: _containers.MessageMap[str, CatalogValues]
+    numeric: _containers.ScalarMap[str, float]
+    text: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., categorical: _Optional[_Mapping[str, CatalogValues]] = ..., numeric: _Optional[_Mapping[str, float]] = ..., text: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class UpsertItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[CatalogItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[CatalogItem, _Mapping]]] = ...) -> None: ...
+
+class DeleteItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CatalogChangeResponse(_message.Message):
+    __slots__ = ("inserted", "updated", "unchanged", "deleted", "catalog_version", "serving_engines", "note")
+    INSERTED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_ENGINES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    inserted: int
+    updated: int
+    unchanged: int
+    deleted: int
+    catalog_version: int
+    serving_engines: _containers.RepeatedScalarFieldContainer[int]
+    note: str
+    def __init__(self, inserted: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., deleted: _Optional[int] = ..., catalog_version: _Optional[int] = ..., serving_engines: _Optional[_Iterable[int]] = ..., note: _Optional[str] = ...) -> None: ...

@@ -239,6 +239,16 @@ class EngineAdminStub:
                 request_serializer=proto_dot_livetower__v1__pb2.StopExperimentRequest.SerializeToString,
                 response_deserializer=proto_dot_livetower__v1__pb2.Experiment.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/UpsertItems',
+                request_serializer=proto_dot_livetower__v1__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/DeleteItems',
+                request_serializer=proto_dot_livetower__v1__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
 
 
 class EngineAdminServicer:
@@ -301,6 +311,21 @@ class EngineAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertItems(self, request, context):
+        """The catalogue: items written durably (the server's catalog.sqlite), then served by their features at once
+        by every engine that carries an item feature encoder (engines of feature models); deletions stop serving an
+        item in every engine. Not in fleet mode (the catalogue is one host's file): FAILED_PRECONDITION there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +373,16 @@ def add_EngineAdminServicer_to_server(servicer, server):
                     servicer.StopExperiment,
                     request_deserializer=proto_dot_livetower__v1__pb2.StopExperimentRequest.FromString,
                     response_serializer=proto_dot_livetower__v1__pb2.Experiment.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=proto_dot_livetower__v1__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=proto_dot_livetower__v1__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +630,60 @@ class EngineAdmin:
             '/livetower.v1.EngineAdmin/StopExperiment',
             proto_dot_livetower__v1__pb2.StopExperimentRequest.SerializeToString,
             proto_dot_livetower__v1__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/UpsertItems',
+            proto_dot_livetower__v1__pb2.UpsertItemsRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/DeleteItems',
+            proto_dot_livetower__v1__pb2.DeleteItemsRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ from contracts.attribution import ImpressionWriter, read_outcomes, window_counts
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.object_registry import open_registry
+from contracts.catalog import CatalogStore
 from contracts.tls import SERVER_KEEPALIVE, TlsConfig, is_loopback
 from contracts.tracing import TRACING_OFF, Tracing, start_tracing
 from proto import livetower_v1_pb2 as pb
@@ -181,7 +182,8 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
             log.info("gc collect + freeze after loading engine %d: %.1f ms", version, (time.perf_counter() - t0) * 1e3)
 
     attribution_path = config.attribution_path
-    manager = EngineManager(registry, config.engines, on_event=on_engine_event,
+    catalog = None if config.fleet else CatalogStore.in_dir(config.data_dir)  # fleet: one host's file cannot serve
+    manager = EngineManager(registry, config.engines, on_event=on_engine_event, catalog=catalog,
                             user_histories=lambda: history.sample(1000),
                             outcome_counts=(lambda served_from_ms, served_to_ms: window_counts(
                                 attribution_path, served_from_ms, served_to_ms))

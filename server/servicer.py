@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 
 from contracts.attribution import Impression, ImpressionWriter
+from contracts.catalog import CatalogRecord
 from contracts.client import LEASE_HOLDER_KEY
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
 from contracts.registry import Registry
@@ -292,12 +293,61 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
         return await self._experiment(context, lambda: self.manager.stop_experiment(
             reason=request.reason, winner_version=v, promote=bool(v), decision="stopped"))
 
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.CatalogChangeResponse:
+        await self._catalog_allowed(context, len(request.items), "items")
+        try:
+            records = [catalog_record(item) for item in request.items]
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len({r.id for r in records}) != len(records):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "items: ids must be distinct within one call")
+        engines = self.manager.serving_engines()
+        result = await asyncio.to_thread(self.manager.catalog.upsert, records, engines)
+        return self._catalog_response(engines, inserted=result.inserted, updated=result.updated,
+                                      unchanged=result.unchanged, catalog_version=result.version)
+
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.CatalogChangeResponse:
+        await self._catalog_allowed(context, len(request.item_ids), "item_ids")
+        engines = self.manager.serving_engines()
+        deleted, version = await asyncio.to_thread(self.manager.catalog.delete, list(request.item_ids), engines)
+        return self._catalog_response(engines, deleted=deleted, catalog_version=version)
+
+    async def _catalog_allowed(self, context, n: int, field: str) -> None:
+        if self.manager.catalog is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the catalogue is one host's file (catalog.sqlite): fleet mode does not serve "
+                                "catalogue changes yet")
+        if not 1 <= n <= MAX_CATALOG_ITEMS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{field}: 1..{MAX_CATALOG_ITEMS} per call, got {n}")
+
+    @staticmethod
+    def _catalog_response(engines: list[Engine], **counts) -> pb.CatalogChangeResponse:
+        blind = [e.version for e in engines if e.encoder is None]
+        note = (f"engine(s) {blind} have no item feature encoder (built from an id-only model): they serve new "
+                "items only once an engine trained on them is promoted; deletions apply to every engine"
+                if blind else "")
+        return pb.CatalogChangeResponse(serving_engines=[e.version for e in engines], note=note, **counts)
+
     async def _experiment(self, context, op: Callable[[], object], *, change: bool = True) -> pb.Experiment:
         status = await self._operate(context, op, EngineManager.experiment_status, change=change)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no experiment has run on this registry; start one with "
                                                            "StartExperiment (livetower experiments start)")
         return experiment_message(*status)
+
+
+MAX_CATALOG_ITEMS = 10_000  # UpsertItems.items / DeleteItems.item_ids per call
+
+
+def catalog_record(item: pb.CatalogItem) -> CatalogRecord:
+    """The API's item as a validated CatalogRecord; ValueError naming the item and the field."""
+    try:
+        return CatalogRecord(id=item.id, kind="item",
+                             categorical={k: tuple(v.values) for k, v in item.categorical.items()},
+                             numeric=dict(item.numeric), text=dict(item.text))
+    except ValueError as e:
+        raise ValueError(f"items[id={item.id[:64]!r}]: {e}") from None
 
 
 def experiment_message(x: Experiment, decision: ExperimentDecision | None, live: dict[str, ArmLive]) -> pb.Experiment:

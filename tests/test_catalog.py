@@ -77,16 +77,17 @@ def test_store_round_trip_versions_and_changes(tmp_path):
         assert s.upsert([u]).version == 4
         assert s.get("a") == a and s.get("b") == b2 and s.get("a", kind="user") == u and s.get("zz") is None
         assert [r.id for r in s.iterate()] == ["a", "b"] and s.count() == 2 and s.count("user") == 1
-        assert s.delete(["a", "missing"]) == (1, 5)
-        assert s.delete(["a"]) == (0, 5)  # already deleted
+        assert s.delete(["a", "missing"]) == (1, 6)  # "missing" gets a tombstone (an engine may hold it)
+        assert s.delete(["a", "missing"]) == (0, 6)  # already deleted
         assert s.get("a") is None and [r.id for r in s.iterate()] == ["b"]
         ch = s.changes_since(2)
-        assert [(c.version, c.kind, c.id) for c in ch] == [(3, "item", "b"), (4, "user", "a"), (5, "item", "a")]
+        assert [(c.version, c.kind, c.id) for c in ch] == [(3, "item", "b"), (4, "user", "a"), (5, "item", "a"),
+                                                            (6, "item", "missing")]
         assert ch[0].record == b2 and ch[2].record is None  # latest state; None = deleted
         assert [c.version for c in s.changes_since(0, limit=2)] == [3, 4]  # b (v3: its latest), user a (v4)
-        assert s.upsert([a]) == (1, 0, 0, 6)  # re-insert after delete
+        assert s.upsert([a]) == (1, 0, 0, 7)  # re-insert after delete
     with CatalogStore.in_dir(tmp_path) as s:  # durable across reopen
-        assert s.version() == 6 and s.get("a") == a
+        assert s.version() == 7 and s.get("a") == a
 
 
 def test_store_paging_and_bad_input(tmp_path):

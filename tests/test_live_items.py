@@ -11,7 +11,7 @@ import torch
 from contracts.catalog import CatalogRecord
 from contracts.engine_format.item_features import FeatureConfig, featurize
 from contracts.registry import ITEM_ENCODER_FILE, Registry
-from server.engine.engine import Engine, EngineRejected
+from server.engine.engine import Engine
 from server.engine.live_items import LiveItems
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
@@ -56,7 +56,7 @@ def brute_force(e: Engine, history: list[str], k: int) -> list[str]:
 def test_upserted_items_are_retrieved_and_deleted_ones_are_not(engine):
     history = ["item-1", "item-5", "item-9"]
     new = [record(100 + i) for i in range(6)]
-    engine.upsert_items(new)
+    assert engine.apply_catalog([(r.id, r) for r in new]) == 6
     # the new items' vectors are the encoder's: the same as the build's feature-only vectors for these records
     got = engine.recommend(history, k=50, exclude_seen=True)
     assert got.item_ids == brute_force(engine, history, 50)
@@ -64,7 +64,7 @@ def test_upserted_items_are_retrieved_and_deleted_ones_are_not(engine):
     top = engine.recommend(history, k=5, exclude_seen=True)
     assert top.item_ids == brute_force(engine, history, 5) and top.scores == sorted(top.scores, reverse=True)
     # delete a live item and a build-time item: neither comes back, and Score says they are unknown
-    assert engine.delete_items(["item-101", "item-3", "no-such-item"]) == 2
+    engine.apply_catalog([("item-101", None), ("item-3", None), ("no-such-item", None)])
     got = engine.recommend(history, k=60, exclude_seen=True)
     assert "item-101" not in got.item_ids and "item-3" not in got.item_ids
     assert got.item_ids == brute_force(engine, history, 60)
@@ -72,18 +72,19 @@ def test_upserted_items_are_retrieved_and_deleted_ones_are_not(engine):
     assert unknown == ["item-3"] and np.isnan(scores[1]) and source == "model"
     u_D = torch.from_numpy(engine.runner(engine.history_rows(history)[None, :]))[0]
     assert scores[0] == pytest.approx(float(torch.from_numpy(engine.encoder([new[0]])[0]) @ u_D), abs=1e-5)
-    # an upsert of a build-time id replaces its build-time row
-    engine.upsert_items([CatalogRecord(id="item-7", categorical={"genre": ("Horror",)})])
-    assert engine.live.current.ids.count("item-7") == 1
-    assert engine.recommend(history, k=60, exclude_seen=True).item_ids.count("item-7") == 1
+    # a build-time id upserted again (after its delete) is served from its trained row again, once
+    engine.apply_catalog([("item-3", record(3))])
+    assert "item-3" not in engine.live.current.ids and not engine.live.current.deleted
+    assert engine.recommend(history, k=60, exclude_seen=True).item_ids.count("item-3") == 1
 
 
-def test_an_id_only_engine_refuses_upserts(trained_dir):
+def test_an_id_only_engine_serves_deletions_but_not_new_items(trained_dir):
     reg = Registry(trained_dir / "registry")
     e = Engine.load(reg.engine_dir(1), reg.verify(1))
     assert e.encoder is None
-    with pytest.raises(EngineRejected, match="no item feature encoder"):
-        e.upsert_items([record(1)])
+    known = e.vocab.ids[0]
+    assert e.apply_catalog([("brand-new", record(1)), (known, None)]) == 0
+    assert known not in e.recommend(list(e.vocab.ids[1:4]), k=e.n_items, exclude_seen=False).item_ids
 
 
 def test_live_items_are_bounded_and_checked():
@@ -96,3 +97,56 @@ def test_live_items_are_bounded_and_checked():
         live.upsert(["c", "c"], np.eye(4, dtype=np.float32)[:2])
     live.upsert(["a"], np.eye(4, dtype=np.float32)[3:])  # replace: still two
     assert live.current.ids == ("b", "a") and live.current.vecs_MD[1, 3] == 1.0
+
+
+def publish_feature_engine(reg: Registry, n: int = 40) -> int:
+    mcfg = ModelConfig.tiny_debug()
+    fcfg = FeatureConfig(dim=mcfg.dim, cat_buckets=64, text_buckets=256, numeric=("year",))
+    torch.manual_seed(0)
+    model = FeatureTwoTower(mcfg, n + 1, fcfg, featurize([None, *map(record, range(n))], fcfg), torch.ones(n + 1))
+    return build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
+                        BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                        CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+
+
+def test_upsert_and_delete_items_over_grpc_durably(tmp_path):
+    import grpc
+
+    from contracts.rollout import CanaryPolicy, RolloutState
+    from proto import livetower_v1_pb2 as pb
+    from tests.conftest import ADMIN_TOKEN, client_for, running_server, server_config, wait_for
+
+    reg = Registry(tmp_path / "registry")
+    v = publish_feature_engine(reg)
+    reg.write_rollout(RolloutState(stable=v, policy=CanaryPolicy(mode="manual")))
+    md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    history = ["item-1", "item-5"]
+    item = pb.CatalogItem(id="new-film", categorical={"genre": pb.CatalogValues(values=["Horror"])},
+                          numeric={"year": 2001.0}, text={"title": "a new film"})
+    with running_server(server_config(tmp_path)) as (server, port):
+        c = client_for(server, port)
+        wait_for(lambda: server.manager.stable is not None, 30, "the feature engine")
+        assert "new-film" not in c.recommend("u1", 60, history=history).item_ids
+        r = c.admin.UpsertItems(pb.UpsertItemsRequest(items=[item]), metadata=md)
+        assert (r.inserted, r.catalog_version, list(r.serving_engines), r.note) == (1, 1, [v], "")
+        assert "new-film" in c.recommend("u1", 60, history=history).item_ids  # the next request
+        with pytest.raises(grpc.RpcError) as bad:
+            c.admin.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(id="x", numeric={"bad name!": 1.0})]),
+                                metadata=md)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "feature name" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            c.admin.DeleteItems(pb.DeleteItemsRequest(), metadata=md)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_ids: 1..10000" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as anon:  # the admin credential is required
+            c.admin.UpsertItems(pb.UpsertItemsRequest(items=[item]))
+        assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        c.close()
+    with running_server(server_config(tmp_path)) as (server, port):  # restarted: the catalogue is replayed
+        c = client_for(server, port)
+        wait_for(lambda: server.manager.stable is not None, 30, "the feature engine")
+        assert "new-film" in c.recommend("u1", 60, history=history).item_ids
+        r = c.admin.DeleteItems(pb.DeleteItemsRequest(item_ids=["new-film", "item-2"]), metadata=md)
+        assert r.deleted == 1 and r.catalog_version == 3  # item-2 was never in the catalogue: a tombstone
+        ids = c.recommend("u1", 60, history=history).item_ids
+        assert "new-film" not in ids and "item-2" not in ids  # a build-time item is deleted too
+        c.close()

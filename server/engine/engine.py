@@ -115,6 +115,7 @@ class Engine:
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
         self.encoder: ItemEncoder | None = None  # set by load() for a feature model's engine: features -> vectors
         self.live = LiveItems(int(manifest.dim), self._base_index)  # items upserted / deleted since the build
+        self.catalog_version = 0  # the catalogue version whose changes live holds (server/engine/catalog_sync.py)
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
@@ -180,15 +181,20 @@ class Engine:
         row = self.vocab.row_of.get(item_id)
         return row - 1 if row is not None and row <= self.n_items else None
 
-    def upsert_items(self, records: Sequence[CatalogRecord]) -> None:
-        """Encode the records' features and serve them from the next request on (replacing same-id items)."""
-        if self.encoder is None:
-            raise EngineRejected(f"engine {self.version} has no item feature encoder (built from an id-only model): "
-                                 "it cannot serve items by their features")
-        self.live.upsert([r.id for r in records], self.encoder(records))
-
-    def delete_items(self, item_ids: Sequence[str]) -> int:
-        return self.live.delete(item_ids)
+    def apply_catalog(self, changes: Sequence[tuple[str, CatalogRecord | None]]) -> int:
+        """Catalogue changes in order, (item id, its record now; None: deleted). A new item is encoded from its
+        features and served from the next request on (when this engine has an item encoder; returns how many
+        were); a build-time item keeps its trained vector (re-served if it had been deleted); a deleted item,
+        new or build-time, is no longer served."""
+        latest = dict(changes)  # the last change of each id wins
+        self.live.delete([i for i, r in latest.items() if r is None])
+        self.live.restore([b for i, r in latest.items() if r is not None and (b := self._base_index(i)) is not None])
+        new = [r for i, r in latest.items() if r is not None and self._base_index(i) is None]
+        if not new or self.encoder is None:
+            return 0
+        for s in range(0, len(new), 4096):
+            self.live.upsert([r.id for r in new[s:s + 4096]], self.encoder(new[s:s + 4096]))
+        return len(new)
 
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:

@@ -41,7 +41,8 @@ class LiveItems:
         self.current = LiveSet((), {}, torch.zeros(0, dim), frozenset())
 
     def upsert(self, ids: Sequence[str], vecs_MD: np.ndarray) -> None:
-        """Add or replace items; a build-time item of the same id stops being served from its build-time row."""
+        """Add or replace items; a build-time item of the same id stops being served from its build-time row
+        (Engine.apply_catalog upserts only ids the build does not have)."""
         if len(ids) != len(vecs_MD) or (len(ids) and vecs_MD.shape[1] != self.dim):
             raise ValueError(f"ids ({len(ids)}) and vectors {tuple(vecs_MD.shape)} must match, dim {self.dim}")
         if len(set(ids)) != len(ids):
@@ -68,6 +69,14 @@ class LiveItems:
             self.current = LiveSet(new_ids, {x: r for r, x in enumerate(new_ids)}, cur.vecs_MD[keep],
                                    cur.deleted | base)
             return removed
+
+
+    def restore(self, base_indices: Sequence[int]) -> None:
+        """Serve these build-time items again (upserted after a delete: their build-time vectors)."""
+        with self._lock:
+            cur = self.current
+            if set(base_indices) & cur.deleted:
+                self.current = LiveSet(cur.ids, cur.row_of, cur.vecs_MD, cur.deleted - set(base_indices))
 
 
 def merge_topk(base_scores: list[float], base_ids: list[str], live: LiveSet, u_D: torch.Tensor, k: int,

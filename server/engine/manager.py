@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from contracts.catalog import CatalogStore
 from contracts.registry import EngineCorrupt, Registry
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from contracts.signing import ManifestTrust
 from server.engine.canary import CanaryStats, ShadowScorer, Verdict, in_canary
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.canary_control import CanaryControl
+from server.engine.catalog_sync import CatalogSync
 from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.fleet_stats import CanaryReports
@@ -93,7 +95,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                  on_event: Callable[[str, int, float], None] | None = None, *,  # (kind, version, value)
                  loader: EngineLoader | None = None,  # None: load_from_registry
                  user_histories: Callable[[], list[list[str]]] = list,
-                 outcome_counts: OutcomeCounts | None = None) -> None:  # None: no impressions recorded
+                 outcome_counts: OutcomeCounts | None = None,
+                 catalog: CatalogStore | None = None) -> None:  # None: no impressions recorded
         self.registry = registry
         self.config = config
         # Read once here so a bad key file stops the server at start; loads read it again (a rotated file).
@@ -123,11 +126,21 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.admin_address = ""  # HOST:PORT of this process's admin listener, recorded with the lease (set once bound)
         self._reports = CanaryReports(registry, self.replica)  # the running canary's evidence from every replica
         self._outcome_counts = outcome_counts
-        self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
+        self._outcomes_read = (-1.0, 0, {})
+        self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine  # (monotonic time, window start, counts): reads throttled
 
     @property
     def current(self) -> Engine | None:
         return self.stable
+
+    def serving_engines(self) -> list[Engine]:
+        """Every engine this process holds for serving: stable, canary, the standby and experiment arms."""
+        arms = self.experiment.engines.values() if self.experiment is not None else ()
+        out: list[Engine] = []
+        for e in (self.stable, self.canary, self.standby, *arms):
+            if e is not None and all(e is not o for o in out):
+                out.append(e)
+        return out
 
     @property
     def policy(self) -> CanaryPolicy:
@@ -176,6 +189,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.warmup_calls)
+        if self.catalog is not None:  # every catalogue change so far, before it serves
+            self.catalog.catch_up([engine])
         engine.clock = self.clock  # counted from here: warm-up is not serving
         seconds = time.perf_counter() - t0
         log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,
@@ -299,6 +314,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 self.canary_fraction = st.canary_fraction
             self._reconcile_experiment(self.rollout)
             self._prefetch(versions)
+            if self.catalog is not None:  # changes written by another process (livetower catalog load)
+                self.catalog.catch_up(self.serving_engines())
             if (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
                     and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
