@@ -92,9 +92,9 @@ ROUND_ROBIN = ("grpc.service_config", service_config())
 # skips it. The server accepts pings this often (SERVER_KEEPALIVE).
 KEEPALIVE = (("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
              ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
-# (The server's minimum interval between received pings is C-core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-# whose string is "grpc.http2.min_ping_interval_without_data_ms": with the default 5 min, clients pinging every
-# second got GOAWAY too_many_pings.)
+# (The server's minimum interval between received pings is C-core's
+# GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, whose string is "grpc.http2.min_ping_interval_without_data_ms":
+# with its default 5 min, clients pinging every second got GOAWAY too_many_pings.)
 SERVER_KEEPALIVE = (("grpc.http2.min_ping_interval_without_data_ms", 500), ("grpc.keepalive_permit_without_calls", 1))
 
 

@@ -221,8 +221,8 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     # Admin calls are few: a small concurrency cap keeps a flood of them from starving the event loop.
     admin_server = grpc.aio.server(interceptors=[observe, AdminAuthInterceptor(token, hint)], options=options,
                                    maximum_concurrent_rpcs=64)
-    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(manager=manager, registry=registry, fleet=config.fleet),
-                                              admin_server)
+    admin = EngineAdminServicer(manager=manager, registry=registry, fleet=config.fleet)
+    pb_grpc.add_EngineAdminServicer_to_server(admin, admin_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin_server)
     reflection.enable_server_reflection((ADMIN, HEALTH, reflection.SERVICE_NAME), admin_server)
     port = _bind(grpc_server, config.host, config.port, config.tls, "gRPC")

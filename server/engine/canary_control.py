@@ -1,8 +1,8 @@
 """Canary operations of the EngineManager (a mixin: the manager's concern split by file): start a canary,
 promote it, roll it back (or roll stable back to the version before it), set the policy, keep the next version
 loaded (prefetch), and analyse the running canary (acting on the verdict when this replica holds the decision
-lease). Blocking; call off the event loop. grpc-free. Every change goes through the manager's _mutate: one read-modify-write of the shared
-rollout state, fenced on the decision lease when the actor is "auto".
+lease). Blocking; call off the event loop. grpc-free. Every change goes through the manager's _mutate: one
+read-modify-write of the shared rollout state, fenced on the decision lease when the actor is "auto".
 """
 
 from __future__ import annotations

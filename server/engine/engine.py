@@ -311,7 +311,8 @@ class Engine:
             scores = [s if c in self.row_of else float("nan") for s, c in zip(scores, candidates)]
         return scores, unknown, "model"
 
-    def _score_live(self, history: Sequence[str], candidates: Sequence[str], live) -> tuple[list[float], list[str], str]:
+    def _score_live(self, history: Sequence[str], candidates: Sequence[str],
+                    live) -> tuple[list[float], list[str], str]:
         """score() once items were upserted or deleted: live vectors first, deleted build-time items unknown."""
         def index(c: str) -> int | None:
             b = self._base_index(c)
