@@ -308,6 +308,11 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
 
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.CatalogChangeResponse:
         await self._catalog_allowed(context, len(request.item_ids), "item_ids")
+        for i, item_id in enumerate(request.item_ids):
+            try:
+                CatalogRecord(id=item_id)  # the id rules of the catalogue (length, characters)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"item_ids[{i}]: {e}")
         engines = self.manager.serving_engines()
         deleted, version = await asyncio.to_thread(self.manager.catalog.delete, list(request.item_ids), engines)
         return self._catalog_response(engines, deleted=deleted, catalog_version=version)

@@ -89,8 +89,9 @@ def test_the_lease_moves_when_its_holder_is_killed_and_the_restarted_replica_cat
     new = holder(fleet, not_=lead)
     took = time.monotonic() - t0
     assert took < fleet.config.lease_s + 3, took
-    event = next(e for e in reversed(fleet.rollout(new).history) if e.action == "lead")
-    assert event.replica == f"replica-{new}" and f"from replica-{lead}" in event.reason, event
+    event = wait_for(lambda: next((e for e in reversed(fleet.rollout(new).history)  # its view: as of its last poll
+                                   if e.action == "lead" and e.replica == f"replica-{new}"), None), 5, "the takeover")
+    assert f"from replica-{lead}" in event.reason, event
     v = fleet.publish(1)  # a canary started while the old holder is down: the restarted one must serve it at once
     fleet.client(new).start_canary(v, 0.5)
     fleet.start_replica(lead)

@@ -137,6 +137,9 @@ def test_upsert_and_delete_items_over_grpc_durably(tmp_path):
         with pytest.raises(grpc.RpcError) as empty:
             c.admin.DeleteItems(pb.DeleteItemsRequest(), metadata=md)
         assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_ids: 1..10000" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as long_id:
+            c.admin.DeleteItems(pb.DeleteItemsRequest(item_ids=["ok", "x" * 300]), metadata=md)
+        assert long_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_ids[1]" in long_id.value.details()
         with pytest.raises(grpc.RpcError) as anon:  # the admin credential is required
             c.admin.UpsertItems(pb.UpsertItemsRequest(items=[item]))
         assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -95,8 +95,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                  on_event: Callable[[str, int, float], None] | None = None, *,  # (kind, version, value)
                  loader: EngineLoader | None = None,  # None: load_from_registry
                  user_histories: Callable[[], list[list[str]]] = list,
-                 outcome_counts: OutcomeCounts | None = None,
-                 catalog: CatalogStore | None = None) -> None:  # None: no impressions recorded
+                 outcome_counts: OutcomeCounts | None = None,  # None: no impressions recorded
+                 catalog: CatalogStore | None = None) -> None:  # None: no catalogue (fleet mode)
         self.registry = registry
         self.config = config
         # Read once here so a bad key file stops the server at start; loads read it again (a rotated file).
@@ -126,8 +126,8 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.admin_address = ""  # HOST:PORT of this process's admin listener, recorded with the lease (set once bound)
         self._reports = CanaryReports(registry, self.replica)  # the running canary's evidence from every replica
         self._outcome_counts = outcome_counts
-        self._outcomes_read = (-1.0, 0, {})
-        self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine  # (monotonic time, window start, counts): reads throttled
+        self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
+        self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine
 
     @property
     def current(self) -> Engine | None:
