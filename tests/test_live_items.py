@@ -26,20 +26,22 @@ def record(i: int) -> CatalogRecord:
                          numeric={"year": 1980.0 + i % 30})
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    n = 40
+def publish_feature_engine(reg: Registry, n: int = 40) -> int:
     mcfg = ModelConfig.tiny_debug()
     fcfg = FeatureConfig(dim=mcfg.dim, cat_buckets=64, text_buckets=256, numeric=("year",))
     torch.manual_seed(0)
-    model = FeatureTwoTower(mcfg, n + 1, fcfg, featurize([None, *map(record, range(n))], fcfg),
-                            torch.ones(n + 1))
+    model = FeatureTwoTower(mcfg, n + 1, fcfg, featurize([None, *map(record, range(n))], fcfg), torch.ones(n + 1))
+    return build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
+                        BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                        CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
     reg = Registry(tmp_path_factory.mktemp("reg"))
-    m = build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
-                     BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
-                     CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None)
+    m = reg.verify(publish_feature_engine(reg))
     assert ITEM_ENCODER_FILE in {f.path for f in m.files}
-    e = Engine.load(reg.engine_dir(m.version), reg.verify(m.version))
+    e = Engine.load(reg.engine_dir(m.version), m)
     assert e.encoder is not None and e.golden_max_abs_diff() <= 1e-4
     return e
 
@@ -97,16 +99,6 @@ def test_live_items_are_bounded_and_checked():
         live.upsert(["c", "c"], np.eye(4, dtype=np.float32)[:2])
     live.upsert(["a"], np.eye(4, dtype=np.float32)[3:])  # replace: still two
     assert live.current.ids == ("b", "a") and live.current.vecs_MD[1, 3] == 1.0
-
-
-def publish_feature_engine(reg: Registry, n: int = 40) -> int:
-    mcfg = ModelConfig.tiny_debug()
-    fcfg = FeatureConfig(dim=mcfg.dim, cat_buckets=64, text_buckets=256, numeric=("year",))
-    torch.manual_seed(0)
-    model = FeatureTwoTower(mcfg, n + 1, fcfg, featurize([None, *map(record, range(n))], fcfg), torch.ones(n + 1))
-    return build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
-                        BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
-                        CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
 
 
 def test_upsert_and_delete_items_over_grpc_durably(tmp_path):
