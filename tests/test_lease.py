@@ -129,6 +129,9 @@ def test_every_replica_prefetches_a_publish_and_follows_its_canary_by_a_swap(man
     b.poll_once()
     v2 = reg.publish(*stage(reg, 1, reg))
     b.poll_once()
+    assert b.standby is None  # manual mode: a publish may never be canaried, so it is not loaded ahead
+    reg.update_rollout(lambda st: setattr(st, "policy", CanaryPolicy(mode="auto")))
+    b.poll_once()
     standby = b.standby
     assert standby is not None and standby.version == v2  # loaded and checked before any decision
     a.start_canary(v2, 0.5)

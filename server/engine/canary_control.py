@@ -83,10 +83,13 @@ class CanaryControl:
         return self._load_or_refuse(version, actor)
 
     def _prefetch(self, versions: set[int]) -> None:
-        """Keep the newest pending version loaded as the standby (config.prefetch), so this replica follows its
-        canary, wherever decided, by a reference swap. A stale standby (promoted past, refused, rolled back) is
-        dropped. Under the manager's lock, in the watcher's thread."""
-        pending = self.pending_versions(versions) if self.config.prefetch and self.stable is not None else []
+        """Keep the newest pending version loaded as the standby (config.prefetch, auto mode), so this replica
+        follows its canary, wherever decided, by a reference swap. A stale standby (promoted past, refused, rolled
+        back) is dropped. Under the manager's lock, in the watcher's thread."""
+        # Only in auto mode, where each publish is canaried next: in manual mode most versions may never be, and
+        # loading each one as it is published would cost a load (CPU beside the traffic) and memory for nothing.
+        wanted = self.config.prefetch and self.policy.mode == "auto" and self.stable is not None
+        pending = self.pending_versions(versions) if wanted else []
         want = pending[-1] if pending else 0
         if self.standby is not None and self.standby.version != want:
             self._retire(self.standby)

@@ -62,8 +62,8 @@ class EngineManagerConfig:
     trusted_keys: Path | None = None  # file of trusted Ed25519 public keys (PEM blocks or 64-hex lines): a signed
                                     # engine whose manifest.sig verifies with none of them is refused
     require_signature: bool = False  # refuse engines without a manifest.sig that verifies (needs trusted_keys)
-    prefetch: bool = True           # load the newest pending published version ahead of its canary (one engine more
-                                    # in memory), so every replica follows a canary decision by a swap, not a load
+    prefetch: bool = True           # auto mode: load the newest pending published version ahead of its canary (one
+                                    # engine more in memory), so every replica follows the decision by a swap
     outcome_interval_s: float = 2.0  # how often a canary's or experiment's hit rates are read from the attribution store
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
