@@ -124,7 +124,7 @@ def test_the_lease_holder_judges_the_canary_on_every_replicas_traffic(managers):
 
 
 def test_every_replica_prefetches_a_publish_and_follows_its_canary_by_a_swap(managers):
-    reg, a, b = managers()
+    reg, a, b = managers(lease_s=60.0)  # a keeps the lease however slow the machine: b only follows
     a.poll_once()
     b.poll_once()
     v2 = reg.publish(*stage(reg, 1, reg))
