@@ -295,39 +295,24 @@ class Engine:
         return scores_out, idx_out
 
     def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
-        """Scores in the candidates' order (NaN for unknown ids), the unknown ids, and the source."""
+        """Scores in the candidates' order (NaN for ids this engine does not serve: unknown, or deleted since the
+        build), the unknown ids, and the source. Live items (upserted since the build) score by their vectors."""
         live = self.live.current
-        if not live.empty:
-            return self._score_live(history, candidates, live)
-        unknown = [c for c in candidates if c not in self.row_of]
+        base = [self._base_index(c) for c in candidates]  # build-time item index, or None
+        if live.deleted:
+            base = [None if b in live.deleted else b for b in base]
+        at_live = [live.row_of.get(c) for c in candidates] if live.ids else [None] * len(candidates)
+        unknown = [c for c, b, r in zip(candidates, base, at_live) if b is None and r is None]
         u_1D = self._user_vector(history)
         if u_1D is None:
             pop = dict(zip(self.popularity_ids, self.popularity_scores))
-            return ([pop.get(c, 0.0) if c in self.row_of else float("nan") for c in candidates],
-                    unknown, "popularity")
-        idx = torch.tensor([self.row_of.get(c, 1) - 1 for c in candidates], dtype=torch.long)
-        scores = (self.items_ND[idx] @ u_1D[0]).tolist()
-        if unknown:
-            scores = [s if c in self.row_of else float("nan") for s, c in zip(scores, candidates)]
+            return ([float("nan") if b is None and r is None else pop.get(c, 0.0)
+                     for c, b, r in zip(candidates, base, at_live)], unknown, "popularity")
+        scores = [float("nan")] * len(candidates)
+        for rows, matrix in ((base, self.items_ND), (at_live, live.vecs_MD)):
+            at = [j for j, row in enumerate(rows) if row is not None]
+            if at:
+                got = (matrix[torch.tensor([rows[j] for j in at], dtype=torch.long)] @ u_1D[0]).tolist()
+                for j, v in zip(at, got):
+                    scores[j] = v
         return scores, unknown, "model"
-
-    def _score_live(self, history: Sequence[str], candidates: Sequence[str],
-                    live) -> tuple[list[float], list[str], str]:
-        """score() once items were upserted or deleted: live vectors first, deleted build-time items unknown."""
-        def index(c: str) -> int | None:
-            b = self._base_index(c)
-            return None if b is None or b in live.deleted else b
-
-        unknown = [c for c in candidates if c not in live.row_of and index(c) is None]
-        u_1D = self._user_vector(history)
-        if u_1D is None:
-            pop = dict(zip(self.popularity_ids, self.popularity_scores))
-            return ([pop.get(c, 0.0) if c not in unknown else float("nan") for c in candidates], unknown, "popularity")
-        out = []
-        for c in candidates:
-            if c in live.row_of:
-                out.append(float(live.vecs_MD[live.row_of[c]] @ u_1D[0]))
-            else:
-                b = index(c)
-                out.append(float(self.items_ND[b] @ u_1D[0]) if b is not None else float("nan"))
-        return out, unknown, "model"
