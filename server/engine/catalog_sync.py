@@ -10,12 +10,13 @@ the admin call's thread, reads from the watcher's).
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from contracts.catalog import CatalogRecord, CatalogStore, UpsertResult
 from server.engine.engine import Engine
 
 PAGE = 10_000
+T = TypeVar("T")
 
 
 class CatalogSync:
@@ -25,15 +26,14 @@ class CatalogSync:
 
     def upsert(self, records: Sequence[CatalogRecord], engines: Iterable[Engine]) -> UpsertResult:
         """Write durably (one transaction), then apply to `engines` (the ones serving)."""
-        with self._lock:
-            result = self.store.upsert(records)
-            for engine in engines:
-                self._catch_up(engine)
-            return result
+        return self._write(lambda: self.store.upsert(records), engines)
 
     def delete(self, ids: Sequence[str], engines: Iterable[Engine]) -> tuple[int, int]:
+        return self._write(lambda: self.store.delete(ids), engines)
+
+    def _write(self, write: Callable[[], T], engines: Iterable[Engine]) -> T:
         with self._lock:
-            out = self.store.delete(ids)
+            out = write()
             for engine in engines:
                 self._catch_up(engine)
             return out
