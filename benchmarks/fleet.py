@@ -159,6 +159,17 @@ class Fleet:
         finally:
             c.close()
 
+    def holder(self, *, other_than: int = -1, timeout_s: float = 15.0) -> int:
+        """The index of the replica holding the decision lease, as the answering replicas report it, other than
+        `other_than` (a holder just killed); waits up to timeout_s for one."""
+        def find():
+            for i in range(self.config.replicas):
+                r = self.rollout(i, timeout_s=0.5) if i != other_than else None
+                if r is not None and r.leader and r.leader != f"replica-{other_than}":
+                    return int(r.leader.rsplit("-", 1)[1]) + 1  # + 1: index 0 would read as "not yet"
+            return None
+        return _wait(find, timeout_s, "a lease holder") - 1
+
     # ---- faults
     def kill(self, i: int) -> None:
         proc = self.procs[i]

@@ -144,14 +144,6 @@ def decision(fleet: Fleet, version: int, alive: int, timeout_s: float = 90.0) ->
     raise TimeoutError(f"no decision on engine {version} within {timeout_s:g} s")
 
 
-def holder(fleet: Fleet) -> int:
-    for i in range(fleet.config.replicas):
-        r = fleet.rollout(i, timeout_s=0.5)
-        if r is not None and r.leader:
-            return int(r.leader.rsplit("-", 1)[1])
-    raise RuntimeError("no replica reports a lease holder")
-
-
 def _all(times: dict, n: int) -> bool:
     return len(times) == n
 
@@ -187,7 +179,7 @@ def _canary_running(fleet: Fleet, watch: Watch, log) -> tuple[int, float]:
 
 
 def phase_kill(fleet: Fleet, watch: Watch, cfg: FleetBenchConfig, log) -> dict:
-    lead = holder(fleet)
+    lead = fleet.holder()
     victim = (lead + 1) % fleet.config.replicas
     slow = pb.CanaryPolicy()
     slow.CopyFrom(POLICY)
@@ -215,7 +207,7 @@ def phase_kill(fleet: Fleet, watch: Watch, cfg: FleetBenchConfig, log) -> dict:
 
 def phase_holder(fleet: Fleet, watch: Watch, cfg: FleetBenchConfig, log) -> dict:
     with Load(fleet, cfg.rate, 45.0, "holder") as load:
-        lead = holder(fleet)
+        lead = fleet.holder()
         v, _ = _canary_running(fleet, watch, log)
         fleet.kill(lead)
         t_kill = time.time()
@@ -245,7 +237,7 @@ def _query_inside(fleet: Fleet, i: int) -> dict:
 
 def phase_cut(fleet: Fleet, watch: Watch, cfg: FleetBenchConfig, log) -> dict:
     with Load(fleet, cfg.rate, cfg.cut_s + 30.0, "cut") as load:
-        lead = holder(fleet)
+        lead = fleet.holder()
         cut = (lead + 1) % fleet.config.replicas
         before = fleet.rollout(cut).stable_version
         fleet.hosts.cut(cut)

@@ -37,17 +37,6 @@ def rollouts(fleet: Fleet) -> list:
     return [fleet.rollout(i) for i in range(fleet.config.replicas)]
 
 
-def holder(fleet: Fleet, *, not_: int = -1) -> int:
-    """The index of the replica holding the lease (as the replicas answering report it), other than not_."""
-    def find():
-        for i in range(fleet.config.replicas):
-            r = fleet.rollout(i, timeout_s=0.5) if i != not_ else None
-            if r is not None and r.leader and r.leader != f"replica-{not_}":
-                return int(r.leader.rsplit("-", 1)[1]) + 1  # + 1: 0 would read as "not yet"
-        return None
-    return wait_for(find, 15, "a lease holder") - 1
-
-
 def test_fleet_mode_refuses_the_sqlite_log_and_an_unshared_registry(tmp_path):
     with pytest.raises(ValueError, match="fleet needs the events on Kafka: pass --events"):
         ServerConfig(data_dir=tmp_path, fleet=True, registry="s3://b/p")
@@ -56,7 +45,7 @@ def test_fleet_mode_refuses_the_sqlite_log_and_an_unshared_registry(tmp_path):
 
 
 def test_rollout_calls_reach_the_holder_and_every_replica_follows_with_one_split(fleet):
-    lead = holder(fleet)
+    lead = fleet.holder()
     other = (lead + 1) % 3
     c = fleet.client(other)
     with pytest.raises(grpc.RpcError) as refused:  # the raw call: refused, naming where to go
@@ -83,10 +72,10 @@ def test_rollout_calls_reach_the_holder_and_every_replica_follows_with_one_split
 
 
 def test_the_lease_moves_when_its_holder_is_killed_and_the_restarted_replica_catches_up(fleet):
-    lead = holder(fleet)
+    lead = fleet.holder()
     fleet.kill(lead)
     t0 = time.monotonic()
-    new = holder(fleet, not_=lead)
+    new = fleet.holder(other_than=lead)
     took = time.monotonic() - t0
     assert took < fleet.config.lease_s + 3, took
     event = wait_for(lambda: next((e for e in reversed(fleet.rollout(new).history)  # its view: as of its last poll
@@ -104,7 +93,7 @@ def test_the_lease_moves_when_its_holder_is_killed_and_the_restarted_replica_cat
 
 
 def test_a_replica_cut_off_keeps_serving_then_converges(fleet):
-    lead = holder(fleet)
+    lead = fleet.holder()
     cut = (lead + 1) % 3
     before = fleet.rollout(cut).stable_version
     v = fleet.publish(1)
@@ -129,7 +118,7 @@ def test_a_plain_shared_directory_registry_works_too(trained_dir_template, tmp_p
                log=lambda line: None) as f:
         v1 = f.publish(1)
         f.start_all(serving_version=v1, timeout_s=180)
-        lead = holder(f)
+        lead = f.holder()
         c = f.client(1 - lead)
         c.set_policy(pb.CanaryPolicy(mode="manual"))
         v2 = f.publish(1)
