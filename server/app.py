@@ -150,6 +150,8 @@ class LivetowerServer:
         await self.sink.stop()
         if self.impressions is not None:  # after the listeners drained: every answered request's impression is queued
             await asyncio.to_thread(self.impressions.close)
+        if self.manager.catalog is not None:  # after the listeners drained: no catalogue call is in flight
+            self.manager.catalog.close()
         await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still buffered (export_timeout_s)
 
 

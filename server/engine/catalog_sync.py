@@ -38,6 +38,10 @@ class CatalogSync:
                 self._catch_up(engine)
             return out
 
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+
     def catch_up(self, engines: Iterable[Engine]) -> None:
         with self._lock:
             for engine in engines:
