@@ -11,170 +11,25 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
 
-from contracts.config_flags import Flag, FlagSet, FlagValueError, config_from_args, flag_set, given_argv
+from contracts.config_flags import FlagValueError, config_from_args
 from livetower.cli_engines import (ADMIN_TOKEN_ENV, DEFAULT_TARGET, add_engines_parser, client_tls,
                                    client_tls_flags, read_token)
 from livetower.cli_archive import add_archive_parser
 from livetower.cli_attribution import add_attribution_parser
 from livetower.cli_catalog import add_catalog_parser
 from livetower.cli_experiments import add_experiments_parser
+from livetower.cli_flags import (LazyParser, add_events_flag, add_serve_flags, add_train_flags, add_up_flags,
+                                 priority_flags, server_config, train_config, trainer_argv)
 from livetower.cli_signing import add_registry_parser
 
 DEFAULT_DATA_DIR = Path("var/livetower")
 PRODUCER_TOKEN_ENV = "LIVETOWER_PRODUCER_TOKEN"
 
 
-def _server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
-    """The ServerConfig, EngineManagerConfig, BatchingConfig, TlsConfig and MethodDeadlines fields `serve` and
-    `up` take as flags."""
-    from contracts.tls import TlsConfig
-    from server.batching import BatchingConfig
-    from server.config import MethodDeadlines, ServerConfig
-    from server.engine.manager import EngineManagerConfig
-
-    server = flag_set(ServerConfig, "host", "port", "history_max_bytes",
-                      Flag("metrics_port", to_field=lambda port: None if port < 0 else port, note="-1: off"),
-                      Flag("gil_switch_interval_s", name="gil-switch-interval-ms", to_field=lambda ms: ms / 1e3,
-                           shown=lambda s: s * 1e3, note="in ms"),
-                      "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"),
-                      "fleet", Flag("advertise_host", name="advertise"),
-                      "admin_host", "admin_port", "admin_token_file", "producer_tokens_file",
-                      Flag("ingest_events_per_s", to_field=lambda r: None if r <= 0 else r, note="0: no cap"),
-                      "ingest_burst_events",
-                      Flag("max_concurrent_rpcs", to_field=lambda n: None if n <= 0 else n, note="0: no cap"))
-    engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
-                       "trusted_keys", "require_signature", "replica_id", "lease_s",
-                       Flag("use_ann", name="ann"),
-                       Flag("leader", name="rollout-follower", negate=True,
-                            note="--workers makes every process but the first a follower"))
-    batching = flag_set(BatchingConfig, "max_batch", "max_delay_ms", "max_queue", "max_queue_delay_ms",
-                        "max_loop_lag_ms", "inline_below_ms")
-    return server, engines, batching, flag_set(TlsConfig, prefix="tls-"), flag_set(MethodDeadlines, prefix="deadline-")
-
-
-def _train_flag_sets() -> tuple[FlagSet, FlagSet]:
-    """The TrainConfig and ElasticConfig fields `train` and `up` take as flags."""
-    from contracts.registry import BACKENDS
-    from trainer.config import ELASTIC_DEVICES, PRECISIONS, ElasticConfig, TrainConfig
-
-    train = flag_set(TrainConfig, Flag("backend", choices=BACKENDS), "round_min_events", "round_interval_s",
-                     "max_round_events", Flag("epochs_per_round", name="epochs"), Flag("precision", choices=PRECISIONS),
-                     "signing_key", "keep_engines", "item_min_count", "max_new_items_per_round", "item_ttl_s",
-                     "max_users", "admission_sketch_width")
-    elastic = flag_set(ElasticConfig, "min_workers", "max_workers", "events_per_worker",
-                       Flag("device", name="train-device", choices=ELASTIC_DEVICES))
-    return train, elastic
-
-
-def _tracing_flags() -> FlagSet:
-    """OpenTelemetry flags, shared by serve, train and up (one set: `up` hands them to its trainer too)."""
-    from contracts.tracing import TracingConfig
-
-    return flag_set(TracingConfig, Flag("enabled", name="tracing"), "otlp_endpoint", "sample_ratio", "service_name",
-                    "tls", "ca_file", "export_interval_ms", "max_queue_spans", prefix="tracing-")
-
-
-def _server_config(args):
-    server, engines, batching, tls, deadlines = _server_flag_sets()
-    return config_from_args(server, args, data_dir=args.data_dir, events_url=args.events, registry=args.registry,
-                            engines=config_from_args(engines, args),
-                            batching=None if args.no_batching else config_from_args(batching, args),
-                            tls=config_from_args(tls, args) if tls.changes(args) else None,
-                            deadlines=config_from_args(deadlines, args),
-                            tracing=config_from_args(_tracing_flags(), args))
-
-
 def _admin_token_from_env() -> str | None:
     """LIVETOWER_ADMIN_TOKEN, read here only and handed to the server; None: the server's token file."""
     return os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
-
-
-def _train_config(args):
-    from trainer.config import TrainConfig
-
-    train, elastic = _train_flag_sets()
-    base = TrainConfig.tiny_debug() if args.tiny else TrainConfig()
-    return config_from_args(train, args, base, elastic=config_from_args(elastic, args, base.elastic),
-                            tracing=config_from_args(_tracing_flags(), args, base.tracing),
-                            inductor_cache_dir=args.data_dir / "inductor-cache")
-
-
-def _add_events_flag(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """--events and --registry: where events and engines live (shared by serve, train and up's sidecar)."""
-    return [p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
-                           help="event stream on Kafka (topic created with ?partitions=N, default 4, when missing); "
-                                "default: the embedded SQLite log in --data-dir"),
-            p.add_argument("--registry", metavar="PATH|s3://BUCKET/PREFIX",
-                           help="engine registry: a directory, or object storage (s3://BUCKET/PREFIX[?endpoint=URL&"
-                                "region=R], AWS credentials as usual; downloads cached in --data-dir/registry-cache); "
-                                "default: --data-dir/registry")]
-
-
-def _add_server_flags(p: argparse.ArgumentParser) -> None:
-    _add_events_flag(p)
-    server, engines, batching, tls, deadlines = _server_flag_sets()
-    server.add_to(p)
-    engines.add_to(p)
-    p.add_argument("--no-batching", action="store_true", help="compute inline on the event loop (baseline)")
-    batching.add_to(p)
-    tls.add_to(p)
-    deadlines.add_to(p)
-
-
-def _priority_flags() -> FlagSet:
-    """How the trainer yields the CPU to a server beside it (trainer/priority.py): on by default."""
-    from trainer.priority import SidecarPriority
-
-    return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"),
-                    Flag("idle_policy", name="trainer-idle-policy"))
-
-
-def _add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    train, elastic = _train_flag_sets()
-    return [*train.add_to(p), *elastic.add_to(p), *_priority_flags().add_to(p), *_tracing_flags().add_to(p),
-            p.add_argument("--tiny", action="store_true", help="tiny debug model and fast rounds (tests)"),
-            p.add_argument("--trainer-metrics-port", type=int, default=9465,
-                           help="the trainer's Prometheus port (consumer lag per partition; 0 = any free, -1 = off)")]
-
-
-def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    _add_server_flags(p)
-    _tracing_flags().add_to(p)
-
-
-def _add_up_flags(p: argparse.ArgumentParser) -> None:
-    _add_server_flags(p)
-    _add_train_flags(p)  # with the tracing flags, which `up` hands to its trainer as well
-
-
-def _trainer_argv(args) -> list[str]:
-    """The events and train flags given to `up`, for its `livetower train` sidecar."""
-    p = argparse.ArgumentParser(add_help=False)
-    return given_argv([*_add_events_flag(p), *_add_train_flags(p)], args)
-
-
-class _LazyParser(argparse.ArgumentParser):
-    """A subcommand parser whose flags are added when it is first used: serve/train/up read theirs from config
-    dataclasses whose modules import torch, which the other commands should not wait for."""
-
-    def __init__(self, *args, add_flags: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._add_flags = add_flags
-
-    def _populate(self) -> None:
-        add, self._add_flags = self._add_flags, None
-        if add is not None:
-            add(self)
-
-    def parse_known_args(self, args=None, namespace=None):
-        self._populate()
-        return super().parse_known_args(args, namespace)
-
-    def format_help(self) -> str:
-        self._populate()
-        return super().format_help()
 
 
 def _serve_workers(args, config) -> int:
@@ -208,7 +63,7 @@ def _serve_workers(args, config) -> int:
 def cmd_serve(args) -> int:
     from server.app import run, serve
 
-    config = _server_config(args)
+    config = server_config(args)
     if args.workers > 1:
         return _serve_workers(args, config)
     run(serve(config, admin_token=_admin_token_from_env(), on_started=lambda s, port: print(
@@ -226,8 +81,8 @@ def cmd_train(args) -> int:
     from trainer.loop import Trainer
     from trainer.priority import lower_priority
 
-    cfg = _train_config(args)
-    lower_priority(config_from_args(_priority_flags(), args))  # before any thread or worker starts: they inherit it
+    cfg = train_config(args)
+    lower_priority(config_from_args(priority_flags(), args))  # before any thread or worker starts: they inherit it
     torch.set_num_threads(args.train_threads)
     if args.backfill:
         if args.events:
@@ -287,9 +142,9 @@ def cmd_train(args) -> int:
 def cmd_up(args) -> int:
     from livetower.up import run_up
 
-    config = _server_config(args)
-    _train_config(args)  # a bad train flag stops `up` here instead of failing in the restarted sidecar
-    run_up(config, train_args=_trainer_argv(args), bootstrap_users=args.bootstrap_users,
+    config = server_config(args)
+    train_config(args)  # a bad train flag stops `up` here instead of failing in the restarted sidecar
+    run_up(config, train_args=trainer_argv(args), bootstrap_users=args.bootstrap_users,
            admin_token=_admin_token_from_env())
     return 0
 
@@ -382,19 +237,19 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetower", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("LIVETOWER_LOG_LEVEL", "INFO"))
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=LazyParser)
 
-    up = sub.add_parser("up", help="server + trainer sidecar on embedded defaults", add_flags=_add_up_flags)
+    up = sub.add_parser("up", help="server + trainer sidecar on embedded defaults", add_flags=add_up_flags)
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     up.add_argument("--bootstrap-users", type=int, default=2000, help="synthetic users when the log is empty")
     up.set_defaults(func=cmd_up)
 
-    serve = sub.add_parser("serve", help="the gRPC server alone", add_flags=_add_serve_flags)
+    serve = sub.add_parser("serve", help="the gRPC server alone", add_flags=add_serve_flags)
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port (SO_REUSEPORT)")
     serve.set_defaults(func=cmd_serve)
 
-    train = sub.add_parser("train", help="the trainer alone", add_flags=_add_train_flags)
+    train = sub.add_parser("train", help="the trainer alone", add_flags=add_train_flags)
     train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     train.add_argument("--once", action="store_true", help="run one round and exit")
     train.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -403,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backfill", metavar="PATH",
                        help="train from a Delta archive (livetower archive) until it is drained, then exit; "
                             "a later plain run continues after the archived events")
-    _add_events_flag(train)
+    add_events_flag(train)
     train.set_defaults(func=cmd_train)
 
     ingest = sub.add_parser("ingest", help="append events to the log from a generator or data set")

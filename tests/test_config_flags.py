@@ -155,55 +155,55 @@ def _check_helps(flag_sets, help_text: str) -> int:
 
 
 def test_livetower_serve_train_up_defaults_are_the_dataclasses(capsys):
-    from livetower import cli
+    from livetower import cli, cli_flags
     from server.config import ServerConfig
     from trainer.config import TrainConfig
 
     p = cli.build_parser()
     server = ServerConfig(data_dir=cli.DEFAULT_DATA_DIR)
     train = TrainConfig(inductor_cache_dir=cli.DEFAULT_DATA_DIR / "inductor-cache")
-    assert cli._server_config(p.parse_args(["serve"])) == server
-    assert cli._train_config(p.parse_args(["train"])) == train
+    assert cli_flags.server_config(p.parse_args(["serve"])) == server
+    assert cli_flags.train_config(p.parse_args(["train"])) == train
     up = p.parse_args(["up"])
-    assert cli._server_config(up) == server and cli._train_config(up) == train
-    assert cli._trainer_argv(up) == []
-    tiny = cli._train_config(p.parse_args(["train", "--tiny"]))
+    assert cli_flags.server_config(up) == server and cli_flags.train_config(up) == train
+    assert cli_flags.trainer_argv(up) == []
+    tiny = cli_flags.train_config(p.parse_args(["train", "--tiny"]))
     assert tiny == TrainConfig.tiny_debug(inductor_cache_dir=cli.DEFAULT_DATA_DIR / "inductor-cache")
 
-    server_sets, train_sets = cli._server_flag_sets(), (*cli._train_flag_sets(), cli._priority_flags())
-    tracing = cli._tracing_flags()  # serve, train and up each take it once
+    server_sets, train_sets = cli_flags.server_flag_sets(), (*cli_flags.train_flag_sets(), cli_flags.priority_flags())
+    tracing = cli_flags.tracing_flags()  # serve, train and up each take it once
     assert _check_helps((*server_sets, tracing), _help(cli.main, ["serve"], capsys)) == 46
     assert _check_helps((*train_sets, tracing), _help(cli.main, ["train"], capsys)) == 28
     assert _check_helps((*server_sets, *train_sets, tracing), _help(cli.main, ["up"], capsys)) == 66
 
 
 def test_livetower_flags_keep_their_meaning():
-    from livetower import cli
+    from livetower import cli, cli_flags
 
     p = cli.build_parser()
-    s = cli._server_config(p.parse_args(["serve", "--metrics-port", "-1", "--gil-switch-interval-ms", "2.5",
+    s = cli_flags.server_config(p.parse_args(["serve", "--metrics-port", "-1", "--gil-switch-interval-ms", "2.5",
                                          "--threads", "3", "--rollout-follower", "--no-ann", "--no-batching",
                                          "--no-uvloop", "--no-gc-freeze", "--reuse-port"]))
     assert s.metrics_port is None and s.gil_switch_interval_s == 0.0025 and s.engines.num_threads == 3
     assert not s.engines.leader and not s.engines.use_ann and s.batching is None
     assert not s.uvloop and not s.gc_freeze and s.reuse_port
-    assert cli._server_config(p.parse_args(["serve", "--max-batch", "8"])).batching.max_batch == 8
-    t = cli._train_config(p.parse_args(["train", "--tiny", "--epochs", "3", "--train-device", "cpu",
+    assert cli_flags.server_config(p.parse_args(["serve", "--max-batch", "8"])).batching.max_batch == 8
+    t = cli_flags.train_config(p.parse_args(["train", "--tiny", "--epochs", "3", "--train-device", "cpu",
                                         "--max-workers", "2"]))
     assert t.epochs_per_round == 3 and t.elastic.device == "cpu" and t.elastic.max_workers == 2
-    assert t.model == cli._train_config(p.parse_args(["train", "--tiny"])).model  # --tiny's base, not the default's
+    assert t.model == cli_flags.train_config(p.parse_args(["train", "--tiny"])).model  # --tiny's base, not the default's
 
 
 def test_up_hands_the_train_flags_to_its_sidecar():
-    from livetower import cli
+    from livetower import cli, cli_flags
 
     p = cli.build_parser()
     up = p.parse_args(["up", "--tiny", "--epochs", "3", "--port", "5", "--no-ann", "--events", "kafka://h:1/t",
                        "--trainer-metrics-port", "-1", "--train-device", "cpu", "--round-interval-s", "0.5"])
-    argv = cli._trainer_argv(up)
+    argv = cli_flags.trainer_argv(up)
     assert "--port" not in argv and "--no-ann" not in argv  # server flags stay with the server
     train = p.parse_args(["train", *argv])
-    assert cli._train_config(train) == cli._train_config(up)
+    assert cli_flags.train_config(train) == cli_flags.train_config(up)
     assert (train.events, train.trainer_metrics_port) == ("kafka://h:1/t", -1)
 
 

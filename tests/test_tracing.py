@@ -195,18 +195,18 @@ def test_config_names_the_bad_field(kw, field):
 
 
 def test_cli_flags_configure_server_and_trainer():
-    from livetower import cli
+    from livetower import cli, cli_flags
 
     p = cli.build_parser()
     flags = ["--tracing", "--tracing-sample-ratio", "0.01", "--tracing-otlp-endpoint", "collector:4317"]
-    s = cli._server_config(p.parse_args(["serve", *flags]))
+    s = cli_flags.server_config(p.parse_args(["serve", *flags]))
     assert s.tracing == TracingConfig(enabled=True, sample_ratio=0.01, otlp_endpoint="collector:4317")
-    t = cli._train_config(p.parse_args(["train", "--tiny", *flags]))
+    t = cli_flags.train_config(p.parse_args(["train", "--tiny", *flags]))
     assert t.tracing == s.tracing
-    assert not cli._server_config(p.parse_args(["serve"])).tracing.enabled
+    assert not cli_flags.server_config(p.parse_args(["serve"])).tracing.enabled
     up = p.parse_args(["up", "--tiny", *flags])
-    assert cli._server_config(up).tracing == s.tracing
-    argv = cli._trainer_argv(up)  # `up` hands the tracing flags to its trainer
-    assert cli._train_config(p.parse_args(["train", *argv])).tracing == s.tracing
+    assert cli_flags.server_config(up).tracing == s.tracing
+    argv = cli_flags.trainer_argv(up)  # `up` hands the tracing flags to its trainer
+    assert cli_flags.train_config(p.parse_args(["train", *argv])).tracing == s.tracing
     with pytest.raises(cli.FlagValueError, match="sample_ratio"):
-        cli._server_config(p.parse_args(["serve", "--tracing-sample-ratio", "2"]))
+        cli_flags.server_config(p.parse_args(["serve", "--tracing-sample-ratio", "2"]))
