@@ -25,10 +25,6 @@ class LiveSet:
     vecs_MD: torch.Tensor           # (M, D) float32, L2-normalised
     deleted: frozenset[int]         # build-time item indices (vocabulary row - 1) not served any more
 
-    @property
-    def empty(self) -> bool:
-        return not self.ids and not self.deleted
-
 
 class LiveItems:
     def __init__(self, dim: int, base_index: Callable[[str], int | None], max_items: int = 100_000) -> None:
