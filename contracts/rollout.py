@@ -49,15 +49,25 @@ class CanaryPolicy:
     outcome_horizon: int = 20_000    # settled impressions per arm: the fixed test looks here; sequential gives up here
     outcome_min_impressions: int = 200  # per arm before the hit-rate bounds are trusted
     outcome_settle_s: float = 10.0   # impressions younger than this are not counted yet (their events still arrive)
+    # Small steps (a trainer's short rounds, trainer/short_rounds.py): a canary that runs stable's compiled graph
+    # (a refit: only weights differ) and was trained on at most small_step_events events beyond stable is
+    # promoted on small_step_shadow_samples paired shadow comparisons (overlap, drift, engine CPU time) and no
+    # live errors, without min_duration_s or min_requests: seconds, not the ~30 s a full canary waits for live
+    # traffic at 100 QPS. Errors, the shadow checks and (when on) the hit-rate test still apply.
+    small_step_events: int = 2000    # -1: no small-step path (0 over the API takes this default)
+    small_step_shadow_samples: int = 20  # shadow pairs a small step needs (at shadow_qps: 1 s at 20/s)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
-        for name in ("min_requests", "shadow_samples"):
+        for name in ("min_requests", "shadow_samples", "small_step_shadow_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.small_step_events < -1:
+            raise ValueError(f"small_step_events must be >= 0, or -1 for no small-step path, got "
+                             f"{self.small_step_events}")
         if self.min_duration_s < 0:
             raise ValueError(f"min_duration_s must be >= 0, got {self.min_duration_s}")
         if self.max_duration_s < self.min_duration_s:

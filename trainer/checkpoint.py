@@ -50,6 +50,8 @@ class TrainerState:
                                                # of events of ids not yet in the vocabulary
     admission_added: int = 0                   # sketch additions since its last halving
     vocab_epoch: int = 0                       # compactions so far: rows of different epochs name different items
+    model_published: bool = False              # the model is the one the last full round published (short rounds
+                                               # fork only from such a model: trainer/short_rounds.py)
 
 
 def _plain(state: TrainerState) -> dict:

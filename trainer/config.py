@@ -102,6 +102,13 @@ class TrainConfig:
     round_min_events: int = 1000       # start a round once this many new events wait...
     round_interval_s: float = 30.0     # ...or this long after the last round if any event waits
     max_round_events: int = 200_000    # events consumed by one round at most
+    short_round_max_events: int = 0    # > 0: short rounds between full ones (trainer/short_rounds.py): every
+                                       # short_round_interval_s, the events that arrived (at most this many per short
+                                       # round) are published within about a second as a refit of the model plus one
+                                       # pass over everything since the last full round; the full round still trains,
+                                       # gates and commits them. 0 = off
+    short_round_interval_s: float = 1.0  # least time between two short rounds (a short round starts once events wait)
+    short_round_epochs: int = 1        # passes of a short round over the events since the last full round
     poll_interval_s: float = 1.0       # how often the log is checked
     max_eval_users: int = 2000         # holdout users evaluated per round (sampled deterministically)
     min_eval_users: int = 20           # smaller holdouts skip the gate (recorded in the manifest)
@@ -139,10 +146,12 @@ class TrainConfig:
                      "max_round_events", "max_eval_users", "min_eval_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "round_interval_s", "poll_interval_s", "parity_tolerance", "fp16_init_scale"):
+        for name in ("lr", "round_interval_s", "poll_interval_s", "parity_tolerance", "fp16_init_scale",
+                     "short_round_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("item_min_count", "max_new_items_per_round", "admission_sketch_width", "max_users"):
+        for name in ("item_min_count", "max_new_items_per_round", "admission_sketch_width", "max_users",
+                     "short_round_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.item_min_count > 65535:
@@ -156,6 +165,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.ema_epochs < 0:
             raise ValueError(f"TrainConfig.ema_epochs must be >= 0, got {self.ema_epochs}")
+        if self.short_round_max_events < 0:
+            raise ValueError(f"TrainConfig.short_round_max_events must be >= 0 (0: no short rounds), got "
+                             f"{self.short_round_max_events}")
         if self.keep_engines < 0:
             raise ValueError(f"TrainConfig.keep_engines must be >= 0, got {self.keep_engines}")
         if self.pairwise_weight < 0:

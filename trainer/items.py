@@ -175,6 +175,16 @@ def place_items(events: list[StoredEvent], *, state: TrainerState, vocab: ItemVo
         pad = np.zeros(rows_needed - len(state.item_counts), np.int64)
         state.item_counts = np.concatenate([state.item_counts, pad])
         state.item_last_seen_ms = last_seen = np.concatenate([last_seen, pad])
+    for ev in events:
+        if row := vocab.row_of.get(ev.item_id):
+            last_seen[row] = max(last_seen[row], clamp(ev.timestamp_ms))
+    rows_by_user, unadmitted = map_rows(events, vocab)
+    return ItemRound(rows_by_user, len(admitted), len(evict), unadmitted)
+
+
+def map_rows(events: list[StoredEvent], vocab: ItemVocab) -> tuple[dict[str, list[int]], int]:
+    """({user: rows of its events' items, in order}, events whose item has no row). Users least recently active
+    first (the LRU order of TrainerState.user_seqs)."""
     rows_by_user: dict[str, list[int]] = defaultdict(list)
     last_event: dict[str, int] = {}
     unadmitted = 0
@@ -182,11 +192,10 @@ def place_items(events: list[StoredEvent], *, state: TrainerState, vocab: ItemVo
         if row := vocab.row_of.get(ev.item_id):
             rows_by_user[ev.user_id].append(row)
             last_event[ev.user_id] = i
-            last_seen[row] = max(last_seen[row], clamp(ev.timestamp_ms))
         else:
             unadmitted += 1
-    by_recency = sorted(rows_by_user, key=last_event.__getitem__)  # least recently active first (the LRU order)
-    return ItemRound({u: rows_by_user[u] for u in by_recency}, len(admitted), len(evict), unadmitted)
+    by_recency = sorted(rows_by_user, key=last_event.__getitem__)
+    return {u: rows_by_user[u] for u in by_recency}, unadmitted
 
 
 def remember_users(user_seqs: OrderedDict[str, list[int]], seqs: dict[str, list[int]], *, T: int,

@@ -38,11 +38,12 @@ from trainer.evaluate import evaluate_model, evaluate_popularity
 from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.export.build import BuildFailed, BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
-from trainer.items import AdmissionSketch, place_items, remember_users
+from trainer.items import AdmissionSketch, map_rows, place_items, remember_users
 from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
 from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
                              resolve_device, train_windows_elastic)
+from trainer.short_rounds import ReadAhead, buffered_windows, fork_and_train, short_metrics, watermark_after
 from trainer.training import make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
@@ -168,6 +169,7 @@ class Trainer:
         self.scaler = make_grad_scaler(cfg.precision, "cpu", cfg.fp16_init_scale)  # fp16 loss scale, kept across rounds
         self.elastic_metrics = ElasticMetrics(self.metrics.registry)
         self.tracing = start_tracing(cfg.tracing, "livetower-trainer")
+        self.read_ahead = ReadAhead()  # events short rounds read ahead of the next full round (short_rounds.py)
 
     def close(self) -> None:
         """Export the spans still buffered and stop the exporter (the event log is its owner's to close)."""
@@ -216,7 +218,7 @@ class Trainer:
 
     def _round(self, span) -> RoundResult | None:
         with self._span("read"):
-            batch = self._read_batch()
+            batch, placed = self._read_batch()
         if batch is None:
             if span is not None:
                 span.set_attribute("events", 0)
@@ -225,10 +227,11 @@ class Trainer:
         if span is not None:
             span.set_attribute("events", len(batch.events))
         with self._span("train", events=len(batch.events)):
-            split = split_round(self._add_items(batch.events), self.state.user_seqs,
+            split = split_round(self._add_items(batch.events, placed), self.state.user_seqs,
                                 max_eval_users=self.cfg.max_eval_users, seed=self.cfg.seed + self.state.step)
             trained = self._train(split, len(batch.events))
         if not trained:
+            self.read_ahead.keep(batch)  # read once (a Kafka source drops re-read event ids as duplicates)
             if span is not None:
                 span.set_attribute("gate", "train_failed")
             return None
@@ -239,6 +242,7 @@ class Trainer:
         with self._span("commit"):
             self._fold_in(split)
             self._commit(batch, split, metrics, gate)
+            self.read_ahead.clear()
         version = self.publish(metrics, gate) if gate != "failed" else 0
         if span is not None:
             span.set_attributes({"gate": gate, "published_version": version})
@@ -246,30 +250,38 @@ class Trainer:
         self.metrics.round_seconds.set(time.perf_counter() - t0)
         return RoundResult(len(batch.events), len(split.holdout), metrics, gate, version, time.perf_counter() - t0)
 
-    def _read_batch(self) -> EventBatch | None:
-        """The events after the checkpointed positions (up to max_round_events), or None when there are none; a
-        batch of dead letters only still moves the positions past them (checkpointed)."""
-        st = self.state
-        batch = self.event_log.read_batch(st.offsets, self.cfg.max_round_events)
+    def _read_batch(self) -> tuple[EventBatch | None, int]:
+        """(the events after the checkpointed positions, up to max_round_events: the read-ahead buffer of short
+        rounds first, how many of them are buffered), or (None, 0) when there are none; a batch of dead letters
+        only still moves the positions past them (checkpointed)."""
+        st, ahead = self.state, self.read_ahead
+        limit = self.cfg.max_round_events - len(ahead.events)
+        batch = self.event_log.read_batch(ahead.start(st.offsets), limit) if limit > 0 else \
+            EventBatch([], ahead.start(st.offsets))
         self.metrics.dead_letters.inc(batch.dead_lettered)
-        if batch.events:
-            return batch
+        if ahead.events or batch.events:
+            return EventBatch(ahead.events + batch.events, batch.next_offsets, batch.dead_lettered), len(ahead.events)
         if batch.next_offsets != st.offsets:
             st.offsets = batch.next_offsets
             self._checkpoint()
-        return None
+        ahead.clear()
+        return None, 0
 
-    def _add_items(self, events: list[StoredEvent]) -> dict[str, list[int]]:
+    def _add_items(self, events: list[StoredEvent], placed: int = 0) -> dict[str, list[int]]:
         """Each user's item rows in this batch, in order; events of items without a row are left out. Expired
         items are evicted, new ones admitted once counted often enough (trainer/items.py); the item table (with
-        its optimizer state and the per-row arrays) grows to fit them."""
-        r = place_items(events, state=self.state, vocab=self.vocab, sketch=self.sketch, model=self.model,
-                        opt=self.opt, cfg=self.cfg, now_ms=int(time.time() * 1000))
-        if r.evicted:
-            log.info("evicted %d items unseen for %gs; %d live items renumbered, table %d rows", r.evicted,
-                     self.cfg.item_ttl_s, len(self.vocab), self.model.num_rows)
-        self.metrics.on_items(r, table_rows=self.model.num_rows, vocab=len(self.vocab))
-        return r.rows_by_user
+        its optimizer state and the per-row arrays) grows to fit them. The first `placed` events were placed by
+        a short round already (the admission sketch counts an event once)."""
+        if placed < len(events):
+            r = place_items(events[placed:], state=self.state, vocab=self.vocab, sketch=self.sketch,
+                            model=self.model, opt=self.opt, cfg=self.cfg, now_ms=int(time.time() * 1000))
+            if r.evicted:
+                log.info("evicted %d items unseen for %gs; %d live items renumbered, table %d rows", r.evicted,
+                         self.cfg.item_ttl_s, len(self.vocab), self.model.num_rows)
+            self.metrics.on_items(r, table_rows=self.model.num_rows, vocab=len(self.vocab))
+            if not placed:
+                return r.rows_by_user
+        return map_rows(events, self.vocab)[0]
 
     def _train(self, split: RoundSplit, n_events: int) -> bool:
         """Train the round's new windows (held-out events excepted), mixed with replayed windows of earlier users,
@@ -354,6 +366,7 @@ class Trainer:
         # Event time, but never past this trainer's clock: one future-stamped event must not move it for good.
         st.watermark_ms = max(st.watermark_ms, min(max(ev.timestamp_ms for ev in events), int(time.time() * 1000)))
         st.step += 1
+        st.model_published = False
         st.history.append({"round": st.step, "events": len(events), "gate": gate, **metrics})
         if self.ledger_path is not None:
             self._write_ledger(st.step, events)
@@ -401,7 +414,7 @@ class Trainer:
         registry) when this trainer published it, else its own last published version. Comparing with the
         last published one alone is wrong once the server rolls canaries back: it would keep vouching for
         candidates against a model no user sees."""
-        stable = self.registry.read_rollout().stable
+        stable = self.read_ahead.base_of(self.registry.read_rollout().stable)  # a short engine: its full round's
         return stable if stable in self.state.published_models else self.state.published_version
 
     def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray) -> tuple[int, dict[str, float] | None]:
@@ -443,9 +456,67 @@ class Trainer:
         its version (0 on failure)."""
         st = self.state
         model = ema.averaged(self.model, self.opt)
-        info = BuildInfo(parent=st.published_version, stream_offsets=dict(st.offsets),
-                         watermark_ms=st.watermark_ms, trained_events=st.trained_events,
+        info = BuildInfo(parent=max(st.published_version, self.read_ahead.last_version),
+                         stream_offsets=dict(st.offsets), watermark_ms=st.watermark_ms,
+                         trained_events=st.trained_events,
                          eval_metrics={**metrics, "gate_passed": float(gate == "passed")})
+        version = self._build(model, info)
+        if not version:
+            return 0
+        st.published_version = version
+        st.model_published = True
+        st.published_models[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        keep = {version, self.read_ahead.base_of(self.registry.read_rollout().stable)}
+        st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
+        st.published_vocab_epochs[version] = st.vocab_epoch
+        st.published_vocab_epochs = {v: e for v, e in st.published_vocab_epochs.items() if v in keep}
+        self._checkpoint()
+        return version
+
+    def run_short_round(self) -> RoundResult | None:
+        """A short round (trainer/short_rounds.py): read what arrived (at most short_round_max_events) into the
+        read-ahead buffer, fork the model, train one pass over everything buffered and publish the fork. None
+        when nothing new arrived. Nothing is committed: the next full round trains the buffer."""
+        cfg, st, ahead = self.cfg, self.state, self.read_ahead
+        batch = self.event_log.read_batch(ahead.start(st.offsets), cfg.short_round_max_events)
+        self.metrics.dead_letters.inc(batch.dead_lettered)
+        if not batch.events:
+            if batch.next_offsets != ahead.start(st.offsets):
+                ahead.add(batch)  # past dead letters only
+            return None
+        t0 = time.perf_counter()
+        self._add_items(batch.events)
+        ahead.add(batch)
+        rows_by_user = map_rows(ahead.events, self.vocab)[0]
+        windows = buffered_windows(rows_by_user, st.user_seqs, self.model.cfg.max_history)
+        ahead.rounds += 1
+        if not windows:
+            return RoundResult(len(batch.events), 0, {}, "skipped", 0, time.perf_counter() - t0)
+        served = fork_and_train(self.model, self.opt, windows, item_prob_R=self._item_prob(),
+                                n_items=len(self.vocab), cfg=cfg, seed=cfg.seed + 104729 * st.step + ahead.rounds)
+        metrics = short_metrics(len(ahead.events), len(windows))
+        info = BuildInfo(parent=max(st.published_version, ahead.last_version), stream_offsets=dict(ahead.next_offsets),
+                         watermark_ms=watermark_after(st.watermark_ms, ahead.events, int(time.time() * 1000)),
+                         trained_events=st.trained_events + len(ahead.events), eval_metrics=metrics)
+        version = self._build(served, info)
+        if version:
+            ahead.bases[version] = st.published_version
+            ahead.last_version = version
+            self.metrics.published_version.set(version)
+        seconds = time.perf_counter() - t0
+        log.info("short round after round %d: %d new events, %d buffered (%d windows), 1 pass -> engine %s in %.2fs",
+                 st.step, len(batch.events), len(ahead.events), len(windows), version or "not published", seconds)
+        return RoundResult(len(batch.events), 0, metrics, "short", version, seconds)
+
+    def _short_round_due(self, backlog: int, since_short_s: float) -> bool:
+        """Short rounds on, the model is the published one, and events arrived since the last read."""
+        return (self.cfg.short_round_max_events > 0 and self.state.model_published
+                and since_short_s >= self.cfg.short_round_interval_s and backlog > len(self.read_ahead.events))
+
+    def _build(self, model: TwoTower, info: BuildInfo) -> int:
+        """Build an engine of `model` and publish it, then collect old engines; its version, or 0 when the build
+        was refused or failed (logged; the next round builds again)."""
+        st = self.state
         options = CompileOptions(backend=self.cfg.backend,
                                  inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
         T = model.cfg.max_history
@@ -474,32 +545,31 @@ class Trainer:
                 if build_span is not None:
                     build_span.record_exception(e)
                 return 0
-        st.published_version = int(manifest.version)
+        version = int(manifest.version)
         if self.cfg.keep_engines:
-            removed = self.registry.collect_garbage(self.cfg.keep_engines, protected={st.published_version})
+            removed = self.registry.collect_garbage(self.cfg.keep_engines, protected={version})
             if removed:
                 log.info("registry gc: removed engines %s", removed)
-        st.published_models[st.published_version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        keep = {st.published_version, self.registry.read_rollout().stable}
-        st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
-        st.published_vocab_epochs[st.published_version] = st.vocab_epoch
-        st.published_vocab_epochs = {v: e for v, e in st.published_vocab_epochs.items() if v in keep}
-        self.metrics.published_version.set(st.published_version)
-        self._checkpoint()
-        return st.published_version
+        self.metrics.published_version.set(version)
+        return version
 
     def run(self, stop: threading.Event) -> None:
         """Rounds until `stop` is set: on backlog >= round_min_events, or on any backlog after round_interval_s."""
-        last_round = float("-inf")
+        last_round = last_short = float("-inf")
+        poll_s = self.cfg.poll_interval_s if self.cfg.short_round_max_events == 0 else \
+            min(self.cfg.poll_interval_s, self.cfg.short_round_interval_s / 4)
         while not stop.is_set():
-            backlog = self.backlog()
+            backlog = self.backlog()  # since the last full round: the read-ahead buffer included
             due = backlog >= self.cfg.round_min_events or (
                 backlog > 0 and time.monotonic() - last_round >= self.cfg.round_interval_s)
             if due:
                 self.run_round()
                 last_round = time.monotonic()
+            elif self._short_round_due(backlog, time.monotonic() - last_short):
+                last_short = time.monotonic()
+                self.run_short_round()
             else:
-                stop.wait(self.cfg.poll_interval_s)
+                stop.wait(poll_s)
 
 
 class _TracedPublish:

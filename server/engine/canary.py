@@ -30,6 +30,7 @@ import numpy as np
 
 from contracts.outcome import NonInferiority
 from contracts.rollout import CanaryPolicy
+from proto import livetower_v1_pb2 as pb
 from server.engine.engine import Engine, RecommendQuery
 
 LIVE_KEPT = 5_000        # newest live latencies kept per arm (P99 over these; bounded analysis cost)
@@ -163,12 +164,27 @@ NO_OUTCOME = {"canary_impressions": 0, "stable_impressions": 0, "canary_hit_rate
               "hit_rate_diff": 0.0, "hit_rate_lo": 0.0, "hit_rate_hi": 0.0}
 
 
+def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: CanaryPolicy) -> str | None:
+    """Why the canary is a small step from stable (CanaryPolicy.small_step_events), or None: it runs the same
+    compiled graph (a refit of stable's, or stable's own: only weights differ, so its cost per request cannot
+    differ) and was trained on at most small_step_events events beyond stable."""
+    if policy.small_step_events < 0:
+        return None
+    graph_c, graph_s = canary.graph_version or canary.version, stable.graph_version or stable.version
+    extra = canary.trained_events - stable.trained_events
+    if graph_c != graph_s or not 0 <= extra <= policy.small_step_events:
+        return None
+    return f"small step: weights for stable's graph {graph_s}, {extra} events beyond stable"
+
+
 def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None,
-            outcome: NonInferiority | None = None, fleet: dict[str, float] | None = None) -> Verdict:
+            outcome: NonInferiority | None = None, fleet: dict[str, float] | None = None,
+            small: str | None = None) -> Verdict:
     """vouch: quality_vouch() of the canary; when set, low overlap and large drift do not roll back.
     outcome: the hit-rate test when the policy runs one (policy.outcome_test): a promotion also needs its
     "pass", its "fail" rolls back. fleet: figures merged over every replica's report (fleet_stats.py), judged
-    instead of this process's own."""
+    instead of this process's own. small: small_step() of the canary; when set, the decision needs only
+    policy.small_step_shadow_samples shadow pairs, neither min_duration_s nor the live sample."""
     f = {**(fleet or stats.figures()), **(outcome.figures() if outcome else NO_OUTCOME)}
     n_c, err_c = f["canary_requests"], f["canary_errors"]
 
@@ -184,10 +200,11 @@ def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = Non
                                    f"{policy.max_error_rate} ({err_c:.0f} errors in {n_c:.0f} requests)")
     if outcome is not None and outcome.action == "fail":
         return verdict("rollback", outcome.reason)
-    if f["elapsed_s"] < policy.min_duration_s:
+    if small is None and f["elapsed_s"] < policy.min_duration_s:
         return verdict("wait", f"{f['elapsed_s']:.1f}s of min_duration_s {policy.min_duration_s}s")
-    if f["shadow_samples"] < policy.shadow_samples:
-        return verdict("wait", f"shadow sample {f['shadow_samples']:.0f} of {policy.shadow_samples}")
+    need = policy.shadow_samples if small is None else min(policy.shadow_samples, policy.small_step_shadow_samples)
+    if f["shadow_samples"] < need:
+        return verdict("wait", f"shadow sample {f['shadow_samples']:.0f} of {need}")
     breaches = []
     if f["topk_overlap"] < policy.min_topk_overlap:
         breaches.append(f"top-{SHADOW_K} overlap with stable {f['topk_overlap']:.3f} < "
@@ -204,6 +221,8 @@ def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = Non
     if breaches:
         shadow += f" ({'; '.join(breaches)}: accepted, {vouch})"
     n_s = f["stable_requests"]
+    if small is not None:
+        return verdict("promote", f"{small}; {shadow}; {err_c:.0f} errors on {n_c:.0f} canary requests")
     if n_c >= policy.min_requests and n_s >= policy.min_requests:
         if err_c / n_c > policy.max_error_rate:
             return verdict("rollback", f"canary error rate {err_c / n_c:.3f} > max_error_rate {policy.max_error_rate}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from contracts.outcome import ArmCounts, noninferiority
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
-from server.engine.canary import Verdict, analyse, quality_vouch
+from server.engine.canary import Verdict, analyse, quality_vouch, small_step
 from server.engine.engine import Engine
 from server.engine.experiments import CONTROL
 
@@ -186,7 +186,8 @@ class CanaryControl:
                 outcome = dataclasses.replace(outcome, action="fail", reason=(
                     "the policy judges hit rate (outcome_test) but this server records no impressions"))
         fleet = self._reports.tick(canary.version, stats, self.leading)
-        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet)
+        small = small_step(canary.manifest, stable.manifest, policy) if stable is not None else None
+        verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet, small=small)
         self.last_verdict = verdict
         if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict
