@@ -111,6 +111,20 @@ def short_round_seconds(log: Path) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(r"short round .* in ([0-9.]+)s", log.read_text(errors="replace"))]
 
 
+def wait_bootstrapped(registry: Registry, n_events: int, procs, timeout_s: float) -> None:
+    """Until the stable engine was trained on every bootstrap event (the trainer may take it in several rounds):
+    the live phase measures events arriving at a trainer that has caught up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("the trainer or the server exited; see their logs")
+        stable = registry.read_rollout().stable
+        if stable and registry.read_manifest(stable).trained_events >= n_events:
+            return
+        time.sleep(1.0)
+    raise SystemExit(f"the bootstrap events were not all trained into a serving engine within {timeout_s:.0f} s")
+
+
 def run_config(name: str, args, root: Path) -> dict:
     work = root / name
     if work.exists():
@@ -143,6 +157,7 @@ def run_config(name: str, args, root: Path) -> dict:
                             "--admin-port", "0", "--metrics-port", str(metrics_port)], work / "server.log"))
         addr = f"127.0.0.1:{port}"
         wait_serving(pb_grpc.RecommenderStub(grpc.insecure_channel(addr)), procs[1], work / "server.log", 900)
+        wait_bootstrapped(Registry(work / "data" / "registry"), n, procs, 900)
         load = dict(target=addr, rate=args.qps, warmup_s=2.0, users=args.users, items=1000, item_prefix="item-",
                     history_len=20, k=100, mix=(("recommend", 1.0),), progress=False)
         print(f"[{name}] serving; idle phase: {args.qps:g} Recommend/s for {args.idle_s:g} s", flush=True)

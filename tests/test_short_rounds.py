@@ -55,7 +55,7 @@ def test_short_round_publishes_without_committing_and_the_full_round_takes_the_b
     t.event_log.append(new_item_events("fresh2", users[:20], t0 + 100))
     r2 = t.run_short_round()
     assert r2.published_version == 3 and len(t.read_ahead.events) == 60
-    assert t.read_ahead.bases == {2: 1, 3: 1}  # each forks the full round's model, not the previous short one
+    assert t.read_ahead.bases == {2: 1, 3: 1}  # both built on the full round's model
     assert reg.read_manifest(3).eval_metrics["short_round_events"] == 60
 
     # The full round trains the buffer (placed once: no second admission count) and commits past it.
@@ -66,21 +66,56 @@ def test_short_round_publishes_without_committing_and_the_full_round_takes_the_b
     assert full.published_version == 4 and reg.read_manifest(4).parent == 3  # refit of the newest engine
 
 
-def test_fork_and_train_adds_one_pass_to_the_served_weights_and_leaves_the_model(trained_dir):
-    from trainer import ema
-    from trainer.short_rounds import buffered_windows, fork_and_train
+def test_the_fork_trains_only_the_new_events_and_the_model_is_left_alone(trained_dir):
+    from trainer.short_rounds import Fork, train_fork, windows_after
 
     t = make_trainer(trained_dir, **SHORT)
-    rows = {"user-0": [5, 6], "user-1": [7]}
-    windows = buffered_windows(rows, t.state.user_seqs, t.model.cfg.max_history)
+    windows = windows_after({"user-0": [4]}, {"user-0": [5, 6], "user-1": [7]}, t.state.user_seqs,
+                            t.model.cfg.max_history)
     assert len(windows) == 2 and sorted(int(x) for w in windows for x in w[1][w[2]]) == [5, 6, 7]
+    assert any(4 in w[0] for w in windows)  # the earlier buffered row is context, not a target
     before = state_of(t.model)
-    served = fork_and_train(t.model, t.opt, windows, item_prob_R=t._item_prob(), n_items=len(t.vocab), cfg=t.cfg,
-                            seed=1)
+    fork = Fork.of(t.model, t.opt, t.cfg, 1, 0, 0, len(t.vocab))
+    served = train_fork(fork, windows, [], item_prob_R=t._item_prob(), n_items=len(t.vocab), cfg=t.cfg, seed=1,
+                        now_ms=0)
     assert all(torch.equal(v, before[k]) for k, v in t.model.state_dict().items())  # the model is not trained
-    avg = ema.averaged(t.model, t.opt).state_dict()
-    moved = (served.item_embedding.weight - avg["item_embedding.weight"]).abs().sum(dim=1)
+    moved = (served.item_embedding.weight - fork.base_avg["item_embedding.weight"]).abs().sum(dim=1)
     assert moved[[5, 6, 7]].min() > 0  # the targets' own rows moved by the pass
+    after_one = state_of(fork.model)
+    train_fork(fork, windows[:1], [], item_prob_R=t._item_prob(), n_items=len(t.vocab), cfg=t.cfg, seed=2, now_ms=0)
+    assert not torch.equal(fork.model.item_embedding.weight, after_one["item_embedding.weight"])  # passes add up
+    grown = torch.cat([t.model.item_embedding.weight.detach(), torch.ones(3, t.model.item_embedding.weight.shape[1])])
+    fork.grow(grown)
+    out = fork.served()
+    assert out.num_rows == grown.shape[0] and torch.equal(out.item_embedding.weight[-3:], torch.ones(3, grown.shape[1]))
+
+
+def test_short_rounds_run_between_the_steps_of_a_full_round(trained_dir):
+    t = make_trainer(trained_dir, **SHORT, short_round_interval_s=0.01, epochs_per_round=3)
+    t.event_log.append(stream_events(seed=30, n_users=60, events_per_user=8))
+    assert t.run_short_round().published_version == 2  # the fork exists; the buffer holds 480 events
+    extra = stream_events(seed=31, n_users=10, events_per_user=4)
+    published = []
+
+    def append_once(step):
+        if step == 0:
+            t.event_log.append(extra)  # arrives while the full round trains
+        before = t.read_ahead.last_version
+        Trainer._between_steps(t, step)
+        if t.read_ahead.last_version != before:
+            published.append((step, t.read_ahead.last_version))
+
+    from trainer.loop import Trainer
+
+    t._between_steps = append_once
+    r = t.run_round()
+    assert r.events == 480 and published, "no short round ran between the full round's steps"
+    reg = Registry(trained_dir / "registry")
+    m = reg.read_manifest(published[0][1])
+    assert m.eval_metrics["short_round"] == 1.0 and m.trained_events == TOTAL + 480 + 40
+    assert len(t.read_ahead.events) == 40 and t.read_ahead.placed == 0  # read during the round, placed later
+    assert t.next_offset == TOTAL + 481 and t.read_ahead.fork is None  # committed: the fork is stale
+    assert t.run_short_round().published_version > r.published_version  # a new fork of the new model
 
 
 def test_a_crash_loses_only_the_buffer_and_the_restart_reads_it_again(trained_dir):
@@ -98,7 +133,7 @@ def test_no_short_round_forks_a_model_whose_full_round_did_not_publish(trained_d
     t.event_log.append(stream_events(seed=22))
     assert t.run_round().gate == "failed" and not t.state.model_published
     t.event_log.append(stream_events(seed=23, n_users=5))
-    assert not t._short_round_due(backlog=40, since_short_s=10.0)
+    assert not t._short_round_due(backlog=40) and t.run_short_round() is None
     assert make_trainer(trained_dir, **SHORT).state.model_published is False  # checkpointed
 
 

@@ -43,7 +43,7 @@ from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
 from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
                              resolve_device, train_windows_elastic)
-from trainer.short_rounds import ReadAhead, buffered_windows, fork_and_train, short_metrics, watermark_after
+from trainer.short_rounds import Fork, ReadAhead, merge_rows, short_metrics, train_fork, windows_after
 from trainer.training import make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
@@ -170,6 +170,7 @@ class Trainer:
         self.elastic_metrics = ElasticMetrics(self.metrics.registry)
         self.tracing = start_tracing(cfg.tracing, "livetower-trainer")
         self.read_ahead = ReadAhead()  # events short rounds read ahead of the next full round (short_rounds.py)
+        self.last_short = float("-inf")  # monotonic time of the last short round
 
     def close(self) -> None:
         """Export the spans still buffered and stop the exporter (the event log is its owner's to close)."""
@@ -227,11 +228,13 @@ class Trainer:
         if span is not None:
             span.set_attribute("events", len(batch.events))
         with self._span("train", events=len(batch.events)):
+            epoch, n_items = self.state.vocab_epoch, len(self.vocab)
             split = split_round(self._add_items(batch.events, placed), self.state.user_seqs,
                                 max_eval_users=self.cfg.max_eval_users, seed=self.cfg.seed + self.state.step)
+            self._prepare_fork(split, epoch, n_items)
             trained = self._train(split, len(batch.events))
         if not trained:
-            self.read_ahead.keep(batch)  # read once (a Kafka source drops re-read event ids as duplicates)
+            self.read_ahead.put_back(batch)  # read once (a Kafka source drops re-read event ids as duplicates)
             if span is not None:
                 span.set_attribute("gate", "train_failed")
             return None
@@ -242,7 +245,7 @@ class Trainer:
         with self._span("commit"):
             self._fold_in(split)
             self._commit(batch, split, metrics, gate)
-            self.read_ahead.clear()
+            self.read_ahead.committed()
         version = self.publish(metrics, gate) if gate != "failed" else 0
         if span is not None:
             span.set_attributes({"gate": gate, "published_version": version})
@@ -259,12 +262,13 @@ class Trainer:
         batch = self.event_log.read_batch(ahead.start(st.offsets), limit) if limit > 0 else \
             EventBatch([], ahead.start(st.offsets))
         self.metrics.dead_letters.inc(batch.dead_lettered)
-        if ahead.events or batch.events:
-            return EventBatch(ahead.events + batch.events, batch.next_offsets, batch.dead_lettered), len(ahead.events)
+        buffered, placed = ahead.take()
+        ahead.next_offsets = dict(batch.next_offsets)
+        if buffered or batch.events:
+            return EventBatch(buffered + batch.events, batch.next_offsets, batch.dead_lettered), placed
         if batch.next_offsets != st.offsets:
             st.offsets = batch.next_offsets
             self._checkpoint()
-        ahead.clear()
         return None, 0
 
     def _add_items(self, events: list[StoredEvent], placed: int = 0) -> dict[str, list[int]]:
@@ -306,7 +310,8 @@ class Trainer:
                 self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(), n_items=len(self.vocab),
                 cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator, workers=choice.workers,
                 progress=lambda m: log.info("round %d %s", st.step + 1, m), scaler=self.scaler,
-                metrics=self.elastic_metrics)
+                metrics=self.elastic_metrics,
+                after_step=self._between_steps if cfg.short_round_max_events else None)
         except RoundFailed as e:  # model and optimizer unchanged, positions not advanced: the next round retries
             log.error("round %d failed on every worker count tried: %s; its events are read again next round",
                       st.step + 1, e)
@@ -473,49 +478,85 @@ class Trainer:
         self._checkpoint()
         return version
 
-    def run_short_round(self) -> RoundResult | None:
+    def run_short_round(self, *, in_full_round: bool = False) -> RoundResult | None:
         """A short round (trainer/short_rounds.py): read what arrived (at most short_round_max_events) into the
-        read-ahead buffer, fork the model, train one pass over everything buffered and publish the fork. None
-        when nothing new arrived. Nothing is committed: the next full round trains the buffer."""
+        read-ahead buffer, train the fork one pass over the events it has not trained and publish it. None when
+        there is nothing to train or no published base to fork. Nothing is committed: a full round trains the
+        buffer. in_full_round: called between a full round's steps (no item placement: the table is in use)."""
         cfg, st, ahead = self.cfg, self.state, self.read_ahead
-        batch = self.event_log.read_batch(ahead.start(st.offsets), cfg.short_round_max_events)
-        self.metrics.dead_letters.inc(batch.dead_lettered)
-        if not batch.events:
-            if batch.next_offsets != ahead.start(st.offsets):
-                ahead.add(batch)  # past dead letters only
+        if ahead.fork is None and (in_full_round or not st.model_published):
             return None
         t0 = time.perf_counter()
-        self._add_items(batch.events)
+        batch = self.event_log.read_batch(ahead.start(st.offsets), cfg.short_round_max_events)
+        self.metrics.dead_letters.inc(batch.dead_lettered)
         ahead.add(batch)
-        rows_by_user = map_rows(ahead.events, self.vocab)[0]
-        windows = buffered_windows(rows_by_user, st.user_seqs, self.model.cfg.max_history)
-        ahead.rounds += 1
+        if not in_full_round:
+            epoch = st.vocab_epoch
+            if ahead.placed < len(ahead.events):
+                self._add_items(ahead.events[ahead.placed:])
+                ahead.placed = len(ahead.events)
+            if st.vocab_epoch != epoch or ahead.fork is None:  # rows renumbered (evictions), or no fork yet
+                ahead.fork, ahead.trained = Fork.of(self.model, self.opt, cfg, st.published_version,
+                                                    st.trained_events, st.watermark_ms, len(self.vocab)), 0
+            ahead.fork.n_items = len(self.vocab)  # items just placed: their events are in this round's windows
+        if ahead.trained == len(ahead.events):
+            return None
+        todo = ahead.events[ahead.trained:]
+        context = merge_rows(ahead.in_round, map_rows(ahead.events[:ahead.trained], self.vocab)[0])
+        windows = windows_after(context, map_rows(todo, self.vocab)[0], st.user_seqs, self.model.cfg.max_history)
+        ahead.trained, ahead.rounds = len(ahead.events), ahead.rounds + 1
         if not windows:
-            return RoundResult(len(batch.events), 0, {}, "skipped", 0, time.perf_counter() - t0)
-        served = fork_and_train(self.model, self.opt, windows, item_prob_R=self._item_prob(),
-                                n_items=len(self.vocab), cfg=cfg, seed=cfg.seed + 104729 * st.step + ahead.rounds)
-        metrics = short_metrics(len(ahead.events), len(windows))
-        info = BuildInfo(parent=max(st.published_version, ahead.last_version), stream_offsets=dict(ahead.next_offsets),
-                         watermark_ms=watermark_after(st.watermark_ms, ahead.events, int(time.time() * 1000)),
-                         trained_events=st.trained_events + len(ahead.events), eval_metrics=metrics)
-        version = self._build(served, info)
+            return RoundResult(len(todo), 0, {}, "skipped", 0, time.perf_counter() - t0)
+        fork = ahead.fork
+        fork.grow(self.model.item_embedding.weight.detach())
+        served = train_fork(fork, windows, todo, item_prob_R=self._item_prob(), n_items=len(self.vocab), cfg=cfg,
+                            seed=cfg.seed + 104729 * st.step + ahead.rounds, now_ms=int(time.time() * 1000))
+        metrics = short_metrics(fork.events, len(windows))
+        info = BuildInfo(parent=max(st.published_version, ahead.last_version),
+                         stream_offsets=ahead.start(st.offsets), watermark_ms=fork.watermark_ms,
+                         trained_events=fork.base_trained_events + fork.events, eval_metrics=metrics)
+        version = self._build(served, info, n_items=fork.n_items)
         if version:
-            ahead.bases[version] = st.published_version
+            ahead.bases[version] = fork.base_version
             ahead.last_version = version
-            self.metrics.published_version.set(version)
         seconds = time.perf_counter() - t0
-        log.info("short round after round %d: %d new events, %d buffered (%d windows), 1 pass -> engine %s in %.2fs",
-                 st.step, len(batch.events), len(ahead.events), len(windows), version or "not published", seconds)
-        return RoundResult(len(batch.events), 0, metrics, "short", version, seconds)
+        log.info("short round%s: %d new events (%d windows), %d since engine %d -> engine %s in %.2fs",
+                 " between full-round steps" if in_full_round else "", len(todo), len(windows), fork.events,
+                 fork.base_version, version or "not published", seconds)
+        return RoundResult(len(todo), 0, metrics, "short", version, seconds)
 
-    def _short_round_due(self, backlog: int, since_short_s: float) -> bool:
-        """Short rounds on, the model is the published one, and events arrived since the last read."""
+    def _prepare_fork(self, split: RoundSplit, vocab_epoch: int, n_items: int) -> None:
+        """Before a full round trains: keep (or make, from the published model) the fork its short rounds serve
+        from, grown to the table's new rows (not served: n_items, the vocabulary before this round placed its
+        items); none after evictions renumbered the rows."""
+        if not self.cfg.short_round_max_events:
+            return
+        ahead, st = self.read_ahead, self.state
+        ahead.in_round = split.new_by_user
+        if st.vocab_epoch != vocab_epoch:
+            ahead.fork = None
+        elif ahead.fork is None and st.model_published:
+            ahead.fork = Fork.of(self.model, self.opt, self.cfg, st.published_version, st.trained_events,
+                                 st.watermark_ms, n_items)
+        if ahead.fork is not None:
+            ahead.fork.grow(self.model.item_embedding.weight.detach())
+
+    def _between_steps(self, step: int) -> None:
+        """After each step of a full round's in-process training: a short round when one is due."""
+        if time.monotonic() - self.last_short >= self.cfg.short_round_interval_s:
+            self.last_short = time.monotonic()
+            self.run_short_round(in_full_round=True)
+
+    def _short_round_due(self, backlog: int) -> bool:
+        """Short rounds on, their interval passed, and events arrived that the fork has not trained."""
         return (self.cfg.short_round_max_events > 0 and self.state.model_published
-                and since_short_s >= self.cfg.short_round_interval_s and backlog > len(self.read_ahead.events))
+                and time.monotonic() - self.last_short >= self.cfg.short_round_interval_s
+                and backlog > self.read_ahead.trained)
 
-    def _build(self, model: TwoTower, info: BuildInfo) -> int:
-        """Build an engine of `model` and publish it, then collect old engines; its version, or 0 when the build
-        was refused or failed (logged; the next round builds again)."""
+    def _build(self, model: TwoTower, info: BuildInfo, n_items: int | None = None) -> int:
+        """Build an engine of `model` serving the first n_items of the vocabulary (None: all) and publish it, then
+        collect old engines; its version, or 0 when the build was refused or failed (logged; the next round builds
+        again)."""
         st = self.state
         options = CompileOptions(backend=self.cfg.backend,
                                  inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
@@ -531,7 +572,8 @@ class Trainer:
                     build_span.add_event(message)
 
             try:
-                manifest = build_engine(model, list(self.vocab.ids), st.item_counts, registry, info, options,
+                ids = list(self.vocab.ids)[:n_items]
+                manifest = build_engine(model, ids, st.item_counts, registry, info, options,
                                         parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
                                         ann_queries_QT=queries_QT, refit=self.cfg.refit,
                                         signing_key=self.cfg.signing_key, progress=progress)
@@ -555,7 +597,7 @@ class Trainer:
 
     def run(self, stop: threading.Event) -> None:
         """Rounds until `stop` is set: on backlog >= round_min_events, or on any backlog after round_interval_s."""
-        last_round = last_short = float("-inf")
+        last_round = float("-inf")
         poll_s = self.cfg.poll_interval_s if self.cfg.short_round_max_events == 0 else \
             min(self.cfg.poll_interval_s, self.cfg.short_round_interval_s / 4)
         while not stop.is_set():
@@ -565,8 +607,8 @@ class Trainer:
             if due:
                 self.run_round()
                 last_round = time.monotonic()
-            elif self._short_round_due(backlog, time.monotonic() - last_short):
-                last_short = time.monotonic()
+            elif self._short_round_due(backlog):
+                self.last_short = time.monotonic()
                 self.run_short_round()
             else:
                 stop.wait(poll_s)

@@ -1,29 +1,33 @@
 """Short rounds: a small backlog reaches serving in seconds; the next full round still trains it properly.
 
 A full round (trainer/loop.py) waits for `round_min_events` or `round_interval_s` and trains its events for
-`epochs_per_round` passes with a held-out gate: tens of seconds from an event to an engine. Between full rounds,
-every `short_round_interval_s` a short round reads what arrived (at most `short_round_max_events`), adds it to
-the read-ahead buffer below and publishes
+`epochs_per_round` passes with a held-out gate: tens of seconds from an event to an engine. Short rounds run
+every `short_round_interval_s` between full rounds and also between the steps of one (the full round's
+in-process training calls back after each step). A short round reads what arrived (at most
+`short_round_max_events`) into the read-ahead buffer below, trains the buffer's `fork` `short_round_epochs`
+pass(es) over the events it has not trained yet and publishes
 
-    served = weight average of the model + (fork - model)
+    served = weight average of the base model + (fork - base model)
 
-where `fork` is a copy of the model (with its optimizer state) trained `short_round_epochs` pass(es) over every
-buffered event: the serving weights plus this pass's update, so an item's first interactions move its own row
-at once (an average over epochs would take in a few percent of a one-pass update), and no short round builds on
-another (each forks the full round's model afresh: no drift accumulates outside the gate). The engine is a
-refit of the parent's compiled graph (no compile) and carries `short_round` in its eval metrics; the server
-canaries it on the small-step path (contracts/rollout.py CanaryPolicy.small_step_events).
+the serving weights plus every short pass since the fork was made, so an item's first interactions move its own
+row at once (an average over epochs would take in a few percent of a one-pass update). The fork is a copy of the
+model the last full round published (weights and optimizer state), made when a short round first needs one; a
+full round's commit drops it, so short passes never pile up beyond about one full round's worth of events. A
+short round costs the windows of its own events only (one window per user). The engine is a refit of the
+parent's compiled graph (no compile) and carries `short_round` in its eval metrics; the server canaries it on
+the small-step path (contracts/rollout.py CanaryPolicy.small_step_events).
 
-The buffered events are not committed: the checkpoint's positions stay at the last full round, which takes the
-buffer as the start of its batch (its items already placed: the admission sketch counts an event once) and
-trains, gates, commits and publishes it as usual. A crash loses the buffer and nothing else: the restarted
-trainer reads those events again from the checkpoint's positions. The main model is never trained by a short
-round, so the full round's held-out events are still unseen by the model it gates; and when the serving engine
-is a short one, its gate compares against the full-round model it was forked from (`bases`), which never saw
-them either.
+Buffered events are not committed: the checkpoint's positions stay at the last full round, which takes the
+buffer as the start of its batch and trains, gates, commits and publishes it as usual. Items: a short round
+between full rounds places its events' items (admission, table growth) like a full round, and the full round
+does not place them again (the admission sketch counts an event once); between a full round's steps the model's
+table is in use, so events of items without a row wait as context until the next placement. A crash loses the
+buffer and the fork, nothing else: the restarted trainer reads those events again from the checkpoint's
+positions. The full round's model never trains on a short round's events before its own gate, and when the
+serving engine is a short one the gate compares with the full-round model it was forked from (`bases`).
 
-Short rounds run only while the model is the one the last full round published (`TrainerState.model_published`):
-one whose gate failed is not served, and neither is anything forked from it.
+Short rounds need a published base: the fork is made only from a model its full round published
+(`TrainerState.model_published`), never from one whose gate failed.
 """
 
 from __future__ import annotations
@@ -36,16 +40,73 @@ import torch
 from contracts.eventlog import EventBatch, StoredEvent
 from trainer import ema
 from trainer.config import TrainConfig
-from trainer.examples import windows_for_new
+from trainer.examples import stack_windows, windows_for_new
 from trainer.model import TwoTower
-from trainer.training import make_optimizer, train_windows
+from trainer.training import grow_table, make_optimizer, train_windows
+
+
+@dataclass(slots=True)
+class Fork:
+    """A copy of a published model trained by short rounds, and the base it was copied from."""
+    model: TwoTower
+    opt: torch.optim.Optimizer
+    base_avg: dict[str, torch.Tensor]   # the base's served (averaged) weights
+    base_raw: dict[str, torch.Tensor]   # the base's raw weights (the fork's starting point)
+    base_version: int                   # the full-round engine of the base
+    base_trained_events: int            # events the base was trained on
+    watermark_ms: int                   # newest event time trained into the fork (base's included)
+    n_items: int                        # vocabulary items its engines serve: the base's and those whose rows a
+                                        # short round placed (and trained); not rows a running full round placed,
+                                        # which nothing has trained yet (random vectors would be served)
+    events: int = 0                     # events trained by short rounds
+
+    @classmethod
+    def of(cls, model: TwoTower, opt: torch.optim.Optimizer, cfg: TrainConfig, version: int, trained_events: int,
+           watermark_ms: int, n_items: int) -> "Fork":
+        fork = TwoTower(model.cfg, model.num_rows)
+        fork.load_state_dict(model.state_dict())  # copies into the fork's own tensors
+        fork_opt = make_optimizer(fork, cfg)
+        fork_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # alone it would share the moments
+        avg = {k: v.clone() for k, v in ema.averaged(model, opt).state_dict().items()}
+        return cls(fork, fork_opt, avg, {k: v.clone() for k, v in model.state_dict().items()}, version,
+                   trained_events, watermark_ms, n_items)
+
+    def grow(self, rows: torch.Tensor) -> None:
+        """The model's table grew (new items): the fork takes the new rows as they are there."""
+        n = self.model.num_rows
+        if rows.shape[0] <= n:
+            return
+        grow_table(self.model, self.opt, rows.shape[0])
+        with torch.no_grad():
+            self.model.item_embedding.weight[n:] = rows[n:]
+
+    def served(self) -> TwoTower:
+        """base average + (fork - base); rows the base does not have are the fork's own."""
+        out, new = TwoTower(self.model.cfg, self.model.num_rows), self.model.state_dict()
+        weights = {}
+        for k, v in new.items():
+            if not v.is_floating_point():
+                weights[k] = v
+                continue
+            avg, raw = self.base_avg[k], self.base_raw[k]
+            if avg.shape != v.shape:  # the item table, grown since: no base for the new rows
+                avg = torch.cat([avg, v[avg.shape[0]:]])
+                raw = torch.cat([raw, v[raw.shape[0]:]])
+            weights[k] = avg + (v - raw)
+        with torch.no_grad():
+            out.load_state_dict(weights)
+        return out.eval()
 
 
 @dataclass(slots=True)
 class ReadAhead:
-    """Events read after the checkpoint's positions and not yet trained by a full round."""
+    """Events read after the checkpoint's positions and not in any full round yet, and the short rounds' fork."""
     events: list[StoredEvent] = field(default_factory=list)
-    next_offsets: dict[str, int] | None = None  # positions after the buffer; None: empty, read from the checkpoint's
+    next_offsets: dict[str, int] | None = None  # positions after the buffer; None: read from the checkpoint's
+    placed: int = 0                             # the first `placed` events have had their items placed
+    trained: int = 0                            # the first `trained` events were trained by the fork
+    in_round: dict[str, list[int]] = field(default_factory=dict)  # rows of the running full round's events (context)
+    fork: Fork | None = None
     bases: dict[int, int] = field(default_factory=dict)  # short engine version -> the full-round version it forked
     last_version: int = 0                       # newest short engine published (the next build's refit parent)
     rounds: int = 0                             # short rounds run by this process
@@ -58,43 +119,55 @@ class ReadAhead:
         self.events.extend(batch.events)
         self.next_offsets = dict(batch.next_offsets)
 
-    def keep(self, batch: EventBatch) -> None:
-        """A full round that did not train: its whole batch (items placed) waits for the next one."""
-        self.events, self.next_offsets = list(batch.events), dict(batch.next_offsets)
+    def take(self) -> tuple[list[StoredEvent], int]:
+        """For a full round: (the buffered events, how many are placed); the buffer restarts after them (the
+        fork and its positions stay: it serves until the round commits)."""
+        events, placed = self.events, self.placed
+        self.events, self.placed, self.trained = [], 0, 0
+        return events, placed
 
-    def clear(self) -> None:
-        self.events, self.next_offsets = [], None
+    def put_back(self, batch: EventBatch) -> None:
+        """A full round that did not train: its batch (items placed) goes back before what was read since (never
+        placed: no placement happens during a full round); the fork is dropped (it is re-made from the model)."""
+        self.events = list(batch.events) + self.events
+        self.placed, self.trained, self.in_round, self.fork = len(batch.events), 0, {}, None
+
+    def committed(self) -> None:
+        """A full round committed: the model moved on (the fork is stale)."""
+        self.fork, self.in_round, self.trained = None, {}, 0
 
     def base_of(self, version: int) -> int:
         """The full-round version whose model `version` was forked from (itself when it is a full one)."""
         return self.bases.get(version, version)
 
 
-def buffered_windows(rows_by_user: dict[str, list[int]], user_seqs: dict[str, list[int]], T: int) -> list:
-    """Next-item windows whose targets are exactly the buffered rows, after each user's kept history."""
-    return [w for u, rows in rows_by_user.items() for w in windows_for_new(user_seqs.get(u, []) + rows, len(rows), T)]
+def windows_after(context: dict[str, list[int]], new: dict[str, list[int]], user_seqs: dict[str, list[int]],
+                  T: int) -> list:
+    """Next-item windows whose targets are exactly the `new` rows, after each user's kept history and its rows
+    read before them (`context`)."""
+    return [w for u, rows in new.items()
+            for w in windows_for_new(user_seqs.get(u, []) + context.get(u, []) + rows, len(rows), T)]
 
 
-def fork_and_train(model: TwoTower, opt: torch.optim.Optimizer, windows: list, *, item_prob_R: torch.Tensor,
-                   n_items: int, cfg: TrainConfig, seed: int) -> TwoTower:
-    """A copy of model trained cfg.short_round_epochs pass(es) over `windows` from the model's optimizer state, its
-    update added to the model's weight average: the weights to serve. model and opt are not changed."""
-    from trainer.examples import stack_windows
+def merge_rows(*parts: dict[str, list[int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for part in parts:
+        for u, rows in part.items():
+            out[u] = out.get(u, []) + rows
+    return out
 
-    fork = TwoTower(model.cfg, model.num_rows)
-    fork.load_state_dict(model.state_dict())  # copies into fork's own tensors
-    fork_opt = make_optimizer(fork, cfg)
-    fork_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict alone would share the moments
-    fork.train()
-    train_windows(fork, fork_opt, *stack_windows(windows), item_prob_R=item_prob_R, n_items=n_items,
+
+def train_fork(fork: Fork, windows: list, events: list[StoredEvent], *, item_prob_R: torch.Tensor, n_items: int,
+               cfg: TrainConfig, seed: int, now_ms: int) -> TwoTower:
+    """Train the fork cfg.short_round_epochs pass(es) over `windows` (of `events`); returns the weights to serve."""
+    fork.events += len(events)
+    fork.watermark_ms = watermark_after(fork.watermark_ms, events, now_ms)
+    fork.model.train()
+    train_windows(fork.model, fork.opt, *stack_windows(windows), item_prob_R=item_prob_R, n_items=n_items,
                   cfg=cfg.replace(ema_epochs=0.0), epochs=cfg.short_round_epochs,
                   generator=torch.Generator().manual_seed(seed))
-    fork.eval()
-    base = ema.averaged(model, opt).state_dict()
-    raw, new = model.state_dict(), fork.state_dict()
-    with torch.no_grad():
-        fork.load_state_dict({k: base[k] + (v - raw[k]) if v.is_floating_point() else v for k, v in new.items()})
-    return fork
+    fork.model.eval()
+    return fork.served()
 
 
 def watermark_after(watermark_ms: int, events: list[StoredEvent], now_ms: int) -> int:
@@ -106,4 +179,3 @@ def short_metrics(n_events: int, n_windows: int) -> dict[str, float]:
     """A short engine's eval_metrics: it has no gate of its own (its full round gates the same events)."""
     return {"short_round": 1.0, "short_round_events": float(n_events), "short_round_windows": float(n_windows),
             "gate_passed": 0.0}
-

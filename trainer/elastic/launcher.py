@@ -231,19 +231,22 @@ def train_windows_elastic(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT
                           targets_WT: np.ndarray, mask_WT: np.ndarray, *, item_prob_R: torch.Tensor, n_items: int,
                           cfg: TrainConfig, epochs: int, generator: torch.Generator, workers: int,
                           progress: Callable[[str], None] | None = None, scaler: torch.amp.GradScaler | None = None,
-                          metrics: ElasticMetrics | None = None, fault: FaultInjection | None = None) -> RoundStats:
+                          metrics: ElasticMetrics | None = None, fault: FaultInjection | None = None,
+                          after_step: Callable[[int], None] | None = None) -> RoundStats:
     """train_windows on `workers` workers: updates model, opt (and the fp16 scaler) in place, only when the round
     completes; on RoundFailed they are unchanged.
 
-    W = 1 with cfg.elastic.in_process_single_worker trains here, with the workers' plan (world = 1), no launch.
-    fault is a test hook (see FaultInjection)."""
+    W = 1 with cfg.elastic.in_process_single_worker trains here, with the workers' plan (world = 1), no launch;
+    after_step(g) then runs after each step (the trainer's short rounds between a full round's steps; not called
+    for launched workers). fault is a test hook (see FaultInjection)."""
     seed = round_seed(generator)
     if workers == 1 and cfg.elastic.in_process_single_worker and fault is None:
         t0 = time.time()
         if scaler is None:
             scaler = make_grad_scaler(cfg.precision, next(model.parameters()).device.type, cfg.fp16_init_scale)
         res = train_epochs(model, opt, window_loss(WindowLoss(model), cfg, item_prob_R, n_items), inputs_WT,
-                           targets_WT, mask_WT, cfg=cfg, epochs=epochs, seed=seed, scaler=scaler, progress=progress)
+                           targets_WT, mask_WT, cfg=cfg, epochs=epochs, seed=seed, scaler=scaler, progress=progress,
+                           after_step=after_step)
         train_s = max(res.t_end - res.t_first_step, 1e-9)
         targets = int(mask_WT.sum())
         stats = RoundStats(losses=res.losses, workers=1, in_process=True, epochs=epochs,
