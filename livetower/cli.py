@@ -105,8 +105,13 @@ def cmd_train(args) -> int:
 
         event_log = SqliteEventLog(args.data_dir / "events.sqlite")
     registry = open_registry(args.registry, args.data_dir)
+    catalog = None
+    if cfg.item_features or (args.data_dir / "catalog.sqlite").exists():  # a feature checkpoint needs it too
+        from contracts.catalog import CatalogStore
+
+        catalog = CatalogStore(args.data_dir / "catalog.sqlite")
     trainer = Trainer(cfg, event_log, registry, args.data_dir / "trainer",
-                      ledger_path=args.ledger)
+                      ledger_path=args.ledger, catalog=catalog)
     if args.trainer_metrics_port >= 0:
         httpd, _ = start_http_server(args.trainer_metrics_port, addr="127.0.0.1", registry=trainer.metrics.registry)
         logging.getLogger("livetower.trainer").info("trainer metrics on http://127.0.0.1:%d/metrics",

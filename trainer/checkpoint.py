@@ -52,6 +52,9 @@ class TrainerState:
     vocab_epoch: int = 0                       # compactions so far: rows of different epochs name different items
     model_published: bool = False              # the model is the one the last full round published (short rounds
                                                # fork only from such a model: trainer/short_rounds.py)
+    feature_config: dict | None = None         # FeatureConfig of a feature item tower (trainer/item_catalog.py);
+                                               # None: the id-only TwoTower
+    catalog_version: int = 0                   # catalogue version the feature rows reflect
 
 
 def _plain(state: TrainerState) -> dict:

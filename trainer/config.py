@@ -109,6 +109,10 @@ class TrainConfig:
                                        # gates and commits them. 0 = off
     short_round_interval_s: float = 1.0  # least time between two short rounds (a short round starts once events wait)
     short_round_epochs: int = 1        # passes of a short round over the events since the last full round
+    item_features: bool = False       # train a feature item tower (trainer/item_catalog.py): rows carry their items'
+                                       # catalogue features (<data_dir>/catalog.sqlite) and engines carry the item
+                                       # encoder, so the server serves new catalogue items by their features. A fresh
+                                       # checkpoint only: an existing one keeps its model's kind
     poll_interval_s: float = 1.0       # how often the log is checked
     max_eval_users: int = 2000         # holdout users evaluated per round (sampled deterministically)
     min_eval_users: int = 20           # smaller holdouts skip the gate (recorded in the manifest)
@@ -165,6 +169,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.ema_epochs < 0:
             raise ValueError(f"TrainConfig.ema_epochs must be >= 0, got {self.ema_epochs}")
+        if self.item_features and self.elastic.max_workers > 1:
+            raise ValueError("TrainConfig.item_features trains in the trainer process only: set "
+                             "elastic.max_workers to 1 (the launched workers build the id-only model)")
         if self.short_round_max_events < 0:
             raise ValueError(f"TrainConfig.short_round_max_events must be >= 0 (0: no short rounds), got "
                              f"{self.short_round_max_events}")

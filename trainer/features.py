@@ -128,6 +128,33 @@ class FeatureTwoTower(TwoTower):
     def encode_items(self, rows_N: Tensor) -> Tensor:
         return F.normalize(self.item_proj(self.item_vectors(rows_N)), dim=-1)  # (N, out_dim)
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, num_rows: int, feat_cfg: FeatureConfig) -> "FeatureTwoTower":
+        """No row has features or an id yet (a checkpoint's state dict is loaded into it, or rows are assigned)."""
+        Fn, R = len(feat_cfg.numeric), num_rows
+        feats = FeatureTensors(torch.zeros(R, feat_cfg.max_cat_values, dtype=torch.int64),
+                               torch.zeros(R, feat_cfg.max_text_tokens, dtype=torch.int64), torch.zeros(R, Fn),
+                               torch.zeros(R, Fn))
+        return cls(cfg, num_rows, feat_cfg, feats, torch.zeros(R))
+
+    def row_buffers(self) -> list[Tensor]:
+        return [self.row_cat_NC, self.row_text_NW, self.row_num_NF, self.row_present_NF, self.has_id_R]
+
+    @torch.no_grad()
+    def assign_rows(self, rows_N: Tensor, features: FeatureTensors, has_id_N: Tensor) -> None:
+        """Set the hashed features and has-id flags of table rows (new items, changed catalogue records)."""
+        for name, t in zip(FeatureTensors._fields, features):
+            getattr(self, f"row_{name}")[rows_N] = t
+        self.has_id_R[rows_N] = has_id_N.float()
+
     @torch.no_grad()
     def grow(self, num_rows: int) -> None:
-        raise NotImplementedError("FeatureTwoTower: growing the table needs the new rows' features (not built)")
+        """Enlarge the table; the new rows have no features and no id until assign_rows sets them."""
+        old = self.num_rows
+        if num_rows <= old:
+            return
+        super().grow(num_rows)
+        for name in FeatureTensors._fields:
+            buf = getattr(self, f"row_{name}")
+            setattr(self, f"row_{name}", torch.cat([buf, buf.new_zeros((num_rows - old, *buf.shape[1:]))]))
+        self.has_id_R = torch.cat([self.has_id_R, self.has_id_R.new_zeros(num_rows - old)])

@@ -136,6 +136,9 @@ def compact(model: TwoTower, opt: torch.optim.Optimizer, vocab: ItemVocab, evict
     for arr in per_row:
         arr[1:m + 1] = arr[keep]
         arr[m + 1:] = 0
+    for buf in model.row_buffers():  # item features and has-id flags of a feature item tower
+        buf[1:m + 1] = buf[src].clone()
+        buf[m + 1:] = 0
     ids = vocab.ids
     vocab.ids = [ids[r - 1] for r in keep]
     vocab.row_of = {item: row for row, item in enumerate(vocab.ids, start=1)}

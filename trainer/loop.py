@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contracts.catalog import CatalogStore
 from contracts.eventlog import SOURCE_KEY, EventBatch, EventSource, StoredEvent
 from contracts.registry import Registry
 from contracts.tracing import start_tracing
@@ -38,6 +39,9 @@ from trainer.evaluate import evaluate_model, evaluate_popularity
 from trainer.examples import left_pad, stack_windows, windows_for_new
 from trainer.export.build import BuildFailed, BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
+from trainer.item_catalog import (feature_config_from_state, feature_config_to_state, new_feature_model,
+                                  refresh_rows)
+from trainer.features import FeatureTwoTower
 from trainer.items import AdmissionSketch, map_rows, place_items, remember_users
 from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
@@ -115,7 +119,8 @@ def gate_decision(metrics: dict[str, float], cfg: TrainConfig) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
-                 ledger_path: Path | None = None, metrics: TrainerMetrics | None = None) -> None:
+                 ledger_path: Path | None = None, metrics: TrainerMetrics | None = None,
+                 catalog: CatalogStore | None = None) -> None:
         """ledger_path: when set, every round appends "<round>\t<pid>\t<event_id>" lines for the events it
         trained, fsynced before the round's checkpoint. A crash between the two leaves lines of a round the
         checkpoint does not hold; the restarted trainer redoes that round (same number, another pid), so a
@@ -123,7 +128,11 @@ class Trainer:
         if resolve_device(cfg.elastic.device) == "cuda" and cfg.elastic.in_process_single_worker:
             # The trainer process keeps its model on the CPU (eval, export); W = 1 launches one GPU worker.
             cfg = cfg.replace(elastic=cfg.elastic.replace(in_process_single_worker=False))
+        if cfg.item_features and catalog is None:
+            raise ValueError("TrainConfig.item_features needs the catalogue: pass catalog=CatalogStore(...) "
+                             "(`livetower train` opens <data-dir>/catalog.sqlite)")
         self.cfg = cfg
+        self.catalog = catalog
         self.devices = available_devices(cfg.elastic)
         self.rate_per_worker: float | None = None   # measured events/s of one worker in the last round
         self.event_log = event_log
@@ -139,22 +148,29 @@ class Trainer:
             model_cfg = cfg.model
             self.vocab = ItemVocab()
             torch.manual_seed(cfg.seed)
-            self.model = TwoTower(model_cfg, table_rows_for(0))
+            self.model = new_feature_model(model_cfg, table_rows_for(0), catalog) if cfg.item_features else \
+                TwoTower(model_cfg, table_rows_for(0))
             self.opt = make_optimizer(self.model, cfg)
             self.state = TrainerState(model_config=model_cfg.to_dict(), model={}, optimizer={}, vocab=[],
                                       item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs=OrderedDict(),
                                       offsets={}, item_last_seen_ms=np.zeros(self.model.num_rows, np.int64))
-            log.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
+            if cfg.item_features:
+                self.state.feature_config = feature_config_to_state(self.model.feat_cfg)
+            log.info("no checkpoint in %s: starting fresh%s", self.checkpoint_dir,
+                     " with a feature item tower" if cfg.item_features else "")
         else:
             model_cfg = ModelConfig.from_dict(state.model_config)
             if model_cfg != cfg.model:
                 log.warning("checkpoint model config differs from the configured one; keeping the checkpoint's")
             self.vocab = ItemVocab(state.vocab)
-            self.model = TwoTower(model_cfg, state.model["item_embedding.weight"].shape[0])
+            self.state = state
+            if state.feature_config is not None and catalog is None:
+                raise ValueError("the checkpoint holds a feature item tower: the trainer needs the catalogue "
+                                 "(--item-features)")
+            self.model = self._empty_model(state.model["item_embedding.weight"].shape[0])
             self.model.load_state_dict(state.model)
             self.opt = make_optimizer(self.model, cfg)
             self.opt.load_state_dict(state.optimizer)
-            self.state = state
             log.info("resumed from checkpoint: round %d, %d events trained, positions %s, %d items",
                      state.step, state.trained_events, state.offsets, len(self.vocab))
         self.model.eval()
@@ -171,6 +187,13 @@ class Trainer:
         self.tracing = start_tracing(cfg.tracing, "livetower-trainer")
         self.read_ahead = ReadAhead()  # events short rounds read ahead of the next full round (short_rounds.py)
         self.last_short = float("-inf")  # monotonic time of the last short round
+
+    def _empty_model(self, rows: int) -> TwoTower:
+        """An untrained model of this trainer's kind with `rows` table rows (a state dict is loaded into it)."""
+        model_cfg = ModelConfig.from_dict(self.state.model_config)
+        if self.state.feature_config is None:
+            return TwoTower(model_cfg, rows)
+        return FeatureTwoTower.empty(model_cfg, rows, feature_config_from_state(self.state.feature_config))
 
     def close(self) -> None:
         """Export the spans still buffered and stop the exporter (the event log is its owner's to close)."""
@@ -283,9 +306,19 @@ class Trainer:
                 log.info("evicted %d items unseen for %gs; %d live items renumbered, table %d rows", r.evicted,
                          self.cfg.item_ttl_s, len(self.vocab), self.model.num_rows)
             self.metrics.on_items(r, table_rows=self.model.num_rows, vocab=len(self.vocab))
+            self._refresh_features()
             if not placed:
                 return r.rows_by_user
         return map_rows(events, self.vocab)[0]
+
+    def _refresh_features(self) -> None:
+        """Feature item tower: new rows get their catalogue features, changed records their new ones."""
+        if isinstance(self.model, FeatureTwoTower) and self.catalog is not None:
+            self.state.catalog_version, n = refresh_rows(self.model, self.vocab, self.catalog,
+                                                         self.state.catalog_version)
+            if n:
+                log.info("item features: %d row(s) assigned from the catalogue (version %d)", n,
+                         self.state.catalog_version)
 
     def _train(self, split: RoundSplit, n_events: int) -> bool:
         """Train the round's new windows (held-out events excepted), mixed with replayed windows of earlier users,
@@ -431,7 +464,7 @@ class Trainer:
             return version, None  # none, or its rows name other items (a compaction since: trainer/items.py)
         rows = state["item_embedding.weight"].shape[0]
         n_known = min(len(self.vocab), rows - 1)
-        served = TwoTower(self.model.cfg, rows)
+        served = self._empty_model(rows)
         served.load_state_dict(state)
         known = tgt_B <= n_known
         if not known.any():
@@ -508,7 +541,7 @@ class Trainer:
         if not windows:
             return RoundResult(len(todo), 0, {}, "skipped", 0, time.perf_counter() - t0)
         fork = ahead.fork
-        fork.grow(self.model.item_embedding.weight.detach())
+        fork.grow(self.model)
         served = train_fork(fork, windows, todo, item_prob_R=self._item_prob(), n_items=len(self.vocab), cfg=cfg,
                             seed=cfg.seed + 104729 * st.step + ahead.rounds, now_ms=int(time.time() * 1000))
         metrics = short_metrics(fork.events, len(windows))
@@ -539,7 +572,7 @@ class Trainer:
             ahead.fork = Fork.of(self.model, self.opt, self.cfg, st.published_version, st.trained_events,
                                  st.watermark_ms, n_items)
         if ahead.fork is not None:
-            ahead.fork.grow(self.model.item_embedding.weight.detach())
+            ahead.fork.grow(self.model)
 
     def _between_steps(self, step: int) -> None:
         """After each step of a full round's in-process training: a short round when one is due."""

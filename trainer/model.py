@@ -398,6 +398,10 @@ class TwoTower(nn.Module):
         h_BD = self.stack(self.embed_history(history_BT), history_BT != PAD_ROW, last_only=True)[:, -1]
         return F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
 
+    def row_buffers(self) -> list[Tensor]:
+        """Per-table-row buffers that move with the rows when they are renumbered (none here)."""
+        return []
+
     @torch.no_grad()
     def grow(self, num_rows: int) -> None:
         """Enlarge the item table (new module/Parameter: rebuild optimizers afterwards). No-op if not larger."""

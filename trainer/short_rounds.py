@@ -63,26 +63,27 @@ class Fork:
     @classmethod
     def of(cls, model: TwoTower, opt: torch.optim.Optimizer, cfg: TrainConfig, version: int, trained_events: int,
            watermark_ms: int, n_items: int) -> "Fork":
-        fork = TwoTower(model.cfg, model.num_rows)
-        fork.load_state_dict(model.state_dict())  # copies into the fork's own tensors
+        fork = copy.deepcopy(model)  # of its kind (a feature item tower too), with its own tensors
         fork_opt = make_optimizer(fork, cfg)
         fork_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # alone it would share the moments
         avg = {k: v.clone() for k, v in ema.averaged(model, opt).state_dict().items()}
         return cls(fork, fork_opt, avg, {k: v.clone() for k, v in model.state_dict().items()}, version,
                    trained_events, watermark_ms, n_items)
 
-    def grow(self, rows: torch.Tensor) -> None:
-        """The model's table grew (new items): the fork takes the new rows as they are there."""
+    def grow(self, model: TwoTower) -> None:
+        """The model's table grew (new items): the fork takes the new rows (and their features) as they are there."""
         n = self.model.num_rows
-        if rows.shape[0] <= n:
+        if model.num_rows <= n:
             return
-        grow_table(self.model, self.opt, rows.shape[0])
+        grow_table(self.model, self.opt, model.num_rows)
         with torch.no_grad():
-            self.model.item_embedding.weight[n:] = rows[n:]
+            self.model.item_embedding.weight[n:] = model.item_embedding.weight[n:]
+            for mine, theirs in zip(self.model.row_buffers(), model.row_buffers()):
+                mine[n:] = theirs[n:]
 
     def served(self) -> TwoTower:
         """base average + (fork - base); rows the base does not have are the fork's own."""
-        out, new = TwoTower(self.model.cfg, self.model.num_rows), self.model.state_dict()
+        out, new = copy.deepcopy(self.model), self.model.state_dict()
         weights = {}
         for k, v in new.items():
             if not v.is_floating_point():
