@@ -118,3 +118,35 @@ def test_short_rounds_fork_a_feature_model(catalog_dir):
     row = t.vocab.row_of["brand-new"]
     assert t.model.has_id_R[row] == 1 and row_cats(t.model, row)  # placed by the short round, with its features
     assert row_cats(t.read_ahead.fork.model, row) == row_cats(t.model, row)
+
+
+def test_an_item_upserted_to_a_sidecar_engine_is_served_and_the_next_engine_takes_it_over(catalog_dir):
+    """The whole path with the sidecar's own engines: trainer (--item-features) -> engine 1 -> a real server;
+    UpsertItems of an item nobody has touched -> the next Recommend returns it; the trainer publishes engine 2
+    and it is promoted -> the item is still served (the server replays the catalogue into the new engine)."""
+    from contracts.rollout import CanaryPolicy, RolloutState
+    from proto import livetower_v1_pb2 as pb
+    from tests.conftest import ADMIN_TOKEN, client_for, running_server, server_config, wait_for
+
+    t = feature_trainer(catalog_dir)
+    assert t.run_round().published_version == 1
+    reg = Registry(catalog_dir / "registry")
+    reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="manual")))
+    md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    history = ["item-2", "item-4", "item-6"]
+    item = pb.CatalogItem(id="never-seen", categorical={"genre": pb.CatalogValues(values=["g2"])},
+                          numeric={"price": 4.0}, text={"title": "thing 4"})
+    k = SMALL_DATA.n_items  # every item: the new one must be among them
+    with running_server(server_config(catalog_dir)) as (server, port):
+        c = client_for(server, port)
+        wait_for(lambda: server.manager.stable is not None, 60, "engine 1")
+        assert "never-seen" not in c.recommend("user-1", k, history=history).item_ids
+        r = c.admin.UpsertItems(pb.UpsertItemsRequest(items=[item]), metadata=md)
+        assert r.inserted == 1 and r.note == ""  # the sidecar's engine has the encoder
+        assert "never-seen" in c.recommend("user-1", k, history=history).item_ids
+        t.event_log.append(stream_events(seed=42, n_users=20, events_per_user=5))
+        assert t.run_round().published_version == 2
+        reg.update_rollout(lambda st: setattr(st, "stable", 2))
+        wait_for(lambda: server.manager.stable is not None and server.manager.stable.version == 2, 60, "engine 2")
+        assert "never-seen" in c.recommend("user-1", k, history=history).item_ids
+        c.close()
