@@ -33,7 +33,7 @@ def managers(trained_dir):
 
 
 def test_one_holder_then_a_takeover_when_it_lapses(managers):
-    reg, a, b = managers()
+    reg, a, b = managers(lease_s=1.5)  # 0.6 s lapsed between two polls 0.25 s apart on a loaded 2-core machine
     a.poll_once()
     b.poll_once()
     assert a.leading and not b.leading and reg.read_rollout().leader == "a"
@@ -42,7 +42,7 @@ def test_one_holder_then_a_takeover_when_it_lapses(managers):
         a.poll_once()
         b.poll_once()
         assert a.leading and not b.leading
-    time.sleep(0.7)  # a stops polling (dead, hung or cut off): its lease lapses
+    time.sleep(1.7)  # a stops polling (dead, hung or cut off): its lease lapses
     b.poll_once()
     st = reg.read_rollout()
     assert b.leading and st.leader == "b"
@@ -140,6 +140,23 @@ def test_every_replica_prefetches_a_publish_and_follows_its_canary_by_a_swap(man
     a.rollback(reason="test")
     b.poll_once()
     assert b.canary is None and b.standby is None  # a rolled-back version is not kept loaded
+
+
+def test_a_small_step_is_not_prefetched(managers):
+    """Short rounds publish a small step every few seconds; most are superseded before their canary, so loading
+    each ahead cost a load apiece for nothing (server/engine/canary_control.py _small_step_pending)."""
+    reg, a, b = managers(lease_s=60.0)
+    reg.update_rollout(lambda st: setattr(st, "policy", CanaryPolicy(mode="auto")))
+    a.poll_once()
+    staging, manifest = stage(reg, 1, reg)
+    manifest.graph_version = 1  # weights for engine 1's graph (as a refit's manifest says)...
+    manifest.trained_events += 50  # ...trained on 50 events more: a small step
+    v2 = reg.publish(staging, manifest)
+    b.poll_once()
+    assert b.standby is None and v2 in b.pending_versions() and b._small_step_pending(v2)
+    reg.update_rollout(lambda st: setattr(st, "policy", CanaryPolicy(mode="auto", small_step_events=-1)))
+    b.poll_once()
+    assert not b._small_step_pending(v2)  # small steps off: prefetched like any publish
 
 
 def test_hit_rates_are_added_over_every_replicas_reports(managers):

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,6 @@ from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_model, evaluate_popularity
 from trainer.examples import left_pad, stack_windows, windows_for_new
-from trainer.export.build import BuildFailed, BuildInfo, build_engine
-from trainer.export.compile import CompileOptions
 from trainer.item_catalog import (feature_config_from_state, feature_config_to_state, new_feature_model,
                                   refresh_rows)
 from trainer.features import FeatureTwoTower
@@ -47,29 +44,14 @@ from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
 from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
                              resolve_device, train_windows_elastic)
-from trainer.short_rounds import Fork, ReadAhead, merge_rows, short_metrics, train_fork, windows_after
+from trainer.publishing import Publishing
+from trainer.round_types import RoundResult, RoundSplit
+from trainer.short_round_control import ShortRoundControl
+from trainer.short_rounds import ReadAhead
 from trainer.training import make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
 log = logging.getLogger("livetower.trainer")
-
-
-@dataclass(frozen=True, slots=True)
-class RoundResult:
-    events: int
-    holdout_users: int
-    metrics: dict[str, float]
-    gate: str               # "passed" | "failed" | "skipped"
-    published_version: int  # 0 when nothing was published
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class RoundSplit:
-    """A round's events by user, and the users whose newest event is held out for evaluation."""
-    new_by_user: dict[str, list[int]]  # each user's item rows read this round, in order
-    seqs: dict[str, list[int]]         # each of those users' kept history + the new rows
-    holdout: list[str]                 # users whose newest event is held out (sorted)
 
 
 def split_round(new_by_user: dict[str, list[int]], user_seqs: dict[str, list[int]], *, max_eval_users: int,
@@ -117,7 +99,10 @@ def gate_decision(metrics: dict[str, float], cfg: TrainConfig) -> str:
     return "passed" if ok else "failed"
 
 
-class Trainer:
+class Trainer(Publishing, ShortRoundControl):
+    """The sidecar trainer (module docstring); publishing and short rounds are trainer/publishing.py's and
+    trainer/short_round_control.py's."""
+
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
                  ledger_path: Path | None = None, metrics: TrainerMetrics | None = None,
                  catalog: CatalogStore | None = None) -> None:
@@ -489,145 +474,6 @@ class Trainer:
         st.admission_sketch, st.admission_added = self.sketch.table, self.sketch.added
         save_checkpoint(self.checkpoint_dir, st)
 
-    def publish(self, metrics: dict[str, float], gate: str) -> int:
-        """Build an engine from the current model (its weight average, with ema_epochs) and publish it; returns
-        its version (0 on failure)."""
-        st = self.state
-        model = ema.averaged(self.model, self.opt)
-        info = BuildInfo(parent=max(st.published_version, self.read_ahead.last_version),
-                         stream_offsets=dict(st.offsets), watermark_ms=st.watermark_ms,
-                         trained_events=st.trained_events,
-                         eval_metrics={**metrics, "gate_passed": float(gate == "passed")})
-        version = self._build(model, info)
-        if not version:
-            return 0
-        st.published_version = version
-        st.model_published = True
-        st.published_models[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        keep = {version, self.read_ahead.base_of(self.registry.read_rollout().stable)}
-        st.published_models = {v: m for v, m in st.published_models.items() if v in keep}
-        st.published_vocab_epochs[version] = st.vocab_epoch
-        st.published_vocab_epochs = {v: e for v, e in st.published_vocab_epochs.items() if v in keep}
-        self._checkpoint()
-        return version
-
-    def run_short_round(self, *, in_full_round: bool = False) -> RoundResult | None:
-        """A short round (trainer/short_rounds.py): read what arrived (at most short_round_max_events) into the
-        read-ahead buffer, train the fork one pass over the events it has not trained and publish it. None when
-        there is nothing to train or no published base to fork. Nothing is committed: a full round trains the
-        buffer. in_full_round: called between a full round's steps (no item placement: the table is in use)."""
-        cfg, st, ahead = self.cfg, self.state, self.read_ahead
-        if ahead.fork is None and (in_full_round or not st.model_published):
-            return None
-        t0 = time.perf_counter()
-        batch = self.event_log.read_batch(ahead.start(st.offsets), cfg.short_round_max_events)
-        self.metrics.dead_letters.inc(batch.dead_lettered)
-        ahead.add(batch)
-        if not in_full_round:
-            epoch = st.vocab_epoch
-            if ahead.placed < len(ahead.events):
-                self._add_items(ahead.events[ahead.placed:])
-                ahead.placed = len(ahead.events)
-            if st.vocab_epoch != epoch or ahead.fork is None:  # rows renumbered (evictions), or no fork yet
-                ahead.fork, ahead.trained = Fork.of(self.model, self.opt, cfg, st.published_version,
-                                                    st.trained_events, st.watermark_ms, len(self.vocab)), 0
-            ahead.fork.n_items = len(self.vocab)  # items just placed: their events are in this round's windows
-        if ahead.trained == len(ahead.events):
-            return None
-        todo = ahead.events[ahead.trained:]
-        context = merge_rows(ahead.in_round, map_rows(ahead.events[:ahead.trained], self.vocab)[0])
-        windows = windows_after(context, map_rows(todo, self.vocab)[0], st.user_seqs, self.model.cfg.max_history)
-        ahead.trained, ahead.rounds = len(ahead.events), ahead.rounds + 1
-        if not windows:
-            return RoundResult(len(todo), 0, {}, "skipped", 0, time.perf_counter() - t0)
-        fork = ahead.fork
-        fork.grow(self.model)
-        served = train_fork(fork, windows, todo, item_prob_R=self._item_prob(), n_items=len(self.vocab), cfg=cfg,
-                            seed=cfg.seed + 104729 * st.step + ahead.rounds, now_ms=int(time.time() * 1000))
-        metrics = short_metrics(fork.events, len(windows))
-        info = BuildInfo(parent=max(st.published_version, ahead.last_version),
-                         stream_offsets=ahead.start(st.offsets), watermark_ms=fork.watermark_ms,
-                         trained_events=fork.base_trained_events + fork.events, eval_metrics=metrics)
-        version = self._build(served, info, n_items=fork.n_items)
-        if version:
-            ahead.bases[version] = fork.base_version
-            ahead.last_version = version
-        seconds = time.perf_counter() - t0
-        log.info("short round%s: %d new events (%d windows), %d since engine %d -> engine %s in %.2fs",
-                 " between full-round steps" if in_full_round else "", len(todo), len(windows), fork.events,
-                 fork.base_version, version or "not published", seconds)
-        return RoundResult(len(todo), 0, metrics, "short", version, seconds)
-
-    def _prepare_fork(self, split: RoundSplit, vocab_epoch: int, n_items: int) -> None:
-        """Before a full round trains: keep (or make, from the published model) the fork its short rounds serve
-        from, grown to the table's new rows (not served: n_items, the vocabulary before this round placed its
-        items); none after evictions renumbered the rows."""
-        if not self.cfg.short_round_max_events:
-            return
-        ahead, st = self.read_ahead, self.state
-        ahead.in_round = split.new_by_user
-        if st.vocab_epoch != vocab_epoch:
-            ahead.fork = None
-        elif ahead.fork is None and st.model_published:
-            ahead.fork = Fork.of(self.model, self.opt, self.cfg, st.published_version, st.trained_events,
-                                 st.watermark_ms, n_items)
-        if ahead.fork is not None:
-            ahead.fork.grow(self.model)
-
-    def _between_steps(self, step: int) -> None:
-        """After each step of a full round's in-process training: a short round when one is due."""
-        if time.monotonic() - self.last_short >= self.cfg.short_round_interval_s:
-            self.last_short = time.monotonic()
-            self.run_short_round(in_full_round=True)
-
-    def _short_round_due(self, backlog: int) -> bool:
-        """Short rounds on, their interval passed, and events arrived that the fork has not trained."""
-        return (self.cfg.short_round_max_events > 0 and self.state.model_published
-                and time.monotonic() - self.last_short >= self.cfg.short_round_interval_s
-                and backlog > self.read_ahead.trained)
-
-    def _build(self, model: TwoTower, info: BuildInfo, n_items: int | None = None) -> int:
-        """Build an engine of `model` serving the first n_items of the vocabulary (None: all) and publish it, then
-        collect old engines; its version, or 0 when the build was refused or failed (logged; the next round builds
-        again)."""
-        st = self.state
-        options = CompileOptions(backend=self.cfg.backend,
-                                 inductor_cache_dir=str(self.cfg.inductor_cache_dir) if self.cfg.inductor_cache_dir else None)
-        T = model.cfg.max_history
-        users = sorted(st.user_seqs)
-        pick = np.random.default_rng(st.step).permutation(len(users))[:1000]
-        queries_QT = np.stack([left_pad(st.user_seqs[users[i]], T) for i in pick]) if len(pick) else None
-        registry = self.registry if self.tracing.tracer is None else _TracedPublish(self.registry, self._span)
-        with self._span("build", backend=self.cfg.backend) as build_span:
-            def progress(message: str) -> None:
-                log.info("%s", message)
-                if build_span is not None:
-                    build_span.add_event(message)
-
-            try:
-                ids = list(self.vocab.ids)[:n_items]
-                manifest = build_engine(model, ids, st.item_counts, registry, info, options,
-                                        parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
-                                        ann_queries_QT=queries_QT, refit=self.cfg.refit,
-                                        signing_key=self.cfg.signing_key, progress=progress)
-            except BuildFailed as e:
-                log.error("engine build refused: %s", e)
-                if build_span is not None:
-                    build_span.set_attribute("build.refused", str(e))
-                return 0
-            except Exception as e:  # a compiler/export failure must not crash-loop the trainer; the next round retries
-                log.exception("engine build failed; training goes on and the next round builds again")
-                if build_span is not None:
-                    build_span.record_exception(e)
-                return 0
-        version = int(manifest.version)
-        if self.cfg.keep_engines:
-            removed = self.registry.collect_garbage(self.cfg.keep_engines, protected={version})
-            if removed:
-                log.info("registry gc: removed engines %s", removed)
-        self.metrics.published_version.set(version)
-        return version
-
     def run(self, stop: threading.Event) -> None:
         """Rounds until `stop` is set: on backlog >= round_min_events, or on any backlog after round_interval_s."""
         last_round = float("-inf")
@@ -645,17 +491,3 @@ class Trainer:
                 self.run_short_round()
             else:
                 stop.wait(poll_s)
-
-
-class _TracedPublish:
-    """The registry as build_engine sees it, with its atomic publish in a "publish" span (tracing on only)."""
-
-    def __init__(self, registry: Registry, span) -> None:
-        self._registry, self._span = registry, span
-
-    def publish(self, *args, **kwargs) -> int:
-        with self._span("publish"):
-            return self._registry.publish(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._registry, name)

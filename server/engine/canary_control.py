@@ -94,8 +94,18 @@ class CanaryControl:
         if self.standby is not None and self.standby.version != want:
             self._retire(self.standby)
             self.standby = None
-        if want and self.standby is None and self.experiment is None:
+        if want and self.standby is None and self.experiment is None and not self._small_step_pending(want):
             self.standby = self._load_or_refuse(want, "prefetch")
+
+    def _small_step_pending(self, version: int) -> bool:
+        """A small step from stable is not prefetched: short rounds publish one every few seconds, most are
+        superseded before their canary (measured: 60 loads for 36 canaries in 120 s, each load ~0.2 s of the
+        GIL beside the traffic), and a refit loads in ~0.2 s when its canary starts."""
+        try:
+            manifest = self.registry.read_manifest(version)
+        except Exception:  # noqa: BLE001 - unreadable now (collected, a registry hiccup): prefetch as before
+            return False
+        return small_step(manifest, self.stable.manifest, self.policy) is not None
 
     def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
         with self._lock:
