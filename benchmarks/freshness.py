@@ -31,12 +31,11 @@ import grpc
 
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.slo import stop_server
-from benchmarks.stream import scrape, spawn, wait_serving
+from benchmarks.stream import live_events, scrape, spawn, wait_serving
 from benchmarks.tansu import LocalBroker, free_port
 from contracts.kafka_events import KafkaTarget, now_ms, produce_all
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy
-from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 
 CONFIGS = ("full", "short")
@@ -83,12 +82,7 @@ class EventProducer(threading.Thread):
         async def main():
             while not self.stop.is_set():
                 t0 = time.monotonic()
-                batch = []
-                for _ in range(max(1, int(self.rate))):
-                    u = rng.randrange(self.users)
-                    batch.append(pb.Event(event_id=f"fresh-{self.produced + len(batch)}", user_id=f"user-{u}",
-                                          item_id=f"item-{(u * 7 + int(rng.expovariate(0.1))) % 1000}",
-                                          action="click", weight=1.0, timestamp_ms=now_ms()))
+                batch = live_events(rng, self.produced, max(1, int(self.rate)), self.users)
                 await produce_all(self.target, batch)
                 self.produced += len(batch)
                 await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))

@@ -138,6 +138,18 @@ def scrape(metrics_url: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def live_events(rng: random.Random, first: int, count: int, users: int) -> list[pb.Event]:
+    """`count` events "fresh-<first>".. by random synthetic users, stamped now; each user's items lie near its
+    own part of the 1,000-item catalogue."""
+    out = []
+    for i in range(count):
+        u = rng.randrange(users)
+        out.append(pb.Event(event_id=f"fresh-{first + i}", user_id=f"user-{u}",
+                            item_id=f"item-{(u * 7 + int(rng.expovariate(0.1))) % 1000}", action="click",
+                            weight=1.0, timestamp_ms=now_ms()))
+    return out
+
+
 class Traffic(threading.Thread):
     """Events at a fixed rate (current timestamps) and Recommend calls at a fixed rate."""
 
@@ -170,13 +182,8 @@ class Traffic(threading.Thread):
             n = 0
             while not self.stop.is_set():
                 t0 = time.monotonic()
-                batch = []
-                for _ in range(max(1, int(self.event_rate))):
-                    u = rng.randrange(self.users)
-                    batch.append(pb.Event(event_id=f"fresh-{n}", user_id=f"user-{u}",
-                                          item_id=f"item-{(u * 7 + int(rng.expovariate(0.1))) % 1000}",
-                                          action="click", weight=1.0, timestamp_ms=now_ms()))
-                    n += 1
+                batch = live_events(rng, n, max(1, int(self.event_rate)), self.users)
+                n += len(batch)
                 await produce_all(self.target, batch)
                 self.produced = n
                 await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
