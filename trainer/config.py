@@ -102,13 +102,13 @@ class TrainConfig:
     round_min_events: int = 1000       # start a round once this many new events wait...
     round_interval_s: float = 30.0     # ...or this long after the last round if any event waits
     max_round_events: int = 200_000    # events consumed by one round at most
-    short_round_max_events: int = 0    # > 0: short rounds between full ones (trainer/short_rounds.py): every
-                                       # short_round_interval_s, the events that arrived (at most this many per short
-                                       # round) are published within about a second as a refit of the model plus one
-                                       # pass over everything since the last full round; the full round still trains,
-                                       # gates and commits them. 0 = off
+    short_round_max_events: int = 0    # > 0: short rounds (trainer/short_rounds.py): every short_round_interval_s,
+                                       # between full rounds and between a full round's steps, the events that arrived
+                                       # (at most this many per short round) train a fork of the published model and
+                                       # are published as a refit within about a second; the next full round still
+                                       # trains, gates and commits them. 0 = off
     short_round_interval_s: float = 1.0  # least time between two short rounds (a short round starts once events wait)
-    short_round_epochs: int = 1        # passes of a short round over the events since the last full round
+    short_round_epochs: int = 1        # passes of a short round over the events it has not trained yet
     item_features: bool = False       # train a feature item tower (trainer/item_catalog.py): rows carry their items'
                                        # catalogue features (<data_dir>/catalog.sqlite) and engines carry the item
                                        # encoder, so the server serves new catalogue items by their features. A fresh

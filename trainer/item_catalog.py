@@ -20,28 +20,26 @@ from __future__ import annotations
 
 import torch
 
-from contracts.catalog import CatalogStore
+from contracts.catalog import CatalogRecord, CatalogStore
 from contracts.engine_format.item_features import FeatureConfig, featurize
 from trainer.features import FeatureTwoTower
 from trainer.model import ModelConfig
 from trainer.vocab import ItemVocab
 
 
-def feature_config_for(store: CatalogStore, dim: int, *, scan_limit: int = 100_000) -> FeatureConfig:
+def feature_config_for(records: list[CatalogRecord], dim: int, *, scan_limit: int = 100_000) -> FeatureConfig:
     """The encoder shape for this catalogue: the numeric features of (up to scan_limit) item records."""
     names: set[str] = set()
-    for i, record in enumerate(store.iterate("item")):
-        if i >= scan_limit:
-            break
+    for record in records[:scan_limit]:
         names.update(record.numeric)
     return FeatureConfig(dim=dim, numeric=tuple(sorted(names)))
 
 
 def new_feature_model(cfg: ModelConfig, num_rows: int, store: CatalogStore) -> FeatureTwoTower:
     """A fresh feature model (no row has features yet) whose numeric standardisation is the catalogue's."""
-    feat_cfg = feature_config_for(store, cfg.dim)
+    records = list(store.iterate("item"))  # one read serves the config and the standardisation
+    feat_cfg = feature_config_for(records, cfg.dim)
     model = FeatureTwoTower.empty(cfg, num_rows, feat_cfg)
-    records = [r for r in store.iterate("item")]
     if records and feat_cfg.numeric:
         f = featurize(records, feat_cfg)
         model.features.fit_numeric(f.num_NF, f.present_NF)

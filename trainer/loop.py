@@ -47,7 +47,7 @@ from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, cho
 from trainer.publishing import Publishing
 from trainer.round_types import RoundResult, RoundSplit
 from trainer.short_round_control import ShortRoundControl
-from trainer.short_rounds import ReadAhead
+from trainer.short_rounds import ReadAhead, watermark_after
 from trainer.training import make_grad_scaler, make_optimizer, train_windows
 from trainer.vocab import ItemVocab, table_rows_for
 
@@ -387,7 +387,7 @@ class Trainer(Publishing, ShortRoundControl):
         st.offsets = batch.next_offsets
         st.trained_events += len(events)
         # Event time, but never past this trainer's clock: one future-stamped event must not move it for good.
-        st.watermark_ms = max(st.watermark_ms, min(max(ev.timestamp_ms for ev in events), int(time.time() * 1000)))
+        st.watermark_ms = watermark_after(st.watermark_ms, events, int(time.time() * 1000))
         st.step += 1
         st.model_published = False
         st.history.append({"round": st.step, "events": len(events), "gate": gate, **metrics})
