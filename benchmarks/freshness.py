@@ -31,8 +31,8 @@ import grpc
 
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.slo import stop_server
-from benchmarks.stream import live_events, scrape, spawn, wait_serving
-from benchmarks.tansu import LocalBroker, free_port
+from benchmarks.stream import fresh_loop_dir, live_events, scrape, spawn, wait_serving
+from benchmarks.tansu import free_port
 from contracts.kafka_events import KafkaTarget, now_ms, produce_all
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy
@@ -121,14 +121,7 @@ def wait_bootstrapped(registry: Registry, n_events: int, procs, timeout_s: float
 
 def run_config(name: str, args, root: Path) -> dict:
     work = root / name
-    if work.exists():
-        import shutil
-
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    broker = LocalBroker(log_path=work / "tansu.log").start()
-    target = KafkaTarget(bootstrap=broker.bootstrap, topic="events", partitions=4)
-    url = f"kafka://{broker.bootstrap}/events?partitions=4"
+    broker, target, url = fresh_loop_dir(work, work / "tansu.log")
     policy = CanaryPolicy() if name == "short" else CanaryPolicy(small_step_events=-1)
     Registry(work / "data" / "registry").update_rollout(lambda st: setattr(st, "policy", policy))
     flags = ["--round-interval-s", str(args.round_interval_s), *args.train_flags.split()]

@@ -195,18 +195,23 @@ class Traffic(threading.Thread):
         await channel.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv or [])
-    out = args.out
-    work = out / "work"
+def fresh_loop_dir(work: Path, broker_log: Path) -> tuple[LocalBroker, KafkaTarget, str]:
+    """An empty `work` dir and a started local broker: (broker, its 4-partition `events` target, that URL)."""
     if work.exists():
         import shutil
 
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    broker = LocalBroker(log_path=out / "tansu.log").start()
+    broker = LocalBroker(log_path=broker_log).start()
     target = KafkaTarget(bootstrap=broker.bootstrap, topic="events", partitions=4)
-    url = f"kafka://{broker.bootstrap}/events?partitions=4"
+    return broker, target, f"kafka://{broker.bootstrap}/events?partitions=4"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
+    out = args.out
+    work = out / "work"
+    broker, target, url = fresh_loop_dir(work, out / "tansu.log")
     procs = []
     try:
         from trainer.data.synthetic import SyntheticConfig, generate
