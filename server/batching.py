@@ -355,7 +355,8 @@ class MicroBatcher:
                         job.future.set_exception(e)
                 continue
             finally:
-                self._computing = False
+                # Done early or late, nothing runs now: a stale prediction must not shed new requests.
+                self._computing, self._running_until = False, 0.0
             self._learn_cost(batch[0].engine, (time.perf_counter() - t0) / len(batch))
             self.batches += 1
             self.batched_queries += len(batch)

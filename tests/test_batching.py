@@ -149,6 +149,23 @@ def test_the_running_batch_counts_as_work_ahead():
     run(main())
 
 
+def test_a_batch_that_ends_before_its_prediction_leaves_no_work_ahead():
+    """A new engine's first batches may be predicted slow; once one ends, its predicted remainder is gone."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=100))
+        b.start()
+        eng = SlowEngine(0.005)
+        await b.recommend(eng, q(0), None)
+        b._engine_cost_s[eng] = 0.5  # predicted 500 ms; it takes 5 ms
+        await b.recommend(eng, q(1), None)
+        b._engine_cost_s[eng] = 0.005
+        # Nothing runs or waits now; the 495 ms the finished batch was predicted to have left is not work ahead.
+        assert (await b.recommend(eng, q(2), None)).item_ids == ["item-2"]
+        await b.stop()
+
+    run(main())
+
+
 def test_a_lagging_event_loop_sheds_new_requests_until_it_catches_up():
     async def main():
         b = MicroBatcher(BatchingConfig(max_batch=4, max_loop_lag_ms=10, loop_probe_ms=1))
