@@ -128,7 +128,12 @@ def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
                "p99_ms": lat.get("p99"), "p999_ms": lat.get("p99.9"), "max_ms": lat.get("max"),
                "p50_ok_ms": ok.get("p50"), "p99_ok_ms": ok.get("p99"),
                "error_rate": r["errors"]["rate"], "errors_by_code": r["errors"]["by_code"],
-               "scheduled": r["requests"]["scheduled"]}
+               "scheduled": r["requests"]["scheduled"],
+               # Per second of the measured window (t_s from measured_start_unix), to line slow seconds up with
+               # the server's log (engine loads, canaries, swaps).
+               "measured_start_unix": r["measured_start_unix"],
+               "seconds": [{k: t[k] for k in ("t_s", "p99_ms", "max_ms", "errors")}
+                           for t in r["timeseries"] if t["phase"] == "measured"]}
     print(f"  {label}: offered {rate:.0f} achieved {r['achieved_qps']:.0f} QPS  p50 {summary['p50_ms']:.2f}  "
           f"p99 {summary['p99_ms']:.2f}  max {summary['max_ms']:.2f} ms  errors {summary['errors_by_code']}",
           flush=True)

@@ -30,7 +30,7 @@ def server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                       "ingest_burst_events",
                       Flag("max_concurrent_rpcs", to_field=lambda n: None if n <= 0 else n, note="0: no cap"))
     engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
-                       "trusted_keys", "require_signature", "replica_id", "lease_s",
+                       "trusted_keys", "require_signature", "replica_id", "lease_s", "load_nice",
                        Flag("use_ann", name="ann"),
                        Flag("leader", name="rollout-follower", negate=True,
                             note="--workers makes every process but the first a follower"))
@@ -109,6 +109,7 @@ def priority_flags() -> FlagSet:
     from trainer.priority import SidecarPriority
 
     return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"),
+                    Flag("cpu_max", name="trainer-cpu-max"),
                     Flag("idle_policy", name="trainer-idle-policy"))
 
 

@@ -12,7 +12,8 @@ from trainer.priority import SidecarPriority, join_cgroup
 
 
 def test_config_names_the_field_on_bad_values():
-    for bad, field in ((dict(nice=20), "nice"), (dict(cpu_weight=-1), "cpu_weight"), (dict(cgroup="a/b"), "cgroup")):
+    for bad, field in ((dict(nice=20), "nice"), (dict(cpu_weight=-1), "cpu_weight"), (dict(cgroup="a/b"), "cgroup"),
+                       (dict(cpu_max=-1), "cpu_max"), (dict(cpu_max=0.5, cpu_weight=0), "cpu_max")):
         with pytest.raises(ValueError, match=f"SidecarPriority.{field}"):
             SidecarPriority(**bad)
 
@@ -24,11 +25,19 @@ def test_join_cgroup_v2_and_v1_layouts(tmp_path):
     assert "v2, weight 10" in join_cgroup(SidecarPriority(), 4242, v2)
     assert (v2 / "livetower-trainer" / "cpu.weight").read_text() == "10"
     assert (v2 / "livetower-trainer" / "cgroup.procs").read_text() == "4242"
+    assert (v2 / "livetower-trainer" / "cpu.max").read_text() == "max 100000"
+    assert "at most 0.5 CPU" in join_cgroup(SidecarPriority(cpu_max=0.5), 4242, v2)
+    assert (v2 / "livetower-trainer" / "cpu.max").read_text() == "50000 100000"
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu" / "cpu.shares").write_text("1024")
     assert "v1, weight 25" in join_cgroup(SidecarPriority(cpu_weight=25), 4243, v1)
     assert (v1 / "cpu" / "livetower-trainer" / "cpu.shares").read_text() == "256"
+    assert (v1 / "cpu" / "livetower-trainer" / "cpu.cfs_quota_us").read_text() == "-1"
+    join_cgroup(SidecarPriority(cpu_max=1.5), 4243, v1)  # a cap, then none: the cgroup outlives its last setting
+    assert (v1 / "cpu" / "livetower-trainer" / "cpu.cfs_quota_us").read_text() == "150000"
+    join_cgroup(SidecarPriority(), 4243, v1)
+    assert (v1 / "cpu" / "livetower-trainer" / "cpu.cfs_quota_us").read_text() == "-1"
     assert join_cgroup(SidecarPriority(), 1, tmp_path / "none") == "no cgroup CPU controller found"
 
 

@@ -23,6 +23,10 @@ class SidecarPriority:
     nice: int = 10             # added to the trainer process's nice value (0: unchanged; 19 at most)
     cpu_weight: int = 10       # CPU weight of the trainer's own cgroup against serving's default 100 (cgroup v2
                                # cpu.weight; v1: cpu.shares = weight x 1024 / 100); 0: no cgroup
+    cpu_max: float = 0.0       # CPUs the trainer's cgroup may use at most, whatever is idle (cgroup v2 cpu.max, v1
+                               # cpu.cfs_quota_us; 0.5 = half of one CPU); 0: no cap. Weight and nice decide who runs
+                               # when both want a CPU; only a cap keeps the trainer's cache and memory traffic (and its
+                               # engine builds) off a server that sits between requests on a small host
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
     idle_policy: bool = False  # Linux SCHED_IDLE: the trainer runs only on CPU time nothing else wants, and a serving
                                # thread's wake-up preempts it at once. Off: beside a 300 QPS server on 2 cores it
@@ -33,6 +37,9 @@ class SidecarPriority:
             raise ValueError(f"SidecarPriority.nice must be in 0..19, got {self.nice}")
         if not (self.cpu_weight == 0 or 1 <= self.cpu_weight <= 10_000):
             raise ValueError(f"SidecarPriority.cpu_weight must be 0 (off) or in 1..10000, got {self.cpu_weight}")
+        if self.cpu_max < 0 or (self.cpu_max and self.cpu_weight == 0):
+            raise ValueError(f"SidecarPriority.cpu_max must be >= 0 and needs the cgroup (cpu_weight > 0), got "
+                             f"{self.cpu_max}")
         if not self.cgroup or "/" in self.cgroup:
             raise ValueError(f"SidecarPriority.cgroup must be a plain name, got {self.cgroup!r}")
 
@@ -56,14 +63,21 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
     group = base / p.cgroup
     try:
         group.mkdir(exist_ok=True)
+        # The cap is written every time, "no cap" too: the cgroup outlives the process that set it.
+        period_us = 100_000
+        quota_us = max(1_000, round(p.cpu_max * period_us)) if p.cpu_max else None
         if version == "v2":
             (group / "cpu.weight").write_text(str(p.cpu_weight))
+            (group / "cpu.max").write_text(f"{quota_us or 'max'} {period_us}")
         else:
             (group / "cpu.shares").write_text(str(max(2, p.cpu_weight * 1024 // 100)))
+            (group / "cpu.cfs_period_us").write_text(str(period_us))
+            (group / "cpu.cfs_quota_us").write_text(str(quota_us or -1))
         (group / "cgroup.procs").write_text(str(pid))
     except OSError as e:
         return f"cgroup {group} not usable ({e.strerror})"
-    return f"cgroup {group} ({version}, weight {p.cpu_weight})"
+    cap = f", at most {p.cpu_max:g} CPU" if p.cpu_max else ""
+    return f"cgroup {group} ({version}, weight {p.cpu_weight}{cap})"
 
 
 def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
