@@ -247,7 +247,10 @@ def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subproc
     mport = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "livetower", "train", "--data-dir", str(data),
                              "--round-min-events", "100", "--round-interval-s", "2", "--trainer-metrics-port",
-                             str(mport), *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                             # The catalogue's synthetic events are from 2026-01-01 on, the load's are stamped now:
+                             # with the item TTL the first round's watermark would evict the whole catalogue
+                             # (engines of a few hundred items, each canary rolled back). Later flags override.
+                             str(mport), "--item-ttl-s", "0", *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120
     while True:

@@ -41,6 +41,19 @@ def test_join_cgroup_v2_and_v1_layouts(tmp_path):
     assert join_cgroup(SidecarPriority(), 1, tmp_path / "none") == "no cgroup CPU controller found"
 
 
+def test_the_idle_policy_makes_the_cgroup_idle_and_a_later_start_clears_it(tmp_path):
+    """The scheduler compares the server's threads with the trainer's cgroup: only an idle cgroup is preempted at
+    once by a serving thread's wake-up. An idle cgroup refuses a weight, so a later start clears it first."""
+    group = tmp_path / "cpu" / "livetower-trainer"
+    group.mkdir(parents=True)
+    (tmp_path / "cpu" / "cpu.shares").write_text("1024")
+    (group / "cpu.idle").write_text("0")
+    assert "v1, idle" in join_cgroup(SidecarPriority(idle_policy=True), 7, tmp_path)
+    assert (group / "cpu.idle").read_text() == "1" and not (group / "cpu.shares").exists()
+    assert "v1, weight 10" in join_cgroup(SidecarPriority(), 7, tmp_path)
+    assert (group / "cpu.idle").read_text() == "0" and (group / "cpu.shares").read_text() == "102"
+
+
 def _lowered_process(priority: str, report: str) -> list[str]:
     """Run `lower_priority(SidecarPriority(<priority>))` in a fresh process, then print `report` there and in a
     child it starts (what the trainer's workers would inherit); the printed words."""

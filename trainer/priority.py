@@ -29,8 +29,9 @@ class SidecarPriority:
                                # engine builds) off a server that sits between requests on a small host
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
     idle_policy: bool = False  # Linux SCHED_IDLE: the trainer runs only on CPU time nothing else wants, and a serving
-                               # thread's wake-up preempts it at once. Off: beside a 300 QPS server on 2 cores it
-                               # did not lower P99 (33 / 15 / 44 ms vs 22 / 25 / 20 without; docs/serving.md §7)
+                               # thread's wake-up preempts it at once. In its own cgroup that takes the cgroup's
+                               # cpu.idle too: the scheduler compares the server with the cgroup, not with the task
+                               # inside it, so SCHED_IDLE on the task alone preempted nothing (docs/serving.md §7)
 
     def __post_init__(self) -> None:
         if not 0 <= self.nice <= 19:
@@ -55,7 +56,8 @@ def _cpu_controller(root: Path) -> tuple[Path, str] | None:
 
 
 def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
-    """Move `pid` into a cgroup of weight p.cpu_weight; what was done, or why not."""
+    """Move `pid` into a cgroup of weight p.cpu_weight (or an idle one: p.idle_policy), capped at p.cpu_max CPUs;
+    what was done, or why not."""
     found = _cpu_controller(root)
     if found is None:
         return "no cgroup CPU controller found"
@@ -63,20 +65,31 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
     group = base / p.cgroup
     try:
         group.mkdir(exist_ok=True)
-        # The cap is written every time, "no cap" too: the cgroup outlives the process that set it.
+        # Every setting is written at every start, "none" too: the cgroup outlives the process that set it.
         period_us = 100_000
         quota_us = max(1_000, round(p.cpu_max * period_us)) if p.cpu_max else None
+        idle = group / "cpu.idle"  # Linux >= 5.15; an idle cgroup refuses a weight, so it is cleared first
+        if idle.is_file() and not p.idle_policy:
+            idle.write_text("0")
+        if not p.idle_policy:
+            if version == "v2":
+                (group / "cpu.weight").write_text(str(p.cpu_weight))
+            else:
+                (group / "cpu.shares").write_text(str(max(2, p.cpu_weight * 1024 // 100)))
+        elif idle.is_file():
+            idle.write_text("1")
         if version == "v2":
-            (group / "cpu.weight").write_text(str(p.cpu_weight))
             (group / "cpu.max").write_text(f"{quota_us or 'max'} {period_us}")
         else:
-            (group / "cpu.shares").write_text(str(max(2, p.cpu_weight * 1024 // 100)))
             (group / "cpu.cfs_period_us").write_text(str(period_us))
             (group / "cpu.cfs_quota_us").write_text(str(quota_us or -1))
         (group / "cgroup.procs").write_text(str(pid))
     except OSError as e:
         return f"cgroup {group} not usable ({e.strerror})"
     cap = f", at most {p.cpu_max:g} CPU" if p.cpu_max else ""
+    if p.idle_policy:
+        how = "idle" if (group / "cpu.idle").is_file() else "no cpu.idle: the idle policy applies inside it only"
+        return f"cgroup {group} ({version}, {how}{cap})"
     return f"cgroup {group} ({version}, weight {p.cpu_weight}{cap})"
 
 
