@@ -50,7 +50,7 @@ def test_the_idle_policy_makes_the_cgroup_idle_and_a_later_start_clears_it(tmp_p
     (group / "cpu.idle").write_text("0")
     assert "v1, idle" in join_cgroup(SidecarPriority(idle_policy=True), 7, tmp_path)
     assert (group / "cpu.idle").read_text() == "1" and not (group / "cpu.shares").exists()
-    assert "v1, weight 10" in join_cgroup(SidecarPriority(), 7, tmp_path)
+    assert "v1, weight 10" in join_cgroup(SidecarPriority(idle_policy=False), 7, tmp_path)
     assert (group / "cpu.idle").read_text() == "0" and (group / "cpu.shares").read_text() == "102"
 
 

@@ -28,10 +28,12 @@ class SidecarPriority:
                                # when both want a CPU; only a cap keeps the trainer's cache and memory traffic (and its
                                # engine builds) off a server that sits between requests on a small host
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
-    idle_policy: bool = False  # Linux SCHED_IDLE: the trainer runs only on CPU time nothing else wants, and a serving
-                               # thread's wake-up preempts it at once. In its own cgroup that takes the cgroup's
-                               # cpu.idle too: the scheduler compares the server with the cgroup, not with the task
-                               # inside it, so SCHED_IDLE on the task alone preempted nothing (docs/serving.md §7)
+    idle_policy: bool = True   # Linux SCHED_IDLE for the trainer and its own cgroup (cpu.idle, where the kernel has
+                               # it): a serving thread's wake-up preempts the trainer at once, which a weight alone
+                               # does not do (docs/serving.md §7: beside a 300 QPS server P99 25 ms vs 57 with weight
+                               # and nice only, 20 with no trainer). The scheduler compares the server with the
+                               # cgroup, not the task inside it: SCHED_IDLE on the task alone gained nothing. False:
+                               # weight and nice only
 
     def __post_init__(self) -> None:
         if not 0 <= self.nice <= 19:
@@ -69,14 +71,15 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
         period_us = 100_000
         quota_us = max(1_000, round(p.cpu_max * period_us)) if p.cpu_max else None
         idle = group / "cpu.idle"  # Linux >= 5.15; an idle cgroup refuses a weight, so it is cleared first
-        if idle.is_file() and not p.idle_policy:
+        idle_group = p.idle_policy and idle.is_file()
+        if idle.is_file() and not idle_group:
             idle.write_text("0")
-        if not p.idle_policy:
+        if not idle_group:
             if version == "v2":
                 (group / "cpu.weight").write_text(str(p.cpu_weight))
             else:
                 (group / "cpu.shares").write_text(str(max(2, p.cpu_weight * 1024 // 100)))
-        elif idle.is_file():
+        else:
             idle.write_text("1")
         if version == "v2":
             (group / "cpu.max").write_text(f"{quota_us or 'max'} {period_us}")
@@ -87,9 +90,8 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
     except OSError as e:
         return f"cgroup {group} not usable ({e.strerror})"
     cap = f", at most {p.cpu_max:g} CPU" if p.cpu_max else ""
-    if p.idle_policy:
-        how = "idle" if (group / "cpu.idle").is_file() else "no cpu.idle: the idle policy applies inside it only"
-        return f"cgroup {group} ({version}, {how}{cap})"
+    if idle_group:
+        return f"cgroup {group} ({version}, idle{cap})"
     return f"cgroup {group} ({version}, weight {p.cpu_weight}{cap})"
 
 
