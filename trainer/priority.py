@@ -30,8 +30,8 @@ class SidecarPriority:
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
     idle_policy: bool = True   # Linux SCHED_IDLE for the trainer and its own cgroup (cpu.idle, where the kernel has
                                # it): a serving thread's wake-up preempts the trainer at once, which a weight alone
-                               # does not do (docs/serving.md §7: beside a 300 QPS server P99 25 ms vs 57 with weight
-                               # and nice only, 20 with no trainer). The scheduler compares the server with the
+                               # does not do (docs/serving.md §7: beside a 300 QPS server P99 21 ms vs 35 with weight
+                               # and nice only, 13.5 with no trainer). The scheduler compares the server with the
                                # cgroup, not the task inside it: SCHED_IDLE on the task alone gained nothing. False:
                                # weight and nice only
 
