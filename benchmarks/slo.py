@@ -250,8 +250,8 @@ def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subproc
                              # The catalogue's synthetic events are from 2026-01-01 on, the load's are stamped now:
                              # with the item TTL the first round's watermark would evict the whole catalogue
                              # (engines of a few hundred items, each canary rolled back). Later flags override.
-                             str(mport), "--item-ttl-s", "0", *flags], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                             str(mport), "--item-ttl-s", "0", *flags],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120
     while True:
         try:

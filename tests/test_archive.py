@@ -165,7 +165,7 @@ def test_missing_or_foreign_table_gives_a_clear_error(tmp_path):
 
 
 # `train` in pytest's own process: leave its priority and cgroup alone (trainer/priority.py).
-IN_PROCESS = ["--trainer-nice", "0", "--trainer-cpu-weight", "0"]
+IN_PROCESS = ["--trainer-nice", "0", "--trainer-cpu-weight", "0", "--no-trainer-idle-policy"]  # pytest's own process
 
 
 def test_cli_archive_then_train_backfill(tmp_path, capsys):

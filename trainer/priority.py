@@ -1,9 +1,10 @@
 """The sidecar yields the CPU to the server it sits beside.
 
 On one host the trainer (its rounds, its DDP workers, its engine builds: all children inherit these settings)
-runs at a lower CPU priority than serving: a higher nice value, and, where a cgroup CPU controller is writable,
-its own cgroup with a small CPU weight (cgroup v2 `cpu.weight`, v1 `cpu.shares`); optionally the SCHED_IDLE
-policy. All only matter under contention: a trainer alone on its machine trains at full speed.
+runs at a lower CPU priority than serving: a higher nice value, the SCHED_IDLE policy and, where a cgroup CPU
+controller is writable, its own cgroup, made idle (`cpu.idle`) or else given a small CPU weight (cgroup v2
+`cpu.weight`, v1 `cpu.shares`); optionally a CPU cap. All but the cap only matter under contention: a trainer
+alone on its machine trains at full speed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ class SidecarPriority:
     cpu_weight: int = 10       # CPU weight of the trainer's own cgroup against serving's default 100 (cgroup v2
                                # cpu.weight; v1: cpu.shares = weight x 1024 / 100); 0: no cgroup
     cpu_max: float = 0.0       # CPUs the trainer's cgroup may use at most, whatever is idle (cgroup v2 cpu.max, v1
-                               # cpu.cfs_quota_us; 0.5 = half of one CPU); 0: no cap. Weight and nice decide who runs
-                               # when both want a CPU; only a cap keeps the trainer's cache and memory traffic (and its
-                               # engine builds) off a server that sits between requests on a small host
+                               # cpu.cfs_quota_us; 0.5 = half of one CPU); 0: no cap. Measured worse beside a 300 QPS
+                               # server on 2 cores (P99 56.9 vs 57.2 ms uncapped, more shed, no round finished: docs/serving.md §7)
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
     idle_policy: bool = True   # Linux SCHED_IDLE for the trainer and its own cgroup (cpu.idle, where the kernel has
                                # it): a serving thread's wake-up preempts the trainer at once, which a weight alone
