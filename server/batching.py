@@ -98,7 +98,7 @@ class _Job:
 
 @dataclass(slots=True)
 class _Timing:
-    """A traced batch's times on the compute thread (perf_counter) and its stage seconds (None: not its own)."""
+    """A batch's times on the compute thread (perf_counter) and, traced, its stage seconds (None: not its own)."""
     start: float = 0.0
     end: float = 0.0
     stages: tuple[float, ...] | None = None
@@ -299,6 +299,15 @@ class MicroBatcher:
         return batch[0].engine.recommend_batch([j.query for j in batch])
 
     @classmethod
+    def _compute_clocked(cls, batch: list[_Job], timing: _Timing) -> list[Any]:
+        """_compute, noting its start and end on the compute thread."""
+        timing.start = time.perf_counter()
+        try:
+            return cls._compute(batch)
+        finally:
+            timing.end = time.perf_counter()
+
+    @classmethod
     def _compute_timed(cls, batch: list[_Job], timing: _Timing) -> list[Any]:
         """_compute, noting its start and end and the stage seconds the engine's clock gained meanwhile. The
         clock is shared (the canary's shadow scoring adds to it from another thread): the stages count as
@@ -340,15 +349,13 @@ class MicroBatcher:
             batch = self._take()
             if not batch:
                 continue
-            t0 = time.perf_counter()
-            self._running_until = t0 + sum(j.cost_s for j in batch)
+            self._running_until = time.perf_counter() + sum(j.cost_s for j in batch)
             self._computing = True
-            timing = _Timing() if self._tracer is not None and any(j.span is not None for j in batch) else None
+            traced = self._tracer is not None and any(j.span is not None for j in batch)
+            timing = _Timing()
             try:
-                if timing is None:
-                    results = await loop.run_in_executor(self._executor, self._compute, batch)
-                else:
-                    results = await loop.run_in_executor(self._executor, self._compute_timed, batch, timing)
+                results = await loop.run_in_executor(self._executor, self._compute_timed if traced
+                                                     else self._compute_clocked, batch, timing)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the worker alive
                 for job in batch:
                     if not job.future.done():
@@ -357,10 +364,12 @@ class MicroBatcher:
             finally:
                 # Done early or late, nothing runs now: a stale prediction must not shed new requests.
                 self._computing, self._running_until = False, 0.0
-            self._learn_cost(batch[0].engine, (time.perf_counter() - t0) / len(batch))
+            # The cost is the compute thread's own time, not the wait for the event loop to take the result
+            # back: a lagging loop (its own shed signal) must not make every later request look expensive.
+            self._learn_cost(batch[0].engine, (timing.end - timing.start) / len(batch))
             self.batches += 1
             self.batched_queries += len(batch)
-            if timing is not None:
+            if traced:
                 self._trace_batch(batch, timing)
             for job, result in zip(batch, results):
                 if not job.future.done():

@@ -166,6 +166,23 @@ def test_a_batch_that_ends_before_its_prediction_leaves_no_work_ahead():
     run(main())
 
 
+def test_a_late_event_loop_does_not_make_an_engine_look_expensive():
+    """The cost is timed on the compute thread: a result the event loop takes back late (the GIL held elsewhere in
+    the process, a blocking callback) is not an expensive engine, and must not shed later requests."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_delay_ms=0, max_queue_delay_ms=1000, max_loop_lag_ms=0))
+        b.start()
+        eng = SlowEngine(0.05)
+        task = asyncio.ensure_future(b.recommend(eng, q(0), None))
+        await asyncio.sleep(0.01)  # on the compute thread now
+        time.sleep(0.3)  # the loop is blocked while the batch finishes
+        await task
+        await b.stop()
+        return b._engine_cost_s[eng]
+
+    assert 0.04 < run(main()) < 0.15
+
+
 def test_a_lagging_event_loop_sheds_new_requests_until_it_catches_up():
     async def main():
         b = MicroBatcher(BatchingConfig(max_batch=4, max_loop_lag_ms=10, loop_probe_ms=1))
