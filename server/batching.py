@@ -314,11 +314,9 @@ class MicroBatcher:
         this batch's only when the clock gained exactly one batch."""
         clock = batch[0].engine.clock
         before = (clock.batches, *clock.seconds.values()) if clock is not None else None
-        timing.start = time.perf_counter()
         try:
-            return cls._compute(batch)
+            return cls._compute_clocked(batch, timing)
         finally:
-            timing.end = time.perf_counter()
             if before is not None and batch[0].call is None and clock.batches == before[0] + 1:
                 timing.stages = tuple(b - a for a, b in zip(before[1:], clock.seconds.values()))
 
