@@ -11,6 +11,7 @@ back. Traffic stays on the machine: the bridge has no uplink.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -37,13 +38,18 @@ def _ip(*args: str, ns: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
+_INSTANCES = itertools.count()
+
+
 class Hosts:
     """`with Hosts(3) as hosts:` — three hosts on a fresh bridge; torn down (processes first) on exit."""
 
     def __init__(self, n: int, *, prefix: str | None = None, subnet: str | None = None) -> None:
         if not 1 <= n <= 200:
             raise ValueError(f"n must be in 1..200, got {n}")
-        tag = os.getpid() % 10000
+        # Unique per instance, not only per process: a second Hosts in one process (a test beside a module's
+        # fleet) with the same names would tear the first one's namespaces and bridge down in its up().
+        tag = (os.getpid() + 997 * next(_INSTANCES)) % 10000
         self.prefix = prefix or f"lt{tag}"  # interface names are at most 15 characters
         if len(self.prefix) > 8:
             raise ValueError(f"prefix must be at most 8 characters (interface names), got {self.prefix!r}")

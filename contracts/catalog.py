@@ -27,7 +27,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 KINDS = ("item", "user")
 CATALOG_FILE = "catalog.sqlite"
@@ -176,6 +176,30 @@ def _record(kind: str, rid: str, body: str) -> CatalogRecord:
     return CatalogRecord(id=rid, kind=kind, **json.loads(body))
 
 
+class CatalogOp(NamedTuple):
+    """One change of the catalogue stream: a record's new state, or (record None) the deletion of kind/id."""
+    kind: str
+    id: str
+    record: CatalogRecord | None
+
+
+def _upsert_one(cur: sqlite3.Cursor, r: CatalogRecord, version: int) -> tuple[str, int]:
+    new = r.body()
+    row = cur.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (r.kind, r.id)).fetchone()
+    if row is not None and row[0] == new:
+        return "unchanged", version
+    cur.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (r.kind, r.id, new, version + 1))
+    return ("inserted" if row is None or row[0] is None else "updated"), version + 1
+
+
+def _delete_one(cur: sqlite3.Cursor, kind: str, rid: str, version: int) -> tuple[str, int]:
+    row = cur.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (kind, rid)).fetchone()
+    if row is not None and row[0] is None:
+        return "absent", version  # deleted already
+    cur.execute("INSERT OR REPLACE INTO records VALUES (?, ?, NULL, ?)", (kind, rid, version + 1))
+    return ("deleted" if row is not None else "absent"), version + 1
+
+
 class CatalogStore:
     """The catalogue in one SQLite file (WAL: one writer, readers in other processes see committed calls).
     body NULL in `records` is a tombstone: the record was deleted at that version."""
@@ -223,20 +247,16 @@ class CatalogStore:
                 raise ValueError(f"upsert takes CatalogRecord objects, got {type(r).__name__}")
 
         def body(cur: sqlite3.Cursor, version: int):
-            ins = upd = same = 0
+            self._refuse_if_following(cur)
+            outcomes = []
             for r in records:
-                new = r.body()
-                row = cur.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (r.kind, r.id)).fetchone()
-                if row is not None and row[0] == new:
-                    same += 1
-                    continue
-                ins, upd = (ins + 1, upd) if row is None or row[0] is None else (ins, upd + 1)
-                version += 1
-                cur.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (r.kind, r.id, new, version))
-            return (ins, upd, same), version
+                outcome, version = _upsert_one(cur, r, version)
+                outcomes.append(outcome)
+            return outcomes, version
 
-        (ins, upd, same), version = self._write(body)
-        return UpsertResult(ins, upd, same, version)
+        outcomes, version = self._write(body)
+        return UpsertResult(outcomes.count("inserted"), outcomes.count("updated"), outcomes.count("unchanged"),
+                            version)
 
     def delete(self, ids: Iterable[str], kind: str = "item") -> tuple[int, int]:
         """Delete records by id (one transaction) -> (records deleted, version after). An id the catalogue never
@@ -246,17 +266,42 @@ class CatalogStore:
         ids = list(ids)
 
         def body(cur: sqlite3.Cursor, version: int):
+            self._refuse_if_following(cur)
             n = 0
             for rid in ids:
-                row = cur.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (kind, rid)).fetchone()
-                if row is not None and row[0] is None:
-                    continue  # deleted already
-                version += 1
-                n += row is not None
-                cur.execute("INSERT OR REPLACE INTO records VALUES (?, ?, NULL, ?)", (kind, rid, version))
+                outcome, version = _delete_one(cur, kind, rid, version)
+                n += outcome == "deleted"
             return n, version
 
         return self._write(body)
+
+    def apply_ops(self, ops: Sequence[CatalogOp], *, stream_offset: int) -> tuple[list[str], int]:
+        """Apply changes read from the catalogue stream (contracts/catalog_stream.py) and note the stream offset to
+        read next, in one transaction -> (each op's outcome: inserted / updated / unchanged / deleted / absent,
+        the version after). From the first call on the store follows the stream: local upsert/delete refuse."""
+        def body(cur: sqlite3.Cursor, version: int):
+            outcomes = []
+            for op in ops:
+                if op.record is None:
+                    outcome, version = _delete_one(cur, op.kind, op.id, version)
+                else:
+                    outcome, version = _upsert_one(cur, op.record, version)
+                outcomes.append(outcome)
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('stream_offset', ?)", (stream_offset,))
+            return outcomes, version
+
+        return self._write(body)
+
+    def stream_offset(self) -> int | None:
+        """The catalogue stream's offset to read next; None: this store was never fed from the stream."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'stream_offset'").fetchone()
+        return None if row is None else row[0]
+
+    def _refuse_if_following(self, cur: sqlite3.Cursor) -> None:
+        if cur.execute("SELECT 1 FROM meta WHERE key = 'stream_offset'").fetchone() is not None:
+            raise ValueError(f"{self.path} follows the catalogue stream (a Kafka topic): change the catalogue there "
+                             "(UpsertItems / DeleteItems on a server, or livetower catalog load FILE --events "
+                             "kafka://HOST:PORT/TOPIC), not in this file")
 
     def get(self, rid: str, kind: str = "item") -> CatalogRecord | None:
         row = self._conn.execute("SELECT body FROM records WHERE kind = ? AND id = ?", (kind, rid)).fetchone()

@@ -105,7 +105,9 @@ def cmd_train(args) -> int:
 
         event_log = SqliteEventLog(args.data_dir / "events.sqlite")
     registry = open_registry(args.registry, args.data_dir)
-    catalog = None
+    catalog = follow = None
+    if args.catalog_stream:
+        follow = _follow_catalog_stream(args)
     if cfg.item_features or (args.data_dir / "catalog.sqlite").exists():  # a feature checkpoint needs it too
         from contracts.catalog import CatalogStore
 
@@ -141,7 +143,28 @@ def cmd_train(args) -> int:
     finally:
         trainer.close()
         event_log.close()
+        if follow is not None:
+            follow.stop()
     return 0
+
+
+def _follow_catalog_stream(args):
+    """`train --catalog-stream`: keep --data-dir/catalog.sqlite following the catalogue topic (a fleet's trainer)."""
+    from contracts.catalog import CatalogStore
+    from contracts.catalog_stream import CatalogFollowThread, catalog_topic
+    from contracts.kafka_events import parse_events_url
+
+    if not args.events:
+        raise SystemExit("--catalog-stream follows <events topic>.catalog: pass --events kafka://HOST:PORT/TOPIC")
+    target = parse_events_url(args.events)
+    try:
+        follow = CatalogFollowThread(target, CatalogStore(args.data_dir / "catalog.sqlite"))
+        follow.start()
+    except (ValueError, RuntimeError, ConnectionError) as e:
+        raise SystemExit(f"--catalog-stream: {e}") from None
+    logging.getLogger("livetower.trainer").info("catalogue follows Kafka topic %s (offset %d)", catalog_topic(target),
+                                                follow.follower.next_offset)
+    return follow
 
 
 def cmd_up(args) -> int:
@@ -263,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backfill", metavar="PATH",
                        help="train from a Delta archive (livetower archive) until it is drained, then exit; "
                             "a later plain run continues after the archived events")
+    train.add_argument("--catalog-stream", action="store_true",
+                       help="keep --data-dir/catalog.sqlite following the catalogue topic <events topic>.catalog "
+                            "(the trainer of a fleet, whose servers take UpsertItems; needs --events)")
     add_events_flag(train)
     train.set_defaults(func=cmd_train)
 

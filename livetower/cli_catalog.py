@@ -28,6 +28,7 @@ def add_catalog_parser(sub) -> argparse.ArgumentParser:
     load.add_argument("--batch", type=int, default=5000,
                       help="records per transaction (each batch commits whole or not at all)")
     load.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    _add_stream_flag(load)
     load.set_defaults(func=cmd_load)
     show = cmds.add_parser("show", help="counts and version; one record (--id); or the changes after a version")
     show.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -41,8 +42,34 @@ def add_catalog_parser(sub) -> argparse.ArgumentParser:
     delete.add_argument("ids", nargs="+")
     delete.add_argument("--kind", choices=KINDS, default="item")
     delete.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    _add_stream_flag(delete)
     delete.set_defaults(func=cmd_delete)
     return p
+
+
+def _add_stream_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", metavar="kafka://HOST:PORT/TOPIC",
+                   help="write to the catalogue topic <TOPIC>.catalog that servers with --fleet or --catalog-stream "
+                        "follow, instead of --data-dir's file")
+
+
+def _to_stream(url: str, ops: list, what: str) -> int:
+    """Write changes to the catalogue topic; prints the outcome, returns the exit code."""
+    import asyncio
+
+    from contracts.catalog_stream import catalog_topic, publish_records
+    from contracts.kafka_events import parse_events_url
+
+    try:
+        target = parse_events_url(url)
+        sent = asyncio.run(publish_records(target, ops, progress=lambda n: print(f"  {n} of {len(ops)} written",
+                                                                              file=sys.stderr)))
+    except (ValueError, ConnectionError) as e:
+        print(f"livetower catalog: {e}", file=sys.stderr)
+        return 2
+    print(f"{what}: {sent} changes written to Kafka topic {catalog_topic(target)} (acknowledged); every server "
+          "following it applies them, the counts of what changed are in its catalogue (livetower catalog show)")
+    return 0
 
 
 def _store(data_dir: Path, must_exist: bool) -> CatalogStore | None:
@@ -56,6 +83,15 @@ def cmd_load(args) -> int:
     if args.batch < 1:
         print(f"livetower catalog load: --batch must be >= 1, got {args.batch}", file=sys.stderr)
         return 2
+    if args.events:
+        from contracts.catalog import CatalogOp
+
+        try:
+            ops = [CatalogOp(r.kind, r.id, r) for r in read_records(args.file, args.format, args.kind)]
+        except (ValueError, FileNotFoundError) as e:  # nothing written: the file is read whole first
+            print(f"livetower catalog load: {e} (nothing was written)", file=sys.stderr)
+            return 2
+        return _to_stream(args.events, ops, str(args.file))
     store = _store(args.data_dir, must_exist=False)
     totals = [0, 0, 0]
     version = store.version()
@@ -106,6 +142,15 @@ def cmd_show(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    if args.events:
+        from contracts.catalog import CatalogOp, CatalogRecord
+
+        try:
+            ops = [CatalogOp(args.kind, CatalogRecord(id=i, kind=args.kind).id, None) for i in args.ids]
+        except ValueError as e:
+            print(f"livetower catalog delete: {e}", file=sys.stderr)
+            return 2
+        return _to_stream(args.events, ops, "delete")
     store = _store(args.data_dir, must_exist=True)
     if store is None:
         return 1

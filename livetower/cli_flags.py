@@ -24,7 +24,7 @@ def server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                       Flag("gil_switch_interval_s", name="gil-switch-interval-ms", to_field=lambda ms: ms / 1e3,
                            shown=lambda s: s * 1e3, note="in ms"),
                       "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"),
-                      "fleet", Flag("advertise_host", name="advertise"),
+                      "fleet", "catalog_stream", Flag("advertise_host", name="advertise"),
                       "admin_host", "admin_port", "admin_token_file", "producer_tokens_file",
                       Flag("ingest_events_per_s", to_field=lambda r: None if r <= 0 else r, note="0: no cap"),
                       "ingest_burst_events",

@@ -36,6 +36,7 @@ from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.auth import AdminAuthInterceptor, load_or_create_token, load_producer_tokens
 from server.batching import MicroBatcher
 from server.config import ServerConfig
+from server.engine.catalog_sync import CatalogWriter, LocalCatalogWriter, StreamCatalogWriter
 from server.engine.manager import EngineManager
 from server.events.sink import EventSink, KafkaEventProducer, SqliteSink
 from server.events.history import RecentHistory
@@ -78,6 +79,7 @@ class LivetowerServer:
     admin_port: int = 0                       # the admin listener's bound port
     tracing: Tracing = TRACING_OFF            # the request spans' tracer and exporter (off: no tracer)
     impressions: ImpressionWriter | None = None  # records answered Recommend requests (attribution.sqlite)
+    catalog_writer: CatalogWriter | None = None  # where UpsertItems / DeleteItems write (the file or the stream)
 
     async def start(self) -> None:
         await self.sink.start()
@@ -88,6 +90,8 @@ class LivetowerServer:
             warm = await asyncio.to_thread(self.event_log.latest, self.config.history_warm_events)
         for ev in warm:
             self.history.append(ev.user_id, ev.item_id)
+        if self.catalog_writer is not None:  # the stream: caught up before any engine serves
+            await self.catalog_writer.start()
         if self.feed is not None:
             await self.feed.start()
             self._tasks.append(asyncio.create_task(self.feed.run(self._stop)))
@@ -150,7 +154,9 @@ class LivetowerServer:
         await self.sink.stop()
         if self.impressions is not None:  # after the listeners drained: every answered request's impression is queued
             await asyncio.to_thread(self.impressions.close)
-        if self.manager.catalog is not None:  # after the listeners drained: no catalogue call is in flight
+        if self.catalog_writer is not None:  # after the listeners drained: no catalogue call is in flight
+            await self.catalog_writer.stop()
+        if self.manager.catalog is not None:
             self.manager.catalog.close()
         await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still buffered (export_timeout_s)
 
@@ -184,12 +190,15 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
             log.info("gc collect + freeze after loading engine %d: %.1f ms", version, (time.perf_counter() - t0) * 1e3)
 
     attribution_path = config.attribution_path
-    catalog = None if config.fleet else CatalogStore.in_dir(config.data_dir)  # fleet: one host's file cannot serve
-    manager = EngineManager(registry, config.engines, on_event=on_engine_event, catalog=catalog,
+    manager = EngineManager(registry, config.engines, on_event=on_engine_event,
+                            catalog=CatalogStore.in_dir(config.data_dir),
                             user_histories=lambda: history.sample(1000),
                             outcome_counts=(lambda served_from_ms, served_to_ms: window_counts(
                                 attribution_path, served_from_ms, served_to_ms))
                             if config.impressions is not None else None)
+    catalog_writer: CatalogWriter = (
+        StreamCatalogWriter(parse_events_url(config.events_url), manager.catalog, manager.serving_engines)
+        if config.catalog_on_stream else LocalCatalogWriter(manager.catalog, manager.serving_engines))
     if admin_token is not None:
         token, hint = admin_token, "the token the server was started with (LIVETOWER_ADMIN_TOKEN)"
     else:
@@ -223,7 +232,7 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     # Admin calls are few: a small concurrency cap keeps a flood of them from starving the event loop.
     admin_server = grpc.aio.server(interceptors=[observe, AdminAuthInterceptor(token, hint)], options=options,
                                    maximum_concurrent_rpcs=64)
-    admin = EngineAdminServicer(manager=manager, registry=registry, fleet=config.fleet)
+    admin = EngineAdminServicer(manager=manager, registry=registry, fleet=config.fleet, catalog=catalog_writer)
     pb_grpc.add_EngineAdminServicer_to_server(admin, admin_server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin_server)
     reflection.enable_server_reflection((ADMIN, HEALTH, reflection.SERVICE_NAME), admin_server)
@@ -232,7 +241,8 @@ def create_server(config: ServerConfig, *, admin_token: str | None = None) -> tu
     manager.admin_address = config.admin_address(admin_port)  # before the watcher's first poll takes the lease
     server = LivetowerServer(config=config, grpc_server=grpc_server, admin_server=admin_server, manager=manager,
                              health=health_servicer, sink=sink, event_log=event_log, feed=feed, history=history,
-                             metrics=metrics, batcher=batcher, tracing=tracing, impressions=impressions)
+                             metrics=metrics, batcher=batcher, tracing=tracing, impressions=impressions,
+                             catalog_writer=catalog_writer)
     server._port, server.admin_port = port, admin_port
     return server, port
 

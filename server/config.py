@@ -55,6 +55,9 @@ class ServerConfig:
                                           # be on Kafka and the registry shared (s3:// or a shared directory);
                                           # rollout changes go to the decision lease's holder (others refuse
                                           # them, naming its admin address)
+    catalog_stream: bool = False          # the catalogue (UpsertItems / DeleteItems) on the Kafka topic
+                                          # <events topic>.catalog, followed into data_dir/catalog.sqlite
+                                          # (contracts/catalog_stream.py); fleet implies it; False: that file only
     advertise_host: str = ""              # host other replicas and operators reach this admin listener at;
                                           # "": admin_host, or this machine's hostname when that is a wildcard
     max_inflight_events: int = 50_000     # Kafka: events awaiting acks before LogEvents sheds (RESOURCE_EXHAUSTED)
@@ -93,6 +96,11 @@ class ServerConfig:
     impressions: ImpressionConfig | None = field(default_factory=ImpressionConfig)  # Recommend responses recorded
                                           # in data_dir/attribution.sqlite for attribution; None: off (no impression_id)
 
+    @property
+    def catalog_on_stream(self) -> bool:
+        """The catalogue follows the Kafka stream: asked for, or a fleet (one host's file cannot serve it)."""
+        return self.catalog_stream or self.fleet
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
@@ -125,6 +133,9 @@ class ServerConfig:
         if self.fleet and self.events_url is None:
             raise ValueError("fleet needs the events on Kafka: pass --events kafka://HOST:PORT/TOPIC (the SQLite "
                              "log is one host's file, and SQLite's WAL does not work on a network filesystem)")
+        if self.catalog_stream and self.events_url is None:
+            raise ValueError("catalog_stream needs the events on Kafka (the catalogue topic is <events topic>.catalog): "
+                             "pass --events kafka://HOST:PORT/TOPIC")
         if self.fleet and self.registry is None:
             raise ValueError("fleet needs one registry shared by every replica: pass --registry s3://BUCKET/PREFIX "
                              "(or a directory every replica mounts)")

@@ -10,6 +10,7 @@ import uuid
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
+from aiokafka.errors import KafkaError
 
 from contracts.attribution import Impression, ImpressionWriter
 from contracts.catalog import CatalogRecord
@@ -22,6 +23,7 @@ from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
 from server.batching import DeadlineExpired, MicroBatcher, Overloaded
 from server.config import RequestLimits
+from server.engine.catalog_sync import CatalogWriter
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.experiments import CONTROL, ArmLive
 from server.engine.lease import holder_address
@@ -191,9 +193,11 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
     metadata), which contracts.client.Client follows. Reads (ListEngines, GetRollout, GetExperiment) answer here.
     """
 
-    def __init__(self, *, manager: EngineManager, registry: Registry, fleet: bool = False) -> None:
+    def __init__(self, *, manager: EngineManager, registry: Registry, catalog: CatalogWriter,
+                 fleet: bool = False) -> None:
         self.manager = manager
         self.registry = registry
+        self.catalog = catalog  # UpsertItems / DeleteItems: the catalogue file, or the catalogue stream (fleet)
         self.fleet = fleet
 
     async def _at_holder(self, context) -> None:
@@ -301,9 +305,8 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if len({r.id for r in records}) != len(records):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "items: ids must be distinct within one call")
-        engines = self.manager.serving_engines()
-        result = await asyncio.to_thread(self.manager.catalog.upsert, records, engines)
-        return self._catalog_response(engines, inserted=result.inserted, updated=result.updated,
+        result = await self._catalog_write(context, self.catalog.upsert(records))
+        return self._catalog_response(self.manager.serving_engines(), inserted=result.inserted, updated=result.updated,
                                       unchanged=result.unchanged, catalog_version=result.version)
 
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.CatalogChangeResponse:
@@ -313,15 +316,20 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                 CatalogRecord(id=item_id)  # the id rules of the catalogue (length, characters)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"item_ids[{i}]: {e}")
-        engines = self.manager.serving_engines()
-        deleted, version = await asyncio.to_thread(self.manager.catalog.delete, list(request.item_ids), engines)
-        return self._catalog_response(engines, deleted=deleted, catalog_version=version)
+        deleted, version = await self._catalog_write(context, self.catalog.delete(list(request.item_ids)))
+        return self._catalog_response(self.manager.serving_engines(), deleted=deleted, catalog_version=version)
+
+    @staticmethod
+    async def _catalog_write(context, write: Awaitable[T]) -> T:
+        try:
+            return await write
+        except TimeoutError as e:  # the stream took the change; this replica has not applied it yet
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except (ConnectionError, KafkaError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the catalogue stream refused the change ({e!r}); "
+                                                             "nothing was acknowledged: retry")
 
     async def _catalog_allowed(self, context, n: int, field: str) -> None:
-        if self.manager.catalog is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the catalogue is one host's file (catalog.sqlite): fleet mode does not serve "
-                                "catalogue changes yet")
         if not 1 <= n <= MAX_CATALOG_ITEMS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{field}: 1..{MAX_CATALOG_ITEMS} per call, got {n}")

@@ -96,7 +96,7 @@ class EngineManager(CanaryControl, ExperimentControl):
                  loader: EngineLoader | None = None,  # None: load_from_registry
                  user_histories: Callable[[], list[list[str]]] = list,
                  outcome_counts: OutcomeCounts | None = None,  # None: no impressions recorded
-                 catalog: CatalogStore | None = None) -> None:  # None: no catalogue (fleet mode)
+                 catalog: CatalogStore | None = None) -> None:  # None: no catalogue (unit tests)
         self.registry = registry
         self.config = config
         # Read once here so a bad key file stops the server at start; loads read it again (a rotated file).
