@@ -8,6 +8,11 @@ one every --gap-s, each followed by Recommend probes with k = every item the ser
 literal) until the new id is in the answer; the latency runs from the upsert's send. Beside them, open-loop
 Recommend load at --rate (benchmarks/loadgen.py); its latency is reported for a baseline window first and then
 for the window with the upserts. Writes results.json and results.png into --out.
+
+`--replicas 2`: the catalogue on the stream, as a fleet has it. A local Kafka-protocol broker (tansu), two
+`livetower serve --catalog-stream` processes on one registry; the upserts go to replica 0, the probes to replica
+1 (so the latency includes the broker, replica 1's follower and its engine update), the load round robin over
+both.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ def build(data_dir: Path, records: list, backend: str) -> int:
     return m.version
 
 
-def upserts(client, token_md, new: list, gap_s: float, k: int, out: list) -> None:
-    """One upsert every gap_s; after each, Recommend probes (k = all items) until the new id is returned."""
+def upserts(client, token_md, new: list, gap_s: float, k: int, out: list, probe=None) -> None:
+    """One upsert every gap_s; after each, Recommend probes (k = all items) until the new id is returned. probe:
+    the client to probe (another replica); None: the one upserted to."""
+    probe = probe or client
     from proto import livetower_v1_pb2 as pb
 
     history = ["m1", "m50", "m100"]
@@ -69,7 +76,7 @@ def upserts(client, token_md, new: list, gap_s: float, k: int, out: list) -> Non
         probes = 0
         while True:
             probes += 1
-            if r.id in client.recommend("probe-user", k, history=history).item_ids:
+            if r.id in probe.recommend("probe-user", k, history=history).item_ids:
                 break
         t_found = time.perf_counter()
         out.append({"id": r.id, "upsert_ms": (t_ack - t0) * 1e3, "servable_ms": (t_found - t0) * 1e3, "probes": probes})
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--baseline-s", type=float, default=20.0)
     p.add_argument("--backend", default="aoti", choices=("aoti", "onnx", "torch"))
+    p.add_argument("--replicas", type=int, default=1, choices=(1, 2),
+                   help="2: two servers sharing the catalogue through the stream; upsert on one, probe the other")
     args = p.parse_args(argv)
     from contracts.catalog import read_ml100k_items
     from contracts.client import Client
@@ -107,24 +116,43 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = out / "data"
     out.mkdir(parents=True, exist_ok=True)
     version = build(data_dir, records[:args.build_items], args.backend)
-    port, admin = free_port(), free_port()
-    log = open(out / "server.log", "ab")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "livetower"), "serve", "--data-dir", str(data_dir),
-                               "--port", str(port), "--admin-port", str(admin), "--metrics-port", "-1"],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LIVETOWER_LOG_LEVEL": "INFO"})
+    broker = None
+    extra: list[str] = []
+    if args.replicas > 1:
+        from benchmarks.tansu import LocalBroker
+
+        broker = LocalBroker(log_path=out / "tansu.log").start()
+        extra = ["--events", f"kafka://{broker.bootstrap}/events", "--catalog-stream",
+                 "--registry", str(data_dir / "registry")]
+    servers, clients = [], []
     try:
-        token = wait(lambda: (data_dir / "admin.token").is_file() and (data_dir / "admin.token").read_text().strip(),
-                     120, "the server's admin token")
-        client = Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin}", admin_token=token, timeout_s=5)
-        wait(lambda: _serving(client, version), 180, f"engine {version} serving")
-        load_cfg = dict(target=f"127.0.0.1:{port}", rate=args.rate, warmup_s=2.0, users=2000, items=args.build_items,
+        for i in range(args.replicas):
+            d = data_dir if args.replicas == 1 else out / f"replica-{i}"
+            port, admin = free_port(), free_port()
+            servers.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "livetower"), "serve", "--data-dir", str(d), "--port", str(port),
+                 "--admin-port", str(admin), "--metrics-port", "-1", *extra],
+                stdout=open(out / f"server-{i}.log", "ab"), stderr=subprocess.STDOUT,
+                env={**os.environ, "LIVETOWER_LOG_LEVEL": "INFO"}))
+            token = wait(lambda d=d: (d / "admin.token").is_file() and (d / "admin.token").read_text().strip(),
+                         120, "the server's admin token")
+            clients.append((Client(f"127.0.0.1:{port}", admin_target=f"127.0.0.1:{admin}", admin_token=token,
+                                   timeout_s=5), port, token))
+        for client, _, _ in clients:
+            wait(lambda client=client: _serving(client, version), 180, f"engine {version} serving")
+        target = ("ipv4:" + ",".join(f"127.0.0.1:{port}" for _, port, _ in clients) if len(clients) > 1
+                  else f"127.0.0.1:{clients[0][1]}")
+        load_cfg = dict(target=target, rate=args.rate, warmup_s=2.0, users=2000, items=args.build_items,
                         item_prefix="m", history_len=20, k=100, mix=(("recommend", 1.0),), progress=False)
         print(f"baseline: {args.rate:g} Recommend/s for {args.baseline_s:g} s")
         baseline = run_load(LoadConfig(**load_cfg, duration_s=args.baseline_s, label="baseline"), log=lambda s: None)
         rows: list = []
+        writer, _, token = clients[0]
         md = (("authorization", f"Bearer {token}"),)
-        worker = threading.Thread(target=upserts, args=(client, md, records[args.build_items:k], args.gap_s, k, rows))
-        print(f"upserts: {args.upserts} items, one every {args.gap_s:g} s, beside the same load")
+        worker = threading.Thread(target=upserts, args=(writer, md, records[args.build_items:k], args.gap_s, k, rows,
+                                                        clients[-1][0]))
+        print(f"upserts: {args.upserts} items, one every {args.gap_s:g} s, beside the same load"
+              + (" (upserts to replica 0, probes of replica 1)" if len(clients) > 1 else ""))
         window = args.upserts * args.gap_s + 5.0
         box: dict = {}
         loader = threading.Thread(target=lambda: box.setdefault("r", run_load(
@@ -136,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         loader.join()
         with_upserts = box["r"]
     finally:
-        server.terminate()
-        server.wait(30)
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(30)
+        if broker is not None:
+            broker.stop()
     results = {"config": {k_: str(v) for k_, v in vars(args).items()}, "engine_version": version,
                "upsert_rpc_ms": percentiles([r["upsert_ms"] for r in rows]),
                "upsert_to_servable_ms": percentiles([r["servable_ms"] for r in rows]),
