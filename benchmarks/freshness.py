@@ -54,6 +54,10 @@ def parse_args(argv):
     p.add_argument("--round-interval-s", type=float, default=10.0, help="full rounds at least this often")
     p.add_argument("--short-round-max-events", type=int, default=500)
     p.add_argument("--train-flags", default="", help="more `livetower train` flags for every configuration")
+    p.add_argument("--serve-flags", default="", help="more `livetower serve` flags for every configuration (e.g. "
+                                                     "--poll-interval-s 0.25: a publish is seen sooner)")
+    p.add_argument("--small-step-shadow-qps", type=float, default=CanaryPolicy().small_step_shadow_qps,
+                   help="the short configuration's CanaryPolicy.small_step_shadow_qps")
     return p.parse_args(argv)
 
 
@@ -122,7 +126,8 @@ def wait_bootstrapped(registry: Registry, n_events: int, procs, timeout_s: float
 def run_config(name: str, args, root: Path) -> dict:
     work = root / name
     broker, target, url = fresh_loop_dir(work, work / "tansu.log")
-    policy = CanaryPolicy() if name == "short" else CanaryPolicy(small_step_events=-1)
+    policy = (CanaryPolicy(small_step_shadow_qps=args.small_step_shadow_qps) if name == "short"
+              else CanaryPolicy(small_step_events=-1))
     Registry(work / "data" / "registry").update_rollout(lambda st: setattr(st, "policy", policy))
     flags = ["--round-interval-s", str(args.round_interval_s), *args.train_flags.split()]
     if name == "short":
@@ -141,7 +146,8 @@ def run_config(name: str, args, root: Path) -> dict:
         procs.append(spawn(["train", "--data-dir", str(work / "data"), "--events", url, "--trainer-metrics-port",
                             "-1", *flags], work / "trainer.log"))
         procs.append(spawn(["serve", "--data-dir", str(work / "data"), "--events", url, "--port", str(port),
-                            "--admin-port", "0", "--metrics-port", str(metrics_port)], work / "server.log"))
+                            "--admin-port", "0", "--metrics-port", str(metrics_port), *args.serve_flags.split()],
+                           work / "server.log"))
         addr = f"127.0.0.1:{port}"
         wait_serving(pb_grpc.RecommenderStub(grpc.insecure_channel(addr)), procs[1], work / "server.log", 900)
         wait_bootstrapped(Registry(work / "data" / "registry"), n, procs, 900)
@@ -178,7 +184,9 @@ def run_config(name: str, args, root: Path) -> dict:
         broker.stop()
     counted = [s for s in series if s["freshness_s"] is not None and s["freshness_s"] <= s["t"]]
     live = box["r"]
-    result = {"trainer_flags": flags, "policy": {"small_step_events": policy.small_step_events},
+    result = {"trainer_flags": flags, "serve_flags": args.serve_flags.split(),
+              "policy": {"small_step_events": policy.small_step_events,
+                         "small_step_shadow_qps": policy.small_step_shadow_qps},
               "freshness_s": percentiles_s([s["freshness_s"] for s in counted]),
               "counted_from_t": counted[0]["t"] if counted else None, "series": series,
               "events_produced": producer.produced,

@@ -55,7 +55,10 @@ class CanaryPolicy:
     # live errors, without min_duration_s or min_requests: seconds, not the ~30 s a full canary waits for live
     # traffic at 100 QPS. Errors, the shadow checks and (when on) the hit-rate test still apply.
     small_step_events: int = 2000    # -1: no small-step path (0 over the API takes this default)
-    small_step_shadow_samples: int = 20  # shadow pairs a small step needs (at shadow_qps: 1 s at 20/s)
+    small_step_shadow_samples: int = 20  # shadow pairs a small step needs
+    small_step_shadow_qps: float = 50.0  # pairs per second until a small step has them (0.4 s for 20): the same
+                                         # engine calls as a full canary's first second, sooner (the step waits
+                                         # for nothing else); a full canary keeps shadow_qps
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,8 +81,9 @@ class CanaryPolicy:
         for name in ("max_error_rate", "min_topk_overlap", "max_score_drift"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.shadow_qps <= 0:
-            raise ValueError(f"shadow_qps must be > 0, got {self.shadow_qps}")
+        for name in ("shadow_qps", "small_step_shadow_qps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.outcome_test not in ("off", *TESTS):
             raise ValueError(f"outcome_test must be one of off, {', '.join(TESTS)}, got {self.outcome_test!r}")
         if not 0 <= self.outcome_margin < 1:

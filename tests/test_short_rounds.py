@@ -3,6 +3,8 @@ full round train, gate and commit the same events; and the server's small-step c
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from contracts.eventlog import SOURCE_KEY
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy, RolloutState
 from proto import livetower_v1_pb2 as pb
-from server.engine.canary import CanaryStats, analyse, small_step
+from server.engine.canary import CanaryStats, ShadowScorer, analyse, small_step
 from tests.conftest import SMALL_DATA, make_trainer, stream_events
 
 TOTAL = SMALL_DATA.n_users * SMALL_DATA.events_per_user
@@ -200,3 +202,14 @@ def test_a_small_step_is_decided_on_its_shadow_sample_alone():
     for _ in range(5):
         errors.observe(True, 0.0, error=True)
     assert analyse(errors, policy, small=why).action == "rollback"
+
+
+def test_a_small_steps_shadow_pairs_come_at_its_own_rate():
+    policy = CanaryPolicy(shadow_samples=100, shadow_qps=20.0, small_step_shadow_samples=20, small_step_shadow_qps=50.0)
+    engine = SimpleNamespace(version=2)  # the rate needs no engine: nothing runs until start()
+    small = ShadowScorer(engine, engine, CanaryStats(), policy, list, small=True)
+    full = ShadowScorer(engine, engine, CanaryStats(), policy, list)
+    assert [small._rate(n) for n in (0, 19, 20, 99, 100)] == [50.0, 50.0, 20.0, 20.0, 1.0]
+    assert [full._rate(n) for n in (0, 19, 20, 99, 100)] == [20.0, 20.0, 20.0, 20.0, 1.0]
+    with pytest.raises(ValueError, match="small_step_shadow_qps must be > 0"):
+        CanaryPolicy(small_step_shadow_qps=0.0)

@@ -249,14 +249,16 @@ def topk_overlap(a: Sequence[str], b: Sequence[str], n_items: int) -> float:
 
 class ShadowScorer:
     """Runs sampled queries on both engines on its own thread until stopped: at policy.shadow_qps until
-    policy.shadow_samples pairs are in, then at SHADOW_KEEP_QPS. The two engine calls of a pair run half
+    policy.shadow_samples pairs are in, then at SHADOW_KEEP_QPS (a small step: at small_step_shadow_qps until its
+    small_step_shadow_samples are in). The two engine calls of a pair run half
     a period apart. Both choices bound what the shadow takes from live requests: on 2 cores, live P99 at
     200 QPS was 3.3-3.5 ms with no canary and 4.8-5.5 ms with a canary shadowed at 20 pairs/s throughout
     (and 3.4-4.1 ms at 0.2 pairs/s), while a decision waits mostly for live canary requests anyway."""
 
     def __init__(self, stable: Engine, canary: Engine, stats: CanaryStats, policy: CanaryPolicy,
-                 fallback_histories: Callable[[], list[list[str]]]) -> None:
-        self.stable, self.canary, self.stats, self.policy = stable, canary, stats, policy
+                 fallback_histories: Callable[[], list[list[str]]], *, small: bool = False) -> None:
+        """small: the canary is a small step (small_step()): its pairs come at policy.small_step_shadow_qps."""
+        self.stable, self.canary, self.stats, self.policy, self.small = stable, canary, stats, policy, small
         self.fallback_histories = fallback_histories
         self._stop = threading.Event()
         self._rng = np.random.default_rng(canary.version)
@@ -281,6 +283,12 @@ class ShadowScorer:
         picks = self._rng.integers(len(ids), size=min(10, len(ids)))
         return RecommendQuery([ids[i] for i in picks], SHADOW_K, True)
 
+    def _rate(self, pairs: int) -> float:
+        p = self.policy
+        if self.small and pairs < p.small_step_shadow_samples:
+            return p.small_step_shadow_qps
+        return p.shadow_qps if pairs < p.shadow_samples else min(SHADOW_KEEP_QPS, p.shadow_qps)
+
     def _timed(self, engine: Engine, q: RecommendQuery):
         # CPU time of this thread, not wall time: waiting for the GIL or a core (the server is busy
         # serving meanwhile) says nothing about the engine and made healthy canaries look 3x slower.
@@ -291,8 +299,7 @@ class ShadowScorer:
         pool = self.fallback_histories()
         n = 0
         while True:
-            fast = len(self.stats.overlaps) < self.policy.shadow_samples
-            half_period = 0.5 / (self.policy.shadow_qps if fast else min(SHADOW_KEEP_QPS, self.policy.shadow_qps))
+            half_period = 0.5 / self._rate(len(self.stats.overlaps))
             if self._stop.wait(half_period):
                 return
             q = self._next_query(pool)
