@@ -10,7 +10,6 @@ import uuid
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
-from aiokafka.errors import KafkaError
 
 from contracts.attribution import Impression, ImpressionWriter
 from contracts.catalog import CatalogRecord
@@ -325,9 +324,11 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             return await write
         except TimeoutError as e:  # the stream took the change; this replica has not applied it yet
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except (ConnectionError, KafkaError) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the catalogue stream refused the change ({e!r}); "
-                                                             "nothing was acknowledged: retry")
+        except ConnectionError as e:  # the stream did not acknowledge the change
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"catalogue stream: {e}")
+        except ValueError as e:  # the file follows a stream this server was not started to write
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{e}; or restart the server with "
+                                                                     "--catalog-stream")
 
     async def _catalog_allowed(self, context, n: int, field: str) -> None:
         if not 1 <= n <= MAX_CATALOG_ITEMS:

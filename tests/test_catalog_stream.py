@@ -188,3 +188,28 @@ def both_replicas(sa, pa, sb, pb_, v, md, history, item) -> None:
              "the delete on the first replica")
     a.close()
     b.close()
+
+
+def test_a_broker_that_does_not_acknowledge_is_unavailable_not_a_timeout_of_applying(tmp_path):
+    """Unit: the writer tells "not acknowledged" (ConnectionError -> UNAVAILABLE, retry) from "acknowledged but
+    not applied here yet" (TimeoutError -> DEADLINE_EXCEEDED, durable)."""
+    from server.engine.catalog_sync import CatalogSync, StreamCatalogWriter
+
+    target = KafkaTarget(bootstrap="127.0.0.1:1", topic="events", partitions=1)
+    writer = StreamCatalogWriter(target, CatalogSync(CatalogStore(tmp_path / "c.sqlite")), list, apply_timeout_s=0.05)
+
+    async def no_ack(ops):
+        raise TimeoutError()
+
+    async def acked(ops):
+        return [7]
+
+    async def never(offsets, timeout_s):
+        raise TimeoutError()
+
+    writer.producer.publish = no_ack
+    with pytest.raises(ConnectionError, match="did not acknowledge the 1 change"):
+        asyncio.run(writer.upsert([CatalogRecord(id="a")]))
+    writer.producer.publish, writer.follower.wait_applied = acked, never
+    with pytest.raises(TimeoutError, match="acknowledged the 1 change.*durable, offsets up to 7"):
+        asyncio.run(writer.delete(["a"]))

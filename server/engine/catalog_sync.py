@@ -18,6 +18,8 @@ import logging
 import threading
 from typing import Callable, Iterable, Protocol, Sequence, TypeVar
 
+from aiokafka.errors import KafkaError
+
 from contracts.catalog import CatalogOp, CatalogRecord, CatalogStore, UpsertResult
 from contracts.catalog_stream import CatalogFollower, CatalogProducer, store_follower
 from contracts.kafka_events import KafkaTarget
@@ -128,7 +130,11 @@ class StreamCatalogWriter:
         self._task = asyncio.create_task(self.follower.run(self._stop))
 
     async def _write(self, ops: list[CatalogOp]) -> list[str]:
-        offsets = await self.producer.publish(ops)
+        try:
+            offsets = await self.producer.publish(ops)
+        except (TimeoutError, KafkaError) as e:
+            raise ConnectionError(f"the broker did not acknowledge the {len(ops)} change(s) ({e!r}); retry (a change "
+                                  "written twice applies once)") from e
         try:
             return await self.follower.wait_applied(offsets, self.apply_timeout_s)
         except TimeoutError:
