@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,7 @@ from contracts.catalog_stream import (CatalogFollowThread, CatalogProducer, cata
 from contracts.kafka_events import KafkaTarget
 from contracts.registry import Registry
 from contracts.rollout import CanaryPolicy, RolloutState
+from livetower.cli import _follow_catalog_stream
 from livetower.cli_catalog import catalog_main
 from proto import livetower_v1_pb2 as pb
 from tests.conftest import ADMIN_TOKEN, client_for, running_server, server_config, wait_for
@@ -124,9 +126,8 @@ def test_the_cli_and_a_trainer_thread_follow_the_same_topic(target, tmp_path):
     url = f"kafka://{target.bootstrap}/{target.topic}"
     jsonl = tmp_path / "items.jsonl"
     jsonl.write_text("".join(json.dumps(record(i).to_dict()) + "\n" for i in range(5)))
-    store = CatalogStore(tmp_path / "trainer" / "catalog.sqlite")
-    thread = CatalogFollowThread(target, store)
-    thread.start()  # an empty topic: caught up at once
+    thread = _follow_catalog_stream(SimpleNamespace(events=url, data_dir=tmp_path / "trainer"))  # train's wiring
+    store = CatalogStore(tmp_path / "trainer" / "catalog.sqlite")  # what the trainer reads: another connection
     try:
         assert catalog_main(["load", str(jsonl), "--events", url]) == 0
         assert catalog_main(["delete", "item-0", "--events", url]) == 0
@@ -134,7 +135,14 @@ def test_the_cli_and_a_trainer_thread_follow_the_same_topic(target, tmp_path):
         assert store.count("item") == 4 and store.get("item-0") is None and store.get("item-4") == record(4)
     finally:
         thread.stop()
+    assert not thread._thread.is_alive()
+    again = CatalogFollowThread(target, CatalogStore(tmp_path / "trainer" / "catalog.sqlite"))
+    again.start()  # a restarted trainer: caught up from its stored offset, nothing applied twice
+    assert again.follower.next_offset == 6 and again.follower.applied == 0
+    again.stop()
     assert catalog_main(["load", str(jsonl), "--events", "kafka://127.0.0.1:1/x"]) == 2  # no broker: an error
+    with pytest.raises(SystemExit, match="--catalog-stream follows <events topic>.catalog: pass --events"):
+        _follow_catalog_stream(SimpleNamespace(events=None, data_dir=tmp_path))
 
 
 def test_two_servers_share_upserts_and_deletes_through_the_stream(target, tmp_path):
