@@ -29,7 +29,7 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 
 from contracts.catalog import CatalogOp, CatalogRecord, CatalogStore
-from contracts.kafka_events import KafkaTarget
+from contracts.kafka_events import KafkaTarget, start_admin
 
 log = logging.getLogger("livetower.catalog")
 CATALOG_SUFFIX = ".catalog"
@@ -67,17 +67,11 @@ def decode_op(value: bytes | None) -> CatalogOp:
 
 async def ensure_catalog_topic(target: KafkaTarget, *, timeout_s: float = 30.0) -> str:
     """Create the catalogue topic (one partition, compacted where the broker allows) if it does not exist."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
     name = catalog_topic(target)
-    admin = AIOKafkaAdminClient(**target.client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-    except Exception as e:  # noqa: BLE001 - turn any connection failure into advice
-        await admin.close()
-        raise ConnectionError(f"cannot reach the Kafka broker at {target.bootstrap} ({e!r}); start it or fix "
-                              "--events") from e
+    admin = await start_admin(target, timeout_s)
     try:
         if name in set(await admin.list_topics()):
             return name

@@ -95,10 +95,9 @@ def decode_event(value: bytes | None, now_ms: int) -> tuple[pb.Event | None, str
     return ev, None
 
 
-async def ensure_topics(target: KafkaTarget, *, timeout_s: float = 30.0) -> None:
-    """Create the event topic and its dead-letter topic if they do not exist (idempotent, race-safe)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+async def start_admin(target: KafkaTarget, timeout_s: float):
+    """A started AIOKafkaAdminClient (close it); ConnectionError with advice when the broker cannot be reached."""
+    from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**target.client_kwargs(), request_timeout_ms=int(timeout_s * 1000))
     try:
@@ -107,6 +106,15 @@ async def ensure_topics(target: KafkaTarget, *, timeout_s: float = 30.0) -> None
         await admin.close()
         raise ConnectionError(f"cannot reach the Kafka broker at {target.bootstrap} ({e!r}); start it or fix "
                               "--events") from e
+    return admin
+
+
+async def ensure_topics(target: KafkaTarget, *, timeout_s: float = 30.0) -> None:
+    """Create the event topic and its dead-letter topic if they do not exist (idempotent, race-safe)."""
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = await start_admin(target, timeout_s)
     try:
         existing = set(await admin.list_topics())
         wanted = [NewTopic(name, target.partitions if name == target.topic else 1, 1)
