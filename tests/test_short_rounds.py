@@ -133,13 +133,20 @@ def test_a_crash_loses_only_the_buffer_and_the_restart_reads_it_again(trained_di
     assert r.events == 40 and again.next_offset == TOTAL + 41
 
 
-def test_no_short_round_forks_a_model_whose_full_round_did_not_publish(trained_dir):
+def test_a_failed_gate_keeps_the_published_fork_and_never_forks_the_failed_model(trained_dir):
     t = make_trainer(trained_dir, **SHORT, gate_min_ratio=100.0)  # every gate fails
     t.event_log.append(stream_events(seed=22))
     assert t.run_round().gate == "failed" and not t.state.model_published
+    assert t.read_ahead.fork is not None and t.read_ahead.fork.base_version == 1  # made from the published model
     t.event_log.append(stream_events(seed=23, n_users=5))
-    assert not t._short_round_due(backlog=40) and t.run_short_round() is None
+    t.last_short = float("-inf")  # the interval has passed
+    assert t._short_round_due(backlog=40)
+    r = t.run_short_round()  # short rounds go on from what serves
+    assert r.published_version == 2 and t.read_ahead.bases == {2: 1}
     assert make_trainer(trained_dir, **SHORT).state.model_published is False  # checkpointed
+    again = make_trainer(trained_dir, **SHORT, gate_min_ratio=100.0)  # a restart: the fork is gone with the process
+    again.last_short = float("-inf")
+    assert not again._short_round_due(backlog=40) and again.run_short_round() is None  # none of the failed model
 
 
 def test_the_gate_compares_with_the_full_round_a_serving_short_engine_forked_from(trained_dir):

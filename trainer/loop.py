@@ -253,7 +253,7 @@ class Trainer(Publishing, ShortRoundControl):
         with self._span("commit"):
             self._fold_in(split)
             self._commit(batch, split, metrics, gate)
-            self.read_ahead.committed()
+            self.read_ahead.committed(keep_fork=gate == "failed")
         version = self.publish(metrics, gate) if gate != "failed" else 0
         if span is not None:
             span.set_attributes({"gate": gate, "published_version": version})

@@ -12,7 +12,6 @@ parameter names mirroring HF so that an HF state_dict (minus `embed_tokens`) loa
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch

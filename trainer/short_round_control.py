@@ -33,6 +33,9 @@ class ShortRoundControl:
                 self._add_items(ahead.events[ahead.placed:])
                 ahead.placed = len(ahead.events)
             if st.vocab_epoch != epoch or ahead.fork is None:  # rows renumbered (evictions), or no fork yet
+                if not st.model_published:  # a kept fork's rows moved, and the model's gate failed: no base
+                    ahead.fork = None
+                    return None
                 ahead.fork, ahead.trained = Fork.of(self.model, self.opt, cfg, st.published_version,
                                                     st.trained_events, st.watermark_ms, len(self.vocab)), 0
             ahead.fork.n_items = len(self.vocab)  # items just placed: their events are in this round's windows
@@ -85,7 +88,9 @@ class ShortRoundControl:
             self.run_short_round(in_full_round=True)
 
     def _short_round_due(self, backlog: int) -> bool:
-        """Short rounds on, their interval passed, and events arrived that the fork has not trained."""
-        return (self.cfg.short_round_max_events > 0 and self.state.model_published
+        """Short rounds on, a base to fork (a published model, or a fork kept over a failed gate), their interval
+        passed, and events arrived that the fork has not trained."""
+        return (self.cfg.short_round_max_events > 0
+                and (self.state.model_published or self.read_ahead.fork is not None)
                 and time.monotonic() - self.last_short >= self.cfg.short_round_interval_s
                 and backlog > self.read_ahead.trained)
