@@ -123,6 +123,23 @@ def test_short_rounds_run_between_the_steps_of_a_full_round(trained_dir):
     assert t.run_short_round().published_version > r.published_version  # a new fork of the new model
 
 
+def test_short_rounds_also_run_during_the_fold_in_of_held_out_users(trained_dir):
+    t = make_trainer(trained_dir, **SHORT)
+    t.event_log.append(stream_events(seed=32, n_users=60, events_per_user=8))
+    folding, calls = [], []
+    fold_in = t._fold_in
+
+    def tracked(split):
+        folding.append(len(split.holdout))
+        fold_in(split)
+        folding.clear()
+
+    t._fold_in = tracked
+    t._between_steps = lambda step: calls.append(bool(folding))
+    assert t.run_round().holdout_users > 0
+    assert calls.count(True) >= 1 and calls.count(False) >= 1  # during the fold-in and during the training
+
+
 def test_a_crash_loses_only_the_buffer_and_the_restart_reads_it_again(trained_dir):
     t = make_trainer(trained_dir, **SHORT)
     t.event_log.append(stream_events(seed=21, n_users=10, events_per_user=4))

@@ -370,14 +370,16 @@ class Trainer(Publishing, ShortRoundControl):
                  gate)
 
     def _fold_in(self, split: RoundSplit) -> None:
-        """After the evaluation, one epoch on the held-out events, so nothing consumed goes untrained."""
+        """After the evaluation, one epoch on the held-out events, so nothing consumed goes untrained (short rounds
+        run between its steps too: with many held-out users it takes seconds)."""
         if not split.holdout:
             return
         T = self.model.cfg.max_history
         self._count([split.seqs[u][-1] for u in split.holdout])
         fold = [w for u in split.holdout for w in windows_for_new(split.seqs[u], 1, T)]
         train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
-                      n_items=len(self.vocab), cfg=self.cfg, epochs=1, generator=self.generator, scaler=self.scaler)
+                      n_items=len(self.vocab), cfg=self.cfg, epochs=1, generator=self.generator, scaler=self.scaler,
+                      after_step=self._between_steps if self.cfg.short_round_max_events else None)
 
     def _commit(self, batch: EventBatch, split: RoundSplit, metrics: dict[str, float], gate: str) -> None:
         """Move the state past the batch (histories, positions, counters, the round's history line), append the
