@@ -31,7 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.slo import free_port, start_server, start_trainer, stop_server
+from benchmarks.processes import free_port, start_server, start_trainer, stop_server
 
 OBSERVABILITY = Path(__file__).resolve().parent.parent / "deploy" / "observability"
 DASHBOARD = OBSERVABILITY / "grafana-dashboard.json"

@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.slo import free_port, start_server, stop_server
+from benchmarks.processes import free_port, start_server, stop_server
 from benchmarks.swap import stage
 from contracts.client import Client
 from contracts.outcome import ArmCounts, OutcomeTest, diff_bounds, experiment_decision, noninferiority

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.slo import stop_server
+from benchmarks.processes import stop_server
 from benchmarks.stream import fresh_loop_dir, live_events, scrape, spawn, wait_serving
 from benchmarks.tansu import free_port
 from contracts.kafka_events import KafkaTarget, now_ms, produce_all

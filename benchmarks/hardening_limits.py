@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from benchmarks.slo import free_port
+from benchmarks.processes import free_port
 from proto import livetower_v1_pb2 as pb
 
 LOG_EVENTS = "/livetower.v1.Recommender/LogEvents"

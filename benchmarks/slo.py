@@ -18,23 +18,19 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.server_cpu import CpuSample, metrics_text, per_request_ms
+from benchmarks.processes import (PEER_METADATA, free_port, start_otlp_sink, start_server, start_trainer,
+                                  stop_otlp_sink, stop_server, trainer_events)
+from benchmarks.server_cpu import CpuSample, per_request_ms
 from benchmarks.workload import KINDS, make_workload, parse_mix
-from proto import livetower_v1_pb2 as pb
-from proto import livetower_v1_pb2_grpc as pb_grpc
 
 CONFIGS = {
     "baseline": {"dir": BASELINE_DIR, "flags": ["--no-batching", "--no-uvloop"],
@@ -63,60 +59,6 @@ CONFIGS = {
     "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
                   "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},
 }
-# gRPC metadata a peer's ingress needs on every request (Ray Serve routes by application name).
-PEER_METADATA = {"ray": (("application", "livetower"),)}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int = -1,
-                 peer: str | None = None, admin_port: int = 0) -> tuple[subprocess.Popen, int]:
-    """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group.
-    The admin listener gets admin_port (0: any free one, so benchmark servers never collide on 50052)."""
-    port = free_port()
-    if peer == "ray":
-        cmd = [sys.executable, "-m", "benchmarks.ray_peer", "--data-dir", str(data_dir), "--port", str(port), *flags]
-    else:
-        cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
-               "--admin-port", str(admin_port), "--metrics-port", str(metrics_port), *flags]
-    metadata = PEER_METADATA.get(peer)
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if "serving gRPC on" in log_path.read_text():
-            stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            while time.monotonic() < deadline:
-                try:
-                    for _ in range(20):  # with --workers, several connections reach every process
-                        stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5,
-                                       metadata=metadata)
-                    return proc, port
-                except grpc.RpcError:
-                    time.sleep(0.5)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError(f"server did not start serving; see {log_path}")
-
-
-def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM to the process group (a peer's helper processes, a trainer's workers too), SIGKILL after grace_s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
@@ -199,32 +141,6 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
                 print(f"    spans received by the OTLP sink: {spans}", flush=True)
 
 
-def start_otlp_sink(log_path: Path) -> tuple[subprocess.Popen, int, Path]:
-    """benchmarks/otlp_sink.py in its own process on a free port (it counts spans, keeps none)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.otlp_sink", "--port", str(port), "--interval-s", "5"],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while "trace sink on" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc, grace_s=1)
-            raise RuntimeError(f"the OTLP sink did not start; see {log_path}")
-        time.sleep(0.1)
-    return proc, port, log_path
-
-
-def stop_otlp_sink(proc: subprocess.Popen, port: int, log_path: Path) -> int:
-    """SIGINT (it prints its total), then the spans it received."""
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        stop_server(proc, grace_s=1)
-    total = [line for line in log_path.read_text().splitlines() if line.startswith("total: ")]
-    return int(total[-1].split()[1]) if total else -1
-
-
 def copy_catalog(src: Path, work: Path, *, backlog: int, seed: int) -> Path:
     """A fresh copy of a catalogue's serving and training state (the trainer beside the server changes it), with
     `backlog` new events in its log so the trainer beside the server is never idle during the run."""
@@ -240,34 +156,6 @@ def copy_catalog(src: Path, work: Path, *, backlog: int, seed: int) -> Path:
     finally:
         log.close()
     return work
-
-
-def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
-    """`livetower train` on data in rounds back to back (any backlog, every 2 s); ready once its metrics answer."""
-    mport = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "livetower", "train", "--data-dir", str(data),
-                             "--round-min-events", "100", "--round-interval-s", "2", "--trainer-metrics-port",
-                             # The catalogue's synthetic events are from 2026-01-01 on, the load's are stamped now:
-                             # with the item TTL the first round's watermark would evict the whole catalogue
-                             # (engines of a few hundred items, each canary rolled back). Later flags override.
-                             str(mport), "--item-ttl-s", "0", *flags],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            trainer_events(mport)
-            return proc, mport
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_server(proc)
-                raise RuntimeError(f"trainer did not start; see {log_path}")
-            time.sleep(0.5)
-
-
-def trainer_events(metrics_port: int) -> float:
-    """livetower_trainer_events_trained_total from the trainer's metrics endpoint."""
-    return next(float(line.split()[1]) for line in metrics_text(metrics_port).splitlines()
-                if line.startswith("livetower_trainer_events_trained_total "))
 
 
 def calibrate(catalog: Path, out: Path) -> dict:

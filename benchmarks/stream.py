@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.slo import stop_server
+from benchmarks.processes import stop_server
 from contracts.kafka_events import KafkaTarget, encode_event, now_ms, produce_all
 from benchmarks.tansu import LocalBroker, free_port
 from proto import livetower_v1_pb2 as pb

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.slo import free_port, start_server, stop_server
+from benchmarks.processes import free_port, start_server, stop_server
 from contracts.client import Client
 from contracts.eventlog import SqliteEventLog
 from contracts.registry import MANIFEST, Registry, manifest_from_json

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from benchmarks.slo import PEER_METADATA, free_port
+from benchmarks.processes import PEER_METADATA, free_port
 from contracts.registry import Registry
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
