@@ -62,15 +62,21 @@ def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port:
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM to the process group (a peer's helper processes, a trainer's workers too), SIGKILL after grace_s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    """SIGTERM to the process group (a peer's helper processes, a trainer's workers too), SIGKILL after grace_s. A
+    process that leads no group (started without start_new_session) gets the signals itself: killpg alone would
+    find no group and leave it running (three freshness-bench servers outlived their runs that way)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            proc.send_signal(sig)
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def start_trainer(data: Path, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:

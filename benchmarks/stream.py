@@ -64,8 +64,10 @@ def percentiles_ms(xs: list[float]) -> dict:
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    """`livetower ARGS` in its own process group (benchmarks.processes.stop_server stops the group)."""
     return subprocess.Popen([sys.executable, "-m", "livetower", *args], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
 
 
 def wait_serving(stub, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
