@@ -248,22 +248,24 @@ class CatalogFollower:
             self._consumer = None
 
 
-def store_follower(target: KafkaTarget, store: CatalogStore, *, on_applied: Callable[[], None] | None = None,
-                   **kw) -> CatalogFollower:
-    """A follower that applies to `store` (which must be empty or fed from this stream already)."""
+def stream_start(target: KafkaTarget, store: CatalogStore) -> int:
+    """The offset `store` follows the stream from; ValueError when it holds changes not read from the stream."""
     start = store.stream_offset()
     if start is None and store.version() > 0:
         raise ValueError(f"{store.path} holds catalogue changes that were not read from the stream: it cannot "
                          f"follow {catalog_topic(target)}. Load that catalogue into the stream (livetower catalog "
                          "load FILE --events kafka://...) and move the file away")
+    return start or 0
+
+
+def store_follower(target: KafkaTarget, store: CatalogStore, **kw) -> CatalogFollower:
+    """A follower that applies to `store` (which must be empty or fed from this stream already)."""
+    start = stream_start(target, store)
 
     def apply(ops: list[CatalogOp], next_offset: int) -> list[str]:
-        outcomes, _ = store.apply_ops(ops, stream_offset=next_offset)
-        if on_applied is not None:
-            on_applied()
-        return outcomes
+        return store.apply_ops(ops, stream_offset=next_offset)[0]
 
-    return CatalogFollower(target, apply, start or 0, **kw)
+    return CatalogFollower(target, apply, start, **kw)
 
 
 class CatalogFollowThread:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Protocol, Sequence, TypeVar
 from aiokafka.errors import KafkaError
 
 from contracts.catalog import CatalogOp, CatalogRecord, CatalogStore, UpsertResult
-from contracts.catalog_stream import CatalogFollower, CatalogProducer, store_follower
+from contracts.catalog_stream import CatalogFollower, CatalogProducer, stream_start
 from contracts.kafka_events import KafkaTarget
 from server.engine.engine import Engine
 
@@ -111,8 +111,7 @@ class StreamCatalogWriter:
         self.sync, self.engines, self.apply_timeout_s = sync, engines, apply_timeout_s
         self.producer = CatalogProducer(target)
         self.version = sync.store.version()  # the store's version after the latest applied batch
-        self.follower: CatalogFollower = store_follower(target, sync.store)
-        self.follower.apply = self._apply
+        self.follower = CatalogFollower(target, self._apply, stream_start(target, sync.store))
         self._task: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
