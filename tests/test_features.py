@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from contracts.catalog import CatalogRecord
 from contracts.engine_format.item_features import FeatureConfig, bucket, featurize, text_tokens
-from trainer.features import FeatureTwoTower, ItemFeatureEncoder, combine_item_embedding
+from trainer.features import FeatureTwoTower, FeatureEncoder, combine_item_embedding
 from trainer.loss import sampled_softmax_loss
 from trainer.model import ModelConfig
 
@@ -51,7 +51,7 @@ def test_featurize_shapes_padding_and_truncation():
 
 def test_encoder_shapes_standardisation_and_export():
     torch.manual_seed(0)
-    enc = ItemFeatureEncoder(CFG).eval()
+    enc = FeatureEncoder(CFG).eval()
     ft = featurize(RECORDS, CFG)
     enc.fit_numeric(ft.num_NF, ft.present_NF)
     assert enc.num_mean_F.tolist() == pytest.approx([1987.5, 3.5]) and enc.num_std_F.tolist() == [7.5, 1.0]

@@ -10,7 +10,7 @@ features, D the tower's dim, R table rows.
    values (a new item's title words) without growing anything; colliding pairs share a row. Numeric features
    are passed raw with a presence mask. Stable across processes (Python's hash() is salted; BLAKE2b is not),
    so a server that hashes the same way gets the same rows.
-2. `ItemFeatureEncoder` (tensors in, tensors out; no data-dependent control flow, so torch.export takes it):
+2. `FeatureEncoder` (tensors in, tensors out; no data-dependent control flow, so torch.export takes it):
    categorical multi-hot = mean of EmbeddingBag rows, text = mean of EmbeddingBag rows, numeric standardised
    with the catalogue's mean/std (buffers) and projected with its presence mask; the three summed, then a
    residual SiLU MLP: (N, D).
@@ -37,7 +37,7 @@ from trainer.model import INIT_STD, PAD_ROW, ModelConfig, TwoTower
 
 # ---- 2. the encoder ----
 
-class ItemFeatureEncoder(nn.Module):
+class FeatureEncoder(nn.Module):
     """(cat_NC, text_NW, num_NF, present_NF) -> (N, D) feature embedding."""
 
     def __init__(self, cfg: FeatureConfig):
@@ -102,7 +102,7 @@ class FeatureTwoTower(TwoTower):
             raise ValueError(f"features ({features.cat_NC.shape[0]} rows) and has_id_R {tuple(has_id_R.shape)} "
                              f"must cover the table's {num_rows} rows")
         self.feat_cfg = feat_cfg
-        self.features = ItemFeatureEncoder(feat_cfg)
+        self.features = FeatureEncoder(feat_cfg)
         self.features.fit_numeric(features.num_NF, features.present_NF)
         for name, t in zip(FeatureTensors._fields, features):
             self.register_buffer(f"row_{name}", t.clone())

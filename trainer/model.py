@@ -350,9 +350,19 @@ def _init_weights(m: nn.Module) -> None:  # as HF DeepseekV3PreTrainedModel._ini
         nn.init.normal_(m.down_proj, std=INIT_STD)
 
 
+def fuse_user_features(user_BD: Tensor, feat_BD: Tensor) -> Tensor:
+    """A user's vector with side features: the normalised history vector plus the user's feature vector,
+    renormalised. Late fusion, so the compiled history tower stays as it is and the feature vector (which changes
+    only when the user's record does) is computed once per record, not per request. feat 0 = the history alone."""
+    return F.normalize(user_BD + feat_BD, dim=-1)
+
+
 class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig, num_rows: int):
         super().__init__()
+        # Optional user side features (trainer/user_features.py): a module mapping user rows (B,) -> (B, out_dim)
+        # feature vectors (row 0: none -> 0), attached after construction; None = the history alone.
+        self.user_features: nn.Module | None = None
         if num_rows < 2:
             raise ValueError(f"num_rows={num_rows}: need the pad row plus at least one item")
         self.cfg = cfg
@@ -389,13 +399,21 @@ class TwoTower(nn.Module):
         """(B, T) left-padded rows -> (B, T, D) DeepSeek stack output (before user_proj)."""
         return self.stack(self.embed_history(history_BT), history_BT != PAD_ROW)
 
-    def user_states(self, history_BT: Tensor) -> Tensor:
-        return F.normalize(self.user_proj(self.hidden_states(history_BT)), dim=-1)  # (B, T, out_dim)
+    def user_feature_vectors(self, users_B: Tensor | None) -> Tensor | None:
+        """(B, out_dim) feature vectors of user rows, or None (no user features, or no users given)."""
+        return None if users_B is None or self.user_features is None else self.user_features(users_B)
 
-    def encode_users(self, history_BT: Tensor) -> Tensor:
+    def user_states(self, history_BT: Tensor, users_B: Tensor | None = None) -> Tensor:
+        u_BTD = F.normalize(self.user_proj(self.hidden_states(history_BT)), dim=-1)  # (B, T, out_dim)
+        f_BD = self.user_feature_vectors(users_B)
+        return u_BTD if f_BD is None else fuse_user_features(u_BTD, f_BD.unsqueeze(1).to(u_BTD.dtype))
+
+    def encode_users(self, history_BT: Tensor, users_B: Tensor | None = None) -> Tensor:
         # newest item is last (left padding); only that position is computed in the final layer
         h_BD = self.stack(self.embed_history(history_BT), history_BT != PAD_ROW, last_only=True)[:, -1]
-        return F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
+        u_BD = F.normalize(self.user_proj(h_BD), dim=-1)  # (B, out_dim)
+        f_BD = self.user_feature_vectors(users_B)
+        return u_BD if f_BD is None else fuse_user_features(u_BD, f_BD.to(u_BD.dtype))
 
     def row_buffers(self) -> list[Tensor]:
         """Per-table-row buffers that move with the rows when they are renumbered (none here)."""

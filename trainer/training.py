@@ -23,7 +23,7 @@ from torch import nn
 from trainer import ema
 from trainer.config import TrainConfig
 from trainer.loss import sampled_softmax_loss
-from trainer.model import TwoTower
+from trainer.model import TwoTower, fuse_user_features
 
 
 def make_optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -73,8 +73,9 @@ def make_grad_scaler(precision: str, device_type: str = "cpu",
     return torch.amp.GradScaler(device_type, init_scale=init_scale) if precision == "fp16" else None
 
 
-# (inp_BT, tgt_BT, m_BT, generator) -> the batch's loss; called under autocast. generator: the random negatives'.
-StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+# (inp_BT, tgt_BT, m_BT, generator, users_B) -> the batch's loss; called under autocast. generator: the random
+# negatives'; users_B: each window's user row for the model's user features (trainer/user_features.py), or None.
+StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor | None], torch.Tensor]
 
 
 class WindowLoss(nn.Module):
@@ -86,12 +87,14 @@ class WindowLoss(nn.Module):
 
     def forward(self, inp_BT: torch.Tensor, tgt_BT: torch.Tensor, m_BT: torch.Tensor, *, item_prob_R: torch.Tensor,
                 n_items: int, n_random: int, temperature: float, generator: torch.Generator | None,
-                in_batch: bool, logq: bool, pairwise_weight: float) -> torch.Tensor:
+                in_batch: bool, logq: bool, pairwise_weight: float, users_B: torch.Tensor | None = None) -> torch.Tensor:
         # = model.user_states(inp_BT)[m_BT], but only the target positions are projected and normalised, in fp32:
         # under fp16 autocast F.normalize's eps underflows, so the all-zero pad positions would give 0/0 = NaN
         # (and NaN gradients through the mask), and cosine / 0.05 wants more than bf16's 8 mantissa bits anyway.
         hidden_MD = self.model.hidden_states(inp_BT)[m_BT]
         user_MD = F.normalize(self.model.user_proj(hidden_MD).float(), dim=-1)
+        if (f_BD := self.model.user_feature_vectors(users_B)) is not None:  # each target's user, fused
+            user_MD = fuse_user_features(user_MD, f_BD.float().unsqueeze(1).expand(-1, m_BT.shape[1], -1)[m_BT])
         return sampled_softmax_loss(self.model, user_MD, tgt_BT[m_BT], item_prob_R=item_prob_R,
                                     n_items=n_items, n_random=n_random, temperature=temperature,
                                     generator=generator, in_batch=in_batch, logq=logq,
@@ -103,8 +106,9 @@ def window_loss(loss_module: nn.Module, cfg: TrainConfig, item_prob_R: torch.Ten
     or DDP around it: the call must go through DDP for its gradient all-reduce."""
     item_prob_R = item_prob_R.to(next(loss_module.parameters()).device)
 
-    def loss(inp_BT: torch.Tensor, tgt_BT: torch.Tensor, m_BT: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return loss_module(inp_BT, tgt_BT, m_BT, item_prob_R=item_prob_R, n_items=n_items,
+    def loss(inp_BT: torch.Tensor, tgt_BT: torch.Tensor, m_BT: torch.Tensor, gen: torch.Generator,
+             users_B: torch.Tensor | None = None) -> torch.Tensor:
+        return loss_module(inp_BT, tgt_BT, m_BT, users_B=users_B, item_prob_R=item_prob_R, n_items=n_items,
                            n_random=cfg.n_random_negatives, temperature=cfg.model.temperature, generator=gen,
                            in_batch=cfg.in_batch_negatives, logq=cfg.logq_correction,
                            pairwise_weight=cfg.pairwise_weight)
@@ -114,12 +118,13 @@ def window_loss(loss_module: nn.Module, cfg: TrainConfig, item_prob_R: torch.Ten
 def train_step(loss_fn: StepLoss, model: nn.Module, opt: torch.optim.Optimizer, inp_BT: torch.Tensor,
                tgt_BT: torch.Tensor, m_BT: torch.Tensor, *, precision: str, generator: torch.Generator | None,
                scaler: torch.amp.GradScaler | None = None, weight: float = 1.0,
-               before_bias_update: Callable[[nn.Module], None] | None = None, ema_decay: float = 0.0) -> float:
+               before_bias_update: Callable[[nn.Module], None] | None = None, ema_decay: float = 0.0,
+               users_B: torch.Tensor | None = None) -> float:
     """One optimiser step; returns the (unweighted) loss. `weight` scales the loss before backward (DDP: this
     rank's share of the global batch's targets); `before_bias_update` may all-reduce the expert loads first
     (DDP); ema_decay > 0: then the weight average (trainer/ema.py; the same on every DDP rank, as the weights are)."""
     with autocast(precision, model_device(model).type):
-        loss = loss_fn(inp_BT, tgt_BT, m_BT, generator)
+        loss = loss_fn(inp_BT, tgt_BT, m_BT, generator, users_B)
     opt.zero_grad(set_to_none=True)
     scaled = loss * weight if weight != 1.0 else loss
     if scaler is not None:
@@ -240,7 +245,7 @@ class EpochLoopResult:
 def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: StepLoss, inputs_WT: np.ndarray,
                  targets_WT: np.ndarray, mask_WT: np.ndarray, *, cfg: TrainConfig, epochs: int, seed: int,
                  start_epoch: int = 0, shard: Shard = Shard(), scaler: torch.amp.GradScaler | None = None,
-                 lengths_W: np.ndarray | None = None,
+                 lengths_W: np.ndarray | None = None, users_W: np.ndarray | None = None,
                  before_step: Callable[[int], None] | None = None,
                  after_step: Callable[[int], None] | None = None,
                  on_epoch_end: Callable[[int, list[float], np.ndarray], bool | None] | None = None,
@@ -249,7 +254,8 @@ def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: StepLoss
 
     Precision follows cfg.precision on the model's device (fp16: pass `scaler`); cfg.ema_epochs sets the weight
     average's decay from the epoch's steps. lengths_W: bucket the batches by length and crop their all-pad left
-    columns (offline). before_step(g) / after_step(g): around global step g (after_step only when a step was
+    columns (offline). users_W: each window's user row, for a model with user features (else None).
+    before_step(g) / after_step(g): around global step g (after_step only when a step was
     taken; the gradients are still there). on_epoch_end(epochs done, losses, window_epochs_N) runs on every rank,
     the model in eval mode; returning True stops the loop there."""
     device = model_device(model)
@@ -281,7 +287,8 @@ def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: StepLoss
                               torch.from_numpy(targets_WT[mine, cols]).to(device),
                               torch.from_numpy(mask_WT[mine, cols]).to(device), precision=cfg.precision,
                               generator=gen, scaler=scaler, weight=weight if world > 1 else 1.0,
-                              before_bias_update=_expert_load_hook(shard, weight == 0.0), ema_decay=ema_decay)
+                              before_bias_update=_expert_load_hook(shard, weight == 0.0), ema_decay=ema_decay,
+                              users_B=None if users_W is None else torch.from_numpy(users_W[mine]).to(device))
             if after_step is not None:
                 after_step(g_step)
             weighted_loss += loss * weight / world if world > 1 else loss

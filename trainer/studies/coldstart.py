@@ -46,6 +46,7 @@ from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.examples import stack_windows, windows_for_new
 from contracts.engine_format.item_features import FeatureConfig, featurize
 from trainer.features import FeatureTwoTower
+from trainer.model import TwoTower
 from trainer.studies.offline import PRESETS
 from trainer.studies.offline_train import OfflineTrainConfig, _Validation, offline_step_loss, train_offline
 from trainer.studies.protocols import EvalSet, leave_one_out
@@ -105,14 +106,21 @@ def load_ml100k(data_dir: Path, max_users: int = 0) -> tuple[SequenceData, list[
     return data, records
 
 
-def train_feature_model(model: FeatureTwoTower, train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig,
-                        *, validate: Callable, progress: Callable[[str], None]) -> tuple[FeatureTwoTower, dict]:
+def train_feature_model(model: TwoTower, train_seqs: list[np.ndarray], n_items: int, cfg: OfflineTrainConfig,
+                        *, validate: Callable, progress: Callable[[str], None],
+                        user_rows: np.ndarray | None = None) -> tuple[TwoTower, dict]:
     """train_offline's loop (same windows, loss, epochs, weight average, early stopping) on a given model.
-    train_offline builds its own TwoTower; this is its body with the model passed in (no learned temperature)."""
+    train_offline builds its own TwoTower; this is its body with the model passed in (no learned temperature).
+    user_rows: train_seqs' index -> the model's user-feature row (a model with user features), else None."""
     tc = cfg.train
-    windows = [w for seq in train_seqs if len(seq) >= 2 for w in windows_for_new(list(seq), len(seq),
-                                                                                  tc.model.max_history)]
+    windows, users = [], []
+    for u, seq in enumerate(train_seqs):
+        if len(seq) >= 2:
+            new = windows_for_new(list(seq), len(seq), tc.model.max_history)
+            windows += new
+            users += [u] * len(new)
     inputs_WT, targets_WT, mask_WT = stack_windows(windows)
+    users_W = None if user_rows is None else user_rows[np.asarray(users, np.int64)]
     counts_R = np.bincount(np.concatenate(train_seqs), minlength=n_items + 1)
     item_prob_R = torch.from_numpy(counts_R / max(counts_R.sum(), 1)).float()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cfg.fused_adam)
@@ -123,7 +131,7 @@ def train_feature_model(model: FeatureTwoTower, train_seqs: list[np.ndarray], n_
     val = _Validation(cfg=cfg, model=model, opt=opt, validate=validate, progress=progress, log=log, log_scale=None)
     train_epochs(model, opt, offline_step_loss(model, cfg, item_prob_R, n_items, None), inputs_WT, targets_WT,
                  mask_WT, cfg=tc, epochs=cfg.epochs, seed=tc.seed, scaler=make_grad_scaler(tc.precision),
-                 lengths_W=(inputs_WT != 0).sum(1) if cfg.bucket else None, on_epoch_end=val)
+                 lengths_W=(inputs_WT != 0).sum(1) if cfg.bucket else None, users_W=users_W, on_epoch_end=val)
     log["val_seconds"] = val.val_seconds
     log["train_seconds"] = time.perf_counter() - t0 - val.val_seconds
     if val.best_state is not None:
@@ -186,8 +194,8 @@ def _full(m: dict) -> dict[str, float]:
     return {k: round(v, 5) for k, v in m["full"].items()}
 
 
-def _val_fn(ev: EvalSet, n_items: int) -> Callable:
-    return lambda model: evaluate_model_on(model, ev, n_items, ks=(10,))["full"]["ndcg@10"]
+def _val_fn(ev: EvalSet, n_items: int, user_rows: np.ndarray | None = None) -> Callable:
+    return lambda model: evaluate_model_on(model, ev, n_items, ks=(10,), user_rows=user_rows)["full"]["ndcg@10"]
 
 
 def run_cold(data: SequenceData, records: list[CatalogRecord | None], cfg: ColdStartConfig,

@@ -106,8 +106,9 @@ def offline_loss(model: TwoTower, user_MD: torch.Tensor, pos_M: torch.Tensor, cf
 def offline_step_loss(model: TwoTower, cfg: OfflineTrainConfig, item_prob_R: torch.Tensor, n_items: int,
                       log_scale: torch.Tensor | None) -> StepLoss:
     """offline_loss as train_epochs' StepLoss; log_scale: the learned log(1 / temperature), or None."""
-    def loss(inp_BL: torch.Tensor, tgt_BL: torch.Tensor, m_BL: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        states_BLD = model.user_states(inp_BL)
+    def loss(inp_BL: torch.Tensor, tgt_BL: torch.Tensor, m_BL: torch.Tensor, gen: torch.Generator,
+             users_B: torch.Tensor | None = None) -> torch.Tensor:
+        states_BLD = model.user_states(inp_BL, users_B)
         temp = None if log_scale is None else torch.exp(-log_scale.clamp(max=-math.log(MIN_TEMPERATURE)))
         return offline_loss(model, states_BLD[m_BL], tgt_BL[m_BL], cfg, item_prob_R, n_items, gen, temp)
     return loss

@@ -64,15 +64,17 @@ class Counts:
 @torch.no_grad()
 def evaluate_model_on(model: TwoTower, ev: EvalSet, n_items: int, *, negatives_BK: np.ndarray | None = None,
                       ks: tuple[int, ...] = (10, 20), rows_of_item: np.ndarray | None = None,
-                      batch: int = 256) -> dict[str, dict[str, float]]:
-    """{"full": {recall@k, ndcg@k}, "sampled": {hr@k, ndcg@k}} (sampled only with negatives)."""
+                      batch: int = 256, user_rows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """{"full": {recall@k, ndcg@k}, "sampled": {hr@k, ndcg@k}} (sampled only with negatives). user_rows: ev.users
+    -> the model's user-feature rows (a model with user features; None: the history alone)."""
     model.eval()
     rows = np.arange(n_items + 1) if rows_of_item is None else rows_of_item  # item id -> model row
     items_ND = model.encode_items(torch.from_numpy(rows[1:]))
     T = model.cfg.max_history
     counts = Counts(len(ev), negatives_BK is not None)
     for idx_B, hist_BL in _batches_by_length(ev.histories, T, batch):
-        u_BD = model.encode_users(torch.from_numpy(rows[hist_BL]))
+        users_B = None if user_rows is None else torch.from_numpy(user_rows[ev.users[idx_B]])
+        u_BD = model.encode_users(torch.from_numpy(rows[hist_BL]), users_B)
         scores_BN = (u_BD @ items_ND.T).float()
         counts.add(idx_B, scores_BN, ev.targets[idx_B], [ev.histories[i] for i in idx_B],
                    None if negatives_BK is None else negatives_BK[idx_B])
