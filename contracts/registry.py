@@ -297,6 +297,10 @@ ITEM_ENCODER_FILE = "item_encoder.ep.pt2"  # optional: the item feature encoder 
                                           # feature models: catalogue features -> item vectors (contracts/
                                           # engine_format/item_encoder.py)
 ITEM_ENCODER_META = "item_encoder.json"   # its FeatureConfig and golden records with their vectors
+USER_ENCODER_FILE = "user_encoder.ep.pt2"  # optional: the user feature encoder, engines of models with user
+                                          # features: a user's catalogue record -> its (unnormalised) feature
+                                          # vector, fused with the tower's output (trainer/user_features.py)
+USER_ENCODER_META = "user_encoder.json"   # the same layout as ITEM_ENCODER_META
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
 
 

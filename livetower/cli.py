@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
     catalog = follow = None
     if args.catalog_stream:
         follow = _follow_catalog_stream(args)
-    if cfg.item_features or (args.data_dir / "catalog.sqlite").exists():  # a feature checkpoint needs it too
+    if cfg.item_features or cfg.user_features or (args.data_dir / "catalog.sqlite").exists():  # a feature checkpoint needs it too
         from contracts.catalog import CatalogStore
 
         catalog = CatalogStore(args.data_dir / "catalog.sqlite")

@@ -48,7 +48,7 @@ def train_flag_sets() -> tuple[FlagSet, FlagSet]:
                      "max_round_events", Flag("epochs_per_round", name="epochs"), Flag("precision", choices=PRECISIONS),
                      "signing_key", "keep_engines", "item_min_count", "max_new_items_per_round", "item_ttl_s",
                      "max_users", "admission_sketch_width", "short_round_max_events", "short_round_interval_s",
-                     "short_round_epochs", "item_features")
+                     "short_round_epochs", "item_features", "user_features")
     elastic = flag_set(ElasticConfig, "min_workers", "max_workers", "events_per_worker",
                        Flag("device", name="train-device", choices=ELASTIC_DEVICES))
     return train, elastic

@@ -112,7 +112,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         if problem := recommend_problem(request, self.limits):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        query = RecommendQuery(self._history(request), request.k, request.exclude_seen)
+        query = RecommendQuery(self._history(request), request.k, request.exclude_seen, request.user_id)
 
         async def recommend(engine: Engine) -> Ranked:
             if self.batcher is None:
@@ -137,9 +137,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
         async def score(engine: Engine):
             if self.batcher is None:
-                return engine.score(history, candidates)
-            return await through_batcher(
-                context, self.batcher.run(engine, lambda: engine.score(history, candidates), deadline_of(context)))
+                return engine.score(history, candidates, request.user_id)
+            return await through_batcher(context, self.batcher.run(
+                engine, lambda: engine.score(history, candidates, request.user_id), deadline_of(context)))
 
         (scores, unknown, source), engine, arm = await self._on_routed_engine(context, request.user_id, score)
         return pb.ScoreResponse(scores=scores, engine_version=engine.version,

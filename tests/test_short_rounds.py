@@ -72,8 +72,9 @@ def test_the_fork_trains_only_the_new_events_and_the_model_is_left_alone(trained
     from trainer.short_rounds import Fork, train_fork, windows_after
 
     t = make_trainer(trained_dir, **SHORT)
-    windows = windows_after({"user-0": [4]}, {"user-0": [5, 6], "user-1": [7]}, t.state.user_seqs,
-                            t.model.cfg.max_history)
+    windows, users = windows_after({"user-0": [4]}, {"user-0": [5, 6], "user-1": [7]}, t.state.user_seqs,
+                                   t.model.cfg.max_history)
+    assert users == ["user-0", "user-1"]
     assert len(windows) == 2 and sorted(int(x) for w in windows for x in w[1][w[2]]) == [5, 6, 7]
     assert any(4 in w[0] for w in windows)  # the earlier buffered row is context, not a target
     before = state_of(t.model)

@@ -123,7 +123,7 @@ def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(
     T = t.model.cfg.max_history
     hist = np.stack([left_pad(t.state.user_seqs[u][:-1], T) for u in users])
     tgt = np.asarray([t.state.user_seqs[u][-1] for u in users])
-    version, serving = t._evaluate_serving(hist, tgt)
+    version, serving = t._evaluate_serving(hist, tgt, users)
     assert version == 1 and serving == pytest.approx(evaluate_model(t.model, hist, tgt, len(t.vocab)))
     # A candidate held to 10x the serving model's recall fails the gate and publishes nothing.
     strict = make_trainer(data_dir, gate_min_vs_serving=10.0)
@@ -158,12 +158,12 @@ def test_rounds_replay_earlier_users_windows(data_dir):
     t = make_trainer(data_dir)
     t.run_round()
     fresh = {"s9-0": [1, 2]}
-    windows = t._replay_windows(40, exclude=fresh)
-    assert len(windows) == 40
+    windows, users = t._replay_windows(40, exclude=fresh)
+    assert len(windows) == 40 and len(users) == 40 and set(users) <= set(t.state.user_seqs) - set(fresh)
     for inputs_T, targets_T, mask_T in windows:
         assert mask_T.any() and (targets_T[mask_T] > 0).all()
-    assert t._replay_windows(0, exclude=fresh) == []
-    assert make_trainer(data_dir, replay_fraction=0.0)._replay_windows(0, exclude={}) == []
+    assert t._replay_windows(0, exclude=fresh) == ([], [])
+    assert make_trainer(data_dir, replay_fraction=0.0)._replay_windows(0, exclude={}) == ([], [])
 
 
 def test_round_backlog_picks_two_workers_and_the_round_trains_on_them(data_dir):
@@ -192,7 +192,8 @@ def test_split_round_holds_out_newest_events_and_trains_the_rest():
     split = split_round(new_by_user, kept, max_eval_users=10, seed=0)
     assert split.seqs == {"a": [5, 6, 7], "b": [1, 2, 8], "c": [9], "d": [3, 4]}
     assert split.holdout == ["a", "b", "d"]
-    rows, windows = new_windows(split, 4)
+    rows, windows, users = new_windows(split, 4)
+    assert len(users) == len(windows)
     assert sorted(rows) == [3, 5, 6, 9]  # the held-out newest events (7, 8, 4) are not trained now
     targets = sorted(int(t) for _, tgt_T, m_T in windows for t in tgt_T[m_T])
     assert targets == [6]  # 5 -> 6 is the only trained event with a history before it

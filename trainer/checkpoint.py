@@ -55,6 +55,8 @@ class TrainerState:
     feature_config: dict | None = None         # FeatureConfig of a feature item tower (trainer/item_catalog.py);
                                                # None: the id-only TwoTower
     catalog_version: int = 0                   # catalogue version the feature rows reflect
+    user_feature_config: dict | None = None    # FeatureConfig of the user features (trainer/user_features.py);
+                                               # None: the history alone
 
 
 def _plain(state: TrainerState) -> dict:

@@ -113,6 +113,9 @@ class TrainConfig:
                                        # catalogue features (<data_dir>/catalog.sqlite) and engines carry the item
                                        # encoder, so the server serves new catalogue items by their features. A fresh
                                        # checkpoint only: an existing one keeps its model's kind
+    user_features: bool = False       # user features beside the history (trainer/user_features.py): each trained
+                                       # user's catalogue record (kind "user") feeds a feature encoder fused with the
+                                       # user tower's output, and engines carry the encoder. A fresh checkpoint only
     poll_interval_s: float = 1.0       # how often the log is checked
     max_eval_users: int = 2000         # holdout users evaluated per round (sampled deterministically)
     min_eval_users: int = 20           # smaller holdouts skip the gate (recorded in the manifest)
@@ -169,9 +172,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.weight_decay and gate_min_ratio must be >= 0")
         if self.ema_epochs < 0:
             raise ValueError(f"TrainConfig.ema_epochs must be >= 0, got {self.ema_epochs}")
-        if self.item_features and self.elastic.max_workers > 1:
-            raise ValueError("TrainConfig.item_features trains in the trainer process only: set "
-                             "elastic.max_workers to 1 (the launched workers build the id-only model)")
+        for name in ("item_features", "user_features"):
+            if getattr(self, name) and self.elastic.max_workers > 1:
+                raise ValueError(f"TrainConfig.{name} trains in the trainer process only: set "
+                                 "elastic.max_workers to 1 (the launched workers build the id-only model)")
         if self.short_round_max_events < 0:
             raise ValueError(f"TrainConfig.short_round_max_events must be >= 0 (0: no short rounds), got "
                              f"{self.short_round_max_events}")

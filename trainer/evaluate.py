@@ -91,13 +91,16 @@ def _seen_cols(seen_rows: list[list[int]] | None, s: int, e: int) -> list[np.nda
 
 @torch.no_grad()
 def model_rank_counts(model: TwoTower, histories_BT: np.ndarray, target_rows_B: np.ndarray, n_items: int, *,
-                      seen_rows: list[list[int]] | None = None, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(greater_B, equal_B) of each target row among item rows 1..n_items (the pad row is never ranked)."""
+                      seen_rows: list[list[int]] | None = None, batch: int = 256,
+                      users_B: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(greater_B, equal_B) of each target row among item rows 1..n_items (the pad row is never ranked).
+    users_B: each history's user row, for a model with user features (None: the history alone)."""
     model.eval()
     items_ND = model.encode_items(torch.arange(1, n_items + 1))
     gt, eq = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for s in range(0, len(target_rows_B), batch):
-        u_BD = model.encode_users(torch.from_numpy(histories_BT[s:s + batch]))
+        u_BD = model.encode_users(torch.from_numpy(histories_BT[s:s + batch]),
+                                  None if users_B is None else torch.from_numpy(users_B[s:s + batch]))
         scores_BN = u_BD @ items_ND.T
         g, e = rank_counts(scores_BN, target_rows_B[s:s + batch] - 1, _seen_cols(seen_rows, s, s + batch))
         gt.append(g), eq.append(e)
@@ -106,10 +109,10 @@ def model_rank_counts(model: TwoTower, histories_BT: np.ndarray, target_rows_B: 
 
 def evaluate_model(model: TwoTower, histories_BT: np.ndarray, target_rows_B: np.ndarray, n_items: int, *,
                    seen_rows: list[list[int]] | None = None, ks: tuple[int, ...] = (10,),
-                   batch: int = 256) -> dict[str, float]:
+                   batch: int = 256, users_B: np.ndarray | None = None) -> dict[str, float]:
     """{recall@k, ndcg@k} for each k: the model's ranking of each target row among item rows 1..n_items."""
     return expected_metrics(*model_rank_counts(model, histories_BT, target_rows_B, n_items, seen_rows=seen_rows,
-                                               batch=batch), ks)
+                                               batch=batch, users_B=users_B), ks)
 
 
 def popularity_rank_counts(counts_R: np.ndarray, target_rows_B: np.ndarray, n_items: int, *,

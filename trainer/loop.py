@@ -35,7 +35,7 @@ from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.evaluate import evaluate_model, evaluate_popularity
-from trainer.examples import left_pad, stack_windows, windows_for_new
+from trainer.examples import left_pad, stack_windows
 from trainer.item_catalog import (feature_config_from_state, feature_config_to_state, new_feature_model,
                                   refresh_rows)
 from trainer.features import FeatureTwoTower
@@ -49,6 +49,7 @@ from trainer.round_types import RoundResult, RoundSplit
 from trainer.short_round_control import ShortRoundControl
 from trainer.short_rounds import ReadAhead, watermark_after
 from trainer.training import make_grad_scaler, make_optimizer, train_windows
+from trainer.user_features import attach_user_features, new_user_features, window_user_rows, windows_of_users
 from trainer.vocab import ItemVocab, table_rows_for
 
 log = logging.getLogger("livetower.trainer")
@@ -63,15 +64,16 @@ def split_round(new_by_user: dict[str, list[int]], user_seqs: dict[str, list[int
     return RoundSplit(new_by_user=new_by_user, seqs=seqs, holdout=sorted(eligible[i] for i in pick))
 
 
-def new_windows(split: RoundSplit, T: int) -> tuple[list[int], list]:
-    """(item rows trained, their next-item windows): every new event except the held-out ones."""
+def new_windows(split: RoundSplit, T: int) -> tuple[list[int], list, list[str]]:
+    """(item rows trained, their next-item windows, the user of each window): every new event except the held-out
+    ones."""
     held = set(split.holdout)
-    rows, windows = [], []
+    rows, parts = [], []
     for u, new in split.new_by_user.items():
         seq, n_new = (split.seqs[u][:-1], len(new) - 1) if u in held else (split.seqs[u], len(new))
         rows.extend(new[:n_new])
-        windows.extend(windows_for_new(seq, n_new, T))
-    return rows, windows
+        parts.append((u, seq, n_new))
+    return rows, *windows_of_users(parts, T)
 
 
 def holdout_arrays(split: RoundSplit, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,9 +115,10 @@ class Trainer(Publishing, ShortRoundControl):
         if resolve_device(cfg.elastic.device) == "cuda" and cfg.elastic.in_process_single_worker:
             # The trainer process keeps its model on the CPU (eval, export); W = 1 launches one GPU worker.
             cfg = cfg.replace(elastic=cfg.elastic.replace(in_process_single_worker=False))
-        if cfg.item_features and catalog is None:
-            raise ValueError("TrainConfig.item_features needs the catalogue: pass catalog=CatalogStore(...) "
-                             "(`livetower train` opens <data-dir>/catalog.sqlite)")
+        for name in ("item_features", "user_features"):
+            if getattr(cfg, name) and catalog is None:
+                raise ValueError(f"TrainConfig.{name} needs the catalogue: pass catalog=CatalogStore(...) "
+                                 "(`livetower train` opens <data-dir>/catalog.sqlite)")
         self.cfg = cfg
         self.catalog = catalog
         self.devices = available_devices(cfg.elastic)
@@ -135,14 +138,18 @@ class Trainer(Publishing, ShortRoundControl):
             torch.manual_seed(cfg.seed)
             self.model = new_feature_model(model_cfg, table_rows_for(0), catalog) if cfg.item_features else \
                 TwoTower(model_cfg, table_rows_for(0))
+            user_cfg = new_user_features(self.model, catalog) if cfg.user_features else None
             self.opt = make_optimizer(self.model, cfg)
             self.state = TrainerState(model_config=model_cfg.to_dict(), model={}, optimizer={}, vocab=[],
                                       item_counts=np.zeros(self.model.num_rows, np.int64), user_seqs=OrderedDict(),
                                       offsets={}, item_last_seen_ms=np.zeros(self.model.num_rows, np.int64))
             if cfg.item_features:
                 self.state.feature_config = feature_config_to_state(self.model.feat_cfg)
-            log.info("no checkpoint in %s: starting fresh%s", self.checkpoint_dir,
-                     " with a feature item tower" if cfg.item_features else "")
+            if user_cfg is not None:
+                self.state.user_feature_config = feature_config_to_state(user_cfg)
+            log.info("no checkpoint in %s: starting fresh%s%s", self.checkpoint_dir,
+                     " with a feature item tower" if cfg.item_features else "",
+                     " with user features" if user_cfg is not None else "")
         else:
             model_cfg = ModelConfig.from_dict(state.model_config)
             if model_cfg != cfg.model:
@@ -152,6 +159,9 @@ class Trainer(Publishing, ShortRoundControl):
             if state.feature_config is not None and catalog is None:
                 raise ValueError("the checkpoint holds a feature item tower: the trainer needs the catalogue "
                                  "(--item-features)")
+            if state.user_feature_config is not None and catalog is None:
+                raise ValueError("the checkpoint holds user features: the trainer needs the catalogue "
+                                 "(--user-features)")
             self.model = self._empty_model(state.model["item_embedding.weight"].shape[0])
             self.model.load_state_dict(state.model)
             self.opt = make_optimizer(self.model, cfg)
@@ -175,10 +185,12 @@ class Trainer(Publishing, ShortRoundControl):
 
     def _empty_model(self, rows: int) -> TwoTower:
         """An untrained model of this trainer's kind with `rows` table rows (a state dict is loaded into it)."""
-        model_cfg = ModelConfig.from_dict(self.state.model_config)
-        if self.state.feature_config is None:
-            return TwoTower(model_cfg, rows)
-        return FeatureTwoTower.empty(model_cfg, rows, feature_config_from_state(self.state.feature_config))
+        model_cfg, st = ModelConfig.from_dict(self.state.model_config), self.state
+        model = TwoTower(model_cfg, rows) if st.feature_config is None else \
+            FeatureTwoTower.empty(model_cfg, rows, feature_config_from_state(st.feature_config))
+        if st.user_feature_config is not None:
+            attach_user_features(model, feature_config_from_state(st.user_feature_config), [])
+        return model
 
     def close(self) -> None:
         """Export the spans still buffered and stop the exporter (the event log is its owner's to close)."""
@@ -310,11 +322,13 @@ class Trainer(Publishing, ShortRoundControl):
         on the workers the elastic policy picks. False when every worker count failed: the model, optimizer and
         item counts are then as they were."""
         cfg, st = self.cfg, self.state
-        rows, windows = new_windows(split, self.model.cfg.max_history)
+        rows, windows, users = new_windows(split, self.model.cfg.max_history)
         counts_before = st.item_counts.copy()
         self._count(rows)
         n_new = len(windows)
-        windows.extend(self._replay_windows(int(cfg.replay_fraction * n_new), exclude=split.new_by_user))
+        replayed, replay_users = self._replay_windows(int(cfg.replay_fraction * n_new), exclude=split.new_by_user)
+        windows += replayed
+        users += replay_users
         log.info("round %d: %d events from %d users (%d new + %d replayed windows), %d held out, %d items",
                  st.step + 1, n_events, len(split.new_by_user), n_new, len(windows) - n_new, len(split.holdout),
                  len(self.vocab))
@@ -328,7 +342,7 @@ class Trainer(Publishing, ShortRoundControl):
                 self.model, self.opt, *stack_windows(windows), item_prob_R=self._item_prob(), n_items=len(self.vocab),
                 cfg=cfg, epochs=cfg.epochs_per_round, generator=self.generator, workers=choice.workers,
                 progress=lambda m: log.info("round %d %s", st.step + 1, m), scaler=self.scaler,
-                metrics=self.elastic_metrics,
+                metrics=self.elastic_metrics, users_W=window_user_rows(self.model, users, self.catalog),
                 after_step=self._between_steps if cfg.short_round_max_events else None)
         except RoundFailed as e:  # model and optimizer unchanged, positions not advanced: the next round retries
             log.error("round %d failed on every worker count tried: %s; its events are read again next round",
@@ -347,11 +361,12 @@ class Trainer(Publishing, ShortRoundControl):
             return metrics
         hist_BT, tgt_B = holdout_arrays(split, self.model.cfg.max_history)
         n_items = len(self.vocab)
-        metrics.update({f"model_{k}": v for k, v in
-                        evaluate_model(ema.averaged(self.model, self.opt), hist_BT, tgt_B, n_items).items()})
+        model = ema.averaged(self.model, self.opt)
+        metrics.update({f"model_{k}": v for k, v in evaluate_model(
+            model, hist_BT, tgt_B, n_items, users_B=window_user_rows(model, split.holdout, self.catalog)).items()})
         metrics.update({f"popularity_{k}": v for k, v in
                         evaluate_popularity(self.state.item_counts, tgt_B, n_items).items()})
-        baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B)
+        baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B, split.holdout)
         if serving is not None:
             metrics.update({f"serving_{k}": v for k, v in serving.items()})
             metrics["gate_baseline_version"] = float(baseline_version)
@@ -376,8 +391,9 @@ class Trainer(Publishing, ShortRoundControl):
             return
         T = self.model.cfg.max_history
         self._count([split.seqs[u][-1] for u in split.holdout])
-        fold = [w for u in split.holdout for w in windows_for_new(split.seqs[u], 1, T)]
+        fold, users = windows_of_users(((u, split.seqs[u], 1) for u in split.holdout), T)
         train_windows(self.model, self.opt, *stack_windows(fold), item_prob_R=self._item_prob(),
+                      users_W=window_user_rows(self.model, users, self.catalog),
                       n_items=len(self.vocab), cfg=self.cfg, epochs=1, generator=self.generator, scaler=self.scaler,
                       after_step=self._between_steps if self.cfg.short_round_max_events else None)
 
@@ -424,15 +440,16 @@ class Trainer(Publishing, ShortRoundControl):
                      r.dead_letters_deleted)
         self.metrics.on_retention(r.events_deleted, r.dead_letters_deleted)
 
-    def _replay_windows(self, n: int, *, exclude) -> list:
-        """Up to n windows over the kept sequences of users not in this round (seeded, reproducible)."""
+    def _replay_windows(self, n: int, *, exclude) -> tuple[list, list[str]]:
+        """Up to n windows over the kept sequences of users not in this round (seeded, reproducible), and the user
+        of each."""
         if n <= 0:
-            return []
+            return [], []
         T, st = self.model.cfg.max_history, self.state
         users = [u for u, seq in st.user_seqs.items() if len(seq) >= 2 and u not in exclude]
         rng = np.random.default_rng(self.cfg.seed + 7919 * st.step)
         picked = rng.permutation(len(users))[:n]
-        return [w for i in picked for w in windows_for_new(st.user_seqs[users[i]], len(st.user_seqs[users[i]]), T)]
+        return windows_of_users(((users[i], st.user_seqs[users[i]], len(st.user_seqs[users[i]])) for i in picked), T)
 
     def _baseline_version(self) -> int:
         """The version the gate compares against: the server's stable one (rollout.json in the shared
@@ -442,7 +459,8 @@ class Trainer(Publishing, ShortRoundControl):
         stable = self.read_ahead.base_of(self.registry.read_rollout().stable)  # a short engine: its full round's
         return stable if stable in self.state.published_models else self.state.published_version
 
-    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray) -> tuple[int, dict[str, float] | None]:
+    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray,
+                          users: list[str]) -> tuple[int, dict[str, float] | None]:
         """(baseline version, its metrics on the same holdout). It knows only the items of its own table:
         newer history rows are dropped (as the server drops unknown ids) and newer targets count as misses."""
         version = self._baseline_version()
@@ -458,7 +476,8 @@ class Trainer(Publishing, ShortRoundControl):
             return version, {"recall@10": 0.0, "ndcg@10": 0.0}
         T = hist_BT.shape[1]
         hist = np.stack([left_pad([r for r in h if 0 < r <= n_known], T) for h in hist_BT[known]])
-        m = evaluate_model(served, hist, tgt_B[known], n_known)
+        rows_B = window_user_rows(served, [u for u, k in zip(users, known) if k], self.catalog)
+        m = evaluate_model(served, hist, tgt_B[known], n_known, users_B=rows_B)
         return version, {k: v * float(known.mean()) for k, v in m.items()}
 
     def _write_ledger(self, step: int, events) -> None:

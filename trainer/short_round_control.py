@@ -10,6 +10,7 @@ from trainer.export.build import BuildInfo
 from trainer.items import map_rows
 from trainer.round_types import RoundResult, RoundSplit
 from trainer.short_rounds import Fork, merge_rows, short_metrics, train_fork, windows_after
+from trainer.user_features import window_user_rows
 
 log = logging.getLogger("livetower.trainer")
 
@@ -43,14 +44,16 @@ class ShortRoundControl:
             return None
         todo = ahead.events[ahead.trained:]
         context = merge_rows(ahead.in_round, map_rows(ahead.events[:ahead.trained], self.vocab)[0])
-        windows = windows_after(context, map_rows(todo, self.vocab)[0], st.user_seqs, self.model.cfg.max_history)
+        windows, users = windows_after(context, map_rows(todo, self.vocab)[0], st.user_seqs,
+                                       self.model.cfg.max_history)
         ahead.trained, ahead.rounds = len(ahead.events), ahead.rounds + 1
         if not windows:
             return RoundResult(len(todo), 0, {}, "skipped", 0, time.perf_counter() - t0)
         fork = ahead.fork
         fork.grow(self.model)
         served = train_fork(fork, windows, todo, item_prob_R=self._item_prob(), n_items=len(self.vocab), cfg=cfg,
-                            seed=cfg.seed + 104729 * st.step + ahead.rounds, now_ms=int(time.time() * 1000))
+                            seed=cfg.seed + 104729 * st.step + ahead.rounds, now_ms=int(time.time() * 1000),
+                            users_W=window_user_rows(fork.model, users, self.catalog))
         metrics = short_metrics(fork.events, len(windows))
         info = BuildInfo(parent=max(st.published_version, ahead.last_version),
                          stream_offsets=ahead.start(st.offsets), watermark_ms=fork.watermark_ms,

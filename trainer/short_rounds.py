@@ -38,14 +38,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from contracts.eventlog import EventBatch, StoredEvent
 from trainer import ema
 from trainer.config import TrainConfig
-from trainer.examples import stack_windows, windows_for_new
+from trainer.examples import stack_windows
 from trainer.model import TwoTower
 from trainer.training import grow_table, make_optimizer, train_windows
+from trainer.user_features import windows_of_users
 
 
 @dataclass(slots=True)
@@ -149,11 +151,11 @@ class ReadAhead:
 
 
 def windows_after(context: dict[str, list[int]], new: dict[str, list[int]], user_seqs: dict[str, list[int]],
-                  T: int) -> list:
+                  T: int) -> tuple[list, list[str]]:
     """Next-item windows whose targets are exactly the `new` rows, after each user's kept history and its rows
-    read before them (`context`)."""
-    return [w for u, rows in new.items()
-            for w in windows_for_new(user_seqs.get(u, []) + context.get(u, []) + rows, len(rows), T)]
+    read before them (`context`), and the user of each."""
+    return windows_of_users(((u, user_seqs.get(u, []) + context.get(u, []) + rows, len(rows))
+                             for u, rows in new.items()), T)
 
 
 def merge_rows(*parts: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -165,14 +167,15 @@ def merge_rows(*parts: dict[str, list[int]]) -> dict[str, list[int]]:
 
 
 def train_fork(fork: Fork, windows: list, events: list[StoredEvent], *, item_prob_R: torch.Tensor, n_items: int,
-               cfg: TrainConfig, seed: int, now_ms: int) -> TwoTower:
-    """Train the fork cfg.short_round_epochs pass(es) over `windows` (of `events`); returns the weights to serve."""
+               cfg: TrainConfig, seed: int, now_ms: int, users_W: np.ndarray | None = None) -> TwoTower:
+    """Train the fork cfg.short_round_epochs pass(es) over `windows` (of `events`; users_W: each window's user row
+    for a model with user features); returns the weights to serve."""
     fork.events += len(events)
     fork.watermark_ms = watermark_after(fork.watermark_ms, events, now_ms)
     fork.model.train()
     train_windows(fork.model, fork.opt, *stack_windows(windows), item_prob_R=item_prob_R, n_items=n_items,
                   cfg=cfg.replace(ema_epochs=0.0), epochs=cfg.short_round_epochs,
-                  generator=torch.Generator().manual_seed(seed))
+                  generator=torch.Generator().manual_seed(seed), users_W=users_W)
     fork.model.eval()
     return fork.served()
 

@@ -324,12 +324,13 @@ def train_windows(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT: np.nda
                   epochs: int, generator: torch.Generator,
                   progress: Callable[[str], None] | None = None,
                   scaler: torch.amp.GradScaler | None = None,
-                  after_step: Callable[[int], None] | None = None) -> list[float]:
+                  after_step: Callable[[int], None] | None = None,
+                  users_W: np.ndarray | None = None) -> list[float]:
     """train_epochs in this process with the sidecar's loss, on a seed drawn from `generator`; returns the mean
-    loss of each epoch. fp16 uses `scaler` (a fresh one when None); after_step as train_epochs'."""
+    loss of each epoch. fp16 uses `scaler` (a fresh one when None); after_step and users_W as train_epochs'."""
     if scaler is None:
         scaler = make_grad_scaler(cfg.precision, model_device(model).type, cfg.fp16_init_scale)
     res = train_epochs(model, opt, window_loss(WindowLoss(model), cfg, item_prob_R, n_items), inputs_WT,
                        targets_WT, mask_WT, cfg=cfg, epochs=epochs, seed=round_seed(generator), scaler=scaler,
-                       progress=progress, after_step=after_step)
+                       progress=progress, after_step=after_step, users_W=users_W)
     return res.losses

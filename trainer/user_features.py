@@ -19,13 +19,14 @@ catalogue.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
-import torch
+import numpy as np
 from torch import Tensor, nn
 
-from contracts.catalog import CatalogRecord
+from contracts.catalog import CatalogRecord, CatalogStore
 from contracts.engine_format.item_features import FeatureConfig, FeatureTensors, featurize
+from trainer.examples import windows_for_new
 from trainer.features import FeatureEncoder
 from trainer.model import PAD_ROW
 
@@ -50,8 +51,9 @@ class UserFeatureTable(nn.Module):
         """Row i + 1 = records[i] (None: no features). fit_numeric: standardise the numerics on these records
         (once, when the model is made; later tables keep the trained standardisation)."""
         feats = featurize([None, *records], self.cfg)
+        device = self.encoder.mlp_in.weight.device
         for name, t in zip(FeatureTensors._fields, feats):
-            self.register_buffer(f"row_{name}", t, persistent=False)
+            self.register_buffer(f"row_{name}", t.to(device), persistent=False)
         if fit_numeric and self.cfg.numeric:
             self.encoder.fit_numeric(feats.num_NF, feats.present_NF)
 
@@ -71,3 +73,37 @@ def attach_user_features(model: nn.Module, cfg: FeatureConfig, records: Sequence
     table = UserFeatureTable(cfg)
     table.set_rows(records, fit_numeric=True)
     model.user_features = table.to(next(model.parameters()).device)
+
+
+# ---- the sidecar: the trained users' rows, from the catalogue store ----
+
+def new_user_features(model: nn.Module, store: CatalogStore) -> FeatureConfig:
+    """Give a fresh sidecar model user features shaped by the catalogue's user records (their numerics
+    standardised); returns the config (checkpointed: a restart rebuilds the same encoder)."""
+    records = list(store.iterate("user"))
+    cfg = user_feature_config(records, model.cfg.out_dim)
+    attach_user_features(model, cfg, records)
+    return cfg
+
+
+def window_user_rows(model: nn.Module, users: Sequence[str], store: CatalogStore | None) -> np.ndarray | None:
+    """For a model with user features: set its table to the distinct `users`' records (read from the store now,
+    so a changed record trains from the next call on) and return each window's row; None for a model without."""
+    table = model.user_features
+    if table is None:
+        return None
+    distinct = list(dict.fromkeys(users))
+    table.set_rows([store.get(u, "user") if store is not None else None for u in distinct])
+    row_of = {u: i for i, u in enumerate(distinct, start=1)}
+    return np.fromiter((row_of[u] for u in users), np.int64, len(users))
+
+
+def windows_of_users(parts: Iterable[tuple[str, list[int], int]], T: int) -> tuple[list, list[str]]:
+    """(windows, the user of each) for (user, rows oldest first, new rows at the end) triples
+    (trainer/examples.py's windows_for_new per user)."""
+    windows, users = [], []
+    for user, seq, n_new in parts:
+        new = windows_for_new(seq, n_new, T)
+        windows += new
+        users += [user] * len(new)
+    return windows, users

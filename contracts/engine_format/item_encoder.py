@@ -1,6 +1,11 @@
-"""An engine's item feature encoder: catalogue records -> L2-normalised item vectors in the engine's item space,
-for items no engine has a row for (new or changed in the catalogue). Engines of feature models carry it
-(trainer/export/build.py writes it); the server encodes upserted items with it and serves them at once.
+"""An engine's feature encoders: catalogue records -> vectors.
+
+- The item encoder: L2-normalised item vectors in the engine's item space, for items no engine has a row for
+  (new or changed in the catalogue). Engines of item-feature models carry it (trainer/export/build.py writes it);
+  the server encodes upserted items with it and serves them at once.
+- The user encoder (same file layout, USER_ENCODER_FILE / USER_ENCODER_META): a user record -> the user's
+  feature vector (not normalised), which the server adds to the user tower's output and renormalises
+  (`fuse_user_vectors`, trainer/model.py's fuse_user_features in numpy).
 
 Files: ITEM_ENCODER_FILE, a torch.export program of (cat_NC, text_NW, num_NF, present_NF) -> (N, D) with a
 dynamic N; ITEM_ENCODER_META, {"features": FeatureConfig as JSON, "golden": {"records": [...], "vectors": [...]}}.
@@ -18,6 +23,14 @@ import torch
 
 from contracts.catalog import CatalogRecord
 from contracts.engine_format.item_features import FeatureConfig, feature_config_from_json, featurize
+
+
+def fuse_user_vectors(u_BD: np.ndarray, f_BD: np.ndarray) -> np.ndarray:
+    """(B, D) user vectors with features: the tower's normalised output plus the feature vectors, renormalised
+    (a zero feature row leaves the tower's vector as it is, up to rounding)."""
+    x_BD = u_BD + f_BD
+    return np.ascontiguousarray(x_BD / np.maximum(np.linalg.norm(x_BD, axis=-1, keepdims=True), 1e-12),
+                                dtype=np.float32)
 
 
 class ItemEncoder:
@@ -53,3 +66,11 @@ def golden_records(n: int = 4) -> list[CatalogRecord]:
             CatalogRecord(id="golden-1", text={"title": "Only text here"}),
             CatalogRecord(id="golden-2", categorical={"genre": ("Horror",)}),
             CatalogRecord(id="golden-3")][:n]
+
+
+def golden_user_records(n: int = 3) -> list[CatalogRecord]:
+    """User records over every input kind (ml-100k's u.user shape plus text), and one with none."""
+    return [CatalogRecord(id="golden-u0", kind="user", categorical={"gender": ("F",), "occupation": ("writer",)},
+                          numeric={"age": 31.0}, text={"bio": "likes film noir"}),
+            CatalogRecord(id="golden-u1", kind="user", categorical={"zip3": ("940",)}),
+            CatalogRecord(id="golden-u2", kind="user")][:n]

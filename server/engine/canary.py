@@ -276,7 +276,7 @@ class ShadowScorer:
     def _next_query(self, pool: list[list[str]]) -> RecommendQuery:
         if self.stats.queries:
             q = self.stats.queries[int(self._rng.integers(len(self.stats.queries)))]
-            return RecommendQuery(q.history, SHADOW_K, q.exclude_seen)
+            return RecommendQuery(q.history, SHADOW_K, q.exclude_seen, q.user_id)
         if pool:
             return RecommendQuery(pool[int(self._rng.integers(len(pool)))], SHADOW_K, True)
         ids = self.stable.item_ids

@@ -69,6 +69,7 @@ class CatalogSync:
             if not changes:
                 return
             engine.apply_catalog([(c.id, c.record) for c in changes if c.kind == "item"])
+            engine.apply_user_catalog([(c.id, c.record) for c in changes if c.kind == "user"])
             engine.catalog_version = changes[-1].version
 
 

@@ -17,11 +17,11 @@ import torch
 
 from kernels.retrieval import topk_cosine_reference
 from contracts.registry import (ITEM_ENCODER_FILE, ITEM_ENCODER_META, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_TOWER_FILE, WEIGHTS_FILE)
+                                USER_ENCODER_FILE, USER_ENCODER_META, USER_TOWER_FILE, WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
 from contracts.catalog import CatalogRecord
-from contracts.engine_format.item_encoder import ItemEncoder
+from contracts.engine_format.item_encoder import ItemEncoder, fuse_user_vectors
 from contracts.engine_format.item_index import ItemIndex, check_recall, load_item_index
 from server.engine.live_items import LiveItems, merge_topk
 from server.engine.stages import StageClock
@@ -40,6 +40,7 @@ class RecommendQuery:
     history: Sequence[str]  # item ids, newest last
     k: int
     exclude_seen: bool
+    user_id: str = ""  # whose request: an engine with user features fuses that user's feature vector, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,8 @@ class Engine:
         self.listed: frozenset[str] | None = None  # set by load(): the manifest's file names (the only ones read)
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
         self.encoder: ItemEncoder | None = None  # set by load() for a feature model's engine: features -> vectors
+        self.user_encoder: ItemEncoder | None = None  # set by load() for a model with user features
+        self.user_vecs: dict[str, np.ndarray] = {}  # user id -> (D,) its record's feature vector (user_encoder's)
         self.live = LiveItems(int(manifest.dim), self._base_index)  # items upserted / deleted since the build
         self.catalog_version = 0  # the catalogue version whose changes live holds (server/engine/catalog_sync.py)
 
@@ -150,16 +153,18 @@ class Engine:
         engine.listed = listed
         if ITEM_ENCODER_FILE in listed:
             engine.encoder = ItemEncoder.load(own(ITEM_ENCODER_FILE), own(ITEM_ENCODER_META))
+        if USER_ENCODER_FILE in listed:
+            engine.user_encoder = ItemEncoder.load(own(USER_ENCODER_FILE), own(USER_ENCODER_META))
         return engine
 
     # ---- checks before taking traffic
     def golden_max_abs_diff(self) -> float:
-        """The user tower's (and the item encoder's) largest difference from the build's golden outputs."""
+        """The user tower's (and the feature encoders') largest difference from the build's golden outputs."""
         try:
             diff = parity_max_abs_diff(self.runner, *golden_set(self.manifest))
         except ParityError as e:
             raise EngineRejected(f"engine {self.version}: {e}") from None
-        return max(diff, self.encoder.golden_max_abs_diff()) if self.encoder is not None else diff
+        return max([diff, *(e.golden_max_abs_diff() for e in (self.encoder, self.user_encoder) if e is not None)])
 
     def index_recall(self) -> tuple[float, float] | None:
         """(recall@k of the index on the build's held-out queries, the build's target); None without an index."""
@@ -196,6 +201,32 @@ class Engine:
             self.live.upsert([r.id for r in new[s:s + 4096]], self.encoder(new[s:s + 4096]))
         return len(new)
 
+    def apply_user_catalog(self, changes: Sequence[tuple[str, CatalogRecord | None]]) -> int:
+        """User record changes in order, (user id, its record now; None: deleted): with a user encoder, each user's
+        feature vector is (re)computed or dropped; returns how many were encoded (0 without a user encoder)."""
+        if self.user_encoder is None:
+            return 0
+        latest = dict(changes)
+        for uid in [u for u, r in latest.items() if r is None]:
+            self.user_vecs.pop(uid, None)
+        live = [r for r in latest.values() if r is not None]
+        for s in range(0, len(live), 4096):
+            vecs_ND = self.user_encoder(live[s:s + 4096])
+            for r, v in zip(live[s:s + 4096], vecs_ND):
+                self.user_vecs[r.id] = v  # one dict store: a concurrent request sees the old vector or the new
+        return len(live)
+
+    def _with_user_features(self, u_BD: np.ndarray, user_ids: Sequence[str]) -> np.ndarray:
+        """The tower's vectors fused with the users' feature vectors (users without a record: unchanged)."""
+        if not self.user_vecs:
+            return u_BD
+        f_B = [self.user_vecs.get(u) for u in user_ids]
+        if all(f is None for f in f_B):
+            return u_BD
+        zero = np.zeros(u_BD.shape[1], np.float32)
+        fused_BD = fuse_user_vectors(u_BD, np.stack([zero if f is None else f for f in f_B]))
+        return np.where(np.array([f is not None for f in f_B])[:, None], fused_BD, u_BD)
+
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:
         """Known items of the history, newest last, truncated to the newest max_history, left-padded."""
@@ -206,11 +237,11 @@ class Engine:
             out_T[-len(rows):] = rows
         return out_T
 
-    def _user_vector(self, history: Sequence[str]) -> torch.Tensor | None:
+    def _user_vector(self, history: Sequence[str], user_id: str = "") -> torch.Tensor | None:
         rows_T = self.history_rows(history)
         if rows_T[-1] == PAD_ROW:
             return None  # no known item: popularity
-        return torch.from_numpy(self.runner(rows_T[None, :]))  # (1, D)
+        return torch.from_numpy(self._with_user_features(self.runner(rows_T[None, :]), [user_id]))  # (1, D)
 
     def recommend(self, history: Sequence[str], k: int, exclude_seen: bool) -> Ranked:
         return self.recommend_batch([RecommendQuery(history, k, exclude_seen)])[0]
@@ -236,7 +267,7 @@ class Engine:
                 model_q.append(i)
         t1 = t2 = t3 = time.perf_counter()
         if model_q:
-            u_BD = self.runner(np.stack(rows))
+            u_BD = self._with_user_features(self.runner(np.stack(rows)), [queries[i].user_id for i in model_q])
             t2 = time.perf_counter()
             # Item indices (rows - 1) each query must not get back: its history, when exclude_seen, and the
             # build-time items deleted or replaced since the build.
@@ -294,7 +325,8 @@ class Engine:
             idx_out.append([i for _, i in keep])
         return scores_out, idx_out
 
-    def score(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[list[float], list[str], str]:
+    def score(self, history: Sequence[str], candidates: Sequence[str],
+              user_id: str = "") -> tuple[list[float], list[str], str]:
         """Scores in the candidates' order (NaN for ids this engine does not serve: unknown, or deleted since the
         build), the unknown ids, and the source. Live items (upserted since the build) score by their vectors."""
         live = self.live.current
@@ -303,7 +335,7 @@ class Engine:
             base = [None if b in live.deleted else b for b in base]
         at_live = [live.row_of.get(c) for c in candidates] if live.ids else [None] * len(candidates)
         unknown = [c for c, b, r in zip(candidates, base, at_live) if b is None and r is None]
-        u_1D = self._user_vector(history)
+        u_1D = self._user_vector(history, user_id)
         if u_1D is None:
             pop = dict(zip(self.popularity_ids, self.popularity_scores))
             return ([float("nan") if b is None and r is None else pop.get(c, 0.0)

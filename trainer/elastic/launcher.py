@@ -232,13 +232,15 @@ def train_windows_elastic(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT
                           cfg: TrainConfig, epochs: int, generator: torch.Generator, workers: int,
                           progress: Callable[[str], None] | None = None, scaler: torch.amp.GradScaler | None = None,
                           metrics: ElasticMetrics | None = None, fault: FaultInjection | None = None,
-                          after_step: Callable[[int], None] | None = None) -> RoundStats:
+                          after_step: Callable[[int], None] | None = None,
+                          users_W: np.ndarray | None = None) -> RoundStats:
     """train_windows on `workers` workers: updates model, opt (and the fp16 scaler) in place, only when the round
     completes; on RoundFailed they are unchanged.
 
     W = 1 with cfg.elastic.in_process_single_worker trains here, with the workers' plan (world = 1), no launch;
     after_step(g) then runs after each step (the trainer's short rounds between a full round's steps; not called
-    for launched workers). fault is a test hook (see FaultInjection)."""
+    for launched workers). users_W: each window's user row (a model with user features: in-process only). fault is
+    a test hook (see FaultInjection)."""
     seed = round_seed(generator)
     if workers == 1 and cfg.elastic.in_process_single_worker and fault is None:
         t0 = time.time()
@@ -246,7 +248,7 @@ def train_windows_elastic(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT
             scaler = make_grad_scaler(cfg.precision, next(model.parameters()).device.type, cfg.fp16_init_scale)
         res = train_epochs(model, opt, window_loss(WindowLoss(model), cfg, item_prob_R, n_items), inputs_WT,
                            targets_WT, mask_WT, cfg=cfg, epochs=epochs, seed=seed, scaler=scaler, progress=progress,
-                           after_step=after_step)
+                           after_step=after_step, users_W=users_W)
         train_s = max(res.t_end - res.t_first_step, 1e-9)
         targets = int(mask_WT.sum())
         stats = RoundStats(losses=res.losses, workers=1, in_process=True, epochs=epochs,
@@ -256,6 +258,9 @@ def train_windows_elastic(model: TwoTower, opt: torch.optim.Optimizer, inputs_WT
         if metrics is not None:
             metrics.on_round(stats)
         return stats
+    if users_W is not None:
+        raise ValueError("user features train in the trainer process only (TrainConfig.user_features needs "
+                         "elastic.max_workers 1 on the CPU)")
     out = run_distributed_round(model.state_dict(), opt.state_dict(), model_config=model.cfg.to_dict(),
                                 inputs_WT=inputs_WT, targets_WT=targets_WT, mask_WT=mask_WT, item_prob_R=item_prob_R,
                                 n_items=n_items, cfg=cfg, epochs=epochs, seed=seed, workers=workers,

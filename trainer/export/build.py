@@ -31,7 +31,7 @@ from contracts.engine_format.item_index import read_meta as read_index_meta
 from contracts.engine_format.verify import ParityError, parity_max_abs_diff
 from trainer.export.ann import AnnOptions, choose_retrieval
 from trainer.export.compile import CompileOptions, compile_user_tower
-from trainer.export.item_encoder import export_item_encoder
+from trainer.export.item_encoder import export_item_encoder, export_user_encoder
 from trainer.features import FeatureTwoTower
 from trainer.model import TwoTower
 
@@ -227,6 +227,13 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
                                   f"(tolerance {parity_tolerance:g}); not publishing")
             diff = max(diff, enc_diff)
             progress(f"item feature encoder exported (parity {enc_diff:.2g})")
+        if frozen.user_features is not None:  # users' records give feature vectors fused with the tower's, in the server
+            enc_diff = export_user_encoder(frozen, staging)
+            if not enc_diff <= parity_tolerance:
+                raise BuildFailed(f"the exported user encoder differs from the torch reference by {enc_diff:.3g} "
+                                  f"(tolerance {parity_tolerance:g}); not publishing")
+            diff = max(diff, enc_diff)
+            progress(f"user feature encoder exported (parity {enc_diff:.2g})")
         retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)

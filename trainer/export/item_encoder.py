@@ -1,20 +1,25 @@
-"""Export a feature model's item feature encoder into an engine (contracts/engine_format/item_encoder.py): the
-feature-only item vector the model gives an item with no id row, as a torch.export program with a dynamic item
-count, plus its FeatureConfig and golden records. Checked against eager torch before the engine is published."""
+"""Export a model's feature encoders into an engine (contracts/engine_format/item_encoder.py), each as a
+torch.export program with a dynamic record count, plus its FeatureConfig and golden records, checked against
+eager torch before the engine is published:
+- the item encoder of a feature item tower: the feature-only item vector the model gives an item with no id row;
+- the user encoder of a model with user features: the user's feature vector (trainer/user_features.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contracts.engine_format.item_encoder import ItemEncoder, golden_records
-from contracts.engine_format.item_features import feature_config_json, featurize
-from contracts.registry import ITEM_ENCODER_FILE, ITEM_ENCODER_META
+from contracts.catalog import CatalogRecord
+from contracts.engine_format.item_encoder import ItemEncoder, golden_records, golden_user_records
+from contracts.engine_format.item_features import FeatureConfig, feature_config_json, featurize
+from contracts.registry import ITEM_ENCODER_FILE, ITEM_ENCODER_META, USER_ENCODER_FILE, USER_ENCODER_META
 from trainer.features import FeatureTwoTower
+from trainer.model import TwoTower
 
 MAX_ITEMS_PER_CALL = 1 << 16
 
@@ -30,18 +35,31 @@ class ItemEncoderExport(nn.Module):
         return F.normalize(self.model.item_proj(self.model.features(cat_NC, text_NW, num_NF, present_NF)), dim=-1)
 
 
-def export_item_encoder(model: FeatureTwoTower, staging: Path) -> float:
-    """Write ITEM_ENCODER_FILE and ITEM_ENCODER_META into staging; the exported program's max abs diff from
-    eager torch on the golden records."""
-    module = ItemEncoderExport(model).eval()
-    records = golden_records()
-    inputs = tuple(featurize(records, model.feat_cfg))
-    n = torch.export.Dim("n_items", min=1, max=MAX_ITEMS_PER_CALL)
+def _export_encoder(module: nn.Module, cfg: FeatureConfig, records: Sequence[CatalogRecord], staging: Path,
+                    file: str, meta: str) -> float:
+    """Write `file` (the program) and `meta` into staging; the program's max abs diff from eager torch on the
+    golden records."""
+    module = module.eval()
+    inputs = tuple(featurize(list(records), cfg))
+    n = torch.export.Dim("n_records", min=1, max=MAX_ITEMS_PER_CALL)
     with torch.no_grad():
         program = torch.export.export(module, inputs, dynamic_shapes=tuple({0: n} for _ in inputs))
         want_ND = module(*inputs)
-    torch.export.save(program, str(staging / ITEM_ENCODER_FILE))
-    (staging / ITEM_ENCODER_META).write_text(json.dumps({
-        "features": feature_config_json(model.feat_cfg),
+    torch.export.save(program, str(staging / file))
+    (staging / meta).write_text(json.dumps({
+        "features": feature_config_json(cfg),
         "golden": {"records": [r.to_dict() for r in records], "vectors": want_ND.tolist()}}))
-    return ItemEncoder.load(staging / ITEM_ENCODER_FILE, staging / ITEM_ENCODER_META).golden_max_abs_diff()
+    return ItemEncoder.load(staging / file, staging / meta).golden_max_abs_diff()
+
+
+def export_item_encoder(model: FeatureTwoTower, staging: Path) -> float:
+    """ITEM_ENCODER_FILE and ITEM_ENCODER_META; the max abs diff from eager torch."""
+    return _export_encoder(ItemEncoderExport(model), model.feat_cfg, golden_records(), staging, ITEM_ENCODER_FILE,
+                           ITEM_ENCODER_META)
+
+
+def export_user_encoder(model: TwoTower, staging: Path) -> float:
+    """USER_ENCODER_FILE and USER_ENCODER_META (the model has user features); the max abs diff from eager torch."""
+    table = model.user_features
+    return _export_encoder(table.encoder, table.cfg, golden_user_records(), staging, USER_ENCODER_FILE,
+                           USER_ENCODER_META)

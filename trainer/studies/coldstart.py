@@ -43,7 +43,7 @@ import torch
 from contracts.catalog import CatalogRecord, read_ml100k_items
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
-from trainer.examples import stack_windows, windows_for_new
+from trainer.examples import stack_windows
 from contracts.engine_format.item_features import FeatureConfig, featurize
 from trainer.features import FeatureTwoTower
 from trainer.model import TwoTower
@@ -52,6 +52,7 @@ from trainer.studies.offline_train import OfflineTrainConfig, _Validation, offli
 from trainer.studies.protocols import EvalSet, leave_one_out
 from trainer.studies.ranking import Counts, evaluate_model_on, evaluate_popularity_on, popularity_counts
 from trainer.training import make_grad_scaler, train_epochs
+from trainer.user_features import windows_of_users
 from trainer.vocab import table_rows_for
 
 PARTS = ("cold", "warm")
@@ -113,12 +114,8 @@ def train_feature_model(model: TwoTower, train_seqs: list[np.ndarray], n_items: 
     train_offline builds its own TwoTower; this is its body with the model passed in (no learned temperature).
     user_rows: train_seqs' index -> the model's user-feature row (a model with user features), else None."""
     tc = cfg.train
-    windows, users = [], []
-    for u, seq in enumerate(train_seqs):
-        if len(seq) >= 2:
-            new = windows_for_new(list(seq), len(seq), tc.model.max_history)
-            windows += new
-            users += [u] * len(new)
+    windows, users = windows_of_users(((u, list(seq), len(seq)) for u, seq in enumerate(train_seqs) if len(seq) >= 2),
+                                      tc.model.max_history)
     inputs_WT, targets_WT, mask_WT = stack_windows(windows)
     users_W = None if user_rows is None else user_rows[np.asarray(users, np.int64)]
     counts_R = np.bincount(np.concatenate(train_seqs), minlength=n_items + 1)

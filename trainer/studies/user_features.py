@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from contracts.catalog import CatalogRecord, read_ml100k_users
-from contracts.engine_format.item_features import FeatureConfig
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.model import TwoTower

@@ -1,0 +1,172 @@
+"""User features beside the history (issue 23 item 2): the encoder and its late fusion, training through it, the
+engine's exported user encoder (parity at build and load, the server's fusion equal to the model's), the
+sidecar's user rows from the catalogue, and the ml-100k study at its debug size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contracts.catalog import CatalogRecord, CatalogStore
+from contracts.engine_format.item_encoder import fuse_user_vectors
+from contracts.eventlog import SqliteEventLog
+from contracts.registry import USER_ENCODER_FILE, Registry
+from server.engine.catalog_sync import CatalogSync
+from server.engine.engine import Engine, RecommendQuery
+from tests.conftest import SMALL_DATA, stream_events
+from trainer.config import TrainConfig
+from trainer.data.synthetic import generate
+from trainer.export.build import BuildInfo, build_engine
+from trainer.export.compile import CompileOptions
+from trainer.loop import Trainer
+from trainer.model import ModelConfig, TwoTower
+from trainer.training import WindowLoss, window_loss
+from trainer.user_features import attach_user_features, user_feature_config, window_user_rows
+
+OCCUPATIONS = ("writer", "engineer", "student", "artist", "doctor")
+ML100K = Path(__file__).resolve().parents[1] / "../shared/data/ml-100k"
+
+
+def user_record(i: int) -> CatalogRecord:
+    return CatalogRecord(id=f"user-{i}", kind="user", numeric={"age": 18.0 + i % 50},
+                         categorical={"occupation": (OCCUPATIONS[i % 5],), "gender": ("MF"[i % 2],)})
+
+
+def user_model(n_users: int = 30, n_items: int = 40, seed: int = 0) -> TwoTower:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.tiny_debug()
+    model = TwoTower(cfg, n_items + 1)
+    records = [user_record(i) for i in range(n_users)]
+    attach_user_features(model, user_feature_config(records, cfg.out_dim, cat_buckets=64, text_buckets=128), records)
+    with torch.no_grad():  # a trained-looking encoder: the fresh one's output is tiny (init std 0.02)
+        model.user_features.encoder.mlp_out.weight.normal_(std=0.5)
+    return model.eval()
+
+
+def test_fusion_is_the_history_vector_without_a_record_and_normalised_with_one():
+    model = user_model()
+    hist_BT = torch.randint(1, 41, (4, model.cfg.max_history))
+    alone_BD = model.encode_users(hist_BT)
+    none_BD = model.encode_users(hist_BT, torch.zeros(4, dtype=torch.long))  # row 0: no record
+    torch.testing.assert_close(none_BD, alone_BD)
+    fused_BD = model.encode_users(hist_BT, torch.tensor([1, 2, 3, 0]))
+    torch.testing.assert_close(fused_BD.norm(dim=-1), torch.ones(4))
+    assert (fused_BD[:3] - alone_BD[:3]).abs().max() > 1e-2  # the record moves the vector
+    torch.testing.assert_close(fused_BD[3], alone_BD[3])
+    # the same user's vector over every position (training) = encode_users' at the last one
+    states_BTD = model.user_states(hist_BT, torch.tensor([1, 2, 3, 0]))
+    torch.testing.assert_close(states_BTD[:, -1], fused_BD, atol=1e-5, rtol=1e-5)
+
+
+def test_training_reaches_the_user_encoder():
+    model = user_model().train()
+    cfg = TrainConfig.tiny_debug(precision="fp32")
+    loss_fn = window_loss(WindowLoss(model), cfg, torch.full((41,), 1 / 40), 40)
+    T = model.cfg.max_history
+    inp_BT, tgt_BT = torch.randint(1, 41, (8, T)), torch.randint(1, 41, (8, T))
+    m_BT = torch.ones(8, T, dtype=torch.bool)
+    loss = loss_fn(inp_BT, tgt_BT, m_BT, torch.Generator().manual_seed(0), torch.arange(1, 9))
+    loss.backward()
+    g = model.user_features.encoder.cat_bag.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    model.zero_grad()
+    loss_fn(inp_BT, tgt_BT, m_BT, torch.Generator().manual_seed(0), None).backward()  # no users: untouched
+    assert model.user_features.encoder.cat_bag.weight.grad is None or \
+        model.user_features.encoder.cat_bag.weight.grad.abs().sum() == 0
+
+
+def test_the_engine_carries_the_user_encoder_and_fuses_like_the_model(tmp_path):
+    model, n = user_model(), 40
+    reg = Registry(tmp_path / "reg")
+    v = build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
+                     BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                     CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+    m = reg.verify(v)
+    assert USER_ENCODER_FILE in {f.path for f in m.files}
+    engine = Engine.load(reg.engine_dir(v), m)
+    assert engine.user_encoder is not None and engine.golden_max_abs_diff() <= 1e-4
+    # The catalogue's user records reach the engine through the same sync as items.
+    store = CatalogStore(tmp_path / "catalog.sqlite")
+    store.upsert([user_record(i) for i in range(5)])
+    CatalogSync(store).catch_up([engine])
+    assert sorted(engine.user_vecs) == [f"user-{i}" for i in range(5)]
+    history = ["item-3", "item-7", "item-11"]
+    rows_1T = torch.from_numpy(engine.history_rows(history)[None, :])
+    with torch.no_grad():
+        want_D = model.encode_users(rows_1T, torch.tensor([3]))[0]  # table row 3 = user-2
+        alone_D = model.encode_users(rows_1T)[0]
+    got = engine.score(history, [f"item-{i}" for i in range(n)], "user-2")[0]
+    torch.testing.assert_close(torch.tensor(got), model.encode_items(torch.arange(1, n + 1)).detach() @ want_D,
+                               atol=1e-4, rtol=1e-4)
+    unknown_user = engine.score(history, ["item-0"], "user-99")[0][0]
+    assert unknown_user == pytest.approx(float(model.encode_items(torch.tensor([1]))[0].detach() @ alone_D), abs=1e-4)
+    # Recommend: a batch with and without a record, each fused alone.
+    a, b = engine.recommend_batch([RecommendQuery(history, 5, True, "user-2"), RecommendQuery(history, 5, True)])
+    assert a.scores[0] == pytest.approx(max(s for i, s in enumerate(got) if f"item-{i}" not in history), abs=1e-4)
+    assert b.item_ids == engine.recommend(history, 5, True).item_ids
+    # A deleted record: the user's vector is the history's again.
+    store.delete(["user-2"], kind="user")
+    CatalogSync(store).catch_up([engine])
+    assert "user-2" not in engine.user_vecs
+    np.testing.assert_allclose(fuse_user_vectors(alone_D.numpy()[None], np.zeros((1, alone_D.numel()), np.float32)),
+                               alone_D.numpy()[None], atol=1e-6)
+
+
+def test_the_sidecar_trains_user_features_from_the_catalogue(tmp_path):
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    log.close()
+    store = CatalogStore(tmp_path / "catalog.sqlite")
+    store.upsert([user_record(i) for i in range(0, SMALL_DATA.n_users, 2)])  # every other user has a record
+
+    def trainer() -> Trainer:
+        return Trainer(TrainConfig.tiny_debug(user_features=True, gate_min_ratio=0.0),
+                       SqliteEventLog(tmp_path / "events.sqlite"), Registry(tmp_path / "registry"),
+                       tmp_path / "trainer", catalog=CatalogStore(tmp_path / "catalog.sqlite"))
+
+    t = trainer()
+    assert t.model.user_features is not None and t.model.user_features.cfg.numeric == ("age",)
+    before = t.model.user_features.encoder.cat_bag.weight.detach().clone()
+    assert t.run_round().published_version == 1
+    assert not torch.equal(before, t.model.user_features.encoder.cat_bag.weight)  # the encoder trained
+    assert (Registry(tmp_path / "registry").engine_dir(1) / USER_ENCODER_FILE).is_file()
+    rows = window_user_rows(t.model, ["user-0", "user-1", "user-0"], store)
+    assert rows.tolist() == [1, 2, 1] and t.model.user_features.num_rows == 3
+    assert t.model.user_features.row_cat_NC[2].sum() == 0  # user-1 has no record: no features
+    # A resumed trainer has the same encoder, and trains on.
+    again = trainer()
+    assert again.state.user_feature_config == t.state.user_feature_config
+    for (k, a), b in zip(t.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    again.event_log.append(stream_events(seed=41, n_users=10, events_per_user=4))
+    assert again.run_round() is not None
+
+
+def test_user_features_need_the_catalogue_and_one_worker(tmp_path):
+    from trainer.config import ElasticConfig
+
+    with pytest.raises(ValueError, match="user_features needs the catalogue"):
+        Trainer(TrainConfig.tiny_debug(user_features=True), SqliteEventLog(tmp_path / "e.sqlite"),
+                Registry(tmp_path / "r"), tmp_path / "t")
+    with pytest.raises(ValueError, match="user_features trains in the trainer process only"):
+        TrainConfig.tiny_debug(user_features=True, elastic=ElasticConfig(max_workers=2))
+
+
+@pytest.mark.skipif(not (ML100K / "u.user").is_file(), reason="ml-100k not in ../shared/data")
+def test_user_feature_study_debug_size(tmp_path, capsys):
+    from trainer.studies.user_features import main
+
+    out = tmp_path / "uf.json"
+    assert main(["--debug", "--data", str(ML100K), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for part, evals in (("warm", ("val", "test")), ("new", ("new_users", "kept_users_test"))):
+        for name in ("history_only", "user_features"):
+            for ev in evals:
+                m = r[part]["metrics"][name][ev]["all"]
+                assert 0.0 <= m["ndcg@10"] <= m["recall@10"] <= m["recall@20"] <= 1.0
+    assert r["new"]["split"]["held_out_users"] == 30 and r["new"]["split"]["new_user_targets"] > 0
+    assert "warm / test / all" in capsys.readouterr().out
