@@ -551,6 +551,18 @@ class DeleteItemsRequest(_message.Message):
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class UpsertUsersRequest(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[CatalogItem]
+    def __init__(self, users: _Optional[_Iterable[_Union[CatalogItem, _Mapping]]] = ...) -> None: ...
+
+class DeleteUsersRequest(_message.Message):
+    __slots__ = ("user_ids",)
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CatalogChangeResponse(_message.Message):
     __slots__ = ("inserted", "updated", "unchanged", "deleted", "catalog_version", "serving_engines", "note")
     INSERTED_FIELD_NUMBER: _ClassVar[int]

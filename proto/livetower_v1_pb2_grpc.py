@@ -249,6 +249,16 @@ class EngineAdminStub:
                 request_serializer=proto_dot_livetower__v1__pb2.DeleteItemsRequest.SerializeToString,
                 response_deserializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
                 _registered_method=True)
+        self.UpsertUsers = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/UpsertUsers',
+                request_serializer=proto_dot_livetower__v1__pb2.UpsertUsersRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
+        self.DeleteUsers = channel.unary_unary(
+                '/livetower.v1.EngineAdmin/DeleteUsers',
+                request_serializer=proto_dot_livetower__v1__pb2.DeleteUsersRequest.SerializeToString,
+                response_deserializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
 
 
 class EngineAdminServicer:
@@ -326,6 +336,20 @@ class EngineAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertUsers(self, request, context):
+        """Users' records (the same shape: id + features), written like items; engines of models with user features
+        encode each record once and fuse it with that user's history vector from the next request on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +406,16 @@ def add_EngineAdminServicer_to_server(servicer, server):
             'DeleteItems': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteItems,
                     request_deserializer=proto_dot_livetower__v1__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'UpsertUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertUsers,
+                    request_deserializer=proto_dot_livetower__v1__pb2.UpsertUsersRequest.FromString,
+                    response_serializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'DeleteUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUsers,
+                    request_deserializer=proto_dot_livetower__v1__pb2.DeleteUsersRequest.FromString,
                     response_serializer=proto_dot_livetower__v1__pb2.CatalogChangeResponse.SerializeToString,
             ),
     }
@@ -683,6 +717,60 @@ class EngineAdmin:
             target,
             '/livetower.v1.EngineAdmin/DeleteItems',
             proto_dot_livetower__v1__pb2.DeleteItemsRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/UpsertUsers',
+            proto_dot_livetower__v1__pb2.UpsertUsersRequest.SerializeToString,
+            proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/livetower.v1.EngineAdmin/DeleteUsers',
+            proto_dot_livetower__v1__pb2.DeleteUsersRequest.SerializeToString,
             proto_dot_livetower__v1__pb2.CatalogChangeResponse.FromString,
             options,
             channel_credentials,

@@ -297,26 +297,39 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             reason=request.reason, winner_version=v, promote=bool(v), decision="stopped"))
 
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.CatalogChangeResponse:
-        await self._catalog_allowed(context, len(request.items), "items")
+        return await self._upsert(context, request.items, "item", "items")
+
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.CatalogChangeResponse:
+        return await self._delete(context, request.item_ids, "item", "item_ids")
+
+    async def UpsertUsers(self, request: pb.UpsertUsersRequest, context) -> pb.CatalogChangeResponse:
+        return await self._upsert(context, request.users, "user", "users")
+
+    async def DeleteUsers(self, request: pb.DeleteUsersRequest, context) -> pb.CatalogChangeResponse:
+        return await self._delete(context, request.user_ids, "user", "user_ids")
+
+    async def _upsert(self, context, entries, kind: str, field: str) -> pb.CatalogChangeResponse:
+        await self._catalog_allowed(context, len(entries), field)
         try:
-            records = [catalog_record(item) for item in request.items]
+            records = [catalog_record(e, kind, field) for e in entries]
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if len({r.id for r in records}) != len(records):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "items: ids must be distinct within one call")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: ids must be distinct within one call")
         result = await self._catalog_write(context, self.catalog.upsert(records))
-        return self._catalog_response(self.manager.serving_engines(), inserted=result.inserted, updated=result.updated,
-                                      unchanged=result.unchanged, catalog_version=result.version)
+        return self._catalog_response(self.manager.serving_engines(), kind, inserted=result.inserted,
+                                      updated=result.updated, unchanged=result.unchanged,
+                                      catalog_version=result.version)
 
-    async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.CatalogChangeResponse:
-        await self._catalog_allowed(context, len(request.item_ids), "item_ids")
-        for i, item_id in enumerate(request.item_ids):
+    async def _delete(self, context, ids, kind: str, field: str) -> pb.CatalogChangeResponse:
+        await self._catalog_allowed(context, len(ids), field)
+        for i, rid in enumerate(ids):
             try:
-                CatalogRecord(id=item_id)  # the id rules of the catalogue (length, characters)
+                CatalogRecord(id=rid, kind=kind)  # the id rules of the catalogue (length, characters)
             except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"item_ids[{i}]: {e}")
-        deleted, version = await self._catalog_write(context, self.catalog.delete(list(request.item_ids)))
-        return self._catalog_response(self.manager.serving_engines(), deleted=deleted, catalog_version=version)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}[{i}]: {e}")
+        deleted, version = await self._catalog_write(context, self.catalog.delete(list(ids), kind))
+        return self._catalog_response(self.manager.serving_engines(), kind, deleted=deleted, catalog_version=version)
 
     @staticmethod
     async def _catalog_write(context, write: Awaitable[T]) -> T:
@@ -336,11 +349,16 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                                 f"{field}: 1..{MAX_CATALOG_ITEMS} per call, got {n}")
 
     @staticmethod
-    def _catalog_response(engines: list[Engine], **counts) -> pb.CatalogChangeResponse:
-        blind = [e.version for e in engines if e.encoder is None]
-        note = (f"engine(s) {blind} have no item feature encoder (built from an id-only model): they serve new "
-                "items only once an engine trained on them is promoted; deletions apply to every engine"
-                if blind else "")
+    def _catalog_response(engines: list[Engine], kind: str, **counts) -> pb.CatalogChangeResponse:
+        if kind == "user":
+            blind = [e.version for e in engines if e.user_encoder is None]
+            note = (f"engine(s) {blind} have no user feature encoder (built from a model without user features): "
+                    "they serve these users by their history alone" if blind else "")
+        else:
+            blind = [e.version for e in engines if e.encoder is None]
+            note = (f"engine(s) {blind} have no item feature encoder (built from an id-only model): they serve new "
+                    "items only once an engine trained on them is promoted; deletions apply to every engine"
+                    if blind else "")
         return pb.CatalogChangeResponse(serving_engines=[e.version for e in engines], note=note, **counts)
 
     async def _experiment(self, context, op: Callable[[], object], *, change: bool = True) -> pb.Experiment:
@@ -351,17 +369,17 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
         return experiment_message(*status)
 
 
-MAX_CATALOG_ITEMS = 10_000  # UpsertItems.items / DeleteItems.item_ids per call
+MAX_CATALOG_ITEMS = 10_000  # records (items or users) per UpsertItems / DeleteItems / UpsertUsers / DeleteUsers call
 
 
-def catalog_record(item: pb.CatalogItem) -> CatalogRecord:
-    """The API's item as a validated CatalogRecord; ValueError naming the item and the field."""
+def catalog_record(item: pb.CatalogItem, kind: str = "item", field: str = "items") -> CatalogRecord:
+    """The API's record (an item, or a user) as a validated CatalogRecord; ValueError naming it and the field."""
     try:
-        return CatalogRecord(id=item.id, kind="item",
+        return CatalogRecord(id=item.id, kind=kind,
                              categorical={k: tuple(v.values) for k, v in item.categorical.items()},
                              numeric=dict(item.numeric), text=dict(item.text))
     except ValueError as e:
-        raise ValueError(f"items[id={item.id[:64]!r}]: {e}") from None
+        raise ValueError(f"{field}[id={item.id[:64]!r}]: {e}") from None
 
 
 def experiment_message(x: Experiment, decision: ExperimentDecision | None, live: dict[str, ArmLive]) -> pb.Experiment:

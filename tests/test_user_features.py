@@ -79,12 +79,16 @@ def test_training_reaches_the_user_encoder():
         model.user_features.encoder.cat_bag.weight.grad.abs().sum() == 0
 
 
+def publish_user_engine(model: TwoTower, reg: Registry, n: int = 40) -> int:
+    return build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
+                        BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                        CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+
+
 def test_the_engine_carries_the_user_encoder_and_fuses_like_the_model(tmp_path):
     model, n = user_model(), 40
     reg = Registry(tmp_path / "reg")
-    v = build_engine(model, [f"item-{i}" for i in range(n)], np.arange(n + 1, dtype=np.float64), reg,
-                     BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
-                     CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+    v = publish_user_engine(model, reg, n)
     m = reg.verify(v)
     assert USER_ENCODER_FILE in {f.path for f in m.files}
     engine = Engine.load(reg.engine_dir(v), m)
@@ -114,6 +118,47 @@ def test_the_engine_carries_the_user_encoder_and_fuses_like_the_model(tmp_path):
     assert "user-2" not in engine.user_vecs
     np.testing.assert_allclose(fuse_user_vectors(alone_D.numpy()[None], np.zeros((1, alone_D.numel()), np.float32)),
                                alone_D.numpy()[None], atol=1e-6)
+
+
+def test_upsert_and_delete_users_over_grpc(tmp_path):
+    import grpc
+
+    from contracts.rollout import CanaryPolicy, RolloutState
+    from proto import livetower_v1_pb2 as pb
+    from tests.conftest import ADMIN_TOKEN, client_for, running_server, server_config, wait_for
+
+    reg = Registry(tmp_path / "registry")
+    v = publish_user_engine(user_model(), reg)
+    reg.write_rollout(RolloutState(stable=v, policy=CanaryPolicy(mode="manual")))
+    md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    history = ["item-1", "item-5"]
+    user = pb.CatalogItem(id="user-3", categorical={"occupation": pb.CatalogValues(values=["artist"])},
+                          numeric={"age": 33.0})
+    with running_server(server_config(tmp_path)) as (server, port):
+        c = client_for(server, port)
+        wait_for(lambda: server.manager.stable is not None, 30, "the engine")
+        alone = list(c.recommend("user-3", 10, history=history).scores)
+        r = c.admin.UpsertUsers(pb.UpsertUsersRequest(users=[user]), metadata=md)
+        assert (r.inserted, list(r.serving_engines), r.note) == (1, [v], "")
+        fused = list(c.recommend("user-3", 10, history=history).scores)
+        assert max(abs(a - b) for a, b in zip(alone, fused)) > 1e-3  # the next request reads the record
+        assert list(c.recommend("user-4", 10, history=history).scores) == pytest.approx(alone, abs=1e-5)
+        with pytest.raises(grpc.RpcError) as bad:
+            c.admin.UpsertUsers(pb.UpsertUsersRequest(users=[pb.CatalogItem(id="u", numeric={"age": float("nan")})]),
+                                metadata=md)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "users[id='u']" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            c.admin.DeleteUsers(pb.DeleteUsersRequest(), metadata=md)
+        assert "user_ids: 1..10000" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as anon:
+            c.admin.UpsertUsers(pb.UpsertUsersRequest(users=[user]))
+        assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        r = c.admin.DeleteUsers(pb.DeleteUsersRequest(user_ids=["user-3"]), metadata=md)
+        assert r.deleted == 1
+        assert list(c.recommend("user-3", 10, history=history).scores) == pytest.approx(alone, abs=1e-5)
+        c.close()
+    store = CatalogStore(tmp_path / "catalog.sqlite")  # durable, and users only: no item was written
+    assert store.count("item") == 0 and store.get("user-3", "user") is None and store.version() == 2
 
 
 def test_the_sidecar_trains_user_features_from_the_catalogue(tmp_path):

@@ -39,8 +39,8 @@ class CatalogSync:
         """Write durably (one transaction), then apply to `engines` (the ones serving)."""
         return self._write(lambda: self.store.upsert(records), engines)
 
-    def delete(self, ids: Sequence[str], engines: Iterable[Engine]) -> tuple[int, int]:
-        return self._write(lambda: self.store.delete(ids), engines)
+    def delete(self, ids: Sequence[str], engines: Iterable[Engine], kind: str = "item") -> tuple[int, int]:
+        return self._write(lambda: self.store.delete(ids, kind), engines)
 
     def apply_stream(self, ops: Sequence[CatalogOp], next_offset: int,
                      engines: Iterable[Engine]) -> tuple[list[str], int]:
@@ -74,11 +74,12 @@ class CatalogSync:
 
 
 class CatalogWriter(Protocol):
-    """Where UpsertItems / DeleteItems write; both return once the serving engines of this process apply it."""
+    """Where UpsertItems / DeleteItems (and the users' calls) write; both return once the serving engines of this
+    process apply it."""
 
     async def start(self) -> None: ...
     async def upsert(self, records: Sequence[CatalogRecord]) -> UpsertResult: ...
-    async def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...  # (records deleted, version after)
+    async def delete(self, ids: Sequence[str], kind: str = "item") -> tuple[int, int]: ...  # (deleted, version after)
     async def stop(self) -> None: ...
 
 
@@ -94,8 +95,8 @@ class LocalCatalogWriter:
     async def upsert(self, records: Sequence[CatalogRecord]) -> UpsertResult:
         return await asyncio.to_thread(self.sync.upsert, records, self.engines())
 
-    async def delete(self, ids: Sequence[str]) -> tuple[int, int]:
-        return await asyncio.to_thread(self.sync.delete, ids, self.engines())
+    async def delete(self, ids: Sequence[str], kind: str = "item") -> tuple[int, int]:
+        return await asyncio.to_thread(self.sync.delete, ids, self.engines(), kind)
 
     async def stop(self) -> None:
         pass
@@ -148,8 +149,8 @@ class StreamCatalogWriter:
         return UpsertResult(outcomes.count("inserted"), outcomes.count("updated"), outcomes.count("unchanged"),
                             self.version)
 
-    async def delete(self, ids: Sequence[str]) -> tuple[int, int]:
-        outcomes = await self._write([CatalogOp("item", i, None) for i in ids])
+    async def delete(self, ids: Sequence[str], kind: str = "item") -> tuple[int, int]:
+        outcomes = await self._write([CatalogOp(kind, i, None) for i in ids])
         return outcomes.count("deleted"), self.version
 
     async def stop(self) -> None:
