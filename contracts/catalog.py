@@ -167,6 +167,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (kind TEXT NOT NULL, id TEXT NOT NULL, body TEXT, version INTEGER NOT NULL,
                                     PRIMARY KEY (kind, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_version ON records (version);
+CREATE INDEX IF NOT EXISTS records_kind_version ON records (kind, version);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('version', 0);
 """
@@ -326,11 +327,16 @@ class CatalogStore:
     def version(self) -> int:
         return self._conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
 
-    def changes_since(self, version: int, *, limit: int = 10_000) -> list[Change]:
+    def changes_since(self, version: int, *, limit: int = 10_000, kind: str | None = None) -> list[Change]:
         """The latest state of the records changed after `version`, oldest change first, at most `limit`
-        (continue from the last one's version). A record changed twice since then appears once."""
-        rows = self._conn.execute("SELECT version, kind, id, body FROM records WHERE version > ? ORDER BY version "
-                                  "LIMIT ?", (version, limit)).fetchall()
+        (continue from the last one's version). A record changed twice since then appears once. kind: only
+        records of that kind (None: all)."""
+        if kind is None:
+            rows = self._conn.execute("SELECT version, kind, id, body FROM records WHERE version > ? ORDER BY version "
+                                      "LIMIT ?", (version, limit)).fetchall()
+        else:
+            rows = self._conn.execute("SELECT version, kind, id, body FROM records WHERE kind = ? AND version > ? "
+                                      "ORDER BY version LIMIT ?", (kind, version, limit)).fetchall()
         return [Change(v, k, rid, None if body is None else _record(k, rid, body)) for v, k, rid, body in rows]
 
 

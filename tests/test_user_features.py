@@ -97,7 +97,7 @@ def test_the_engine_carries_the_user_encoder_and_fuses_like_the_model(tmp_path):
     store = CatalogStore(tmp_path / "catalog.sqlite")
     store.upsert([user_record(i) for i in range(5)])
     CatalogSync(store).catch_up([engine])
-    assert sorted(engine.user_vecs) == [f"user-{i}" for i in range(5)]
+    assert sorted(engine.users.vecs) == [f"user-{i}" for i in range(5)]
     history = ["item-3", "item-7", "item-11"]
     rows_1T = torch.from_numpy(engine.history_rows(history)[None, :])
     with torch.no_grad():
@@ -115,9 +115,60 @@ def test_the_engine_carries_the_user_encoder_and_fuses_like_the_model(tmp_path):
     # A deleted record: the user's vector is the history's again.
     store.delete(["user-2"], kind="user")
     CatalogSync(store).catch_up([engine])
-    assert "user-2" not in engine.user_vecs
+    assert "user-2" not in engine.users.vecs
     np.testing.assert_allclose(fuse_user_vectors(alone_D.numpy()[None], np.zeros((1, alone_D.numel()), np.float32)),
                                alone_D.numpy()[None], atol=1e-6)
+
+
+def test_engines_with_the_same_user_encoder_share_one_table_encoded_once(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    model = user_model()
+    a_v, b_v = publish_user_engine(model, reg), publish_user_engine(model, reg)  # a refit's: the same encoder
+    with torch.no_grad():
+        model.user_features.encoder.mlp_in.bias.add_(0.1)
+    c_v = publish_user_engine(model, reg)  # a trained encoder: its own table
+    a, b, c = (Engine.load(reg.engine_dir(v), reg.verify(v)) for v in (a_v, b_v, c_v))
+    store = CatalogStore(tmp_path / "catalog.sqlite")
+    store.upsert([user_record(i) for i in range(6)])
+    sync = CatalogSync(store)
+    sync.catch_up([a])
+    encoded = []
+    for e in (b, c):
+        sync._lock.acquire()
+        try:
+            e.users = sync.user_tables.table_for(e.user_encoder)
+            encoded.append(e.apply_user_catalog([(ch.version, ch.id, ch.record) for ch in store.changes_since(0)],
+                                                store.version()))
+        finally:
+            sync._lock.release()
+    assert a.users is b.users and a.users is not c.users
+    assert encoded == [0, 6]  # b replays nothing: a's table is caught up; c encodes its own
+    store.upsert([user_record(9)])
+    sync.catch_up([a, b, c])
+    assert "user-9" in b.users.vecs and "user-9" in c.users.vecs
+    assert not np.allclose(a.users.vecs["user-9"], c.users.vecs["user-9"])
+
+
+def test_short_round_forks_keep_the_base_user_encoder():
+    from trainer import ema
+    from trainer.export.item_encoder import weights_sha256
+    from trainer.examples import stack_windows
+    from trainer.short_rounds import Fork
+    from trainer.training import train_windows
+
+    model, cfg = user_model().train(), TrainConfig.tiny_debug(precision="fp32")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fork = Fork.of(model, opt, cfg, 1, 0, 0, 40)
+    T = model.cfg.max_history
+    windows = [(np.r_[np.zeros(T - 3, np.int64), [1, 2, 3]], np.r_[np.zeros(T - 3, np.int64), [2, 3, 4]],
+                np.r_[np.zeros(T - 3, bool), [True] * 3])] * 4
+    train_windows(fork.model, fork.opt, *stack_windows(windows), item_prob_R=torch.full((41,), 1 / 40), n_items=40,
+                  cfg=cfg, epochs=2, generator=torch.Generator().manual_seed(0), users_W=np.array([1, 2, 3, 4]))
+    served = fork.served()
+    enc_cfg = model.user_features.cfg
+    base = ema.averaged(model, opt)
+    assert weights_sha256(served.user_features.encoder, enc_cfg) == weights_sha256(base.user_features.encoder, enc_cfg)
+    assert not torch.equal(served.item_embedding.weight, base.item_embedding.weight)  # the rest trained
 
 
 def test_upsert_and_delete_users_over_grpc(tmp_path):

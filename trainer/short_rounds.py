@@ -69,6 +69,8 @@ class Fork:
     def of(cls, model: TwoTower, opt: torch.optim.Optimizer, cfg: TrainConfig, version: int, trained_events: int,
            watermark_ms: int, n_items: int) -> "Fork":
         fork = copy.deepcopy(model)  # of its kind (a feature item tower too), with its own tensors
+        if fork.user_features is not None:  # short engines keep the base's user encoder: the server then shares
+            fork.user_features.requires_grad_(False)  # their users' vectors with the base engine's (no re-encoding)
         fork_opt = make_optimizer(fork, cfg)
         fork_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # alone it would share the moments
         avg = {k: v.clone() for k, v in ema.averaged(model, opt).state_dict().items()}
@@ -95,6 +97,9 @@ class Fork:
                 weights[k] = v
                 continue
             avg, raw = self.base_avg[k], self.base_raw[k]
+            if avg.shape == v.shape and torch.equal(v, raw):  # untrained here (a frozen part): the base's, exactly
+                weights[k] = avg
+                continue
             if avg.shape != v.shape:  # the item table, grown since: no base for the new rows
                 avg = torch.cat([avg, v[avg.shape[0]:]])
                 raw = torch.cat([raw, v[raw.shape[0]:]])

@@ -34,16 +34,19 @@ def fuse_user_vectors(u_BD: np.ndarray, f_BD: np.ndarray) -> np.ndarray:
 
 
 class ItemEncoder:
-    def __init__(self, program: torch.export.ExportedProgram, cfg: FeatureConfig, golden: dict) -> None:
+    def __init__(self, program: torch.export.ExportedProgram, cfg: FeatureConfig, golden: dict,
+                 weights_key: str | None = None) -> None:
         self._module = program.module()
         self.cfg = cfg
+        self.weights_key = weights_key  # the build's hash of the config and weights: equal = the same function
         self.golden_records = [CatalogRecord.from_dict(r) for r in golden.get("records", [])]
         self.golden_vectors_ND = np.asarray(golden.get("vectors", []), dtype=np.float32)
 
     @classmethod
     def load(cls, encoder_file: Path, meta_file: Path) -> "ItemEncoder":
         meta = json.loads(Path(meta_file).read_text())
-        return cls(torch.export.load(str(encoder_file)), feature_config_from_json(meta["features"]), meta["golden"])
+        return cls(torch.export.load(str(encoder_file)), feature_config_from_json(meta["features"]), meta["golden"],
+                   meta.get("weights_sha256"))
 
     def __call__(self, records: Sequence[CatalogRecord]) -> np.ndarray:
         """(N, D) float32, rows L2-normalised; records[i] -> row i."""

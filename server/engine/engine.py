@@ -21,10 +21,11 @@ from contracts.registry import (ITEM_ENCODER_FILE, ITEM_ENCODER_META, ITEM_IDS_F
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
 from contracts.catalog import CatalogRecord
-from contracts.engine_format.item_encoder import ItemEncoder, fuse_user_vectors
+from contracts.engine_format.item_encoder import ItemEncoder
 from contracts.engine_format.item_index import ItemIndex, check_recall, load_item_index
 from server.engine.live_items import LiveItems, merge_topk
 from server.engine.stages import StageClock
+from server.engine.user_vectors import UserVectors
 from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
@@ -116,7 +117,8 @@ class Engine:
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
         self.encoder: ItemEncoder | None = None  # set by load() for a feature model's engine: features -> vectors
         self.user_encoder: ItemEncoder | None = None  # set by load() for a model with user features
-        self.user_vecs: dict[str, np.ndarray] = {}  # user id -> (D,) its record's feature vector (user_encoder's)
+        self.users: UserVectors | None = None  # its users' feature vectors, set by the catalogue's CatalogSync
+                                               # (a table shared with same-encoder engines)
         self.live = LiveItems(int(manifest.dim), self._base_index)  # items upserted / deleted since the build
         self.catalog_version = 0  # the catalogue version whose changes live holds (server/engine/catalog_sync.py)
 
@@ -201,31 +203,18 @@ class Engine:
             self.live.upsert([r.id for r in new[s:s + 4096]], self.encoder(new[s:s + 4096]))
         return len(new)
 
-    def apply_user_catalog(self, changes: Sequence[tuple[str, CatalogRecord | None]]) -> int:
-        """User record changes in order, (user id, its record now; None: deleted): with a user encoder, each user's
-        feature vector is (re)computed or dropped; returns how many were encoded (0 without a user encoder)."""
-        if self.user_encoder is None:
+    def apply_user_catalog(self, changes: Sequence[tuple[int, str, CatalogRecord | None]], upto: int) -> int:
+        """User record changes (catalogue version, user id, record now or None: deleted), in order, of the
+        catalogue up to version `upto`: with a user encoder, each user's feature vector is (re)computed or dropped
+        (once per table shared by same-encoder engines); returns how many were encoded here."""
+        if self.users is None:  # no user encoder, or no catalogue feeds this engine
             return 0
-        latest = dict(changes)
-        for uid in [u for u, r in latest.items() if r is None]:
-            self.user_vecs.pop(uid, None)
-        live = [r for r in latest.values() if r is not None]
-        for s in range(0, len(live), 4096):
-            vecs_ND = self.user_encoder(live[s:s + 4096])
-            for r, v in zip(live[s:s + 4096], vecs_ND):
-                self.user_vecs[r.id] = v  # one dict store: a concurrent request sees the old vector or the new
-        return len(live)
+        n = self.users.apply(changes)
+        self.users.advance(upto)
+        return n
 
     def _with_user_features(self, u_BD: np.ndarray, user_ids: Sequence[str]) -> np.ndarray:
-        """The tower's vectors fused with the users' feature vectors (users without a record: unchanged)."""
-        if not self.user_vecs:
-            return u_BD
-        f_B = [self.user_vecs.get(u) for u in user_ids]
-        if all(f is None for f in f_B):
-            return u_BD
-        zero = np.zeros(u_BD.shape[1], np.float32)
-        fused_BD = fuse_user_vectors(u_BD, np.stack([zero if f is None else f for f in f_B]))
-        return np.where(np.array([f is not None for f in f_B])[:, None], fused_BD, u_BD)
+        return u_BD if self.users is None else self.users.fuse(u_BD, user_ids)
 
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ eager torch before the engine is published:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -47,9 +48,20 @@ def _export_encoder(module: nn.Module, cfg: FeatureConfig, records: Sequence[Cat
         want_ND = module(*inputs)
     torch.export.save(program, str(staging / file))
     (staging / meta).write_text(json.dumps({
-        "features": feature_config_json(cfg),
+        "features": feature_config_json(cfg), "weights_sha256": weights_sha256(module, cfg),
         "golden": {"records": [r.to_dict() for r in records], "vectors": want_ND.tolist()}}))
     return ItemEncoder.load(staging / file, staging / meta).golden_max_abs_diff()
+
+
+def weights_sha256(module: nn.Module, cfg: FeatureConfig) -> str:
+    """A hash of the encoder as a function: its config and every tensor of its state dict (names, dtypes, shapes,
+    bytes). The server shares users' vectors between engines whose user encoders hash alike."""
+    h = hashlib.sha256(json.dumps(feature_config_json(cfg), sort_keys=True).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def export_item_encoder(model: FeatureTwoTower, staging: Path) -> float:
