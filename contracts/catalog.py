@@ -174,7 +174,14 @@ INSERT OR IGNORE INTO meta VALUES ('version', 0);
 
 
 def _record(kind: str, rid: str, body: str) -> CatalogRecord:
-    return CatalogRecord(id=rid, kind=kind, **json.loads(body))
+    """A record read back from the store: its body is the canonical JSON of a record validated when it was written,
+    so it is rebuilt without validating again (that was ~3/4 of an engine's catalogue replay: 100k records 2.3 s)."""
+    d = json.loads(body)
+    r = object.__new__(CatalogRecord)
+    for name, value in (("id", rid), ("kind", kind), ("categorical", {n: tuple(v) for n, v in d["categorical"].items()}),
+                        ("numeric", d["numeric"]), ("text", d["text"])):
+        object.__setattr__(r, name, value)
+    return r
 
 
 class CatalogOp(NamedTuple):

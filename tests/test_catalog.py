@@ -85,9 +85,16 @@ def test_store_round_trip_versions_and_changes(tmp_path):
                                                             (6, "item", "missing")]
         assert ch[0].record == b2 and ch[2].record is None  # latest state; None = deleted
         assert [c.version for c in s.changes_since(0, limit=2)] == [3, 4]  # b (v3: its latest), user a (v4)
-        assert s.upsert([a]) == (1, 0, 0, 7)  # re-insert after delete
+        assert [(c.version, c.id) for c in s.changes_since(0, kind="user")] == [(4, "a")]
+        assert [c.version for c in s.changes_since(3, kind="item")] == [5, 6]
+        full = rec("f", categorical={"genre": ["x", "y"]}, numeric={"n": 3}, text={"t": "words"})
+        s.upsert([full])
+        back = s.get("f")  # read back without validating again: the same record, values normalised as written
+        assert back == full and back.categorical["genre"] == ("x", "y") and isinstance(back.numeric["n"], float)
+        s.delete(["f"])
+        assert s.upsert([a]) == (1, 0, 0, 9)  # re-insert after delete
     with CatalogStore.in_dir(tmp_path) as s:  # durable across reopen
-        assert s.version() == 7 and s.get("a") == a
+        assert s.version() == 9 and s.get("a") == a
 
 
 def test_store_paging_and_bad_input(tmp_path):
