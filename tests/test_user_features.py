@@ -266,3 +266,4 @@ def test_user_feature_study_debug_size(tmp_path, capsys):
                 assert 0.0 <= m["ndcg@10"] <= m["recall@10"] <= m["recall@20"] <= 1.0
     assert r["new"]["split"]["held_out_users"] == 30 and r["new"]["split"]["new_user_targets"] > 0
     assert "warm / test / all" in capsys.readouterr().out
+
