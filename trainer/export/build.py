@@ -220,20 +220,18 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
         with torch.no_grad():
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
         np.save(staging / ITEMS_FILE, items_ND)
-        if isinstance(frozen, FeatureTwoTower):  # new items get vectors from their features, in the server
-            enc_diff = export_item_encoder(frozen, staging)
+        # New items get vectors from their features, and users' records feature vectors fused with the tower's,
+        # in the server: each encoder the model has is exported and checked against eager torch.
+        for side, export in (("item", export_item_encoder if isinstance(frozen, FeatureTwoTower) else None),
+                             ("user", export_user_encoder if frozen.user_features is not None else None)):
+            if export is None:
+                continue
+            enc_diff = export(frozen, staging)
             if not enc_diff <= parity_tolerance:
-                raise BuildFailed(f"the exported item encoder differs from the torch reference by {enc_diff:.3g} "
+                raise BuildFailed(f"the exported {side} encoder differs from the torch reference by {enc_diff:.3g} "
                                   f"(tolerance {parity_tolerance:g}); not publishing")
             diff = max(diff, enc_diff)
-            progress(f"item feature encoder exported (parity {enc_diff:.2g})")
-        if frozen.user_features is not None:  # users' records give feature vectors fused with the tower's, in the server
-            enc_diff = export_user_encoder(frozen, staging)
-            if not enc_diff <= parity_tolerance:
-                raise BuildFailed(f"the exported user encoder differs from the torch reference by {enc_diff:.3g} "
-                                  f"(tolerance {parity_tolerance:g}); not publishing")
-            diff = max(diff, enc_diff)
-            progress(f"user feature encoder exported (parity {enc_diff:.2g})")
+            progress(f"{side} feature encoder exported (parity {enc_diff:.2g})")
         retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
