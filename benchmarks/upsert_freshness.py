@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1, choices=(1, 2),
                    help="2: two servers sharing the catalogue through the stream; upsert on one, probe the other")
     args = p.parse_args(argv)
-    from contracts.catalog import read_ml100k_items
+    from contracts.catalog_files import read_ml100k_items
     from contracts.client import Client
 
     records = list(read_ml100k_items(args.data / "u.item"))

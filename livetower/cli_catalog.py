@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from contracts.catalog import CATALOG_FILE, FORMATS, KINDS, CatalogStore, read_records
+from contracts.catalog import CATALOG_FILE, KINDS, CatalogStore
+from contracts.catalog_files import FORMATS, read_records
 
 DEFAULT_DATA_DIR = Path("var/livetower")
 

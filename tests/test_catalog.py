@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts.catalog import (CATALOG_FILE, LIMITS, ML100K_GENRES, CatalogRecord, CatalogStore, guess_format,
-                               read_records)
+from contracts.catalog import CATALOG_FILE, LIMITS, CatalogRecord, CatalogStore
+from contracts.catalog_files import ML100K_GENRES, guess_format, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"

@@ -1,4 +1,4 @@
-"""The round's publish gate (trainer/loop.py: gate_decision), a pure function of the round's metrics and config."""
+"""The round's publish gate (trainer/gate.py: gate_decision), a pure function of the round's metrics and config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.loop import gate_decision
+from trainer.gate import gate_decision
 
 
 def _cfg(**overrides) -> TrainConfig:

@@ -118,7 +118,7 @@ def test_gate_compares_the_candidate_with_the_serving_model_on_the_same_holdout(
     import numpy as np
 
     from trainer.evaluate import evaluate_model
-    from trainer.loop import left_pad
+    from trainer.examples import left_pad
 
     T = t.model.cfg.max_history
     hist = np.stack([left_pad(t.state.user_seqs[u][:-1], T) for u in users])
@@ -185,7 +185,8 @@ def test_round_backlog_picks_two_workers_and_the_round_trains_on_them(data_dir):
 
 
 def test_split_round_holds_out_newest_events_and_trains_the_rest():
-    from trainer.loop import holdout_arrays, new_windows, split_round
+    from trainer.gate import holdout_arrays
+    from trainer.loop import new_windows, split_round
 
     new_by_user = {"a": [5, 6, 7], "b": [8], "c": [9], "d": [3, 4]}
     kept = {"b": [1, 2], "x": [1, 3]}  # c: one event, no history: never held out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -31,14 +30,13 @@ from contracts.catalog import CatalogStore
 from contracts.eventlog import SOURCE_KEY, EventBatch, EventSource, StoredEvent
 from contracts.registry import Registry
 from contracts.tracing import start_tracing
-from trainer import ema
 from trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.evaluate import evaluate_model, evaluate_popularity
-from trainer.examples import left_pad, stack_windows
+from trainer.examples import stack_windows
 from trainer.item_catalog import (feature_config_from_state, feature_config_to_state, new_feature_model,
                                   refresh_rows)
 from trainer.features import FeatureTwoTower
+from trainer.gate import RoundGate, gate_decision
 from trainer.items import AdmissionSketch, map_rows, place_items, remember_users
 from trainer.metrics import TrainerMetrics
 from trainer.model import ModelConfig, TwoTower
@@ -76,34 +74,9 @@ def new_windows(split: RoundSplit, T: int) -> tuple[list[int], list, list[str]]:
     return rows, *windows_of_users(parts, T)
 
 
-def holdout_arrays(split: RoundSplit, T: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hist_BT, tgt_B): each held-out user's history before its newest event (left-padded), and that event."""
-    hist_BT = np.stack([left_pad(split.seqs[u][:-1], T) for u in split.holdout])
-    return hist_BT, np.asarray([split.seqs[u][-1] for u in split.holdout], np.int64)
-
-
-def gate_decision(metrics: dict[str, float], cfg: TrainConfig) -> str:
-    """The round's gate from its metrics (Trainer._evaluate): "skipped" below cfg.min_eval_users held-out users;
-    else "passed" when the model's Recall@10 is >= gate_min_ratio x popularity's and, when a serving model was
-    evaluated (serving_recall@10), >= gate_min_vs_serving x the serving model's less 2 standard errors of the
-    difference; else "failed"."""
-    n = metrics["holdout_users"]
-    if n < cfg.min_eval_users:
-        return "skipped"
-    model = metrics["model_recall@10"]
-    ok = model >= cfg.gate_min_ratio * metrics["popularity_recall@10"]
-    if "serving_recall@10" in metrics:
-        serving = metrics["serving_recall@10"]
-        # Same users, so a paired comparison; Var(hit_a - hit_b) <= p_a + p_b per user: small holdouts must not
-        # fail on noise.
-        noise = 2 * math.sqrt((model + serving) / n)
-        ok = ok and model >= cfg.gate_min_vs_serving * serving - noise
-    return "passed" if ok else "failed"
-
-
-class Trainer(Publishing, ShortRoundControl):
-    """The sidecar trainer (module docstring); publishing and short rounds are trainer/publishing.py's and
-    trainer/short_round_control.py's."""
+class Trainer(Publishing, RoundGate, ShortRoundControl):
+    """The sidecar trainer (module docstring); publishing, the gate and short rounds are trainer/publishing.py's,
+    trainer/gate.py's and trainer/short_round_control.py's."""
 
     def __init__(self, cfg: TrainConfig, event_log: EventSource, registry: Registry, checkpoint_dir: Path, *,
                  ledger_path: Path | None = None, metrics: TrainerMetrics | None = None,
@@ -112,6 +85,9 @@ class Trainer(Publishing, ShortRoundControl):
         trained, fsynced before the round's checkpoint. A crash between the two leaves lines of a round the
         checkpoint does not hold; the restarted trainer redoes that round (same number, another pid), so a
         round's committed lines are those of the last pid that wrote it. For audits (the kill -9 campaign)."""
+        if (cfg.item_features or cfg.user_features) and resolve_device(cfg.elastic.device) == "cuda":
+            raise ValueError("item and user features train in the trainer process, on the CPU (the launched GPU "
+                             "workers build the id-only model): pass --train-device cpu")
         if resolve_device(cfg.elastic.device) == "cuda" and cfg.elastic.in_process_single_worker:
             # The trainer process keeps its model on the CPU (eval, export); W = 1 launches one GPU worker.
             cfg = cfg.replace(elastic=cfg.elastic.replace(in_process_single_worker=False))
@@ -352,38 +328,6 @@ class Trainer(Publishing, ShortRoundControl):
         self.rate_per_worker = stats.events_per_s_per_worker
         return True
 
-    def _evaluate(self, split: RoundSplit) -> dict[str, float]:
-        """The gate's statistics on the held-out events: Recall/NDCG@10 of the model (its weight average), of
-        popularity and of the serving model (when this trainer has it); holdout_users alone below
-        min_eval_users."""
-        metrics: dict[str, float] = {"holdout_users": float(len(split.holdout))}
-        if len(split.holdout) < self.cfg.min_eval_users:
-            return metrics
-        hist_BT, tgt_B = holdout_arrays(split, self.model.cfg.max_history)
-        n_items = len(self.vocab)
-        model = ema.averaged(self.model, self.opt)
-        metrics.update({f"model_{k}": v for k, v in evaluate_model(
-            model, hist_BT, tgt_B, n_items, users_B=window_user_rows(model, split.holdout, self.catalog)).items()})
-        metrics.update({f"popularity_{k}": v for k, v in
-                        evaluate_popularity(self.state.item_counts, tgt_B, n_items).items()})
-        baseline_version, serving = self._evaluate_serving(hist_BT, tgt_B, split.holdout)
-        if serving is not None:
-            metrics.update({f"serving_{k}": v for k, v in serving.items()})
-            metrics["gate_baseline_version"] = float(baseline_version)
-        return metrics
-
-    def _log_gate(self, metrics: dict[str, float], gate: str) -> None:
-        step, n = self.state.step + 1, int(metrics["holdout_users"])
-        if gate == "skipped":
-            log.info("round %d: %d held-out users < min_eval_users=%d: gate skipped", step, n, self.cfg.min_eval_users)
-            return
-        serving = "-" if "serving_recall@10" not in metrics else \
-            f"v{int(metrics['gate_baseline_version'])} R@10 {metrics['serving_recall@10']:.4f}"
-        log.info("round %d eval on %d held-out users: model R@10 %.4f N@10 %.4f | serving %s | "
-                 "popularity R@10 %.4f N@10 %.4f -> gate %s", step, n, metrics["model_recall@10"],
-                 metrics["model_ndcg@10"], serving, metrics["popularity_recall@10"], metrics["popularity_ndcg@10"],
-                 gate)
-
     def _fold_in(self, split: RoundSplit) -> None:
         """After the evaluation, one epoch on the held-out events, so nothing consumed goes untrained (short rounds
         run between its steps too: with many held-out users it takes seconds)."""
@@ -450,35 +394,6 @@ class Trainer(Publishing, ShortRoundControl):
         rng = np.random.default_rng(self.cfg.seed + 7919 * st.step)
         picked = rng.permutation(len(users))[:n]
         return windows_of_users(((users[i], st.user_seqs[users[i]], len(st.user_seqs[users[i]])) for i in picked), T)
-
-    def _baseline_version(self) -> int:
-        """The version the gate compares against: the server's stable one (rollout.json in the shared
-        registry) when this trainer published it, else its own last published version. Comparing with the
-        last published one alone is wrong once the server rolls canaries back: it would keep vouching for
-        candidates against a model no user sees."""
-        stable = self.read_ahead.base_of(self.registry.read_rollout().stable)  # a short engine: its full round's
-        return stable if stable in self.state.published_models else self.state.published_version
-
-    def _evaluate_serving(self, hist_BT: np.ndarray, tgt_B: np.ndarray,
-                          users: list[str]) -> tuple[int, dict[str, float] | None]:
-        """(baseline version, its metrics on the same holdout). It knows only the items of its own table:
-        newer history rows are dropped (as the server drops unknown ids) and newer targets count as misses."""
-        version = self._baseline_version()
-        state = self.state.published_models.get(version)
-        if state is None or self.state.published_vocab_epochs.get(version, 0) != self.state.vocab_epoch:
-            return version, None  # none, or its rows name other items (a compaction since: trainer/items.py)
-        rows = state["item_embedding.weight"].shape[0]
-        n_known = min(len(self.vocab), rows - 1)
-        served = self._empty_model(rows)
-        served.load_state_dict(state)
-        known = tgt_B <= n_known
-        if not known.any():
-            return version, {"recall@10": 0.0, "ndcg@10": 0.0}
-        T = hist_BT.shape[1]
-        hist = np.stack([left_pad([r for r in h if 0 < r <= n_known], T) for h in hist_BT[known]])
-        rows_B = window_user_rows(served, [u for u, k in zip(users, known) if k], self.catalog)
-        m = evaluate_model(served, hist, tgt_B[known], n_known, users_B=rows_B)
-        return version, {k: v * float(known.mean()) for k, v in m.items()}
 
     def _write_ledger(self, step: int, events) -> None:
         with open(self.ledger_path, "a", encoding="utf-8") as f:

@@ -40,7 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from contracts.catalog import CatalogRecord, read_ml100k_items
+from contracts.catalog import CatalogRecord
+from contracts.catalog_files import read_ml100k_items
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.examples import stack_windows
