@@ -189,8 +189,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.warmup_calls)
-        if self.catalog is not None:  # every catalogue change so far, before it serves
-            self.catalog.catch_up([engine])
+            if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
+                self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
         engine.clock = self.clock  # counted from here: warm-up is not serving
         seconds = time.perf_counter() - t0
         log.info("engine %d loaded (%s): backend=%s items=%d parity=%.2g in %.2fs", version,
