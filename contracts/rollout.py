@@ -50,7 +50,8 @@ class CanaryPolicy:
     outcome_min_impressions: int = 200  # per arm before the hit-rate bounds are trusted
     outcome_settle_s: float = 10.0   # impressions younger than this are not counted yet (their events still arrive)
     # Small steps (a trainer's short rounds, trainer/short_rounds.py): a canary that runs stable's compiled graph
-    # (a refit: only weights differ) and was trained on at most small_step_events events beyond stable is
+    # (a refit: only weights differ) and was trained on at most small_step_events events beyond stable (or, as
+    # stable's child, at most that many behind it: a full round's engine after short rounds) is
     # promoted on small_step_shadow_samples paired shadow comparisons (overlap, drift, engine CPU time) and no
     # live errors, without min_duration_s or min_requests: seconds, not the ~30 s a full canary waits for live
     # traffic at 100 QPS. Errors, the shadow checks and (when on) the hit-rate test still apply.

@@ -189,8 +189,8 @@ def test_short_rounds_are_off_by_default_and_validated():
         TrainConfig(short_round_epochs=0)
 
 
-def manifest(version: int, graph: int, trained: int) -> pb.EngineManifest:
-    return pb.EngineManifest(version=version, graph_version=graph, trained_events=trained)
+def manifest(version: int, graph: int, trained: int, parent: int = 0) -> pb.EngineManifest:
+    return pb.EngineManifest(version=version, graph_version=graph, trained_events=trained, parent=parent)
 
 
 def test_small_step_is_a_refit_of_stables_graph_with_few_more_events():
@@ -200,7 +200,11 @@ def test_small_step_is_a_refit_of_stables_graph_with_few_more_events():
     assert small_step(manifest(6, 5, 10_400), manifest(5, 0, 10_000), policy)  # a refit of stable itself
     assert small_step(manifest(6, 0, 10_400), stable, policy) is None  # recompiled: its cost may differ
     assert small_step(manifest(6, 3, 11_001), stable, policy) is None  # too many events
-    assert small_step(manifest(6, 3, 9_000), stable, policy) is None   # fewer events than stable
+    assert small_step(manifest(6, 3, 9_000), stable, policy) is None   # fewer events than stable, not its child
+    # stable's child behind it: a full round's engine after the short rounds it published meanwhile
+    assert "behind" in small_step(manifest(6, 3, 9_400, parent=5), stable, policy)
+    assert small_step(manifest(6, 3, 8_999, parent=5), stable, policy) is None  # too far behind
+    assert small_step(manifest(6, 0, 9_400, parent=5), stable, policy) is None  # recompiled
     assert small_step(manifest(6, 3, 10_400), stable, CanaryPolicy(small_step_events=-1)) is None
 
 

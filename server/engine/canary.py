@@ -167,14 +167,21 @@ NO_OUTCOME = {"canary_impressions": 0, "stable_impressions": 0, "canary_hit_rate
 def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: CanaryPolicy) -> str | None:
     """Why the canary is a small step from stable (CanaryPolicy.small_step_events), or None: it runs the same
     compiled graph (a refit of stable's, or stable's own: only weights differ, so its cost per request cannot
-    differ) and was trained on at most small_step_events events beyond stable."""
+    differ) and was trained on at most small_step_events events beyond stable; or it is stable's child (its
+    manifest's parent) at most small_step_events behind it: a full round's engine after short rounds, trained on
+    the events stable's short rounds had served (committed, gated) and not on those read since."""
     if policy.small_step_events < 0:
         return None
     graph_c, graph_s = canary.graph_version or canary.version, stable.graph_version or stable.version
-    extra = canary.trained_events - stable.trained_events
-    if graph_c != graph_s or not 0 <= extra <= policy.small_step_events:
+    extra, n = canary.trained_events - stable.trained_events, policy.small_step_events
+    if graph_c != graph_s:
         return None
-    return f"small step: weights for stable's graph {graph_s}, {extra} events beyond stable"
+    if 0 <= extra <= n:
+        return f"small step: weights for stable's graph {graph_s}, {extra} events beyond stable"
+    if canary.parent == stable.version and -n <= extra < 0:
+        return (f"small step: weights for stable's graph {graph_s}, stable's child {-extra} events behind it "
+                "(a full round after short rounds)")
+    return None
 
 
 def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None,
