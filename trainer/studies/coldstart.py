@@ -317,21 +317,29 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.studies.coldstart", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the ml-100k directory (u.data, u.item)")
-    p.add_argument("--part", choices=(*PARTS, "all"), default="all")
-    p.add_argument("--debug", action="store_true", help="the test size: 120 users, tiny tower, 2 epochs")
+def study_args(prog: str, doc: str, parts: tuple[str, ...], *, data: str, debug: str,
+               out: str) -> argparse.ArgumentParser:
+    """The flags the ml-100k studies share (this one and trainer/studies/user_features.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the ml-100k directory ({data})")
+    p.add_argument("--part", choices=(*parts, "all"), default="all")
+    p.add_argument("--debug", action="store_true", help=f"the test size: {debug}, tiny tower, 2 epochs")
     p.add_argument("--epochs", type=int, help="maximum epochs per model (default: the preset's)")
+    p.add_argument("--train-seed", type=int, help="training seed (init, shuffles, negatives; default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--out", type=Path, help=f"JSON result file (default {out})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = study_args("python -m trainer.studies.coldstart", __doc__, PARTS, data="u.data, u.item", debug="120 users",
+                   out="bench-results/coldstart/<part>.json")
     p.add_argument("--patience", type=int, help="validations without improvement before stopping")
     p.add_argument("--holdout", type=float, help="share of items held out (default 0.2)")
     p.add_argument("--id-dropout", type=float, help="FeatureConfig.id_dropout (default 0.5)")
     p.add_argument("--seed", type=int, help="split seed (which items are held out; default 0)")
-    p.add_argument("--train-seed", type=int, help="training seed (init, shuffles, negatives; default 0)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated, from {MODELS}: the models to train (default both)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--out", type=Path, help="JSON result file (default bench-results/coldstart/<part>.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = ColdStartConfig.debug() if args.debug else ColdStartConfig()

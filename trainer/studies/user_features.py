@@ -18,7 +18,6 @@ bench-results/user_features/<part>.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -35,7 +34,7 @@ from contracts.catalog_files import read_ml100k_users
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.model import TwoTower
-from trainer.studies.coldstart import DEFAULT_DATA, _val_fn, train_feature_model
+from trainer.studies.coldstart import _val_fn, study_args, train_feature_model
 from trainer.studies.offline import PRESETS
 from trainer.studies.offline_train import OfflineTrainConfig
 from trainer.studies.protocols import EvalSet, leave_one_out
@@ -171,15 +170,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.studies.user_features", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the ml-100k directory (u.data, u.user)")
-    p.add_argument("--part", choices=(*PARTS, "all"), default="all")
-    p.add_argument("--debug", action="store_true", help="the test size: 150 users, tiny tower, 2 epochs")
-    p.add_argument("--epochs", type=int, help="maximum epochs per model (default: the preset's)")
-    p.add_argument("--train-seed", type=int, help="training seed (init, shuffles, negatives; default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--out", type=Path, help="JSON result file (default bench-results/user_features/<part>.json)")
-    args = p.parse_args(argv)
+    args = study_args("python -m trainer.studies.user_features", __doc__, PARTS, data="u.data, u.user",
+                      debug="150 users", out="bench-results/user_features/<part>.json").parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = UserFeatureStudyConfig.debug() if args.debug else UserFeatureStudyConfig()
     if args.epochs is not None:
