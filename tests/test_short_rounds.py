@@ -200,12 +200,28 @@ def test_small_step_is_a_refit_of_stables_graph_with_few_more_events():
     assert small_step(manifest(6, 5, 10_400), manifest(5, 0, 10_000), policy)  # a refit of stable itself
     assert small_step(manifest(6, 0, 10_400), stable, policy) is None  # recompiled: its cost may differ
     assert small_step(manifest(6, 3, 11_001), stable, policy) is None  # too many events
-    assert small_step(manifest(6, 3, 9_000), stable, policy) is None   # fewer events than stable, not its child
-    # stable's child behind it: a full round's engine after the short rounds it published meanwhile
-    assert "behind" in small_step(manifest(6, 3, 9_400, parent=5), stable, policy)
-    assert small_step(manifest(6, 3, 8_999, parent=5), stable, policy) is None  # too far behind
-    assert small_step(manifest(6, 0, 9_400, parent=5), stable, policy) is None  # recompiled
+    assert small_step(manifest(6, 3, 9_000), stable, policy) is None   # fewer events than stable, not its descendant
+    # a descendant of stable behind it: a full round's engine after the short rounds it published meanwhile
+    assert "behind" in small_step(manifest(6, 3, 9_400), stable, policy, descends=True)
+    assert small_step(manifest(6, 3, 8_999), stable, policy, descends=True) is None  # too far behind
+    assert small_step(manifest(6, 0, 9_400), stable, policy, descends=True) is None  # recompiled
     assert small_step(manifest(6, 3, 10_400), stable, CanaryPolicy(small_step_events=-1)) is None
+
+
+def test_descent_walks_the_registrys_parents(tmp_path):
+    from server.engine.canary_control import CanaryControl
+
+    class Lineage(CanaryControl):  # the walk needs only the registry
+        def __init__(self, manifests):
+            self.registry = type("R", (), {"read_manifest": lambda _, v: manifests[v]})()
+
+    m = {v: manifest(v, 1, 0, parent=p) for v, p in ((2, 1), (3, 2), (4, 3), (6, 0))}
+    lineage = Lineage(m)
+    assert lineage._descends_from(manifest(5, 1, 0, parent=4), 2)  # 5 -> 4 -> 3 -> 2
+    assert lineage._descends_from(manifest(5, 1, 0, parent=2), 2)
+    assert not lineage._descends_from(manifest(5, 1, 0, parent=4), 6)  # 6 is not on 5's line
+    assert not lineage._descends_from(manifest(7, 1, 0, parent=6), 2)  # 6's parent is 0
+    assert not lineage._descends_from(manifest(9, 1, 0, parent=8), 2)  # 8 collected: unknown, so no
 
 
 def stats_with(shadow: int, overlap: float, canary_requests: int = 0) -> CanaryStats:

@@ -164,12 +164,14 @@ NO_OUTCOME = {"canary_impressions": 0, "stable_impressions": 0, "canary_hit_rate
               "hit_rate_diff": 0.0, "hit_rate_lo": 0.0, "hit_rate_hi": 0.0}
 
 
-def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: CanaryPolicy) -> str | None:
+def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: CanaryPolicy, *,
+               descends: bool = False) -> str | None:
     """Why the canary is a small step from stable (CanaryPolicy.small_step_events), or None: it runs the same
     compiled graph (a refit of stable's, or stable's own: only weights differ, so its cost per request cannot
-    differ) and was trained on at most small_step_events events beyond stable; or it is stable's child (its
-    manifest's parent) at most small_step_events behind it: a full round's engine after short rounds, trained on
-    the events stable's short rounds had served (committed, gated) and not on those read since."""
+    differ) and was trained on at most small_step_events events beyond stable; or it descends from stable
+    (`descends`: stable is its parent, or its parent's parent...) at most small_step_events behind it: a full
+    round's engine after short rounds, trained on the events stable's short rounds had served (committed, gated)
+    and not on those read since."""
     if policy.small_step_events < 0:
         return None
     graph_c, graph_s = canary.graph_version or canary.version, stable.graph_version or stable.version
@@ -178,9 +180,9 @@ def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: Can
         return None
     if 0 <= extra <= n:
         return f"small step: weights for stable's graph {graph_s}, {extra} events beyond stable"
-    if canary.parent == stable.version and -n <= extra < 0:
-        return (f"small step: weights for stable's graph {graph_s}, stable's child {-extra} events behind it "
-                "(a full round after short rounds)")
+    if descends and -n <= extra < 0:
+        return (f"small step: weights for stable's graph {graph_s}, descends from stable, {-extra} events behind "
+                "it (a full round after short rounds)")
     return None
 
 

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from contracts.outcome import ArmCounts, noninferiority
+from proto import livetower_v1_pb2 as pb
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from server.engine.canary import Verdict, analyse, quality_vouch, small_step
 from server.engine.engine import Engine
@@ -105,7 +106,34 @@ class CanaryControl:
             manifest = self.registry.read_manifest(version)
         except Exception:  # noqa: BLE001 - unreadable now (collected, a registry hiccup): prefetch as before
             return False
-        return small_step(manifest, self.stable.manifest, self.policy) is not None
+        return self._small_step(manifest, self.stable.manifest, self.policy) is not None
+
+    def _small_step(self, manifest: pb.EngineManifest, stable: pb.EngineManifest, policy) -> str | None:
+        # Manifests never change, so each (engine, stable) pair's descent is looked up once (an object-store
+        # registry reads one manifest per hop over the network; the canary's analysis asks every tick).
+        memo = self.__dict__.setdefault("_descent_memo", {})
+        key = (manifest.version, stable.version)
+        if key not in memo:
+            if len(memo) > 256:
+                memo.clear()
+            memo[key] = self._descends_from(manifest, stable.version)
+        return small_step(manifest, stable, policy, descends=memo[key])
+
+    def _descends_from(self, manifest: pb.EngineManifest, version: int, max_hops: int = 64) -> bool:
+        """Whether `version` is an ancestor of the engine (its parent, its parent's parent ...), by the registry's
+        manifests. Versions only grow along a lineage, so a parent below `version` ends the walk; an engine no
+        longer in the registry ends it too (no: the full canary path, the safe one)."""
+        parent = manifest.parent
+        for _ in range(max_hops):
+            if parent == version:
+                return True
+            if parent < version:
+                return False
+            try:
+                parent = self.registry.read_manifest(parent).parent
+            except Exception:  # noqa: BLE001 - collected or unreadable: not known to descend
+                return False
+        return False
 
     def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
         with self._lock:
@@ -196,7 +224,7 @@ class CanaryControl:
                 outcome = dataclasses.replace(outcome, action="fail", reason=(
                     "the policy judges hit rate (outcome_test) but this server records no impressions"))
         fleet = self._reports.tick(canary.version, stats, self.leading)
-        small = small_step(canary.manifest, stable.manifest, policy) if stable is not None else None
+        small = self._small_step(canary.manifest, stable.manifest, policy) if stable is not None else None
         verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet, small=small)
         self.last_verdict = verdict
         if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":

@@ -29,7 +29,7 @@ from contracts.catalog import CatalogStore
 from contracts.registry import EngineCorrupt, Registry
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
 from contracts.signing import ManifestTrust
-from server.engine.canary import CanaryStats, ShadowScorer, Verdict, in_canary, small_step
+from server.engine.canary import CanaryStats, ShadowScorer, Verdict, in_canary
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.canary_control import CanaryControl
 from server.engine.catalog_sync import CatalogSync
@@ -252,7 +252,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._reports = CanaryReports(self.registry, self.replica)
         self.canary = engine
         if self.config.leader and self.stable is not None:
-            small = small_step(engine.manifest, self.stable.manifest, self.policy) is not None
+            small = self._small_step(engine.manifest, self.stable.manifest, self.policy) is not None
             self._shadow = ShadowScorer(self.stable, engine, stats, self.policy,
                                         lambda: self._user_histories(), small=small).start()
         self._on_event("canary", engine.version, fraction)
