@@ -83,11 +83,14 @@ class SASRec(nn.Module):
             x_BTD = block(x_BTD, blocked, keep_BT1)
         return self.final_norm(x_BTD)
 
-    def user_states(self, history_BT: Tensor) -> Tensor:
+    def user_states(self, history_BT: Tensor, users_B: Tensor | None = None) -> Tensor:
+        """users_B must be None: this baseline has no user features (the pipeline passes its argument through)."""
+        if users_B is not None:
+            raise ValueError("users_B: SASRec has no user features; pass None")
         return F.normalize(self.hidden_states(history_BT), dim=-1)  # (B, T, D)
 
-    def encode_users(self, history_BT: Tensor) -> Tensor:
-        return self.user_states(history_BT)[:, -1]  # (B, D): the newest position
+    def encode_users(self, history_BT: Tensor, users_B: Tensor | None = None) -> Tensor:
+        return self.user_states(history_BT, users_B)[:, -1]  # (B, D): the newest position
 
     def update_expert_bias(self) -> None:
         """No experts: nothing to balance (the trainer calls this after every step)."""
