@@ -3,11 +3,14 @@
 Three models, whose only version is the engine that serves (its registry version as a string; an empty
 version in a request means that engine):
 
-* ``user_tower``       HISTORY BYTES [B, -1] (item ids, newest last, short rows padded with "") ->
-                        USER_EMBEDDING FP32 [B, D]; unknown ids are skipped like the native API does,
-                        and a row with no known item gets the zero vector (no user signal)
+* ``user_tower``       HISTORY BYTES [B, -1] (item ids, newest last, short rows padded with ""), USER_ID BYTES
+                        [B, 1] (optional, "" for none) -> USER_EMBEDDING FP32 [B, D]; unknown ids are skipped
+                        like the native API does, and a row with no known item gets the zero vector (no user
+                        signal; the native API serves popularity there); with user features, a row with a
+                        known item and a user record gets the fused vector the engine retrieves with
 * ``item_embeddings``  ITEM_IDS BYTES [N] -> EMBEDDING FP32 [N, D]
-* ``recommend``        HISTORY BYTES [-1], K INT32 [1] (optional, default 10) ->
+* ``recommend``        HISTORY BYTES [-1], K INT32 [1] (optional, default 10), USER_ID BYTES [1] (optional:
+                        whose request, for an engine with user features, as the native `user_id`) ->
                         ITEM_IDS BYTES [k], SCORES FP32 [k]; request parameter ``exclude_seen`` (bool)
 
 Inputs come as typed ``contents`` or as ``raw_input_contents`` (BYTES elements: 4-byte little-endian
@@ -45,7 +48,7 @@ from proto import grpc_service_pb2_grpc as kpb_grpc
 from proto import model_config_pb2 as mc
 from server.batching import MicroBatcher
 from server.config import RequestLimits
-from server.engine.engine import Engine
+from server.engine.engine import PAD_ROW, Engine
 from server.engine.manager import EngineManager
 from server.kserve_tensors import (Inputs, KServeError, ModelSpec, TensorSpec, encode_bytes_tensor, invalid,
                                    read_inputs)
@@ -86,7 +89,7 @@ def _version_number(version: str, field: str = "model_version") -> int | None:
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec(USER_TOWER,
-              (TensorSpec("HISTORY", "BYTES", (-1, -1)),),
+              (TensorSpec("HISTORY", "BYTES", (-1, -1)), TensorSpec("USER_ID", "BYTES", (-1, 1), optional=True)),
               (TensorSpec("USER_EMBEDDING", "FP32", (-1, "D")),),
               MAX_USER_BATCH, "user embedding of each history row (unknown ids and '' padding are skipped)"),
     ModelSpec(ITEM_EMBEDDINGS,
@@ -94,7 +97,8 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               (TensorSpec("EMBEDDING", "FP32", (-1, "D")),),
               0, "L2-normalised item embeddings of the serving engine"),
     ModelSpec(RECOMMEND,
-              (TensorSpec("HISTORY", "BYTES", (-1,)), TensorSpec("K", "INT32", (1,), optional=True)),
+              (TensorSpec("HISTORY", "BYTES", (-1,)), TensorSpec("K", "INT32", (1,), optional=True),
+               TensorSpec("USER_ID", "BYTES", (1,), optional=True)),
               (TensorSpec("ITEM_IDS", "BYTES", (-1,)), TensorSpec("SCORES", "FP32", (-1,))),
               0, "top-k items by cosine similarity (popularity when no history item is known)"),
 )}
@@ -132,6 +136,14 @@ def _run_user_tower(engine: Engine, inp: Inputs, limits: RequestLimits) -> tuple
     rows_BT = np.stack([engine.history_rows([h for h in flat[r * t:(r + 1) * t] if h]) for r in range(b)])
     step = getattr(engine.runner, "max_batch", None) or b
     out_BD = np.concatenate([engine.runner(rows_BT[i:i + step]) for i in range(0, b, step)], axis=0)
+    if "USER_ID" in inp.values:
+        n = inp.shapes["USER_ID"][0]
+        if n != b:
+            raise invalid(f"input 'USER_ID' has {n} ids; it must have one per HISTORY row ({b})")
+        users = _ids(inp.values["USER_ID"], "USER_ID", limits)
+        known_B = rows_BT[:, -1] != PAD_ROW  # rows with no known item keep the zero vector
+        if known_B.any():
+            out_BD[known_B] = engine.fuse_user_features(out_BD[known_B], [u for u, k in zip(users, known_B) if k])
     return [_Output("USER_EMBEDDING", "FP32", list(out_BD.shape), out_BD)], b
 
 
@@ -165,7 +177,8 @@ def _run_recommend(engine: Engine, inp: Inputs, limits: RequestLimits,
         if p.WhichOneof("parameter_choice") != "bool_param":
             raise invalid("parameter 'exclude_seen' must be a bool_param")
         exclude_seen = p.bool_param
-    ranked = engine.recommend(history, k, exclude_seen)
+    user_id = _ids(inp.values["USER_ID"], "USER_ID", limits)[0] if "USER_ID" in inp.values else ""
+    ranked = engine.recommend(history, k, exclude_seen, user_id)
     scores = np.asarray(ranked.scores, dtype=np.float32)
     outs = [_Output("ITEM_IDS", "BYTES", [len(ranked.item_ids)], [x.encode() for x in ranked.item_ids]),
             _Output("SCORES", "FP32", [len(scores)], scores)]

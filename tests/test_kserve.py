@@ -126,9 +126,9 @@ def test_model_metadata_and_config(served):
     server, _, client = served
     dim = server.manager.current.manifest.dim
     want = {
-        "user_tower": ([("HISTORY", "BYTES", [-1, -1])], [("USER_EMBEDDING", "FP32", [-1, dim])]),
+        "user_tower": ([("HISTORY", "BYTES", [-1, -1]), ("USER_ID", "BYTES", [-1, 1])], [("USER_EMBEDDING", "FP32", [-1, dim])]),
         "item_embeddings": ([("ITEM_IDS", "BYTES", [-1])], [("EMBEDDING", "FP32", [-1, dim])]),
-        "recommend": ([("HISTORY", "BYTES", [-1]), ("K", "INT32", [1])],
+        "recommend": ([("HISTORY", "BYTES", [-1]), ("K", "INT32", [1]), ("USER_ID", "BYTES", [1])],
                       [("ITEM_IDS", "BYTES", [-1]), ("SCORES", "FP32", [-1])]),
     }
     for name, (ins, outs) in want.items():
@@ -139,12 +139,14 @@ def test_model_metadata_and_config(served):
         assert client.get_model_metadata(name, "1", as_json=True)["versions"] == ["1"]
     cfg = client.get_model_config("user_tower").config
     assert cfg.name == "user_tower" and cfg.max_batch_size > 0 and cfg.backend == "torch"
-    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("HISTORY", tc_mc.TYPE_STRING, [-1])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("HISTORY", tc_mc.TYPE_STRING, [-1]),
+                                                                         ("USER_ID", tc_mc.TYPE_STRING, [1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [("USER_EMBEDDING", tc_mc.TYPE_FP32, [dim])]
     cfg = client.get_model_config("recommend").config
     assert cfg.max_batch_size == 0
     assert [(i.name, i.data_type, list(i.dims), i.optional) for i in cfg.input] == [
-        ("HISTORY", tc_mc.TYPE_STRING, [-1], False), ("K", tc_mc.TYPE_INT32, [1], True)]
+        ("HISTORY", tc_mc.TYPE_STRING, [-1], False), ("K", tc_mc.TYPE_INT32, [1], True),
+        ("USER_ID", tc_mc.TYPE_STRING, [1], True)]
     assert cfg.parameters["engine_version"].string_value == "1"
     assert client.get_model_config("item_embeddings", as_json=True)["config"]["output"][0]["name"] == "EMBEDDING"
 

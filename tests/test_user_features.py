@@ -204,12 +204,57 @@ def test_upsert_and_delete_users_over_grpc(tmp_path):
         with pytest.raises(grpc.RpcError) as anon:
             c.admin.UpsertUsers(pb.UpsertUsersRequest(users=[user]))
         assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        _kserve_fuses_the_user_like_the_native_api(port, history, fused, alone)
         r = c.admin.DeleteUsers(pb.DeleteUsersRequest(user_ids=["user-3"]), metadata=md)
         assert r.deleted == 1
         assert list(c.recommend("user-3", 10, history=history).scores) == pytest.approx(alone, abs=1e-5)
         c.close()
     store = CatalogStore(tmp_path / "catalog.sqlite")  # durable, and users only: no item was written
     assert store.count("item") == 0 and store.get("user-3", "user") is None and store.version() == 2
+
+
+def _kserve_fuses_the_user_like_the_native_api(port: int, history: list[str], fused: list[float],
+                                               alone: list[float]) -> None:
+    """KServe v2: USER_ID on `recommend` and `user_tower` gives what the native API's user_id gives."""
+    import grpc
+
+    from proto import grpc_service_pb2 as kpb
+    from proto import grpc_service_pb2_grpc as kpb_grpc
+
+    T = kpb.ModelInferRequest.InferInputTensor
+
+    def tensor(name: str, shape: list[int], values: list[str]) -> T:
+        return T(name=name, datatype="BYTES", shape=shape,
+                 contents=kpb.InferTensorContents(bytes_contents=[v.encode() for v in values]))
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = kpb_grpc.GRPCInferenceServiceStub(ch)
+
+        def recommend(*extra: T) -> list[float]:
+            resp = stub.ModelInfer(kpb.ModelInferRequest(model_name="recommend", inputs=[
+                tensor("HISTORY", [len(history)], history),
+                T(name="K", datatype="INT32", shape=[1], contents=kpb.InferTensorContents(int_contents=[10])),
+                *extra]))
+            return list(resp.outputs[1].contents.fp32_contents)
+
+        assert recommend(tensor("USER_ID", [1], ["user-3"])) == pytest.approx(fused, abs=1e-5)
+        assert recommend() == pytest.approx(alone, abs=1e-5)
+        rows = [history, ["", "item-2"], ["", "no-such-item"]]  # the last row: no known item
+        resp = stub.ModelInfer(kpb.ModelInferRequest(model_name="user_tower", inputs=[
+            tensor("HISTORY", [3, 2], [x for row in rows for x in row]),
+            tensor("USER_ID", [3, 1], ["user-3", "user-4", "user-3"])]))
+        u_BD = np.asarray(resp.outputs[0].contents.fp32_contents, np.float32).reshape(3, -1)
+        resp = stub.ModelInfer(kpb.ModelInferRequest(model_name="user_tower", inputs=[
+            tensor("HISTORY", [3, 2], [x for row in rows for x in row])]))
+        plain_BD = np.asarray(resp.outputs[0].contents.fp32_contents, np.float32).reshape(3, -1)
+        assert np.abs(u_BD[0] - plain_BD[0]).max() > 1e-3  # user-3 has a record: fused
+        np.testing.assert_allclose(u_BD[1:], plain_BD[1:], atol=1e-6)  # no record; no known item: the zero row
+        assert not u_BD[2].any()
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.ModelInfer(kpb.ModelInferRequest(model_name="user_tower", inputs=[
+                tensor("HISTORY", [3, 2], [x for row in rows for x in row]), tensor("USER_ID", [2, 1], ["a", "b"])]))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'USER_ID' has 2 ids; it must have one per HISTORY row (3)" in bad.value.details()
 
 
 def test_the_sidecar_trains_user_features_from_the_catalogue(tmp_path):

@@ -213,7 +213,8 @@ class Engine:
         self.users.advance(upto)
         return n
 
-    def _with_user_features(self, u_BD: np.ndarray, user_ids: Sequence[str]) -> np.ndarray:
+    def fuse_user_features(self, u_BD: np.ndarray, user_ids: Sequence[str]) -> np.ndarray:
+        """(B, D) tower outputs fused with each user's feature vector (no encoder, no record: unchanged)."""
         return u_BD if self.users is None else self.users.fuse(u_BD, user_ids)
 
     # ---- serving
@@ -230,10 +231,10 @@ class Engine:
         rows_T = self.history_rows(history)
         if rows_T[-1] == PAD_ROW:
             return None  # no known item: popularity
-        return torch.from_numpy(self._with_user_features(self.runner(rows_T[None, :]), [user_id]))  # (1, D)
+        return torch.from_numpy(self.fuse_user_features(self.runner(rows_T[None, :]), [user_id]))  # (1, D)
 
-    def recommend(self, history: Sequence[str], k: int, exclude_seen: bool) -> Ranked:
-        return self.recommend_batch([RecommendQuery(history, k, exclude_seen)])[0]
+    def recommend(self, history: Sequence[str], k: int, exclude_seen: bool, user_id: str = "") -> Ranked:
+        return self.recommend_batch([RecommendQuery(history, k, exclude_seen, user_id)])[0]
 
     def _popular(self, q: "RecommendQuery") -> Ranked:
         seen = set(q.history) if q.exclude_seen else set()
@@ -256,7 +257,7 @@ class Engine:
                 model_q.append(i)
         t1 = t2 = t3 = time.perf_counter()
         if model_q:
-            u_BD = self._with_user_features(self.runner(np.stack(rows)), [queries[i].user_id for i in model_q])
+            u_BD = self.fuse_user_features(self.runner(np.stack(rows)), [queries[i].user_id for i in model_q])
             t2 = time.perf_counter()
             # Item indices (rows - 1) each query must not get back: its history, when exclude_seen, and the
             # build-time items deleted or replaced since the build.
