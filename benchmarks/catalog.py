@@ -35,8 +35,11 @@ def build_catalog(out: Path, *, items: int, users: int, events_per_user: int, cl
                               zipf_a=0.6)
         log.append_all(generate(cfg), chunk=50_000,
                        progress=lambda n: print(f"  events {n}/{users * events_per_user}", flush=True))
+    # Every item of the events gets a row: the live trainer's admission bounds (an item needs 2 events, at most 50k
+    # new items a round) would serve a 100k catalogue as ~50k items and a 1M one as 50k.
     train_cfg = TrainConfig(backend=backend, epochs_per_round=epochs, max_round_events=10**9, batch_size=batch_size,
-                            inductor_cache_dir=out / "inductor-cache")
+                            inductor_cache_dir=out / "inductor-cache", item_min_count=1,
+                            max_new_items_per_round=max(items, 1))
     t0 = time.perf_counter()
     trainer = Trainer(train_cfg, log, Registry(out / "registry"), out / "trainer")
     result = trainer.run_round()

@@ -60,6 +60,12 @@ class CanaryPolicy:
     small_step_shadow_qps: float = 50.0  # pairs per second until a small step has them (0.4 s for 20): the same
                                          # engine calls as a full canary's first second, sooner (the step waits
                                          # for nothing else); a full canary keeps shadow_qps
+    behind_hold_s: float = 2.0       # a small step *behind* stable (a full round's engine that stable's short
+                                     # rounds outran) is not promoted sooner than this into its canary: the short
+                                     # round built on it usually follows within a second and replaces it as the
+                                     # canary (superseded), so serving does not step back to older weights and
+                                     # forward again (freshness: docs/cold_start.md). -1 (or 0 in process):
+                                     # promote at once (0 over the API takes this default)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +88,8 @@ class CanaryPolicy:
         for name in ("max_error_rate", "min_topk_overlap", "max_score_drift"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.behind_hold_s < 0 and self.behind_hold_s != -1:
+            raise ValueError(f"behind_hold_s must be >= 0, or -1 to promote at once, got {self.behind_hold_s}")
         for name in ("shadow_qps", "small_step_shadow_qps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -188,7 +196,7 @@ class Experiment:
 class RolloutEvent:
     time_ms: int
     action: str          # "serve" | "canary" | "promote" | "rollback" | "refuse" | "policy" | "experiment" |
-                         # "experiment_end"
+                         # "experiment_end" | "supersede" (a canary passed over for a newer engine of its line)
     version: int
     stable_version: int  # stable when it happened
     actor: str           # "operator" | "auto" | "startup" | "reconcile"

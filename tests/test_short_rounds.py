@@ -224,6 +224,92 @@ def test_descent_walks_the_registrys_parents(tmp_path):
     assert not lineage._descends_from(manifest(9, 1, 0, parent=8), 2)  # 8 collected: unknown, so no
 
 
+class _Rollouts:
+    """CanaryControl over an in-memory lineage: manifests by version, engines as (version, manifest) records,
+    the rollout state in memory; only what supersede_behind_canary uses (the manager's loading and locking are
+    tested elsewhere)."""
+
+    def __init__(self, stable: pb.EngineManifest):
+        from server.engine.canary_control import CanaryControl
+
+        class Control(CanaryControl):
+            policy = CanaryPolicy(mode="auto")
+
+            def __init__(self):
+                self.manifests = {stable.version: stable}
+                self.registry = SimpleNamespace(read_manifest=lambda v: self.manifests[v])
+                self.rollout = RolloutState(stable=stable.version, policy=self.policy)
+                self.stable, self.canary, self.canary_fraction = self._engine_for(stable.version, ""), None, 0.1
+
+            def _engine_for(self, version, actor):
+                return SimpleNamespace(version=version, manifest=self.manifests[version])
+
+            def pending_versions(self, versions=None):
+                return sorted(v for v in self.manifests if v > self.stable.version and v != self.rollout.canary)
+
+            def _mutate(self, change, actor=""):
+                change(self.rollout)
+                return self.rollout
+
+            def _begin_canary(self, engine, fraction):
+                self.canary = engine
+
+        self.control = Control()
+
+    def publish(self, version: int, parent: int, trained: int) -> int:
+        self.control.manifests[version] = manifest(version, 1, trained, parent=parent)
+        return version
+
+
+def test_a_canary_behind_stable_gives_way_to_the_short_round_built_on_it():
+    """A full round's engine that stable's short rounds outran (fewer trained events, stable's descendant) is
+    replaced as the canary by the next short engine of its line; an engine of another line does not replace it,
+    and a canary that is not behind stable is never replaced."""
+    lineage = _Rollouts(manifest(2, 1, 1100, parent=1))  # stable: a short round's engine
+    c = lineage.control
+
+    def canary(version: int) -> None:
+        c.rollout.canary, c.canary = version, c._engine_for(version, "")
+
+    canary(lineage.publish(3, 2, 1060))  # the full round's engine: 40 events behind stable
+    lineage.publish(4, 2, 1130)  # another short engine of stable's line, not of the canary's
+    assert c.supersede_behind_canary(set()) == 0 and c.canary.version == 3
+    lineage.publish(5, 3, 1140)  # the short round built on the full round's engine
+    assert c.supersede_behind_canary(set()) == 5
+    st = c.rollout
+    assert c.canary.version == 5 and st.canary == 5 and not st.rolled_back
+    assert [(e.action, e.version) for e in st.history[-2:]] == [("supersede", 3), ("canary", 5)]
+    assert "40 events behind" in st.history[-2].reason
+    lineage.publish(6, 5, 1150)
+    assert c.supersede_behind_canary(set()) == 0  # 5 is ahead of stable: it runs its course
+    # Behind, but the only descendant is behind stable too, or not a small step: kept.
+    lineage = _Rollouts(manifest(2, 1, 1100, parent=1))
+    c = lineage.control
+    c.rollout.canary, c.canary = 3, c._engine_for(lineage.publish(3, 2, 1060), "")
+    lineage.publish(4, 3, 1090)
+    c.manifests[5] = manifest(5, 9, 1150, parent=3)  # another graph
+    assert c.supersede_behind_canary(set()) == 0 and c.canary.version == 3
+
+
+def test_a_promotion_behind_stable_is_held_for_a_newer_engine_of_its_line():
+    from server.engine.canary import Verdict, hold_behind
+
+    stable, behind, ahead = manifest(5, 1, 1000), manifest(6, 1, 960), manifest(7, 1, 1010)
+    policy, go = CanaryPolicy(behind_hold_s=2.0), Verdict("promote", "small step: shadow ok", {})
+    held = hold_behind(go, behind, stable, "small step", 0.5, policy)
+    assert held.action == "wait" and "40 events behind stable" in held.reason
+    assert hold_behind(go, behind, stable, "small step", 2.0, policy) is go  # held long enough
+    assert hold_behind(go, ahead, stable, "small step", 0.5, policy) is go  # not behind
+    assert hold_behind(go, behind, stable, None, 0.5, policy) is go  # a full canary: its own minimum duration
+    assert hold_behind(go, behind, stable, "small step", 0.5, CanaryPolicy(behind_hold_s=-1)) is go
+    assert CanaryPolicy.from_proto(CanaryPolicy(behind_hold_s=-1).to_proto()).behind_hold_s == -1
+    assert CanaryPolicy.from_proto(CanaryPolicy(behind_hold_s=0).to_proto()).behind_hold_s == 2.0  # unset: default
+    rollback = Verdict("rollback", "overlap", {})
+    assert hold_behind(rollback, behind, stable, "small step", 0.5, policy) is rollback
+    with pytest.raises(ValueError, match="behind_hold_s"):
+        CanaryPolicy(behind_hold_s=-2)
+
+
 def stats_with(shadow: int, overlap: float, canary_requests: int = 0) -> CanaryStats:
     s = CanaryStats()
     rng = np.random.default_rng(0)

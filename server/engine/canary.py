@@ -186,6 +186,18 @@ def small_step(canary: pb.EngineManifest, stable: pb.EngineManifest, policy: Can
     return None
 
 
+def hold_behind(verdict: Verdict, canary: pb.EngineManifest, stable: pb.EngineManifest, small: str | None,
+                in_canary_s: float, policy: CanaryPolicy) -> Verdict:
+    """A promotion of a small step that is behind stable (fewer trained events: a full round's engine that
+    stable's short rounds outran) waits until policy.behind_hold_s into the canary, so that the short round built
+    on it can supersede it (CanaryControl.supersede_behind_canary) instead of serving older weights meanwhile."""
+    behind = stable.trained_events - canary.trained_events
+    if verdict.action != "promote" or small is None or behind <= 0 or in_canary_s >= policy.behind_hold_s:
+        return verdict
+    return Verdict("wait", f"{behind} events behind stable: promotion held {policy.behind_hold_s:g} s for a newer "
+                           f"engine of its line ({verdict.reason})", verdict.figures)
+
+
 def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = None,
             outcome: NonInferiority | None = None, fleet: dict[str, float] | None = None,
             small: str | None = None) -> Verdict:

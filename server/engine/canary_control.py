@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from contracts.outcome import ArmCounts, noninferiority
 from proto import livetower_v1_pb2 as pb
 from contracts.rollout import CanaryPolicy, RolloutError, RolloutState
-from server.engine.canary import Verdict, analyse, quality_vouch, small_step
+from server.engine.canary import Verdict, analyse, hold_behind, quality_vouch, small_step
 from server.engine.engine import Engine
 from server.engine.experiments import CONTROL
 
@@ -37,6 +37,7 @@ class CanaryControl:
     canary: Engine | None
     standby: Engine | None
     rollout: RolloutState
+    canary_fraction: float
 
     if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
         @property
@@ -135,6 +136,45 @@ class CanaryControl:
                 return False
         return False
 
+    def supersede_behind_canary(self, versions: set[int]) -> int:
+        """Auto mode, leader: a small-step canary behind stable (a full round's engine that stable's short rounds
+        outran) gives way to the newest pending engine that descends from it and is a small step from stable, not
+        behind it (the short round built on it): promoting it first would serve older weights until that one's
+        canary. Never a rollback: the replaced engine is simply passed over. Returns the new canary, or 0."""
+        canary, stable = self.canary, self.stable
+        if canary is None or stable is None:
+            return 0
+        if (canary.manifest.trained_events >= stable.manifest.trained_events
+                or self._small_step(canary.manifest, stable.manifest, self.policy) is None):
+            return 0
+        for v in sorted((v for v in self.pending_versions(versions) if v > canary.version), reverse=True):
+            try:
+                manifest = self.registry.read_manifest(v)
+            except Exception:  # noqa: BLE001 - collected or unreadable now: not a successor
+                continue
+            if (manifest.trained_events >= stable.manifest.trained_events
+                    and self._descends_from(manifest, canary.version)
+                    and self._small_step(manifest, stable.manifest, self.policy) is not None):
+                break
+        else:
+            return 0
+        engine = self._engine_for(v, "auto")
+        if engine is None:
+            return 0
+        old, fraction = canary.version, self.canary_fraction
+        why = (f"superseded by engine {v}, which descends from it and is not behind stable "
+               f"({stable.manifest.trained_events - canary.manifest.trained_events} events behind)")
+
+        def swap(st: RolloutState) -> None:
+            st.record("supersede", old, "auto", why)
+            st.canary, st.canary_started_ms = v, int(time.time() * 1000)
+            st.record("canary", v, "auto", f"{100 * fraction:g}% of users; supersedes engine {old}")
+
+        self._mutate(swap, "auto")
+        self._begin_canary(engine, fraction)  # ends (and retires) the old canary first
+        log.info("canary engine %d %s", old, why)
+        return v
+
     def promote(self, *, actor: str = "operator", reason: str = "", expect: int = 0) -> RolloutState:
         with self._lock:
             canary = self.canary
@@ -226,6 +266,9 @@ class CanaryControl:
         fleet = self._reports.tick(canary.version, stats, self.leading)
         small = self._small_step(canary.manifest, stable.manifest, policy) if stable is not None else None
         verdict = analyse(stats, policy, vouch=vouch, outcome=outcome, fleet=fleet, small=small)
+        if stable is not None:
+            in_canary_s = time.time() - self.rollout.canary_started_ms / 1000
+            verdict = hold_behind(verdict, canary.manifest, stable.manifest, small, in_canary_s, policy)
         self.last_verdict = verdict
         if not (self.leading and self.policy.mode == "auto") or verdict.action == "wait":
             return verdict

@@ -317,7 +317,9 @@ class EngineManager(CanaryControl, ExperimentControl):
             self._prefetch(versions)
             if self.catalog is not None:  # changes written by another process (livetower catalog load)
                 self.catalog.catch_up(self.serving_engines())
-            if (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
+            if self.leading and self.policy.mode == "auto" and self.stable and self.canary and not self.experiment:
+                self.supersede_behind_canary(versions)
+            elif (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
                     and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
                 if new:
