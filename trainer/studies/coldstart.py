@@ -364,15 +364,23 @@ def main(argv: list[str] | None = None) -> int:
                     "config": {"train": cfg.train.to_dict(), "features": dataclasses.asdict(cfg.features),
                                "holdout_frac": cfg.holdout_frac, "split_seed": cfg.split_seed,
                                "max_users": cfg.max_users, "min_history": cfg.min_history, "models": cfg.models}}
-    for part, fn in (("cold", run_cold), ("warm", run_warm)):
-        if args.part in (part, "all"):
-            progress(f"== {part} part ==")
-            result[part] = fn(data, records, cfg, progress)
     tag = "" if cfg.models == MODELS else "-" + "-".join(cfg.models)
     out = args.out or Path("bench-results/coldstart") / f"{args.part}{tag}{'-debug' if args.debug else ''}.json"
+    return run_parts((("cold", run_cold), ("warm", run_warm)), args.part, (data, records, cfg, progress), result,
+                     out, format_table, progress)
+
+
+def run_parts(parts, chosen: str, inputs: tuple, result: dict, out: Path, table: Callable[[dict], str],
+              progress: Callable[[str], None]) -> int:
+    """A study's main: run each (name, fn(*inputs)) part chosen ("all" or its name) into result[name], write
+    result as JSON to out, print table(result)."""
+    for part, fn in parts:
+        if chosen in (part, "all"):
+            progress(f"== {part} part ==")
+            result[part] = fn(*inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(format_table(result))
+    print(table(result))
     progress(f"wrote {out}")
     return 0
 

@@ -19,7 +19,6 @@ bench-results/user_features/<part>.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from contracts.catalog_files import read_ml100k_users
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences
 from trainer.model import TwoTower
-from trainer.studies.coldstart import _val_fn, study_args, train_feature_model
+from trainer.studies.coldstart import _val_fn, run_parts, study_args, train_feature_model
 from trainer.studies.offline import PRESETS
 from trainer.studies.offline_train import OfflineTrainConfig
 from trainer.studies.protocols import EvalSet, leave_one_out
@@ -190,16 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     "config": {"train": cfg.train.to_dict(), "cat_buckets": cfg.cat_buckets,
                                "holdout_frac": cfg.holdout_frac, "split_seed": cfg.split_seed,
                                "max_new_targets": cfg.max_new_targets, "max_users": cfg.max_users}}
-    for part, fn in (("warm", run_warm), ("new", run_new)):
-        if args.part in (part, "all"):
-            progress(f"== {part} part ==")
-            result[part] = fn(data, records, cfg, progress)
     out = args.out or Path("bench-results/user_features") / f"{args.part}{'-debug' if args.debug else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(format_table(result))
-    progress(f"wrote {out}")
-    return 0
+    return run_parts((("warm", run_warm), ("new", run_new)), args.part, (data, records, cfg, progress), result, out,
+                     format_table, progress)
 
 
 if __name__ == "__main__":
