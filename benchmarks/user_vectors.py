@@ -3,9 +3,12 @@
 Three engines of the same catalogue (default ModelConfig, 1,000 items, torch backend) are caught up with a
 catalogue of N user records, as the server does when it loads an engine (server/engine/catalog_sync.py):
 - `new_encoder`: the first engine with a user encoder: reads every user record and encodes it;
+- `shipped`: the same, for an engine whose build shipped the users' vectors (contracts/engine_format/
+  user_vectors.py), with 1 % of the users' records changed after that build: those are encoded, the rest taken;
 - `same_encoder`: an engine whose user encoder is the same (a short round's refit): shares the table;
 - `id_only` (the baseline): an engine without user features: reads the item changes only.
-Each is timed over `--runs` fresh stores (median and max), beside the encoder's throughput, the table's memory
+Each is timed over `--runs` fresh stores (median and max), beside the build's cost of shipping the vectors
+(`ship_s`: encoding every record in the trainer, once per engine that changes the encoder, and the file's size), the encoder's throughput, the table's memory
 per user (RSS growth), and the per-request part: fusing a batch of 16 user vectors against the tower's own call
 on the same batch (median and P99 of 500 calls). Writes JSON and a PNG.
 """
@@ -16,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,30 +28,46 @@ import numpy as np
 import torch
 
 from contracts.catalog import CatalogRecord, CatalogStore
-from contracts.registry import Registry
+from contracts.registry import USER_ENCODER_FILE, USER_ENCODER_META, USER_VECTORS_FILE, Registry
 from server.engine.catalog_sync import CatalogSync
 from server.engine.engine import Engine
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
+from trainer.export.item_encoder import export_user_vectors
 from trainer.model import ModelConfig, TwoTower
 from trainer.user_features import attach_user_features, user_feature_config
 
 OCCUPATIONS = ("writer", "engineer", "student", "artist", "doctor", "other")
 N_ITEMS = 1000
-KINDS = ("new_encoder", "same_encoder", "id_only")
+KINDS = ("new_encoder", "shipped", "same_encoder", "id_only")
+CHANGED_AFTER_BUILD = 0.01  # of the users, for `shipped`
 
 
-def user_record(i: int) -> CatalogRecord:
+def user_record(i: int, age: float | None = None) -> CatalogRecord:
     """ml-100k's u.user shape: age, gender, occupation, zip3."""
-    return CatalogRecord(id=f"user-{i}", kind="user", numeric={"age": 18.0 + i % 60},
+    return CatalogRecord(id=f"user-{i}", kind="user", numeric={"age": 18.0 + i % 60 if age is None else age},
                          categorical={"occupation": (OCCUPATIONS[i % 6],), "gender": ("MF"[i % 2],),
                                       "zip3": (f"{i % 900:03d}",)})
 
 
-def publish(model: TwoTower, reg: Registry) -> int:
+def publish(model: TwoTower, reg: Registry, user_catalog: CatalogStore | None = None) -> int:
     return build_engine(model, [f"item-{i}" for i in range(N_ITEMS)], np.arange(N_ITEMS + 1, dtype=np.float64), reg,
                         BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
-                        CompileOptions(backend="torch"), parity_tolerance=1e-4, progress=lambda line: None).version
+                        CompileOptions(backend="torch"), parity_tolerance=1e-4, user_catalog=user_catalog,
+                        progress=lambda line: None).version
+
+
+def time_shipping(reg: Registry, version: int, store: CatalogStore, work: Path) -> tuple[float, int]:
+    """The build's part: export_user_vectors over the store, in a staging copy of the engine's encoder files;
+    (seconds, the file's bytes)."""
+    staging = work / "ship-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for name in (USER_ENCODER_FILE, USER_ENCODER_META):
+        shutil.copy(reg.engine_dir(version) / name, staging / name)
+    t0 = time.perf_counter()
+    export_user_vectors(staging, store, None, lambda line: None)
+    return time.perf_counter() - t0, (staging / USER_VECTORS_FILE).stat().st_size
 
 
 def rss_bytes() -> int:
@@ -87,6 +107,8 @@ def run(n_users: int, runs: int, work: Path, progress=print) -> dict:
         gc.collect()
         rss0 = rss_bytes()
         for kind in KINDS:
+            if kind == "shipped":
+                continue
             engine = Engine.load(reg.engine_dir(versions[kind]), reg.verify(versions[kind]))
             t0 = time.perf_counter()
             sync.catch_up([engine])
@@ -96,13 +118,30 @@ def run(n_users: int, runs: int, work: Path, progress=print) -> dict:
                 gc.collect()
                 out.setdefault("bytes_per_user", []).append(round((rss_bytes() - rss0) / n_users))
         assert kept[0].users is kept[1].users and len(kept[0].users.vecs) == n_users
+        ship_s, ship_bytes = time_shipping(reg, versions["new_encoder"], store, work)
+        out.setdefault("ship_s", []).append(round(ship_s, 3))
+        out["ship_file_bytes"] = ship_bytes
+        shipped_v = publish(with_users, reg, user_catalog=store)  # the same encoder, its build shipping the table
+        changed = range(0, n_users, int(1 / CHANGED_AFTER_BUILD))
+        store.upsert([user_record(i, age=99.0) for i in changed])
+        engine = Engine.load(reg.engine_dir(shipped_v), reg.verify(shipped_v))
+        fresh_sync = CatalogSync(store)  # its own table pool: this server has not seen the encoder
+        t0 = time.perf_counter()
+        fresh_sync.catch_up([engine])
+        seconds["shipped"].append(time.perf_counter() - t0)
+        reference = kept[0]
+        sync.catch_up([reference])
+        assert engine.users is not reference.users and engine.users.vecs.keys() == reference.users.vecs.keys()
+        worst = max(float(np.abs(engine.users.vecs[u] - reference.users.vecs[u]).max())
+                    for u in [f"user-{i}" for i in range(0, n_users, max(n_users // 1000, 1))])
+        out.setdefault("shipped_max_abs_diff", []).append(worst)
         progress(f"run {r + 1}/{runs}: " + ", ".join(f"{k} {seconds[k][-1]:.2f} s" for k in KINDS))
         if r == runs - 1:
             engine = kept[0]
             u_BD = np.random.default_rng(0).standard_normal((16, cfg.out_dim)).astype(np.float32)
             ids = [f"user-{i}" for i in range(16)]
             hist_BT = np.ones((16, cfg.max_history), np.int64)
-            out["fuse_batch16"] = median_p99_us(lambda: engine._with_user_features(u_BD, ids))
+            out["fuse_batch16"] = median_p99_us(lambda: engine.fuse_user_features(u_BD, ids))
             out["tower_batch16_baseline"] = median_p99_us(lambda: engine.runner(hist_BT))
             recs = [user_record(i) for i in range(20_000)]
             engine.user_encoder(recs[:4096])  # warm-up
@@ -128,7 +167,8 @@ def plot(r: dict, path: Path) -> None:
     x = np.arange(len(KINDS))
     a.bar(x - 0.2, med, 0.4, label="median")
     a.bar(x + 0.2, mx, 0.4, label="max")
-    a.set_xticks(x, ["new user encoder", "same encoder (refit)", "id-only (baseline)"])
+    a.set_xticks(x, ["new user encoder", "new, shipped\n(1 % changed)", "same encoder\n(refit)",
+                     "id-only\n(baseline)"])
     a.set_ylabel("seconds to catch up")
     a.set_title(f"engine catch-up, {r['config']['users']:,} user records")
     a.legend()

@@ -301,6 +301,9 @@ USER_ENCODER_FILE = "user_encoder.ep.pt2"  # optional: the user feature encoder,
                                           # features: a user's catalogue record -> its (unnormalised) feature
                                           # vector, fused with the tower's output (trainer/user_features.py)
 USER_ENCODER_META = "user_encoder.json"   # the same layout as ITEM_ENCODER_META
+USER_VECTORS_FILE = "user_vectors.npz"    # optional: the catalogue's users' feature vectors computed at build by
+                                          # the user encoder, for engines that change it (contracts/engine_format/
+                                          # user_vectors.py)
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
 
 

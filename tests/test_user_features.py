@@ -14,9 +14,11 @@ import torch
 from contracts.catalog import CatalogRecord, CatalogStore
 from contracts.engine_format.item_encoder import fuse_user_vectors
 from contracts.eventlog import SqliteEventLog
-from contracts.registry import USER_ENCODER_FILE, Registry
+from contracts.engine_format.user_vectors import read_user_vectors
+from contracts.registry import USER_ENCODER_FILE, USER_VECTORS_FILE, Registry
 from server.engine.catalog_sync import CatalogSync
 from server.engine.engine import Engine, RecommendQuery
+from server.engine.user_vectors import UserVectors
 from tests.conftest import SMALL_DATA, stream_events
 from trainer.config import TrainConfig
 from trainer.data.synthetic import generate
@@ -147,6 +149,48 @@ def test_engines_with_the_same_user_encoder_share_one_table_encoded_once(tmp_pat
     sync.catch_up([a, b, c])
     assert "user-9" in b.users.vecs and "user-9" in c.users.vecs
     assert not np.allclose(a.users.vecs["user-9"], c.users.vecs["user-9"])
+
+
+def test_the_build_ships_users_vectors_and_a_server_encodes_only_records_changed_since(tmp_path):
+    reg, model = Registry(tmp_path / "reg"), user_model()
+    built = CatalogStore(tmp_path / "trainer" / "catalog.sqlite")  # the trainer's store
+    built.upsert([user_record(i) for i in range(20)])
+    info = BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={})
+    build = dict(parity_tolerance=1e-4, user_catalog=built, progress=lambda line: None)
+    v1 = build_engine(model, [f"item-{i}" for i in range(40)], np.arange(41, dtype=np.float64), reg, info,
+                      CompileOptions(backend="torch"), **build).version
+    v2 = build_engine(model, [f"item-{i}" for i in range(40)], np.arange(41, dtype=np.float64), reg,
+                      BuildInfo(parent=v1, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                      CompileOptions(backend="torch"), **build).version
+    assert USER_VECTORS_FILE in {f.path for f in reg.verify(v1).files}
+    assert USER_VECTORS_FILE not in {f.path for f in reg.verify(v2).files}  # the parent's encoder: servers share it
+    # The server's own store went on: user-3 changed, user-5 deleted, user-25 new since the build.
+    served = CatalogStore(tmp_path / "server" / "catalog.sqlite")
+    served.upsert([user_record(i) for i in range(20)])
+    served.upsert([CatalogRecord(id="user-3", kind="user", numeric={"age": 77.0}), user_record(25)])
+    served.delete(["user-5"], kind="user")
+    engine = Engine.load(reg.engine_dir(v1), reg.verify(v1))
+    encoded: list[int] = []
+    program = engine.user_encoder._module
+    engine.user_encoder._module = lambda *xs: (encoded.append(int(xs[0].shape[0])), program(*xs))[1]
+    CatalogSync(served).catch_up([engine])
+    assert encoded == [8, 2]  # a sample of 8 shipped vectors re-checked, then user-3 and user-25 only
+    reference = Engine.load(reg.engine_dir(v1), reg.verify(v1))
+    reference.shipped_users = None  # as an engine that shipped none: every record encoded
+    CatalogSync(served).catch_up([reference])
+    assert engine.users.vecs.keys() == reference.users.vecs.keys() and "user-5" not in engine.users.vecs
+    for uid, want in reference.users.vecs.items():
+        np.testing.assert_allclose(engine.users.vecs[uid], want, atol=1e-5, err_msg=uid)
+    # Vectors that do not match what the engine's encoder computes are refused, and the table stays as it was.
+    shipped = read_user_vectors(reg.engine_dir(v1) / USER_VECTORS_FILE, engine.manifest.dim)
+    table = UserVectors(reference.user_encoder)
+    version, rows = served.live_bodies("user")
+    with pytest.raises(ValueError, match="differ from the shipped vectors"):
+        table.seed(shipped._replace(vecs_ND=shipped.vecs_ND + 0.01), version, rows)
+    with pytest.raises(ValueError, match="another user encoder"):
+        table.seed(shipped._replace(encoder_key="other"), version, rows)
+    assert not table.vecs and table.version == 0
+    assert table.seed(shipped, version, rows) == (18, 2)
 
 
 def test_short_round_forks_keep_the_base_user_encoder():

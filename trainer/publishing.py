@@ -63,7 +63,8 @@ class Publishing:
                 manifest = build_engine(model, ids, st.item_counts, registry, info, options,
                                         parity_tolerance=self.cfg.parity_tolerance, ann=self.cfg.ann,
                                         ann_queries_QT=queries_QT, refit=self.cfg.refit,
-                                        signing_key=self.cfg.signing_key, progress=progress)
+                                        signing_key=self.cfg.signing_key, user_catalog=self.catalog,
+                                        progress=progress)
             except BuildFailed as e:
                 log.error("engine build refused: %s", e)
                 if build_span is not None:

@@ -17,7 +17,8 @@ import torch
 
 from kernels.retrieval import topk_cosine_reference
 from contracts.registry import (ITEM_ENCODER_FILE, ITEM_ENCODER_META, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_ENCODER_FILE, USER_ENCODER_META, USER_TOWER_FILE, WEIGHTS_FILE)
+                                USER_ENCODER_FILE, USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE,
+                                WEIGHTS_FILE)
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.backends import UserTowerRunner, load_runner
 from contracts.catalog import CatalogRecord
@@ -119,6 +120,7 @@ class Engine:
         self.user_encoder: ItemEncoder | None = None  # set by load() for a model with user features
         self.users: UserVectors | None = None  # its users' feature vectors, set by the catalogue's CatalogSync
                                                # (a table shared with same-encoder engines)
+        self.shipped_users: Path | None = None  # set by load(): users' vectors the build computed (or None)
         self.live = LiveItems(int(manifest.dim), self._base_index)  # items upserted / deleted since the build
         self.catalog_version = 0  # the catalogue version whose changes live holds (server/engine/catalog_sync.py)
 
@@ -157,6 +159,7 @@ class Engine:
             engine.encoder = ItemEncoder.load(own(ITEM_ENCODER_FILE), own(ITEM_ENCODER_META))
         if USER_ENCODER_FILE in listed:
             engine.user_encoder = ItemEncoder.load(own(USER_ENCODER_FILE), own(USER_ENCODER_META))
+            engine.shipped_users = own(USER_VECTORS_FILE) if USER_VECTORS_FILE in listed else None
         return engine
 
     # ---- checks before taking traffic

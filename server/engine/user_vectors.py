@@ -8,6 +8,9 @@ records their hash (`weights_sha256` in user_encoder.json), and engines with the
 encoded once. The pool belongs to the catalogue's CatalogSync (server/engine/catalog_sync.py): tables hold one
 catalogue's versions. grpc-free.
 
+A fresh table is seeded from the users' vectors the build shipped with the engine, when it did (`seed`, contracts/
+engine_format/user_vectors.py): only the users whose records changed since the build are encoded here.
+
 Each table remembers the catalogue version it has applied, so an engine that joins a table already caught up
 replays nothing, and one catch-up serves every engine sharing it. Readers (request threads) need no lock: a
 vector is replaced by one dict store and a reader sees the old vector or the new; writers are the catalogue's
@@ -22,10 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
-from contracts.catalog import CatalogRecord
+from contracts.catalog import CatalogRecord, record_from_body
 from contracts.engine_format.item_encoder import ItemEncoder, fuse_user_vectors
+from contracts.engine_format.user_vectors import ShippedUserVectors, body_digest
 
 ENCODE_BATCH = 4096
+SEED_CHECKS = 8             # shipped vectors re-encoded here and compared before a table takes them
+SEED_TOLERANCE = 1e-3       # max abs difference allowed there (the same exported program on both sides)
 
 
 class UserVectors:
@@ -49,6 +55,40 @@ class UserVectors:
                 self.vecs[r.id] = v
         self.version = changes[-1][0]
         return len(live)
+
+    def seed(self, shipped: ShippedUserVectors, version: int, rows: Sequence[tuple[str, str]]) -> tuple[int, int]:
+        """Fill a fresh table from the build's vectors. version, rows: the catalogue store's version and its live
+        user records' (id, stored body), read as one snapshot. A user whose body has the digest the build stored
+        takes the shipped vector; any other is encoded. Returns (taken from the build, encoded); ValueError (the
+        table unchanged) if the table is not fresh, the vectors are another encoder's, or a re-encoded sample
+        differs from them."""
+        if self.vecs or self.version:
+            raise ValueError(f"the table already holds the catalogue up to version {self.version}")
+        if shipped.encoder_key != self.encoder.weights_key:
+            raise ValueError("the shipped vectors were computed by another user encoder")
+        at = {rid: i for i, rid in enumerate(shipped.ids)}
+        digests = shipped.digests_N.tolist()
+        taken: list[tuple[str, int, str]] = []
+        stale: list[CatalogRecord] = []
+        for rid, body in rows:
+            i = at.get(rid)
+            if i is not None and digests[i] == body_digest(body):
+                taken.append((rid, i, body))
+            else:
+                stale.append(record_from_body("user", rid, body))
+        sample = taken[::max(len(taken) // SEED_CHECKS, 1)][:SEED_CHECKS]
+        if sample:
+            got_ND = self.encoder([record_from_body("user", rid, body) for rid, _, body in sample])
+            diff = float(np.abs(got_ND - shipped.vecs_ND[[i for _, i, _ in sample]]).max())
+            if not diff <= SEED_TOLERANCE:
+                raise ValueError(f"re-encoded users differ from the shipped vectors by {diff:.3g} "
+                                 f"(tolerance {SEED_TOLERANCE:g})")
+        vecs = {rid: shipped.vecs_ND[i] for rid, i, _ in taken}
+        for s in range(0, len(stale), ENCODE_BATCH):
+            for r, v in zip(stale[s:s + ENCODE_BATCH], self.encoder(stale[s:s + ENCODE_BATCH])):
+                vecs[r.id] = v
+        self.vecs, self.version = vecs, version
+        return len(taken), len(stale)
 
     def advance(self, version: int) -> None:
         """Changes up to `version` held no user record: nothing to apply, but nothing to replay either."""

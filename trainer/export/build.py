@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from contracts.catalog import CatalogStore
 from contracts.registry import (ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_TOWER_FILE, WEIGHTS_FILE, EngineCorrupt, Registry)
+                                USER_ENCODER_META, USER_TOWER_FILE, WEIGHTS_FILE, EngineCorrupt, Registry)
 from contracts.signing import ManifestTrust, load_private_key
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
@@ -31,7 +32,7 @@ from contracts.engine_format.item_index import read_meta as read_index_meta
 from contracts.engine_format.verify import ParityError, parity_max_abs_diff
 from trainer.export.ann import AnnOptions, choose_retrieval
 from trainer.export.compile import CompileOptions, compile_user_tower
-from trainer.export.item_encoder import export_item_encoder, export_user_encoder
+from trainer.export.item_encoder import export_item_encoder, export_user_encoder, export_user_vectors
 from trainer.features import FeatureTwoTower
 from trainer.model import TwoTower
 
@@ -180,7 +181,7 @@ def _retrieval_metrics(meta: dict | None) -> dict[str, float]:
 def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray, registry: Registry,
                  info: BuildInfo, options: CompileOptions, *, parity_tolerance: float,
                  ann: AnnOptions | None = None, ann_queries_QT: np.ndarray | None = None,
-                 refit: bool = True, signing_key: Path | None = None,
+                 refit: bool = True, signing_key: Path | None = None, user_catalog: CatalogStore | None = None,
                  progress: Callable[[str], None] = log.info) -> pb.EngineManifest:
     """ann + ann_queries_QT (real users' histories, left-padded rows): for a catalogue of at least
     ann.min_items items, choose the retrieval method by measurement on those users' embeddings (trainer/export/
@@ -188,7 +189,8 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     refit: when the parent engine has the same architecture hash (aoti), publish only the weights for
     its compiled graph (manifest.graph_version) instead of recompiling. The parent's files are used only
     once it verifies (trusted_parent). signing_key: an Ed25519 private key file; the manifest is signed with
-    it and a parent must carry a signature that verifies with it."""
+    it and a parent must carry a signature that verifies with it. user_catalog: a model with user features ships
+    the catalogue's users' vectors when its user encoder differs from the parent engine's (export_user_vectors)."""
     t0 = time.perf_counter()
     n_items = len(vocab_ids)
     if n_items < 1:
@@ -232,6 +234,9 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
                                   f"(tolerance {parity_tolerance:g}); not publishing")
             diff = max(diff, enc_diff)
             progress(f"{side} feature encoder exported (parity {enc_diff:.2g})")
+        if frozen.user_features is not None and user_catalog is not None:
+            export_user_vectors(staging, user_catalog,
+                                registry.engine_dir(parent) / USER_ENCODER_META if parent else None, progress)
         retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
