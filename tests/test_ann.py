@@ -149,3 +149,31 @@ def test_an_engine_built_before_the_method_choice_loads_as_hnsw(tmp_path):
     loaded = load_item_index(tmp_path)
     assert loaded.settings == SearchSettings(kind="hnsw", ef_search=128)
     assert recall_at_k(loaded.search(queries, 20)[1], exact_topk(queries, items, 20)) >= 0.9
+
+
+def test_every_searching_thread_uses_the_engines_thread_count():
+    """OpenMP's thread count is per OS thread: set only where the index was loaded, the server's compute thread
+    searched with every core and an OpenMP worker spun beside it (1M items, pq4: P99 18.7 -> 5.8 ms at 300 QPS)."""
+    import threading
+
+    import faiss
+
+    def in_a_new_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    default = in_a_new_thread(faiss.omp_get_max_threads)
+    want = default + 1  # differs from the default on any machine
+    items_ND = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    hnsw = faiss.IndexHNSWFlat(8, 8, faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(items_ND)
+    index = ItemIndex(hnsw, SearchSettings(kind="hnsw", ef_search=16), num_threads=want)  # loaded here
+
+    def search_then_threads():
+        index.search(items_ND[:2], 5)
+        return faiss.omp_get_max_threads()
+
+    assert in_a_new_thread(search_then_threads) == want

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from contracts.engine_format.item_index import KINDS, ItemIndex, SearchSettings, exact_topk, recall_at_k
+from contracts.engine_format.item_index import (KINDS, ItemIndex, SearchSettings, exact_topk, recall_at_k,
+                                             set_search_threads)
 from kernels.retrieval import topk_cosine_reference
 
 __all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "recall_at_k"]
@@ -117,7 +118,7 @@ def _tune(cand: _Candidate, kind: str, values, queries_QD, exact_QK, opts: AnnOp
     k = exact_QK.shape[1]
     for value in values:
         s = _settings(kind, max(value, k) if kind == "hnsw" else value)
-        recall = recall_at_k(ItemIndex(cand.index, s).search(queries_QD, k)[1], exact_QK)
+        recall = recall_at_k(ItemIndex(cand.index, s, opts.threads).search(queries_QD, k)[1], exact_QK)
         progress(f"retrieval {cand.name} {s.to_meta()}: recall@{k} {recall:.4f}")
         cand.recall = max(cand.recall, recall)
         if recall >= opts.target_recall + opts.tuning_margin:
@@ -142,27 +143,25 @@ def _time_per_query_us(search: Callable[[np.ndarray], object], queries_QD: np.nd
 
 
 def _time(cand: _Candidate, items_t: torch.Tensor, queries_QD: np.ndarray, k: int, opts: AnnOptions) -> None:
-    import faiss
-
     if cand.settings is None:
         return
     if cand.settings.kind == "exact":  # the server's exact path: torch matmul + top-k
         def search(q):
             return topk_cosine_reference(torch.from_numpy(q), items_t, k, items_normalized=True)
     else:
-        ix = ItemIndex(cand.index, cand.settings)
+        ix = ItemIndex(cand.index, cand.settings, opts.serving_threads)
 
         def search(q):
             return ix.search(q, k)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.serving_threads)
-    faiss.omp_set_num_threads(opts.serving_threads)
+    set_search_threads(opts.serving_threads)
     try:
         cand.cost_us = {str(b): round(_time_per_query_us(search, queries_QD, b, opts.time_per_measure_s), 2)
                         for b in opts.batch_sizes}
     finally:
         torch.set_num_threads(torch_threads)
-        faiss.omp_set_num_threads(opts.threads)
+        set_search_threads(opts.threads)
 
 
 def _candidate(kind: str, build: dict, items_ND, tune_QD, exact_QK, opts: AnnOptions, progress) -> _Candidate:
@@ -195,9 +194,7 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
                      previous: dict | None = None, progress: Callable[[str], None] = print) -> RetrievalChoice:
     """Measure the candidates on these queries (L2-normalised user embeddings) and pick the cheapest one that
     reaches opts.target_recall. previous: the parent engine's ann.json; its method is tried alone first."""
-    import faiss
-
-    faiss.omp_set_num_threads(opts.threads)
+    set_search_threads(opts.threads)  # OpenMP's count is per thread: the build's threads on this one
     t0 = time.perf_counter()
     items_ND = np.ascontiguousarray(items_ND, dtype=np.float32)
     queries_QD = np.ascontiguousarray(queries_QD, dtype=np.float32)
@@ -231,7 +228,7 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
                          f"{best.recall:.3f}); add 'exact' to AnnOptions.methods or lower target_recall")
     win = min(qualified, key=lambda c: _mean_cost(c.cost_us))
     holdout = 1.0 if win.index is None else recall_at_k(
-        ItemIndex(win.index, win.settings).search(check_QD, k)[1], exact_topk(check_QD, items_ND, k))
+        ItemIndex(win.index, win.settings, opts.threads).search(check_QD, k)[1], exact_topk(check_QD, items_ND, k))
     meta = {**win.settings.to_meta(), "build": win.build, "k": k, "target_recall": opts.target_recall,
             "recall_at_k": win.recall, "recall_holdout": holdout, "us_per_query": win.cost_us,
             "reused_parent_choice": reused, "items": len(items_ND), "tuning_queries": len(tune_QD),
