@@ -32,7 +32,20 @@ def free_port() -> int:
 def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int = -1,
                  peer: str | None = None, admin_port: int = 0) -> tuple[subprocess.Popen, int]:
     """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group.
-    The admin listener gets admin_port (0: any free one, so benchmark servers never collide on 50052)."""
+    The admin listener gets admin_port (0: any free one, so benchmark servers never collide on 50052).
+    A port taken between choosing and binding (the admin listener's free port can be the metrics port just
+    chosen by the caller: a 1M-item `bench slo` died so) starts it again on a new port, up to 3 times."""
+    for attempt in range(3):
+        try:
+            return _start_server(data_dir, flags, log_path, metrics_port, peer, admin_port)
+        except RuntimeError:
+            if attempt == 2 or "Address already in use" not in log_path.read_text():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int, peer: str | None,
+                  admin_port: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     if peer == "ray":
         cmd = [sys.executable, "-m", "benchmarks.ray_peer", "--data-dir", str(data_dir), "--port", str(port), *flags]
