@@ -42,8 +42,9 @@ def load_from_registry(registry: Registry, version: int, config: EngineManagerCo
 
 @contextlib.contextmanager
 def lower_thread_priority(nice: int):
-    """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it: an
-    engine load's CPU bursts then give way to the serving threads on a busy machine."""
+    """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it. Off by
+    default (EngineManagerConfig.load_nice): the block holds the GIL in stretches, and a lowered thread holding it
+    is what the serving threads then wait for."""
     tid = threading.get_native_id()
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)
