@@ -5,6 +5,8 @@ catalogue of N user records, as the server does when it loads an engine (server/
 - `new_encoder`: the first engine with a user encoder: reads every user record and encodes it;
 - `shipped`: the same, for an engine whose build shipped the users' vectors (contracts/engine_format/
   user_vectors.py), with 1 % of the users' records changed after that build: those are encoded, the rest taken;
+- `pointed`: a short round's refit of that engine (the same encoder, no file of its own): its manifest points to
+  the shipped file (manifest.user_vectors_version), loaded on a server that has seen neither engine;
 - `same_encoder`: an engine whose user encoder is the same (a short round's refit): shares the table;
 - `id_only` (the baseline): an engine without user features: reads the item changes only.
 Each is timed over `--runs` fresh stores (median and max), beside the build's cost of shipping the vectors
@@ -31,6 +33,8 @@ from contracts.catalog import CatalogRecord, CatalogStore
 from contracts.registry import USER_ENCODER_FILE, USER_ENCODER_META, USER_VECTORS_FILE, Registry
 from server.engine.catalog_sync import CatalogSync
 from server.engine.engine import Engine
+from server.engine.loading import load_from_registry
+from server.engine.manager import EngineManagerConfig
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.export.item_encoder import export_user_vectors
@@ -39,7 +43,7 @@ from trainer.user_features import attach_user_features, user_feature_config
 
 OCCUPATIONS = ("writer", "engineer", "student", "artist", "doctor", "other")
 N_ITEMS = 1000
-KINDS = ("new_encoder", "shipped", "same_encoder", "id_only")
+KINDS = ("new_encoder", "shipped", "pointed", "same_encoder", "id_only")
 CHANGED_AFTER_BUILD = 0.01  # of the users, for `shipped`
 
 
@@ -50,9 +54,9 @@ def user_record(i: int, age: float | None = None) -> CatalogRecord:
                                       "zip3": (f"{i % 900:03d}",)})
 
 
-def publish(model: TwoTower, reg: Registry, user_catalog: CatalogStore | None = None) -> int:
+def publish(model: TwoTower, reg: Registry, user_catalog: CatalogStore | None = None, parent: int = 0) -> int:
     return build_engine(model, [f"item-{i}" for i in range(N_ITEMS)], np.arange(N_ITEMS + 1, dtype=np.float64), reg,
-                        BuildInfo(parent=0, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
+                        BuildInfo(parent=parent, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={}),
                         CompileOptions(backend="torch"), parity_tolerance=1e-4, user_catalog=user_catalog,
                         progress=lambda line: None).version
 
@@ -107,7 +111,7 @@ def run(n_users: int, runs: int, work: Path, progress=print) -> dict:
         gc.collect()
         rss0 = rss_bytes()
         for kind in KINDS:
-            if kind == "shipped":
+            if kind in ("shipped", "pointed"):
                 continue
             engine = Engine.load(reg.engine_dir(versions[kind]), reg.verify(versions[kind]))
             t0 = time.perf_counter()
@@ -129,6 +133,15 @@ def run(n_users: int, runs: int, work: Path, progress=print) -> dict:
         t0 = time.perf_counter()
         fresh_sync.catch_up([engine])
         seconds["shipped"].append(time.perf_counter() - t0)
+        pointed_v = publish(with_users, reg, user_catalog=store, parent=shipped_v)
+        assert reg.read_manifest(pointed_v).user_vectors_version == shipped_v
+        t0 = time.perf_counter()
+        pointed = load_from_registry(reg, pointed_v, EngineManagerConfig(verify_pause_s=0.0))
+        out.setdefault("pointed_load_s", []).append(round(time.perf_counter() - t0, 3))  # verifies the source too
+        t0 = time.perf_counter()
+        CatalogSync(store).catch_up([pointed])
+        seconds["pointed"].append(time.perf_counter() - t0)
+        assert pointed.users.vecs.keys() == engine.users.vecs.keys()
         reference = kept[0]
         sync.catch_up([reference])
         assert engine.users is not reference.users and engine.users.vecs.keys() == reference.users.vecs.keys()
@@ -161,14 +174,14 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4))
     med = [r["catch_up_s"][k]["median"] for k in KINDS]
     mx = [r["catch_up_s"][k]["max"] for k in KINDS]
     x = np.arange(len(KINDS))
     a.bar(x - 0.2, med, 0.4, label="median")
     a.bar(x + 0.2, mx, 0.4, label="max")
-    a.set_xticks(x, ["new user encoder", "new, shipped\n(1 % changed)", "same encoder\n(refit)",
-                     "id-only\n(baseline)"])
+    a.set_xticks(x, ["new encoder", "shipped\n(1 % changed)", "short round's,\npoints to it",
+                     "same encoder\n(refit)", "id-only\n(baseline)"])
     a.set_ylabel("seconds to catch up")
     a.set_title(f"engine catch-up, {r['config']['users']:,} user records")
     a.legend()

@@ -184,7 +184,8 @@ class Registry:
     def collect_garbage(self, keep_newest: int, protected: set[int] = frozenset()) -> list[int]:
         """Delete old engines; returns the versions removed. Kept: the newest `keep_newest`, `protected`, the
         rollout's stable and canary and the stable it was promoted from (a rollback's target), and for each
-        kept engine its graph version (a refit runs that version's compiled tower). Parents are lineage, not
+        kept engine its graph version (a refit runs that version's compiled tower) and the engine whose users'
+        vectors it points to (manifest.user_vectors_version). Parents are lineage, not
         dependencies: each engine's parent is the one published before it, so keeping parents would keep
         every engine; a refit built from a parent that is gone is a full build (trainer/export/build.py).
 
@@ -198,16 +199,16 @@ class Registry:
         keep = set(versions[-keep_newest:]) | set(protected) | {st.stable, st.canary}
         keep |= {e.stable_version for e in st.history if e.action == "promote" and e.version == st.stable}
         todo = [v for v in keep if v in versions]
-        while todo:  # graph versions (a graph version is a full engine: the chain ends there)
+        while todo:  # what kept engines depend on: their graph versions and users' vectors, and theirs
             v = todo.pop()
             try:
                 m = self.read_manifest(v)
             except (OSError, json_format.ParseError):
                 continue  # unreadable: nothing to follow; it stays while protected
-            dep = int(m.graph_version)
-            if dep and dep not in keep:
-                keep.add(dep)
-                todo.append(dep)
+            for dep in (int(m.graph_version), int(m.user_vectors_version)):
+                if dep and dep not in keep:
+                    keep.add(dep)
+                    todo.append(dep)
         removed = [v for v in versions if v not in keep and self._remove_engine(v)]
         if removed:
             fsync_dir(self.engines_dir)

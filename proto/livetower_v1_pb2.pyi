@@ -133,7 +133,7 @@ class GoldenSet(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., seq_len: _Optional[int] = ..., dim: _Optional[int] = ..., history_rows: _Optional[_Iterable[int]] = ..., user_embeddings: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EngineManifest(_message.Message):
-    __slots__ = ("version", "parent", "architecture_hash", "backend", "files", "item_count", "dim", "max_history", "stream_offsets", "watermark_ms", "eval_metrics", "golden", "parity_max_abs_diff", "build_seconds", "created_ms", "model_config_json", "trained_events", "graph_version", "retrieval_json")
+    __slots__ = ("version", "parent", "architecture_hash", "backend", "files", "item_count", "dim", "max_history", "stream_offsets", "watermark_ms", "eval_metrics", "golden", "parity_max_abs_diff", "build_seconds", "created_ms", "model_config_json", "trained_events", "graph_version", "retrieval_json", "user_vectors_version")
     class StreamOffsetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class EngineManifest(_message.Message):
     TRAINED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_VERSION_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_JSON_FIELD_NUMBER: _ClassVar[int]
+    USER_VECTORS_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent: int
     architecture_hash: str
@@ -186,7 +187,8 @@ class EngineManifest(_message.Message):
     trained_events: int
     graph_version: int
     retrieval_json: str
-    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., architecture_hash: _Optional[str] = ..., backend: _Optional[str] = ..., files: _Optional[_Iterable[_Union[EngineFile, _Mapping]]] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., max_history: _Optional[int] = ..., stream_offsets: _Optional[_Mapping[str, int]] = ..., watermark_ms: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., golden: _Optional[_Union[GoldenSet, _Mapping]] = ..., parity_max_abs_diff: _Optional[float] = ..., build_seconds: _Optional[float] = ..., created_ms: _Optional[int] = ..., model_config_json: _Optional[str] = ..., trained_events: _Optional[int] = ..., graph_version: _Optional[int] = ..., retrieval_json: _Optional[str] = ...) -> None: ...
+    user_vectors_version: int
+    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., architecture_hash: _Optional[str] = ..., backend: _Optional[str] = ..., files: _Optional[_Iterable[_Union[EngineFile, _Mapping]]] = ..., item_count: _Optional[int] = ..., dim: _Optional[int] = ..., max_history: _Optional[int] = ..., stream_offsets: _Optional[_Mapping[str, int]] = ..., watermark_ms: _Optional[int] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., golden: _Optional[_Union[GoldenSet, _Mapping]] = ..., parity_max_abs_diff: _Optional[float] = ..., build_seconds: _Optional[float] = ..., created_ms: _Optional[int] = ..., model_config_json: _Optional[str] = ..., trained_events: _Optional[int] = ..., graph_version: _Optional[int] = ..., retrieval_json: _Optional[str] = ..., user_vectors_version: _Optional[int] = ...) -> None: ...
 
 class ListEnginesRequest(_message.Message):
     __slots__ = ()

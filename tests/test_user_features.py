@@ -193,6 +193,39 @@ def test_the_build_ships_users_vectors_and_a_server_encodes_only_records_changed
     assert table.seed(shipped, version, rows) == (18, 2)
 
 
+def test_an_engine_with_its_parents_user_encoder_points_to_the_shipped_vectors(tmp_path):
+    """A short round's refit keeps its full round's encoder and ships no file of its own: its manifest names the
+    engine that did, a server cold-starting on it seeds from that file, and garbage collection keeps that engine."""
+    from server.engine.loading import load_from_registry
+    from server.engine.manager import EngineManagerConfig
+
+    reg, model = Registry(tmp_path / "reg"), user_model()
+    store = CatalogStore(tmp_path / "catalog.sqlite")
+    store.upsert([user_record(i) for i in range(20)])
+    versions: list[int] = []
+    for parent in (0, 1, 2):
+        info = BuildInfo(parent=parent, stream_offsets={}, watermark_ms=0, trained_events=0, eval_metrics={})
+        versions.append(build_engine(model, [f"item-{i}" for i in range(40)], np.arange(41, dtype=np.float64), reg,
+                                     info, CompileOptions(backend="torch"), parity_tolerance=1e-4,
+                                     user_catalog=store, progress=lambda line: None).version)
+    assert versions == [1, 2, 3]
+    assert [int(reg.read_manifest(v).user_vectors_version) for v in versions] == [0, 1, 1]
+    store.upsert([CatalogRecord(id="user-3", kind="user", numeric={"age": 77.0})])  # changed since the builds
+    config = EngineManagerConfig(warmup_calls=1, verify_pause_s=0.0)
+    engine = load_from_registry(reg, 3, config)
+    assert engine.shipped_users == reg.engine_dir(1) / USER_VECTORS_FILE
+    encoded: list[int] = []
+    program = engine.user_encoder._module
+    engine.user_encoder._module = lambda *xs: (encoded.append(int(xs[0].shape[0])), program(*xs))[1]
+    CatalogSync(store).catch_up([engine])
+    assert encoded == [8, 1] and len(engine.users.vecs) == 20  # the sample, then user-3 only
+    assert reg.collect_garbage(keep_newest=1) == [2]  # 1 stays: engine 3's users' vectors are its file
+    # A source that is gone costs only the encoding: the engine still loads, and every user is encoded.
+    import shutil
+    shutil.rmtree(reg.engine_dir(1))
+    assert load_from_registry(reg, 3, config).shipped_users is None
+
+
 def test_short_round_forks_keep_the_base_user_encoder():
     from trainer import ema
     from trainer.export.item_encoder import weights_sha256

@@ -126,9 +126,10 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: pb.EngineManifest, *, num_threads: int = 1,
-             use_ann: bool = True, graph_dir: Path | None = None) -> "Engine":
+             use_ann: bool = True, graph_dir: Path | None = None, users_dir: Path | None = None) -> "Engine":
         """graph_dir: a refit engine (manifest.graph_version set) runs that version's compiled user
-        tower with this engine's own weights (no recompile)."""
+        tower with this engine's own weights (no recompile). users_dir: the verified dir of the engine whose
+        users' vectors this one points to (manifest.user_vectors_version), when it ships none of its own."""
         engine_dir = Path(engine_dir)
         if manifest.backend not in USER_TOWER_FILE:
             raise EngineRejected(f"engine {manifest.version}: unknown backend {manifest.backend!r}")
@@ -159,7 +160,8 @@ class Engine:
             engine.encoder = ItemEncoder.load(own(ITEM_ENCODER_FILE), own(ITEM_ENCODER_META))
         if USER_ENCODER_FILE in listed:
             engine.user_encoder = ItemEncoder.load(own(USER_ENCODER_FILE), own(USER_ENCODER_META))
-            engine.shipped_users = own(USER_VECTORS_FILE) if USER_VECTORS_FILE in listed else None
+            engine.shipped_users = (own(USER_VECTORS_FILE) if USER_VECTORS_FILE in listed else
+                                    Path(users_dir) / USER_VECTORS_FILE if users_dir is not None else None)
         return engine
 
     # ---- checks before taking traffic

@@ -7,10 +7,12 @@ import contextlib
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from contracts.registry import EngineCorrupt, Registry
+from contracts.registry import USER_VECTORS_FILE, EngineCorrupt, Registry
 from contracts.signing import KeyFileError, ManifestTrust
+from proto import livetower_v1_pb2 as pb
 from server.engine.engine import Engine, EngineRejected
 
 if TYPE_CHECKING:
@@ -35,9 +37,31 @@ def load_from_registry(registry: Registry, version: int, config: EngineManagerCo
         graph_dir = registry.engine_dir(manifest.graph_version)
     try:
         return Engine.load(registry.engine_dir(version), manifest, num_threads=config.num_threads,
-                           use_ann=config.use_ann, graph_dir=graph_dir)
+                           use_ann=config.use_ann, graph_dir=graph_dir,
+                           users_dir=_users_vectors_dir(registry, manifest, config, trust))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise EngineRejected(f"engine {version}: load failed: {e}") from e
+
+
+def _users_vectors_dir(registry: Registry, manifest: pb.EngineManifest, config: EngineManagerConfig,
+                       trust: ManifestTrust) -> Path | None:
+    """The verified dir of the engine whose users' vectors `manifest` points to, or None. Those vectors only save
+    encoding work (a server without them encodes every user), so a source that is gone or fails verification
+    is logged, not a reason to refuse the engine."""
+    source = int(manifest.user_vectors_version)
+    if not source:
+        return None
+    try:
+        listed = {f.path for f in registry.verify(source, pause_s=config.verify_pause_s, trust=trust).files}
+    except (EngineCorrupt, OSError) as e:
+        log.warning("engine %d: the users' vectors of engine %d are not used (%s); every user record is encoded",
+                    manifest.version, source, e)
+        return None
+    if USER_VECTORS_FILE not in listed:
+        log.warning("engine %d: engine %d lists no %s; every user record is encoded", manifest.version, source,
+                    USER_VECTORS_FILE)
+        return None
+    return registry.engine_dir(source)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,8 @@ from torch import nn
 
 from contracts.catalog import CatalogStore
 from contracts.registry import (ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_ENCODER_META, USER_TOWER_FILE, WEIGHTS_FILE, EngineCorrupt, Registry)
+                                USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE, WEIGHTS_FILE, EngineCorrupt,
+                                Registry)
 from contracts.signing import ManifestTrust, load_private_key
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
@@ -98,6 +99,13 @@ def trusted_parent(registry: Registry, parent: int, trust: ManifestTrust | None,
         progress(f"parent engine {parent} failed verification ({e}): building in full without its files")
         return 0
     return parent
+
+
+def user_vectors_source(registry: Registry, parent: int) -> int:
+    """The engine whose users' vectors an engine with its parent's user encoder points to: the parent when it
+    shipped them, else the one the parent points to (0: none; its servers encode every user)."""
+    m = registry.read_manifest(parent)
+    return parent if USER_VECTORS_FILE in {f.path for f in m.files} else int(m.user_vectors_version)
 
 
 def refit_graph_version(registry: Registry, parent: int, arch_hash: str, backend: str) -> int:
@@ -234,9 +242,11 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
                                   f"(tolerance {parity_tolerance:g}); not publishing")
             diff = max(diff, enc_diff)
             progress(f"{side} feature encoder exported (parity {enc_diff:.2g})")
+        users_from = 0
         if frozen.user_features is not None and user_catalog is not None:
-            export_user_vectors(staging, user_catalog,
-                                registry.engine_dir(parent) / USER_ENCODER_META if parent else None, progress)
+            shipped = export_user_vectors(staging, user_catalog,
+                                          registry.engine_dir(parent) / USER_ENCODER_META if parent else None, progress)
+            users_from = user_vectors_source(registry, parent) if shipped == -1 else 0
         retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
@@ -254,7 +264,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
                                 history_rows=golden_BT.flatten().tolist(),
                                 user_embeddings=want_BD.flatten().tolist()),
             parity_max_abs_diff=diff, model_config_json=json.dumps(frozen.cfg.to_dict()),
-            trained_events=info.trained_events)
+            trained_events=info.trained_events, user_vectors_version=users_from)
         manifest.build_seconds = time.perf_counter() - t0
         version = registry.publish(staging, manifest, signing_key=key)
     except BaseException:
