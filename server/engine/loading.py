@@ -67,8 +67,8 @@ def _users_vectors_dir(registry: Registry, manifest: pb.EngineManifest, config: 
 @contextlib.contextmanager
 def lower_thread_priority(nice: int):
     """Run the block at `nice` more than this thread's CPU priority (Linux: per thread), then restore it. Off by
-    default (EngineManagerConfig.load_nice): the block holds the GIL in stretches, and a lowered thread holding it
-    is what the serving threads then wait for."""
+    default (EngineManagerConfig.load_nice): the block's Python holds the GIL while it runs, and a lowered thread
+    preempted while holding it is what the serving threads then wait for."""
     tid = threading.get_native_id()
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)

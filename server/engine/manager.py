@@ -51,8 +51,8 @@ class EngineManagerConfig:
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
     verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
     load_nice: int = 0              # an engine load (files, parity, warm-up) runs this much lower in CPU priority.
-    # 0 by default: a load holds the GIL in stretches (file parsing, index read), and a lowered thread that holds
-    # it waits behind every other process for a core while the serving threads wait for it (priority inversion):
+    # 0 by default: a load's Python holds the GIL while it runs, and a lowered thread preempted while holding it
+    # waits behind every other process for a core while the serving threads wait for it (priority inversion):
     # trainer beside the server, 300 QPS, 6 runs each: P99 median 8.9 ms at 0, 29 ms at 10 (docs/serving.md §7)
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
