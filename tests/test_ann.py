@@ -13,7 +13,7 @@ from contracts.eventlog import SqliteEventLog
 from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, Registry
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.manager import EngineManager, EngineManagerConfig, load_from_registry
-from tests.conftest import SMALL_DATA, make_trainer
+from tests.conftest import SMALL_DATA, make_trainer, stream_events
 from trainer.data.synthetic import generate
 from trainer.export.ann import AnnOptions, choose_retrieval, exact_topk, recall_at_k
 
@@ -68,6 +68,51 @@ def test_a_child_engine_reuses_its_parents_method_and_says_so():
     assert child.meta["reused_parent_choice"] and child.meta["kind"] == "ivf"
     assert [c["name"].split()[0] for c in child.meta["candidates"]] == ["ivf"]
     assert child.meta["build"] == parent.meta["build"]
+
+
+def _centroids(index) -> np.ndarray:
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
+def test_an_ivf_child_starts_its_k_means_from_its_parents_centroids():
+    items, queries = _clustered(3000, 150, seed=5)
+    opts = dict(k=20, methods=("ivf",), **FAST)
+    parent = choose_retrieval(items, queries, AnnOptions(**opts), progress=lambda s: None)
+    parent_LD = _centroids(parent.index)
+    moved = items + 0.02 * np.random.default_rng(6).normal(size=items.shape).astype(np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+
+    def child(iterations):
+        return choose_retrieval(moved, queries, AnnOptions(**opts, ivf_warm_iterations=iterations),
+                                previous=parent.meta, parent_centroids_LD=parent_LD, progress=lambda s: None)
+
+    as_is = child(0)
+    assert np.array_equal(_centroids(as_is.index), parent_LD)
+    assert as_is.meta["trained"] == "from the parent's centroids (0 iterations)" and as_is.meta["reused_parent_choice"]
+    warm = child(2)
+    warm_LD = _centroids(warm.index)
+    assert not np.array_equal(warm_LD, parent_LD)
+    assert np.abs(warm_LD - parent_LD).max() < 0.5  # moved from where they started, not re-drawn at random
+    assert warm.meta["recall_holdout"] >= 0.9
+    fresh = child(None)
+    assert fresh.meta["trained"] == "fresh" and np.abs(_centroids(fresh.index) - parent_LD).max() > 0.5
+
+
+def test_a_trainers_ivf_engines_train_from_their_parents_centroids(tmp_path):
+    log = SqliteEventLog(tmp_path / "events.sqlite")
+    log.append(list(generate(SMALL_DATA)))
+    trainer = make_trainer(tmp_path, ann=AnnOptions(min_items=100, k=20, methods=("ivf",), **FAST))
+    assert trainer.run_round().published_version == 1
+    log.append(stream_events(seed=21))
+    log.close()
+    assert trainer.run_round().published_version == 2
+    reg = Registry(tmp_path / "registry")
+    metas = [json.loads((reg.engine_dir(v) / ANN_META_FILE).read_text()) for v in (1, 2)]
+    assert [m["trained"] for m in metas] == ["fresh", "from the parent's centroids (2 iterations)"]
+    assert metas[1]["kind"] == "ivf" and metas[1]["recall_holdout"] >= 0.95
 
 
 def test_no_method_reaching_the_target_says_what_to_do():

@@ -167,12 +167,30 @@ def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_N
         queries_QD = torch.cat([tower(torch.from_numpy(queries_QT[s:s + 256]))
                                 for s in range(0, len(queries_QT), 256)]).numpy()
     previous = read_index_meta(registry.engine_dir(parent)) if parent and registry.engine_dir(parent).is_dir() else None
-    choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, progress=progress)
+    ivf_parent = previous is not None and previous.get("kind") == "ivf"
+    centroids = _ivf_centroids(registry.engine_dir(parent) / ANN_FILE) if ivf_parent else None
+    choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, parent_centroids_LD=centroids,
+                              progress=progress)
     if choice.index is not None:
         faiss.write_index(choice.index, str(staging / ANN_FILE))
     np.save(staging / ANN_CHECK_FILE, choice.check_queries_QD)
     (staging / ANN_META_FILE).write_text(json.dumps(choice.meta, indent=1))
     return choice.meta
+
+
+def _ivf_centroids(index_path: Path) -> np.ndarray | None:
+    """An IVF index's coarse centroids (nlist, D), or None when the file is missing or holds no IVF. The parent
+    was verified (trusted_parent) before its files are read."""
+    import faiss
+
+    if not index_path.is_file():
+        return None
+    index = faiss.read_index(str(index_path))  # held: extract_index_ivf's view does not keep it alive
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return None
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 
 def _retrieval_metrics(meta: dict | None) -> dict[str, float]:
