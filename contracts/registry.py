@@ -306,6 +306,9 @@ USER_VECTORS_FILE = "user_vectors.npz"    # optional: the catalogue's users' fea
                                           # the user encoder, for engines that change it (contracts/engine_format/
                                           # user_vectors.py)
 ANN_CHECK_FILE = "ann_queries.npy"  # (Q, D) float32 held-out user embeddings: recall re-checked at load
+ANN_EXACT_FILE = "ann_exact.npy"    # (Q, k) int32: their exact top-k item rows, computed at build; the check at
+                                   # load re-derives a few against items.npy instead of all (~0.2 s of a
+                                   # load's CPU at 100k items)
 
 
 def hash_into(staging: Path, manifest: pb.EngineManifest) -> None:

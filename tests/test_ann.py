@@ -10,7 +10,7 @@ import pytest
 
 from contracts.engine_format.item_index import ItemIndex, SearchSettings
 from contracts.eventlog import SqliteEventLog
-from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, Registry
+from contracts.registry import ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, Registry
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.manager import EngineManager, EngineManagerConfig, load_from_registry
 from tests.conftest import SMALL_DATA, make_trainer, stream_events
@@ -137,7 +137,7 @@ def test_engine_with_an_index_matches_exact_search(hnsw_engine_dir):
     d, trainer = hnsw_engine_dir
     reg = Registry(d / "registry")
     manifest = reg.verify(1)
-    assert {f.path for f in manifest.files} >= {ANN_FILE, ANN_META_FILE, ANN_CHECK_FILE}
+    assert {f.path for f in manifest.files} >= {ANN_FILE, ANN_META_FILE, ANN_CHECK_FILE, ANN_EXACT_FILE}
     meta = json.loads((reg.engine_dir(1) / ANN_META_FILE).read_text())
     assert json.loads(manifest.retrieval_json) == meta and meta["kind"] == "hnsw"
     assert meta["recall_at_k"] >= 0.95 and manifest.eval_metrics["ann_recall@20"] == meta["recall_at_k"]
@@ -176,6 +176,30 @@ def test_server_refuses_an_engine_whose_index_misses_its_recall(hnsw_engine_dir)
     bad = EngineManager(Registry(d / "registry"), EngineManagerConfig(), loader=degraded)
     with pytest.raises(EngineRejected, match="index recall .* below the build's target 0.95"):
         bad.load_verified(1)
+
+
+def test_the_check_at_load_uses_the_builds_exact_answers_after_re_deriving_a_few(tmp_path, monkeypatch):
+    import contracts.engine_format.item_index as item_index
+    from contracts.engine_format.item_index import SPOT_QUERIES, check_recall
+
+    items, queries = _clustered(3000, 120, seed=7)
+    choice = choose_retrieval(items, queries, AnnOptions(k=20, methods=("ivf",), **FAST), progress=lambda s: None)
+    (tmp_path / ANN_META_FILE).write_text(json.dumps(choice.meta))
+    np.save(tmp_path / ANN_CHECK_FILE, choice.check_queries_QD)
+    index = ItemIndex(choice.index, SearchSettings.from_meta(choice.meta))
+    derived = []
+    real_exact_topk = item_index.exact_topk
+    monkeypatch.setattr(item_index, "exact_topk", lambda q, *a: derived.append(len(q)) or real_exact_topk(q, *a))
+
+    without = check_recall(index, items, tmp_path)  # an engine built before the answers were stored
+    assert derived == [len(choice.check_queries_QD)] and without[0] == choice.meta["recall_holdout"]
+    np.save(tmp_path / ANN_EXACT_FILE, choice.check_exact_QK.astype(np.int32))
+    derived.clear()
+    assert check_recall(index, items, tmp_path) == without
+    assert derived == [SPOT_QUERIES]
+    others = np.roll(items, 1, axis=0)  # the same vectors, other rows: answers that are not these items'
+    with pytest.raises(ValueError, match=f"{ANN_EXACT_FILE} does not match the engine's items"):
+        check_recall(index, others, tmp_path)
 
 
 def test_an_engine_built_before_the_method_choice_loads_as_hnsw(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.registry import ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, LEGACY_ANN_FILE
+from contracts.registry import ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, LEGACY_ANN_FILE
 
 # sq8: int8 scalar-quantised scan; pq4: 4-bit product-quantised SIMD fast scan; both re-rank the best candidates exactly
 KINDS = ("exact", "hnsw", "ivf", "sq8", "pq4")
@@ -129,13 +129,29 @@ def recall_at_k(found_QK: np.ndarray, exact_QK: np.ndarray) -> float:
     return float(hits / max(exact_QK.size, 1))
 
 
+SPOT_QUERIES = 8  # stored exact answers re-derived at load, so that they are known to come from these items
+
+
 def check_recall(index: ItemIndex, items_ND: np.ndarray, engine_dir: Path,
                  listed: frozenset[str] | None = None) -> tuple[float, float] | None:
-    """(recall@k on the stored held-out queries, the build's target), or None when the engine stored none."""
+    """(recall@k on the stored held-out queries, the build's target), or None when the engine stored none.
+    Against the build's exact answers (ann_exact.npy) where the engine has them, after re-deriving SPOT_QUERIES
+    of them from items_ND (ValueError when they disagree); else exact search over every query here."""
     meta, path = read_meta(engine_dir, listed), Path(engine_dir) / ANN_CHECK_FILE
     if meta is None or not _present(engine_dir, ANN_CHECK_FILE, listed):
         return None
     queries_QD = np.load(path, allow_pickle=False)
     k = min(int(meta["k"]), len(items_ND))
-    recall = recall_at_k(index.search(queries_QD, k)[1], exact_topk(queries_QD, items_ND, k))
+    if _present(engine_dir, ANN_EXACT_FILE, listed):
+        exact_QK = np.load(Path(engine_dir) / ANN_EXACT_FILE, allow_pickle=False)
+        if exact_QK.shape != (len(queries_QD), k):
+            raise ValueError(f"{ANN_EXACT_FILE} has shape {exact_QK.shape}, want ({len(queries_QD)}, {k})")
+        spot = np.unique(np.linspace(0, len(queries_QD) - 1, min(SPOT_QUERIES, len(queries_QD))).astype(int))
+        agree = recall_at_k(exact_topk(queries_QD[spot], items_ND, k), exact_QK[spot])
+        if agree < 0.99:  # not 1.0: a float tie at the k-th place may fall either way
+            raise ValueError(f"{ANN_EXACT_FILE} does not match the engine's items: the exact top-{k} of "
+                             f"{len(spot)} of its queries re-derived at load agree {agree:.3f} (want >= 0.99)")
+    else:  # engines built before the exact answers were stored
+        exact_QK = exact_topk(queries_QD, items_ND, k)
+    recall = recall_at_k(index.search(queries_QD, k)[1], exact_QK)
     return recall, float(meta["target_recall"])

@@ -177,7 +177,10 @@ class Engine:
         """(recall@k of the index on the build's held-out queries, the build's target); None without an index."""
         if self.ann is None or self.engine_dir is None:
             return None
-        return check_recall(self.ann, self.items_ND.numpy(), self.engine_dir, self.listed)
+        try:
+            return check_recall(self.ann, self.items_ND.numpy(), self.engine_dir, self.listed)
+        except ValueError as e:
+            raise EngineRejected(f"engine {self.version}: {e}") from None
 
     def warm_up(self, calls: int) -> float:
         """Run representative requests so lazy init and allocator growth happen off the request path."""

@@ -75,6 +75,7 @@ class RetrievalChoice:
     index: object | None      # the FAISS index to save (None: exact search)
     meta: dict                # ann.json: the choice, its settings and recall, every candidate measured
     check_queries_QD: np.ndarray  # held-out query embeddings, stored for the check at load
+    check_exact_QK: np.ndarray | None  # their exact top-k item rows (None: exact search won, nothing to check)
 
 
 @dataclass(slots=True)
@@ -256,8 +257,9 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
         raise ValueError(f"no retrieval method reached recall@{k} {opts.target_recall} (best: {best.name} "
                          f"{best.recall:.3f}); add 'exact' to AnnOptions.methods or lower target_recall")
     win = min(qualified, key=lambda c: _mean_cost(c.cost_us))
+    check_exact_QK = None if win.index is None else exact_topk(check_QD, items_ND, k)
     holdout = 1.0 if win.index is None else recall_at_k(
-        ItemIndex(win.index, win.settings, opts.threads).search(check_QD, k)[1], exact_topk(check_QD, items_ND, k))
+        ItemIndex(win.index, win.settings, opts.threads).search(check_QD, k)[1], check_exact_QK)
     meta = {**win.settings.to_meta(), "build": win.build, "k": k, "target_recall": opts.target_recall,
             "recall_at_k": win.recall, "recall_holdout": holdout, "us_per_query": win.cost_us,
             "reused_parent_choice": reused, "trained": win.trained, "items": len(items_ND), "tuning_queries": len(tune_QD),
@@ -265,4 +267,4 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
             "seconds": round(time.perf_counter() - t0, 2), "candidates": [c.summary() for c in cands]}
     progress(f"retrieval chosen: {win.name} {win.settings.to_meta()} recall@{k} {win.recall:.4f} "
              f"(held out {holdout:.4f}), {_mean_cost(win.cost_us):.0f} us/query")
-    return RetrievalChoice(win.index, meta, check_QD)
+    return RetrievalChoice(win.index, meta, check_QD, check_exact_QK)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from contracts.catalog import CatalogStore
-from contracts.registry import (ANN_CHECK_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
+from contracts.registry import (ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE, WEIGHTS_FILE, EngineCorrupt,
                                 Registry)
 from contracts.signing import ManifestTrust, load_private_key
@@ -174,6 +174,8 @@ def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_N
     if choice.index is not None:
         faiss.write_index(choice.index, str(staging / ANN_FILE))
     np.save(staging / ANN_CHECK_FILE, choice.check_queries_QD)
+    if choice.check_exact_QK is not None:
+        np.save(staging / ANN_EXACT_FILE, choice.check_exact_QK.astype(np.int32))
     (staging / ANN_META_FILE).write_text(json.dumps(choice.meta, indent=1))
     return choice.meta
 
