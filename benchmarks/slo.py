@@ -74,11 +74,18 @@ def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
                # Per second of the measured window (t_s from measured_start_unix), to line slow seconds up with
                # the server's log (engine loads, canaries, swaps).
                "measured_start_unix": r["measured_start_unix"],
+               # Per request kind of the mix (Recommend, LogEvents, ...): whose requests make the tail.
+               "kinds": {kind: {"count": v["count"], "errors": v["errors"],
+                                **{q: v["latency_ms"].get(q) for q in ("p50", "p99", "max")}}
+                         for kind, v in r["kinds"].items()},
                "seconds": [{k: t[k] for k in ("t_s", "p99_ms", "max_ms", "errors")}
                            for t in r["timeseries"] if t["phase"] == "measured"]}
     print(f"  {label}: offered {rate:.0f} achieved {r['achieved_qps']:.0f} QPS  p50 {summary['p50_ms']:.2f}  "
           f"p99 {summary['p99_ms']:.2f}  max {summary['max_ms']:.2f} ms  errors {summary['errors_by_code']}",
           flush=True)
+    if len(summary["kinds"]) > 1:
+        print("    by kind: " + ", ".join(f"{kind} p99 {v['p99']} ms ({v['count']})" for kind, v in summary["kinds"].items()),
+              flush=True)
     return summary
 
 

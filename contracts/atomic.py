@@ -1,13 +1,58 @@
 """Crash-safe file writes: write a temp file beside the target, fsync, rename, fsync the directory.
 
-A reader sees either the old content or the new, never a torn file.
+A reader sees either the old content or the new, never a torn file. Every read and write here goes to the kernel
+in calls of at most WRITE_CHUNK_BYTES.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
+
+# Bytes per write() call. One call copying a large buffer into the page cache runs for milliseconds in the kernel
+# without giving the CPU up: a sidecar trainer in an idle cgroup writing its 230 MB checkpoint in one call delayed
+# the server's compute thread's wake-ups by a scheduler tick (perf sched: 4.1-4.8 ms run-queue waits behind the
+# writer's `generic_perform_write`). Measured beside a server at 300 QPS, 60 MB written a second from the idle
+# cgroup: P99 23.8 ms in one call a file, 6.1 ms in 1 MiB calls (docs/serving.md section 7).
+WRITE_CHUNK_BYTES = 1 << 20
+
+
+def write_chunked(f: BinaryIO, data) -> None:
+    """Write the bytes-like `data` to `f` in calls of at most WRITE_CHUNK_BYTES."""
+    view = memoryview(data).cast("B")
+    for start in range(0, view.nbytes, WRITE_CHUNK_BYTES):
+        f.write(view[start:start + WRITE_CHUNK_BYTES])
+
+
+def write_file(path: Path, data) -> None:
+    """Write `data` to `path` in bounded calls; not atomic (for files staged in a directory renamed whole)."""
+    with open(path, "wb") as f:
+        write_chunked(f, data)
+
+
+def read_file(path: Path) -> bytearray:
+    """The file's bytes, read in calls of at most WRITE_CHUNK_BYTES (a large read() holds the CPU in the kernel
+    the same way)."""
+    with open(path, "rb", buffering=0) as f:
+        out = bytearray(os.fstat(f.fileno()).st_size)
+        view, done = memoryview(out), 0
+        while done < len(out):
+            n = f.readinto(view[done:done + WRITE_CHUNK_BYTES])
+            if not n:
+                raise OSError(f"{path}: shorter than its size ({done} of {len(out)} bytes)")
+            done += n
+    return out
+
+
+def save_file(path: Path, save: Callable[[BinaryIO], object]) -> None:
+    """Write what `save(file)` writes (np.save, torch.save, ...) to `path` in bounded calls: serialised in memory
+    first, as those savers hand a whole array or storage to one write() call."""
+    buf = io.BytesIO()
+    save(buf)
+    write_file(path, buf.getbuffer())
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,7 +69,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write_chunked(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

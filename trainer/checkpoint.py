@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.atomic import write_atomic
+from contracts.atomic import read_file, write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 2
@@ -93,7 +93,7 @@ def load_checkpoint(directory: Path) -> TrainerState | None:
     if not path.exists():
         return None
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = torch.load(io.BytesIO(read_file(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unpicklable global: an old (format 1) or a crafted file
         raise ValueError(f"{path}: not a format {FORMAT_VERSION} checkpoint (tensors and plain containers only; "
                          f"format 1 files were pickled and are not read): {type(e).__name__}: {str(e)[:300]}. "

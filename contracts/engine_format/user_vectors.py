@@ -25,6 +25,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from contracts.atomic import save_file
+
 
 def body_digest(body: str) -> int:
     """64 bits of BLAKE2b over a record's stored body (the canonical JSON the catalogue store keeps)."""
@@ -42,11 +44,10 @@ def write_user_vectors(path: Path, ids: Sequence[str], digests_N: np.ndarray, ve
                        encoder_key: str) -> None:
     if vecs_ND.ndim != 2 or len(ids) != vecs_ND.shape[0] or digests_N.shape != (len(ids),):
         raise ValueError(f"user vectors: {len(ids)} ids, digests {digests_N.shape}, vecs {vecs_ND.shape} disagree")
-    with open(path, "wb") as f:
-        np.savez(f, vecs=np.ascontiguousarray(vecs_ND, dtype=np.float32),
-                 digests=np.asarray(digests_N, dtype=np.uint64),
-                 ids=np.frombuffer("\n".join(ids).encode(), dtype=np.uint8),
-                 encoder=np.frombuffer(encoder_key.encode(), dtype=np.uint8))
+    save_file(path, lambda f: np.savez(f, vecs=np.ascontiguousarray(vecs_ND, dtype=np.float32),
+                                       digests=np.asarray(digests_N, dtype=np.uint64),
+                                       ids=np.frombuffer("\n".join(ids).encode(), dtype=np.uint8),
+                                       encoder=np.frombuffer(encoder_key.encode(), dtype=np.uint8)))
 
 
 def read_user_vectors(path: Path, dim: int) -> ShippedUserVectors:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contracts.atomic import write_atomic
+from contracts.atomic import read_file, write_atomic
 
 _NDARRAY = "__ndarray__"
 
@@ -52,7 +52,7 @@ def save_tensors(path: Path, obj: dict) -> None:
 
 
 def load_tensors(path: Path, map_location: str | None = "cpu") -> dict:
-    return _unpack(torch.load(path, map_location=map_location, weights_only=True))
+    return _unpack(torch.load(io.BytesIO(read_file(path)), map_location=map_location, weights_only=True))
 
 
 # ---- dataclass <-> JSON (RoundSpec and the configs inside it)

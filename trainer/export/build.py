@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from contracts.atomic import read_file, save_file, write_file
 from contracts.catalog import CatalogStore
 from contracts.registry import (ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
                                 USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE, WEIGHTS_FILE, EngineCorrupt,
@@ -127,7 +128,7 @@ def _write_refit_weights(tower: nn.Module, graph_file: Path, out: Path) -> bool:
     tensors = {**dict(tower.named_parameters()), **dict(tower.named_buffers())}
     if any(f not in tensors for f in fqns):
         return False
-    torch.save({f: tensors[f].detach().contiguous() for f in fqns}, out)
+    save_file(out, lambda file: torch.save({f: tensors[f].detach().contiguous() for f in fqns}, file))
     return True
 
 
@@ -172,10 +173,10 @@ def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_N
     choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, parent_centroids_LD=centroids,
                               progress=progress)
     if choice.index is not None:
-        faiss.write_index(choice.index, str(staging / ANN_FILE))
-    np.save(staging / ANN_CHECK_FILE, choice.check_queries_QD)
+        write_file(staging / ANN_FILE, faiss.serialize_index(choice.index))
+    save_file(staging / ANN_CHECK_FILE, lambda f: np.save(f, choice.check_queries_QD))
     if choice.check_exact_QK is not None:
-        np.save(staging / ANN_EXACT_FILE, choice.check_exact_QK.astype(np.int32))
+        save_file(staging / ANN_EXACT_FILE, lambda f: np.save(f, choice.check_exact_QK.astype(np.int32)))
     (staging / ANN_META_FILE).write_text(json.dumps(choice.meta, indent=1))
     return choice.meta
 
@@ -187,7 +188,8 @@ def _ivf_centroids(index_path: Path) -> np.ndarray | None:
 
     if not index_path.is_file():
         return None
-    index = faiss.read_index(str(index_path))  # held: extract_index_ivf's view does not keep it alive
+    index = faiss.deserialize_index(np.frombuffer(read_file(index_path), dtype=np.uint8))  # held: extract_index_ivf's
+    # view does not keep it alive
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:  # not an IVF index
@@ -249,7 +251,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
                                   f"(tolerance {parity_tolerance:g}); not publishing")
         with torch.no_grad():
             items_ND = frozen.encode_items(torch.arange(1, n_items + 1)).numpy().astype(np.float32)
-        np.save(staging / ITEMS_FILE, items_ND)
+        save_file(staging / ITEMS_FILE, lambda f: np.save(f, items_ND))
         # New items get vectors from their features, and users' records feature vectors fused with the tower's,
         # in the server: each encoder the model has is exported and checked against eager torch.
         for side, export in (("item", export_item_encoder if isinstance(frozen, FeatureTwoTower) else None),

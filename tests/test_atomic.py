@@ -1,0 +1,60 @@
+"""contracts/atomic.py: crash-safe writes, and file I/O in bounded kernel calls (a sidecar's one large write()
+delayed the server's threads by a scheduler tick)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import contracts.atomic as atomic
+from contracts.atomic import WRITE_CHUNK_BYTES, read_file, save_file, write_atomic, write_chunked, write_file
+
+
+class _Recorder(io.RawIOBase):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sizes.append(len(b))
+        self.data += b
+        return len(b)
+
+
+def test_write_chunked_never_hands_the_kernel_more_than_a_chunk():
+    data = np.random.default_rng(0).integers(0, 255, 2 * WRITE_CHUNK_BYTES + 123, dtype=np.uint8)
+    rec = _Recorder()
+    write_chunked(rec, data)  # an array, not only bytes
+    assert rec.sizes == [WRITE_CHUNK_BYTES, WRITE_CHUNK_BYTES, 123]
+    assert bytes(rec.data) == data.tobytes()
+    rec = _Recorder()
+    write_chunked(rec, b"")
+    assert rec.sizes == []
+
+
+@pytest.mark.parametrize("size", [0, 5, WRITE_CHUNK_BYTES, 3 * WRITE_CHUNK_BYTES + 7])
+def test_files_written_and_read_in_chunks_round_trip(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
+    write_atomic(tmp_path / "a", data)
+    write_file(tmp_path / "b", data)
+    assert read_file(tmp_path / "a") == data == read_file(tmp_path / "b")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_savers_go_through_the_chunked_writer(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(atomic, "write_chunked", lambda f, data: calls.append(len(memoryview(data).cast("B"))) or
+                        f.write(bytes(data)))
+    arr = np.arange(300_000, dtype=np.float32).reshape(1000, 300)
+    save_file(tmp_path / "x.npy", lambda f: np.save(f, arr))
+    save_file(tmp_path / "t.pt", lambda f: torch.save({"w": torch.from_numpy(arr)}, f))
+    write_atomic(tmp_path / "y", b"abc")
+    assert len(calls) == 3 and calls[0] > arr.nbytes and calls[2] == 3
+    assert np.array_equal(np.load(tmp_path / "x.npy"), arr)
+    assert torch.equal(torch.load(tmp_path / "t.pt")["w"], torch.from_numpy(arr))
