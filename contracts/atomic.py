@@ -27,10 +27,36 @@ def write_chunked(f: BinaryIO, data) -> None:
         f.write(view[start:start + WRITE_CHUNK_BYTES])
 
 
+class _BoundedWriter(io.RawIOBase):
+    """A file object for savers (np.save, torch.save) that hand whole arrays or storages to write(): each call
+    reaches the kernel in WRITE_CHUNK_BYTES pieces, and nothing is serialised in memory first."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f, self._pos = f, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # zip writers (np.savez, torch.save) ask where they are
+        return self._pos
+
+    def write(self, b) -> int:
+        write_chunked(self._f, b)
+        n = memoryview(b).nbytes
+        self._pos += n
+        return n
+
+
 def write_file(path: Path, data) -> None:
     """Write `data` to `path` in bounded calls; not atomic (for files staged in a directory renamed whole)."""
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         write_chunked(f, data)
+
+
+def save_file(path: Path, save: Callable[[BinaryIO], object]) -> None:
+    """Write what `save(file)` writes (np.save, torch.save, ...) to `path` in bounded calls; not atomic."""
+    with open(path, "wb", buffering=0) as f:
+        save(_BoundedWriter(f))
 
 
 def read_file(path: Path) -> bytearray:
@@ -47,14 +73,6 @@ def read_file(path: Path) -> bytearray:
     return out
 
 
-def save_file(path: Path, save: Callable[[BinaryIO], object]) -> None:
-    """Write what `save(file)` writes (np.save, torch.save, ...) to `path` in bounded calls: serialised in memory
-    first, as those savers hand a whole array or storage to one write() call."""
-    buf = io.BytesIO()
-    save(buf)
-    write_file(path, buf.getbuffer())
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -63,14 +81,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data) -> None:
+    """Replace `path` with `data` (bytes-like), or with what `data(file)` writes when it is a saver (torch.save
+    streamed to the file, not serialised in memory first), crash-safely."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write_chunked(f, data)
-            f.flush()
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            if callable(data):
+                data(_BoundedWriter(f))
+            else:
+                write_chunked(f, data)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

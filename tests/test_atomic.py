@@ -47,14 +47,18 @@ def test_files_written_and_read_in_chunks_round_trip(tmp_path, size):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
-def test_savers_go_through_the_chunked_writer(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(atomic, "write_chunked", lambda f, data: calls.append(len(memoryview(data).cast("B"))) or
-                        f.write(bytes(data)))
-    arr = np.arange(300_000, dtype=np.float32).reshape(1000, 300)
+def test_savers_stream_through_the_chunked_writer(tmp_path, monkeypatch):
+    sizes = []
+    real = atomic.write_chunked
+    monkeypatch.setattr(atomic, "write_chunked", lambda f, data: sizes.append(memoryview(data).nbytes) or real(f, data))
+    arr = np.arange(600_000, dtype=np.float32).reshape(2000, 300)  # 2.4 MB
     save_file(tmp_path / "x.npy", lambda f: np.save(f, arr))
-    save_file(tmp_path / "t.pt", lambda f: torch.save({"w": torch.from_numpy(arr)}, f))
+    save_file(tmp_path / "z.npz", lambda f: np.savez(f, a=arr, b=arr[:3]))
+    write_atomic(tmp_path / "t.pt", lambda f: torch.save({"w": torch.from_numpy(arr)}, f))
     write_atomic(tmp_path / "y", b"abc")
-    assert len(calls) == 3 and calls[0] > arr.nbytes and calls[2] == 3
+    assert sizes and sizes[-1] == 3
     assert np.array_equal(np.load(tmp_path / "x.npy"), arr)
+    with np.load(tmp_path / "z.npz") as z:
+        assert np.array_equal(z["a"], arr) and np.array_equal(z["b"], arr[:3])
     assert torch.equal(torch.load(tmp_path / "t.pt")["w"], torch.from_numpy(arr))
+    assert torch.equal(torch.load(io.BytesIO(read_file(tmp_path / "t.pt")))["w"], torch.from_numpy(arr))

@@ -82,9 +82,7 @@ def _from_plain(d: dict) -> dict:
 
 def save_checkpoint(directory: Path, state: TrainerState) -> Path:
     path = Path(directory) / CHECKPOINT_FILE
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT_VERSION, **_plain(state)}, buf)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, lambda f: torch.save({"format": FORMAT_VERSION, **_plain(state)}, f))  # streamed
     return path
 
 

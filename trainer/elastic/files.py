@@ -46,9 +46,7 @@ def _unpack(obj: Any) -> Any:
 
 def save_tensors(path: Path, obj: dict) -> None:
     """Atomically write `obj` (tensors, numpy arrays, numbers, strings, None and lists/tuples/dicts of them)."""
-    buf = io.BytesIO()
-    torch.save(_pack(obj), buf)
-    write_atomic(Path(path), buf.getvalue())
+    write_atomic(Path(path), lambda f: torch.save(_pack(obj), f))  # streamed, in bounded write() calls
 
 
 def load_tensors(path: Path, map_location: str | None = "cpu") -> dict:
