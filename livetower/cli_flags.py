@@ -23,7 +23,7 @@ def server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                       Flag("metrics_port", to_field=lambda port: None if port < 0 else port, note="-1: off"),
                       Flag("gil_switch_interval_s", name="gil-switch-interval-ms", to_field=lambda ms: ms / 1e3,
                            shown=lambda s: s * 1e3, note="in ms"),
-                      "gc_freeze", "uvloop", Flag("reuse_port", note="set by --workers"),
+                      "gc_freeze", "lock_memory", "uvloop", Flag("reuse_port", note="set by --workers"),
                       "fleet", "catalog_stream", Flag("advertise_host", name="advertise"),
                       "admin_host", "admin_port", "admin_token_file", "producer_tokens_file",
                       Flag("ingest_events_per_s", to_field=lambda r: None if r <= 0 else r, note="0: no cap"),

@@ -271,6 +271,10 @@ async def serve(config: ServerConfig, *, on_started=None, admin_token: str | Non
     # Python in other threads; at the default 5 ms each of their turns could hold the event loop that long
     server, port = create_server(config, admin_token=admin_token)
     await server.start()
+    if config.lock_memory:
+        from server.memory_lock import lock_memory
+
+        log.info("memory: %s", lock_memory())
     if on_started is not None:
         on_started(server, port)
     stop = asyncio.Event()

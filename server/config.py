@@ -80,6 +80,10 @@ class ServerConfig:
     gc_freeze: bool = True                # gc.freeze() after start-up and after each engine load: long-lived
                                           # objects (histories, vocabularies) leave the cyclic GC's scans, whose
                                           # full passes otherwise stalled every thread 40-300 ms under load
+    lock_memory: bool = False             # `serve`: keep the process's pages in RAM once touched (mlockall, Linux;
+                                          # server/memory_lock.py), so no request waits on a page read back from
+                                          # disk. Off: beside the trainer it did not separate from the run-to-run
+                                          # spread (docs/serving.md section 7)
     gil_switch_interval_s: float = 0.001  # sys.setswitchinterval: how long a thread running Python may keep
                                           # others (the event loop) waiting for the GIL; Python's default is 5 ms
     admin_host: str = "127.0.0.1"         # interface the admin listener (EngineAdmin only) binds
