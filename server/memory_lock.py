@@ -1,12 +1,13 @@
 """Keep the serving process's pages in RAM once touched: mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
 (`livetower serve --lock-memory`; off by default).
 
-Why: this machine's kernel reclaims cold file pages proactively (DAMON: `kdamond` runs beside everything, and
-/proc/vmstat counts millions of file refaults), so a code page the server touches rarely (a shed warning, a
-canary's analysis, an engine swap) may have to come back from disk. A thread faulting it in holds the GIL for
-the read, and while the sidecar's checkpoint (230 MB, fsync'd) has the disk that read takes 100 ms and more:
-every request in flight waits. ONFAULT locks only what the process has touched (no start-up read of every
-mapped library), and FUTURE covers what it maps later (engines).
+The case for it (a hypothesis, not shown here): a kernel that reclaims cold file pages on its own (this
+machine's runs `kdamond` throughout, and /proc/vmstat counts millions of file refaults) may drop a code page the
+server touches rarely (a shed warning, a canary's analysis, an engine swap); the thread faulting it back in holds
+the GIL for the read, which takes long while a sidecar's checkpoint has the disk. The server took 2 major faults in
+a 30 s trainer-beside run; an interleaved A/B with the trainer beside it did not separate locked from unlocked
+(docs/serving.md section 7), so it is off. ONFAULT locks only what the process has touched (no start-up read of
+every mapped library), and FUTURE covers what it maps later (engines).
 """
 
 from __future__ import annotations
