@@ -89,8 +89,8 @@ def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
     print(f"    client send lag: p99 {summary['client_lag_ms']['p99']} ms, max {summary['client_lag_ms']['max']} ms",
           flush=True)
     if len(summary["kinds"]) > 1:
-        print("    by kind: " + ", ".join(f"{kind} p99 {v['p99']} ms ({v['count']})" for kind, v in summary["kinds"].items()),
-              flush=True)
+        kinds = ", ".join(f"{kind} p99 {v['p99']} ms ({v['count']})" for kind, v in summary["kinds"].items())
+        print(f"    by kind: {kinds}", flush=True)
     return summary
 
 

@@ -41,8 +41,8 @@ class _BoundedWriter(io.RawIOBase):
         return self._pos
 
     def write(self, b) -> int:
-        write_chunked(self._f, b)
         n = memoryview(b).nbytes
+        write_chunked(self._f, b)
         self._pos += n
         return n
 
@@ -81,24 +81,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data) -> None:
-    """Replace `path` with `data` (bytes-like), or with what `data(file)` writes when it is a saver (torch.save
-    streamed to the file, not serialised in memory first), crash-safely."""
+def _replace(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write(file)` writes to an unbuffered temp file beside it, crash-safely."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
-            if callable(data):
-                data(_BoundedWriter(f))
-            else:
-                write_chunked(f, data)
+            write(f)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data) -> None:
+    """Replace `path` with the bytes-like `data`, crash-safely."""
+    _replace(path, lambda f: write_chunked(f, data))
+
+
+def save_atomic(path: Path, save: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `save(file)` writes (torch.save, ...), crash-safely: streamed to the file in
+    bounded calls, not serialised in memory first."""
+    _replace(path, lambda f: save(_BoundedWriter(f)))
 
 
 def fsync_tree(root: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import contracts.atomic as atomic
-from contracts.atomic import WRITE_CHUNK_BYTES, read_file, save_file, write_atomic, write_chunked, write_file
+from contracts.atomic import (WRITE_CHUNK_BYTES, read_file, save_atomic, save_file, write_atomic, write_chunked,
+                              write_file)
 
 
 class _Recorder(io.RawIOBase):
@@ -54,7 +55,7 @@ def test_savers_stream_through_the_chunked_writer(tmp_path, monkeypatch):
     arr = np.arange(600_000, dtype=np.float32).reshape(2000, 300)  # 2.4 MB
     save_file(tmp_path / "x.npy", lambda f: np.save(f, arr))
     save_file(tmp_path / "z.npz", lambda f: np.savez(f, a=arr, b=arr[:3]))
-    write_atomic(tmp_path / "t.pt", lambda f: torch.save({"w": torch.from_numpy(arr)}, f))
+    save_atomic(tmp_path / "t.pt", lambda f: torch.save({"w": torch.from_numpy(arr)}, f))
     write_atomic(tmp_path / "y", b"abc")
     assert sizes and sizes[-1] == 3
     assert np.array_equal(np.load(tmp_path / "x.npy"), arr)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.atomic import read_file, write_atomic
+from contracts.atomic import read_file, save_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 2
@@ -82,7 +82,7 @@ def _from_plain(d: dict) -> dict:
 
 def save_checkpoint(directory: Path, state: TrainerState) -> Path:
     path = Path(directory) / CHECKPOINT_FILE
-    write_atomic(path, lambda f: torch.save({"format": FORMAT_VERSION, **_plain(state)}, f))  # streamed
+    save_atomic(path, lambda f: torch.save({"format": FORMAT_VERSION, **_plain(state)}, f))
     return path
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contracts.atomic import read_file, write_atomic
+from contracts.atomic import read_file, save_atomic, write_atomic
 
 _NDARRAY = "__ndarray__"
 
@@ -46,7 +46,7 @@ def _unpack(obj: Any) -> Any:
 
 def save_tensors(path: Path, obj: dict) -> None:
     """Atomically write `obj` (tensors, numpy arrays, numbers, strings, None and lists/tuples/dicts of them)."""
-    write_atomic(Path(path), lambda f: torch.save(_pack(obj), f))  # streamed, in bounded write() calls
+    save_atomic(Path(path), lambda f: torch.save(_pack(obj), f))
 
 
 def load_tensors(path: Path, map_location: str | None = "cpu") -> dict:

@@ -90,8 +90,9 @@ class _Candidate:
     trained: str = "fresh"    # how the index was trained: "fresh", or "from the parent's centroids (N iterations)"
 
     def summary(self) -> dict:
-        return {"name": self.name, "build": self.build, "build_seconds": round(self.build_s, 2), "trained": self.trained,
-                "settings": self.settings.to_meta() if self.settings else None, "recall_at_k": self.recall,
+        return {"name": self.name, "build": self.build, "build_seconds": round(self.build_s, 2),
+                "trained": self.trained, "settings": self.settings.to_meta() if self.settings else None,
+                "recall_at_k": self.recall,
                 "qualified": self.settings is not None, "us_per_query": self.cost_us,
                 "mean_us_per_query": _mean_cost(self.cost_us)}
 
@@ -242,8 +243,8 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
     cands: list[_Candidate] = []
     if previous and previous.get("kind") in opts.methods:
         build = previous.get("build", {})
-        warm = parent_centroids_LD if (previous["kind"] == "ivf" and parent_centroids_LD is not None
-                                       and parent_centroids_LD.shape == (build.get("nlist"), items_ND.shape[1])) else None
+        fits = parent_centroids_LD is not None and parent_centroids_LD.shape == (build.get("nlist"), items_ND.shape[1])
+        warm = parent_centroids_LD if previous["kind"] == "ivf" and fits else None
         cands = measure([(previous["kind"], build)], warm)
         reused = cands[0].settings is not None
         if not reused:
@@ -262,8 +263,8 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
         ItemIndex(win.index, win.settings, opts.threads).search(check_QD, k)[1], check_exact_QK)
     meta = {**win.settings.to_meta(), "build": win.build, "k": k, "target_recall": opts.target_recall,
             "recall_at_k": win.recall, "recall_holdout": holdout, "us_per_query": win.cost_us,
-            "reused_parent_choice": reused, "trained": win.trained, "items": len(items_ND), "tuning_queries": len(tune_QD),
-            "check_queries": len(check_QD), "serving_threads": opts.serving_threads,
+            "reused_parent_choice": reused, "trained": win.trained, "items": len(items_ND),
+            "tuning_queries": len(tune_QD), "check_queries": len(check_QD), "serving_threads": opts.serving_threads,
             "seconds": round(time.perf_counter() - t0, 2), "candidates": [c.summary() for c in cands]}
     progress(f"retrieval chosen: {win.name} {win.settings.to_meta()} recall@{k} {win.recall:.4f} "
              f"(held out {holdout:.4f}), {_mean_cost(win.cost_us):.0f} us/query")

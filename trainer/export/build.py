@@ -23,9 +23,9 @@ from torch import nn
 
 from contracts.atomic import read_file, save_file, write_file
 from contracts.catalog import CatalogStore
-from contracts.registry import (ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE, POPULARITY_FILE,
-                                USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE, WEIGHTS_FILE, EngineCorrupt,
-                                Registry)
+from contracts.registry import (ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_META_FILE, ITEM_IDS_FILE, ITEMS_FILE,
+                                POPULARITY_FILE, USER_ENCODER_META, USER_TOWER_FILE, USER_VECTORS_FILE, WEIGHTS_FILE,
+                                EngineCorrupt, Registry)
 from contracts.signing import ManifestTrust, load_private_key
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
@@ -168,8 +168,8 @@ def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_N
         queries_QD = torch.cat([tower(torch.from_numpy(queries_QT[s:s + 256]))
                                 for s in range(0, len(queries_QT), 256)]).numpy()
     previous = read_index_meta(registry.engine_dir(parent)) if parent and registry.engine_dir(parent).is_dir() else None
-    ivf_parent = previous is not None and previous.get("kind") == "ivf"
-    centroids = _ivf_centroids(registry.engine_dir(parent) / ANN_FILE) if ivf_parent else None
+    warm_ivf = previous is not None and previous.get("kind") == "ivf" and ann.ivf_warm_iterations is not None
+    centroids = _ivf_centroids(registry.engine_dir(parent) / ANN_FILE) if warm_ivf else None
     choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, parent_centroids_LD=centroids,
                               progress=progress)
     if choice.index is not None:
@@ -188,8 +188,8 @@ def _ivf_centroids(index_path: Path) -> np.ndarray | None:
 
     if not index_path.is_file():
         return None
-    index = faiss.deserialize_index(np.frombuffer(read_file(index_path), dtype=np.uint8))  # held: extract_index_ivf's
-    # view does not keep it alive
+    # Held in a name: extract_index_ivf's view does not keep the index alive.
+    index = faiss.deserialize_index(np.frombuffer(read_file(index_path), dtype=np.uint8))
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:  # not an IVF index
