@@ -21,10 +21,21 @@ WRITE_CHUNK_BYTES = 1 << 20
 
 
 def write_chunked(f: BinaryIO, data) -> None:
-    """Write the bytes-like `data` to `f` in calls of at most WRITE_CHUNK_BYTES."""
+    """Write all of the bytes-like `data` to `f` in calls of at most WRITE_CHUNK_BYTES.
+
+    An unbuffered file's write() is one write(2): it may take fewer bytes than given and say so only in its
+    return value (a nearly full disk took 16,384 bytes of a rollout.json and the rename then published the torn
+    file). So a short write is continued, and a write that takes nothing raises."""
     view = memoryview(data).cast("B")
-    for start in range(0, view.nbytes, WRITE_CHUNK_BYTES):
-        f.write(view[start:start + WRITE_CHUNK_BYTES])
+    done = 0
+    while done < view.nbytes:
+        n = f.write(view[done:done + WRITE_CHUNK_BYTES])
+        if n is None:  # a non-blocking file that would block: not what these files are
+            raise OSError(f"write to {getattr(f, 'name', f)!r} would block after {done} of {view.nbytes} bytes")
+        if n <= 0:
+            raise OSError(f"write to {getattr(f, 'name', f)!r} stopped after {done} of {view.nbytes} bytes "
+                          "(disk full?); free space and retry")
+        done += n
 
 
 class _BoundedWriter(io.RawIOBase):

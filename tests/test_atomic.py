@@ -39,6 +39,60 @@ def test_write_chunked_never_hands_the_kernel_more_than_a_chunk():
     assert rec.sizes == []
 
 
+class _ShortWrites(_Recorder):
+    """write(2) as on a nearly full disk: at most `per_call` bytes a call, nothing once `room` is used up."""
+
+    def __init__(self, per_call: int, room: int) -> None:
+        super().__init__()
+        self.per_call, self.room = per_call, room
+
+    def write(self, b) -> int:
+        n = min(len(b), self.per_call, self.room - len(self.data))
+        return super().write(memoryview(b)[:n]) if n > 0 else 0
+
+
+def test_write_chunked_continues_short_writes():
+    data = np.random.default_rng(1).integers(0, 255, WRITE_CHUNK_BYTES + 5000, dtype=np.uint8).tobytes()
+    rec = _ShortWrites(per_call=4096, room=10**9)
+    write_chunked(rec, data)
+    assert bytes(rec.data) == data
+    assert max(rec.sizes) == 4096
+
+
+def test_a_full_disk_raises_and_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "rollout.json"
+    write_atomic(target, b"old")
+    with pytest.raises(OSError, match="stopped after 16384 of 20000 bytes"):
+        write_chunked(_ShortWrites(per_call=16384, room=16384), b"x" * 20000)
+
+    real_fdopen = atomic.os.fdopen
+
+    class _FullDisk(io.RawIOBase):  # the real temp file, taking only its first 16 KiB
+        def __init__(self, f) -> None:
+            self.f, self.taken = f, 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            n = min(len(b), 16384 - self.taken)
+            self.taken += max(n, 0)
+            return self.f.write(memoryview(b)[:n]) if n > 0 else 0
+
+        def fileno(self) -> int:
+            return self.f.fileno()
+
+        def close(self) -> None:
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, b"y" * 20000)
+    assert target.read_bytes() == b"old"  # not a torn 16 KiB file
+    assert [p.name for p in tmp_path.iterdir()] == ["rollout.json"]  # the temp file removed
+
+
 @pytest.mark.parametrize("size", [0, 5, WRITE_CHUNK_BYTES, 3 * WRITE_CHUNK_BYTES + 7])
 def test_files_written_and_read_in_chunks_round_trip(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
