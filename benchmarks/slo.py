@@ -146,6 +146,10 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
         if trainer:
             stop_server(trainer[0], grace_s=5)
         stop_server(proc)  # SIGTERM: the server flushes its buffered spans before it exits
+        if sidecar and not args.keep_work:
+            # Each run copies the catalogue (registry, engines, event log: ~1 GB at 100k items); kept, a few
+            # series filled this machine's disk.
+            shutil.rmtree(out / "work", ignore_errors=True)
         if sink is not None:
             spans = stop_otlp_sink(*sink)
             if summary is not None:  # every span of the run, warm-up included, as counted by the sink
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --with-trainer: events added to the copy's log first, so the trainer never idles")
     p.add_argument("--trainer-flags", default="--max-round-events 5000", help="extra `train` flags with --with-trainer (e.g. "
                                                       "'--trainer-nice 0 --trainer-cpu-weight 0': no lower priority)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="with --with-trainer: keep each run's copy of the catalogue (OUT/work, about 1 GB at 100k "
+                        "items) instead of removing it after the run; the logs and results stay either way")
     p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
     args = p.parse_args(argv)
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
