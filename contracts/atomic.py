@@ -30,9 +30,7 @@ def write_chunked(f: BinaryIO, data) -> None:
     done = 0
     while done < view.nbytes:
         n = f.write(view[done:done + WRITE_CHUNK_BYTES])
-        if n is None:  # a non-blocking file that would block: not what these files are
-            raise OSError(f"write to {getattr(f, 'name', f)!r} would block after {done} of {view.nbytes} bytes")
-        if n <= 0:
+        if not n:  # 0, or None from a non-blocking file (not what these files are)
             raise OSError(f"write to {getattr(f, 'name', f)!r} stopped after {done} of {view.nbytes} bytes "
                           "(disk full?); free space and retry")
         done += n

@@ -40,15 +40,28 @@ def test_write_chunked_never_hands_the_kernel_more_than_a_chunk():
 
 
 class _ShortWrites(_Recorder):
-    """write(2) as on a nearly full disk: at most `per_call` bytes a call, nothing once `room` is used up."""
+    """write(2) as on a nearly full disk: at most `per_call` bytes a call, nothing once `room` is used up; what it
+    takes also goes to `file` when given (a real temp file)."""
 
-    def __init__(self, per_call: int, room: int) -> None:
+    def __init__(self, per_call: int, room: int, file=None) -> None:
         super().__init__()
-        self.per_call, self.room = per_call, room
+        self.per_call, self.room, self.file = per_call, room, file
 
     def write(self, b) -> int:
         n = min(len(b), self.per_call, self.room - len(self.data))
-        return super().write(memoryview(b)[:n]) if n > 0 else 0
+        if n <= 0:
+            return 0
+        if self.file is not None:
+            self.file.write(memoryview(b)[:n])
+        return super().write(memoryview(b)[:n])
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
 
 
 def test_write_chunked_continues_short_writes():
@@ -65,28 +78,9 @@ def test_a_full_disk_raises_and_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="stopped after 16384 of 20000 bytes"):
         write_chunked(_ShortWrites(per_call=16384, room=16384), b"x" * 20000)
 
-    real_fdopen = atomic.os.fdopen
-
-    class _FullDisk(io.RawIOBase):  # the real temp file, taking only its first 16 KiB
-        def __init__(self, f) -> None:
-            self.f, self.taken = f, 0
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, b) -> int:
-            n = min(len(b), 16384 - self.taken)
-            self.taken += max(n, 0)
-            return self.f.write(memoryview(b)[:n]) if n > 0 else 0
-
-        def fileno(self) -> int:
-            return self.f.fileno()
-
-        def close(self) -> None:
-            self.f.close()
-            super().close()
-
-    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k)))
+    real_fdopen = atomic.os.fdopen  # the real temp file, taking only its first 16 KiB
+    monkeypatch.setattr(atomic.os, "fdopen",
+                        lambda fd, *a, **k: _ShortWrites(per_call=16384, room=16384, file=real_fdopen(fd, *a, **k)))
     with pytest.raises(OSError, match="disk full"):
         write_atomic(target, b"y" * 20000)
     assert target.read_bytes() == b"old"  # not a torn 16 KiB file
