@@ -113,6 +113,8 @@ class LivetowerServer:
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
         self.metrics.watch_freshness(lambda: self.manager.current)
         self.metrics.watch_stages(self.manager.clock)
+        if self.batcher is not None:
+            self.metrics.watch_batcher(self.batcher)
         if self.impressions is not None:
             path = self.config.attribution_path
             self.metrics.watch_outcomes(lambda: read_outcomes(path))

@@ -45,8 +45,16 @@ from server.engine.stages import STAGES
 LAG_DECAY_S = 0.01  # time constant of the loop-lag signal's decay
 
 
+SHED_REASONS = ("queue_full", "loop_lag", "queue_delay", "deadline", "shutdown")  # Overloaded.reason values
+
+
 class Overloaded(Exception):
-    """Shed: the queue is full or the deadline cannot be met. Retry with back-off."""
+    """Shed: the queue is full or the deadline cannot be met. Retry with back-off. reason: which bound (SHED_REASONS),
+    counted per reason by the batcher (livetower_shed_total{reason})."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeadlineExpired(Exception):
@@ -136,13 +144,20 @@ class MicroBatcher:
         self._running_until = 0.0  # predicted end of the batch being computed (time.perf_counter())
         self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
         self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
-        self.shed = 0
-        self.shed_loop_lag = 0
+        self.shed_by_reason = dict.fromkeys(SHED_REASONS, 0)  # requests shed, by the bound that shed them
         self.expired = 0
         self.batches = 0
         self.batched_queries = 0
         self.inline = 0           # Recommend requests computed on the event loop
         self._computing = False   # a batch is on the compute thread
+
+    @property
+    def shed(self) -> int:
+        return sum(self.shed_by_reason.values())
+
+    def _shed(self, reason: str, message: str) -> Overloaded:
+        self.shed_by_reason[reason] += 1
+        return Overloaded(message, reason)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,7 +173,7 @@ class MicroBatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         for job in self._queue:
             if not job.future.done():
-                job.future.set_exception(Overloaded("server is shutting down"))
+                job.future.set_exception(self._shed("shutdown", "server is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
@@ -200,25 +215,20 @@ class MicroBatcher:
         cfg = self.config
         depth = len(self._queue)
         if depth >= cfg.max_queue:
-            self.shed += 1
-            raise Overloaded(f"server overloaded: {depth} requests queued (limit {cfg.max_queue}); "
+            raise self._shed("queue_full", f"server overloaded: {depth} requests queued (limit {cfg.max_queue}); "
                              "retry with back-off")
         if cfg.max_loop_lag_ms and self.loop_lag_s * 1e3 > cfg.max_loop_lag_ms:
-            self.shed += 1
-            self.shed_loop_lag += 1
-            raise Overloaded(f"server overloaded: the event loop is {self.loop_lag_s * 1e3:.1f} ms behind "
-                             f"(limit {cfg.max_loop_lag_ms:g} ms, max_loop_lag_ms); retry with back-off")
+            raise self._shed("loop_lag", f"server overloaded: the event loop is {self.loop_lag_s * 1e3:.1f} ms "
+                             f"behind (limit {cfg.max_loop_lag_ms:g} ms, max_loop_lag_ms); retry with back-off")
         job.cost_s = self._engine_cost_s.get(job.engine, self._per_item_s)
         # Predicted wait for the compute thread: the queued work plus what is left of the running batch.
         ahead = self._queued_s + max(0.0, self._running_until - time.perf_counter())
         if ahead * 1e3 > cfg.max_queue_delay_ms:
-            self.shed += 1
-            raise Overloaded(f"server overloaded: about {ahead * 1e3:.1f} ms of queued work (limit "
+            raise self._shed("queue_delay", f"server overloaded: about {ahead * 1e3:.1f} ms of queued work (limit "
                              f"{cfg.max_queue_delay_ms:g} ms, max_queue_delay_ms); retry with back-off")
         if job.deadline is not None and time.monotonic() + ahead + job.cost_s > job.deadline:
-            self.shed += 1
-            raise Overloaded(f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued work "
-                             "exceeds the request's deadline; retry with back-off")
+            raise self._shed("deadline", f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued "
+                             "work exceeds the request's deadline; retry with back-off")
         if job.query is not None and self._runs_inline(job):
             self._compute_inline(job)
             return job.future

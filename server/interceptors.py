@@ -42,20 +42,33 @@ def deadline_for(method: str, deadlines: MethodDeadlines) -> tuple[float, str]:
 
 
 class _ShedLog:
-    """One log line per interval for shed requests (a line each would cost the overloaded loop more)."""
+    """One log line per interval for shed requests (a line each would cost the overloaded loop more). The first shed
+    after a quiet interval is logged at once; those after it within the interval are logged together when it ends,
+    also when no further shed comes to trigger the line (a timer on the event loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = SHED_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
         self.counts: dict[str, int] = {}
         self.next_at = 0.0
+        self._flush: asyncio.TimerHandle | None = None
 
     def add(self, method: str, code: str) -> None:
         key = f"{method} {code}"
         self.counts[key] = self.counts.get(key, 0) + 1
         now = time.monotonic()
         if now >= self.next_at:
-            log.warning("shed in the last %.0f s: %s (livetower_responses_total has every code)",
-                        SHED_LOG_INTERVAL_S, ", ".join(f"{k} x{n}" for k, n in self.counts.items()))
-            self.counts, self.next_at = {}, now + SHED_LOG_INTERVAL_S
+            self.flush()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self.next_at - now, self.flush)
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self.counts:
+            log.warning("shed in the last %g s: %s (livetower_shed_total has them by reason)",
+                        self.interval_s, ", ".join(f"{k} x{n}" for k, n in self.counts.items()))
+            self.counts, self.next_at = {}, time.monotonic() + self.interval_s
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):

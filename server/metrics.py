@@ -57,6 +57,10 @@ class ServerMetrics:
         """Export a StageClock (server/engine/stages.py): compute seconds per stage, batches and queries."""
         self.registry.register(_StageCollector(clock))
 
+    def watch_batcher(self, batcher) -> None:
+        """Export a MicroBatcher's (server/batching.py) shed requests by reason and its requests expired in queue."""
+        self.registry.register(_BatcherCollector(batcher))
+
     def watch_outcomes(self, read: Callable[[], dict]) -> None:
         """Export the attribution outcomes (contracts/attribution.py read_outcomes: {(arm, version): Outcome}),
         read at scrape time on the metrics server's thread: one small table scan per scrape."""
@@ -108,6 +112,24 @@ class _StageCollector:
         yield CounterMetricFamily("livetower_engine_batches", "Recommend batches computed", value=self.clock.batches)
         yield CounterMetricFamily("livetower_engine_batched_queries", "Recommend queries computed in batches",
                                   value=self.clock.queries)
+
+
+class _BatcherCollector:
+    """Read at scrape time: the counts are plain ints the event loop increments (no lock on the request path)."""
+
+    def __init__(self, batcher) -> None:
+        self.batcher = batcher
+
+    def collect(self):
+        shed = CounterMetricFamily("livetower_shed",
+                                   "Requests shed at admission (RESOURCE_EXHAUSTED), by the bound that shed them: "
+                                   "queue_full (max_queue), loop_lag (max_loop_lag_ms), queue_delay "
+                                   "(max_queue_delay_ms), deadline (the request's own), shutdown", labels=["reason"])
+        for reason, n in list(self.batcher.shed_by_reason.items()):
+            shed.add_metric([reason], n)
+        yield shed
+        yield CounterMetricFamily("livetower_expired_in_queue", "Requests whose deadline passed while queued "
+                                  "(DEADLINE_EXCEEDED, not computed)", value=self.batcher.expired)
 
 
 class _OutcomeCollector:

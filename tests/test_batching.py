@@ -67,6 +67,31 @@ def test_queue_limit_sheds_at_once():
     ok = [r for r in out if isinstance(r, Ranked)]
     assert len(ok) >= 3 and len(shed) >= 5
     assert "limit 3" in str(shed[0])
+    assert {e.reason for e in shed} == {"queue_full"}
+
+
+def test_shed_requests_are_exported_by_reason():
+    """livetower_shed_total{reason} reads the batcher's counts; every reason is exported, also at zero."""
+    from prometheus_client import generate_latest
+    from server.metrics import ServerMetrics
+
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=1, max_queue_delay_ms=1000))
+        b.start()
+        tasks = [asyncio.ensure_future(b.recommend(SlowEngine(0.01), q(i), None)) for i in range(4)]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.stop()
+        return b, out
+
+    b, out = run(main())
+    shed = sum(isinstance(r, Overloaded) for r in out)
+    assert shed == 3 and b.shed == 3 and b.shed_by_reason["queue_full"] == 3
+    metrics = ServerMetrics()
+    metrics.watch_batcher(b)
+    text = generate_latest(metrics.registry).decode()
+    for reason, n in b.shed_by_reason.items():
+        assert f'livetower_shed_total{{reason="{reason}"}} {float(n)}' in text
+    assert "livetower_expired_in_queue_total 0.0" in text
 
 
 def test_deadline_admission_and_expiry():
@@ -79,8 +104,9 @@ def test_deadline_admission_and_expiry():
         now = time.monotonic()
         backlog = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(5)]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="deadline"):
+        with pytest.raises(Overloaded, match="deadline") as shed:
             await b.recommend(eng, q(9), now + 0.02)  # 5 jobs ahead cannot finish in 20 ms
+        assert shed.value.reason == "deadline"
         await asyncio.gather(*backlog)
         await b.stop()
 
@@ -106,7 +132,7 @@ def test_predicted_queue_delay_over_the_bound_is_shed():
 
     out = run(main())
     assert isinstance(out[0], Ranked) and isinstance(out[1], Ranked)
-    assert isinstance(out[2], Overloaded) and "max_queue_delay_ms" in str(out[2])
+    assert isinstance(out[2], Overloaded) and "max_queue_delay_ms" in str(out[2]) and out[2].reason == "queue_delay"
 
 
 def test_queued_work_counts_each_engine_at_its_own_cost():
@@ -201,7 +227,7 @@ def test_a_lagging_event_loop_sheds_new_requests_until_it_catches_up():
         return b, ok
 
     b, ok = run(main())
-    assert ok.item_ids == ["item-3"] and b.shed_loop_lag == 2 and b.loop_lag_s < 0.01
+    assert ok.item_ids == ["item-3"] and b.shed_by_reason["loop_lag"] == 2 and b.loop_lag_s < 0.01
 
 
 def test_expired_while_queued_is_not_computed():

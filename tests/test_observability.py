@@ -137,6 +137,7 @@ def test_prometheus_scrapes_server_and_runs_every_dashboard_query(trained_dir, t
                 assert float(prom.query("livetower_serving_engine_version")[0]["value"][1]) == 1
                 assert prom.query('livetower_responses_total{method="Recommend", code="OK"}')
                 assert prom.query('livetower_engine_stage_seconds_total{stage="tower"}')
+                assert prom.query('livetower_shed_total{reason="queue_delay"}')  # every reason, zero included
                 assert prom.query("livetower_trainer_consumer_lag_events")
                 assert prom.query("livetower_serving_freshness_seconds > 0")
                 assert prom.query('livetower_outcome_impressions{arm="stable", engine_version="1"} > 0')
