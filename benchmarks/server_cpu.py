@@ -60,6 +60,9 @@ def scrape(metrics_port: int, host: str = "127.0.0.1") -> dict[str, float]:
             out[line.split(" ")[0].removeprefix("livetower_engine_").removesuffix("_total")] = float(line.split()[1])
         elif line.startswith("livetower_responses_total{"):
             out["responses"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("livetower_shed_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[f"shed_{reason}"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -69,6 +72,12 @@ class CpuSample:
     def __init__(self, pid: int, metrics_port: int) -> None:
         self.threads = thread_cpu_s(pid)
         self.counters = scrape(metrics_port)
+
+
+def shed_by_reason(before: CpuSample, after: CpuSample) -> dict[str, int]:
+    """Requests the server shed between two samples, by the admission bound that shed them (nonzero only)."""
+    return {k.removeprefix("shed_"): int(after.counters[k] - before.counters.get(k, 0.0)) for k in after.counters
+            if k.startswith("shed_") and after.counters[k] > before.counters.get(k, 0.0)}
 
 
 def per_request_ms(before: CpuSample, after: CpuSample) -> dict[str, float]:

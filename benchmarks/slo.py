@@ -29,7 +29,7 @@ from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.processes import (PEER_METADATA, free_port, start_otlp_sink, start_server, start_trainer,
                                   stop_otlp_sink, stop_server, trainer_events)
-from benchmarks.server_cpu import CpuSample, per_request_ms
+from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason
 from benchmarks.workload import KINDS, make_workload, parse_mix
 
 CONFIGS = {
@@ -135,12 +135,15 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
                                   / (time.monotonic() - t0), "flags": args.trainer_flags}
             print(f"    trainer beside it: {summary['trainer']['events_per_s']:.1f} events/s trained", flush=True)
         if before is not None:
-            summary["cpu_ms_per_request"] = per_request_ms(before, CpuSample(proc.pid, mport))
+            after = CpuSample(proc.pid, mport)
+            summary["cpu_ms_per_request"] = per_request_ms(before, after)
+            summary["shed_by_reason"] = shed_by_reason(before, after)  # the server's own count, warm-up included
             c = summary["cpu_ms_per_request"]
             print(f"    server CPU/request {c.get('total', 0):.3f} ms: event loop {c.get('event_loop', 0):.3f}, "
                   f"compute {c.get('compute', 0):.3f} (tower {c.get('tower', 0):.3f}, retrieval "
                   f"{c.get('retrieval', 0):.3f}), gRPC threads {c.get('grpc_threads', 0):.3f}, "
-                  f"batch {c.get('mean_batch', 0):.1f}", flush=True)
+                  f"batch {c.get('mean_batch', 0):.1f}; shed by reason {summary['shed_by_reason'] or 'none'}",
+                  flush=True)
         return summary
     finally:
         if trainer:
