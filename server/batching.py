@@ -11,8 +11,13 @@ grow and amortise the user tower and the scoring pass. Past capacity requests ar
 instead of queueing without bound, so the requests that are admitted keep a bounded latency:
 - the queue holds at most max_queue requests; beyond that: Overloaded at once;
 - a request that would wait longer than max_queue_delay_ms for the compute thread (the queued jobs
-  ahead of it, each at its engine's measured compute time per job) is shed at admission, and so is
-  one whose deadline cannot be met given that queue;
+  ahead of it, each at its engine's measured compute time per job) is shed at admission while the queue
+  stands: once every job taken for standing_queue_ms had waited longer than max_queue_delay_ms, and until
+  the queue drains.
+  A burst (the requests a short stall held back, arriving at once) is a queue that drains: it is admitted
+  up to burst_queue_delay_ms of predicted wait, and served late rather than refused (CoDel's distinction of
+  a good queue from a standing one, Nichols & Jacobson 2012, applied at admission). A request whose deadline
+  cannot be met given the queue is shed either way;
 - while the event loop itself runs more than max_loop_lag_ms behind (requests then wait before any
   handler sees them, where no queue bound applies), new requests are shed: a shed request costs the
   loop a fraction of a computed one, so the backlog drains instead of growing;
@@ -67,6 +72,11 @@ class BatchingConfig:
     max_delay_ms: float = 0.0    # extra wait for a batch to fill (0: take what queued while busy)
     max_queue: int = 512         # queued requests beyond which new ones are shed
     max_queue_delay_ms: float = 20.0  # predicted wait for the compute thread beyond which a request is shed
+                                      # while the queue stands (below); also the wait that counts as standing
+    standing_queue_ms: float = 100.0  # how long every job taken must have waited over max_queue_delay_ms before
+                                      # the queue counts as standing (0: it always does: shed on the prediction)
+    burst_queue_delay_ms: float = 100.0  # predicted wait beyond which a request is shed while the queue does
+                                         # not stand (a burst); never below max_queue_delay_ms
     max_loop_lag_ms: float = 50.0     # event-loop lag beyond which new requests are shed (0: never)
     inline_below_ms: float = 0.0      # > 0: a Recommend whose engine takes less than this per request (measured)
                                       # runs on the event loop itself when nothing is queued or computing.
@@ -84,6 +94,11 @@ class BatchingConfig:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if not self.max_queue_delay_ms > 0:
             raise ValueError(f"max_queue_delay_ms must be > 0, got {self.max_queue_delay_ms}")
+        if self.standing_queue_ms < 0:
+            raise ValueError(f"standing_queue_ms must be >= 0 (0: shed on the prediction at once), "
+                             f"got {self.standing_queue_ms}")
+        if not self.burst_queue_delay_ms > 0:
+            raise ValueError(f"burst_queue_delay_ms must be > 0, got {self.burst_queue_delay_ms}")
         if self.max_loop_lag_ms < 0:
             raise ValueError(f"max_loop_lag_ms must be >= 0 (0: off), got {self.max_loop_lag_ms}")
         if self.inline_below_ms < 0:
@@ -102,6 +117,7 @@ class _Job:
     cost_s: float = 0.0                          # predicted compute time, part of the queued work
     span: Any = None                             # the request's recording span (tracing on and sampled)
     admitted_at: float = 0.0                     # perf_counter() at admission (traced jobs only)
+    queued_at: float = 0.0                       # monotonic() at admission: its wait when taken
 
 
 @dataclass(slots=True)
@@ -144,6 +160,7 @@ class MicroBatcher:
         self._running_until = 0.0  # predicted end of the batch being computed (time.perf_counter())
         self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
         self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
+        self._above_since: float | None = None  # monotonic() since when every job taken waited > max_queue_delay_ms
         self.shed_by_reason = dict.fromkeys(SHED_REASONS, 0)  # requests shed, by the bound that shed them
         self.expired = 0
         self.batches = 0
@@ -224,18 +241,42 @@ class MicroBatcher:
         # Predicted wait for the compute thread: the queued work plus what is left of the running batch.
         ahead = self._queued_s + max(0.0, self._running_until - time.perf_counter())
         if ahead * 1e3 > cfg.max_queue_delay_ms:
-            raise self._shed("queue_delay", f"server overloaded: about {ahead * 1e3:.1f} ms of queued work (limit "
-                             f"{cfg.max_queue_delay_ms:g} ms, max_queue_delay_ms); retry with back-off")
+            standing = self.queue_standing
+            burst_ms = max(cfg.burst_queue_delay_ms, cfg.max_queue_delay_ms)
+            if standing or ahead * 1e3 > burst_ms:
+                limit, field = ((cfg.max_queue_delay_ms, "max_queue_delay_ms, the queue standing") if standing
+                                else (burst_ms, "burst_queue_delay_ms"))
+                raise self._shed("queue_delay", f"server overloaded: about {ahead * 1e3:.1f} ms of queued work "
+                                 f"(limit {limit:g} ms, {field}); retry with back-off")
         if job.deadline is not None and time.monotonic() + ahead + job.cost_s > job.deadline:
             raise self._shed("deadline", f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued "
                              "work exceeds the request's deadline; retry with back-off")
         if job.query is not None and self._runs_inline(job):
             self._compute_inline(job)
             return job.future
+        job.queued_at = time.monotonic()
         self._queue.append(job)
         self._queued_s += job.cost_s
         self._wakeup.set()
         return job.future
+
+    @property
+    def queue_standing(self) -> bool:
+        """The queue has stood: every job taken for the last standing_queue_ms waited over max_queue_delay_ms."""
+        window_s = self.config.standing_queue_ms / 1e3
+        return not window_s or (self._above_since is not None and time.monotonic() - self._above_since >= window_s)
+
+    def _note_waits(self, batch: list[_Job], now: float) -> None:
+        """CoDel's entry rule on the batch just taken: a job that waited no longer than the target means no queue
+        stands yet; otherwise it stands from the first such batch on. Once standing, it stands until the queue
+        drains (the compute thread finds nothing to do): leaving on one short wait let a load past capacity
+        re-admit a burst's worth every few batches."""
+        if self.queue_standing:
+            return
+        if min(now - j.queued_at for j in batch) * 1e3 <= self.config.max_queue_delay_ms:
+            self._above_since = None
+        elif self._above_since is None:
+            self._above_since = now
 
     def _runs_inline(self, job: _Job) -> bool:
         """Cheap enough to compute right here: an engine measured (an unmeasured one might be slow and would
@@ -299,6 +340,8 @@ class MicroBatcher:
             else:
                 passed.append(job)
         self._queue.extendleft(reversed(passed))  # back at the front, in their order
+        if batch:
+            self._note_waits(batch, now)
         self._queued_s = max(0.0, self._queued_s - sum(j.cost_s for j in batch)) if self._queue else 0.0
         return batch
 
@@ -350,6 +393,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                self._above_since = None  # drained: nothing waited through the last batch, no queue stands
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.config.max_delay_ms > 0 and len(self._queue) < self.config.max_batch:

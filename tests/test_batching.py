@@ -114,9 +114,10 @@ def test_deadline_admission_and_expiry():
 
 
 def test_predicted_queue_delay_over_the_bound_is_shed():
-    """Admitted requests keep a bounded wait: one that would queue longer than max_queue_delay_ms is shed."""
+    """Admitted requests keep a bounded wait: one that would queue longer than max_queue_delay_ms is shed (with
+    standing_queue_ms 0 the queue always counts as standing)."""
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50, standing_queue_ms=0))
         b.start()
         eng = SlowEngine(0.03)
         await b.recommend(eng, q(0), None)
@@ -135,10 +136,61 @@ def test_predicted_queue_delay_over_the_bound_is_shed():
     assert isinstance(out[2], Overloaded) and "max_queue_delay_ms" in str(out[2]) and out[2].reason == "queue_delay"
 
 
+def test_a_burst_on_a_queue_that_does_not_stand_is_admitted_up_to_the_burst_bound():
+    """Requests a short stall held back arrive together: their queue drains, so they are served late, not shed,
+    up to burst_queue_delay_ms of predicted wait."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50, standing_queue_ms=100,
+                                        burst_queue_delay_ms=200))
+        b.start()
+        eng = SlowEngine(0.03)
+        await b.recommend(eng, q(0), None)
+        b._engine_cost_s[eng] = 0.03
+        burst = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(8)]  # 0, 30, ... 210 ms ahead
+        out = await asyncio.gather(*burst, return_exceptions=True)
+        await b.stop()
+        return b, out
+
+    b, out = run(main())
+    assert all(isinstance(r, Ranked) for r in out[:7]), out  # up to 180 ms predicted: admitted
+    assert isinstance(out[7], Overloaded) and "burst_queue_delay_ms" in str(out[7])
+    assert b.shed_by_reason["queue_delay"] == 1 and not b.queue_standing  # drained
+
+
+def test_a_standing_queue_sheds_at_the_target_until_it_drains():
+    """Offered 3x what the engine serves: once every job taken has waited over max_queue_delay_ms for
+    standing_queue_ms, requests predicted to wait longer are shed; when the load stops and the queue drains, a burst
+    is admitted again."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=1000, max_queue_delay_ms=20, standing_queue_ms=40,
+                                        burst_queue_delay_ms=1000, max_loop_lag_ms=0))
+        b.start()
+        eng = SlowEngine(0.015)
+        await b.recommend(eng, q(0), None)
+        b._engine_cost_s[eng] = 0.015
+        sent, stood = [], False
+        for i in range(40):  # a request every 5 ms for 200 ms; the engine serves one per 15 ms
+            sent.append(asyncio.ensure_future(b.recommend(eng, q(i), None)))
+            await asyncio.sleep(0.005)
+            stood = stood or b.queue_standing
+        out = await asyncio.gather(*sent, return_exceptions=True)
+        assert not b.queue_standing  # drained
+        burst = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(4)]  # 0-45 ms ahead
+        again = await asyncio.gather(*burst, return_exceptions=True)
+        await b.stop()
+        return stood, out, again
+
+    stood, out, again = run(main())
+    shed = [r for r in out if isinstance(r, Overloaded)]
+    assert stood and shed and all("the queue standing" in str(e) for e in shed)
+    assert isinstance(out[0], Ranked) and isinstance(out[3], Ranked)  # the first 60 ms of backlog: a burst, admitted
+    assert all(isinstance(r, Ranked) for r in again)
+
+
 def test_queued_work_counts_each_engine_at_its_own_cost():
     """A slow canary's queued jobs weigh what they cost; a fast engine's many jobs weigh little."""
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50, standing_queue_ms=0))
         b.start()
         fast, slow = SlowEngine(0.001), SlowEngine(0.03)
         await b.recommend(fast, q(0), None)
@@ -159,7 +211,7 @@ def test_queued_work_counts_each_engine_at_its_own_cost():
 
 def test_the_running_batch_counts_as_work_ahead():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20, standing_queue_ms=0))
         b.start()
         eng = SlowEngine(0.05)
         await b.recommend(eng, q(0), None)
@@ -268,6 +320,10 @@ def test_batches_never_mix_engines():
 
 
 def test_config_validation_names_field():
+    with pytest.raises(ValueError, match="burst_queue_delay_ms"):
+        BatchingConfig(burst_queue_delay_ms=0)
+    with pytest.raises(ValueError, match="standing_queue_ms"):
+        BatchingConfig(standing_queue_ms=-1)
     with pytest.raises(ValueError, match="max_batch"):
         BatchingConfig(max_batch=0)
     with pytest.raises(ValueError, match="max_queue"):
