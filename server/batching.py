@@ -13,7 +13,7 @@ instead of queueing without bound, so the requests that are admitted keep a boun
 - a request that would wait longer than max_queue_delay_ms for the compute thread (the queued jobs
   ahead of it, each at its engine's measured compute time per job) is shed at admission while the queue
   stands: once every job taken for standing_queue_ms had waited longer than max_queue_delay_ms, and until
-  the queue drains.
+  standing_queue_ms pass with neither such a stretch nor a request shed for it.
   A burst (the requests a short stall held back, arriving at once) is a queue that drains: it is admitted
   up to burst_queue_delay_ms of predicted wait, and served late rather than refused (CoDel's distinction of
   a good queue from a standing one, Nichols & Jacobson 2012, applied at admission). A request whose deadline
@@ -161,6 +161,7 @@ class MicroBatcher:
         self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
         self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
         self._above_since: float | None = None  # monotonic() since when every job taken waited > max_queue_delay_ms
+        self._stands_until = 0.0  # monotonic(): a queue that stood counts as standing until then (hysteresis)
         self.shed_by_reason = dict.fromkeys(SHED_REASONS, 0)  # requests shed, by the bound that shed them
         self.expired = 0
         self.batches = 0
@@ -243,6 +244,8 @@ class MicroBatcher:
         if ahead * 1e3 > cfg.max_queue_delay_ms:
             standing = self.queue_standing
             burst_ms = max(cfg.burst_queue_delay_ms, cfg.max_queue_delay_ms)
+            if standing:  # shedding keeps the admitted waits within the target: the shed itself says it stands
+                self._stands_until = time.monotonic() + cfg.standing_queue_ms / 1e3
             if standing or ahead * 1e3 > burst_ms:
                 limit, field = ((cfg.max_queue_delay_ms, "max_queue_delay_ms, the queue standing") if standing
                                 else (burst_ms, "burst_queue_delay_ms"))
@@ -262,21 +265,30 @@ class MicroBatcher:
 
     @property
     def queue_standing(self) -> bool:
-        """The queue has stood: every job taken for the last standing_queue_ms waited over max_queue_delay_ms."""
+        """The queue stands: every job taken for standing_queue_ms waited over max_queue_delay_ms, and since then
+        it has not gone standing_queue_ms without such a stretch or a shed for standing."""
         window_s = self.config.standing_queue_ms / 1e3
-        return not window_s or (self._above_since is not None and time.monotonic() - self._above_since >= window_s)
+        now = time.monotonic()
+        if not window_s or self._stands_until > now:
+            return True
+        return self._above_since is not None and now - self._above_since >= window_s
 
     def _note_waits(self, batch: list[_Job], now: float) -> None:
-        """CoDel's entry rule on the batch just taken: a job that waited no longer than the target means no queue
-        stands yet; otherwise it stands from the first such batch on. Once standing, it stands until the queue
-        drains (the compute thread finds nothing to do): leaving on one short wait let a load past capacity
-        re-admit a burst's worth every few batches."""
-        if self.queue_standing:
-            return
+        """CoDel's rule on the batch just taken: a queue stands once every job taken for standing_queue_ms waited
+        over the target, and keeps standing until none has for as long (hysteresis: past capacity the queue
+        drains now and then between batches, and leaving at once re-admitted a burst's worth each time)."""
+        window_s = self.config.standing_queue_ms / 1e3
         if min(now - j.queued_at for j in batch) * 1e3 <= self.config.max_queue_delay_ms:
-            self._above_since = None
-        elif self._above_since is None:
-            self._above_since = now
+            self._calm()
+        else:
+            if self._above_since is None:
+                self._above_since = now
+            if now - self._above_since >= window_s:
+                self._stands_until = now + window_s
+
+    def _calm(self) -> None:
+        """A job taken within the target, or the queue drained: no standing stretch is building."""
+        self._above_since = None
 
     def _runs_inline(self, job: _Job) -> bool:
         """Cheap enough to compute right here: an engine measured (an unmeasured one might be slow and would
@@ -393,7 +405,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                self._above_since = None  # drained: nothing waited through the last batch, no queue stands
+                self._calm()  # drained: nothing waited through the last batch
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.config.max_delay_ms > 0 and len(self._queue) < self.config.max_batch:

@@ -148,19 +148,21 @@ def test_a_burst_on_a_queue_that_does_not_stand_is_admitted_up_to_the_burst_boun
         b._engine_cost_s[eng] = 0.03
         burst = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(8)]  # 0, 30, ... 210 ms ahead
         out = await asyncio.gather(*burst, return_exceptions=True)
+        await asyncio.sleep(0.1)  # standing_queue_ms without a long wait or a shed: whatever stood, stands no more
         await b.stop()
         return b, out
 
     b, out = run(main())
     assert all(isinstance(r, Ranked) for r in out[:7]), out  # up to 180 ms predicted: admitted
     assert isinstance(out[7], Overloaded) and "burst_queue_delay_ms" in str(out[7])
-    assert b.shed_by_reason["queue_delay"] == 1 and not b.queue_standing  # drained
+    assert b.shed_by_reason["queue_delay"] == 1 and not b.queue_standing
 
 
-def test_a_standing_queue_sheds_at_the_target_until_it_drains():
+def test_a_standing_queue_sheds_at_the_target_until_it_has_not_stood_for_as_long():
     """Offered 3x what the engine serves: once every job taken has waited over max_queue_delay_ms for
-    standing_queue_ms, requests predicted to wait longer are shed; when the load stops and the queue drains, a burst
-    is admitted again."""
+    standing_queue_ms, requests predicted to wait longer are shed, for as long as the overload lasts (the admitted
+    ones then wait within the target: the sheds keep it standing); standing_queue_ms after the load stops, a burst is
+    admitted again."""
     async def main():
         b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=1000, max_queue_delay_ms=20, standing_queue_ms=40,
                                         burst_queue_delay_ms=1000, max_loop_lag_ms=0))
@@ -174,7 +176,9 @@ def test_a_standing_queue_sheds_at_the_target_until_it_drains():
             await asyncio.sleep(0.005)
             stood = stood or b.queue_standing
         out = await asyncio.gather(*sent, return_exceptions=True)
-        assert not b.queue_standing  # drained
+        late = [r for r in out[-10:] if isinstance(r, Overloaded)]  # the last 50 ms of the overload: still shed
+        await asyncio.sleep(0.06)
+        assert late and not b.queue_standing
         burst = [asyncio.ensure_future(b.recommend(eng, q(i), None)) for i in range(4)]  # 0-45 ms ahead
         again = await asyncio.gather(*burst, return_exceptions=True)
         await b.stop()
