@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -144,3 +145,39 @@ def stop_otlp_sink(proc: subprocess.Popen, port: int, log_path: Path) -> int:
         stop_server(proc, grace_s=1)
     total = [line for line in log_path.read_text().splitlines() if line.startswith("total: ")]
     return int(total[-1].split()[1]) if total else -1
+
+
+class Staller:
+    """Stops a process for stall_s every every_s seconds (SIGSTOP, then SIGCONT), from a thread: the unfriendly
+    case of a host that pauses (a VM's vCPU descheduled, a page read back from disk, a long GC). Requests sent
+    meanwhile queue in the kernel and reach the server together when it resumes. A context manager; `stalls`
+    counts the pauses made."""
+
+    def __init__(self, pid: int, every_s: float, stall_s: float) -> None:
+        if not every_s > stall_s > 0:
+            raise ValueError(f"stall: need every_s > stall_s > 0, got every_s={every_s}, stall_s={stall_s}")
+        self.pid, self.every_s, self.stall_s = pid, every_s, stall_s
+        self.stalls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="staller", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s - self.stall_s):
+            try:
+                os.kill(self.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                return
+            time.sleep(self.stall_s)
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                return
+            self.stalls += 1
+
+    def __enter__(self) -> "Staller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

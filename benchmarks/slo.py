@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.processes import (PEER_METADATA, free_port, start_otlp_sink, start_server, start_trainer,
+from benchmarks.processes import (PEER_METADATA, Staller, free_port, start_otlp_sink, start_server, start_trainer,
                                   stop_otlp_sink, stop_server, trainer_events)
 from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason
 from benchmarks.workload import KINDS, make_workload, parse_mix
@@ -129,7 +129,12 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
         before = CpuSample(proc.pid, mport) if mport > 0 else None
         trained_before = trainer_events(trainer[1]) if trainer else 0.0
         t0 = time.monotonic()
-        summary = one_run(base, port, rate, label)
+        if args.stall is None:
+            summary = one_run(base, port, rate, label)
+        else:
+            with Staller(proc.pid, *args.stall) as staller:
+                summary = one_run(base, port, rate, label)
+            summary["stalls"] = {"every_s": args.stall[0], "ms": args.stall[1] * 1e3, "count": staller.stalls}
         if trainer:
             summary["trainer"] = {"events_per_s": (trainer_events(trainer[1]) - trained_before)
                                   / (time.monotonic() - t0), "flags": args.trainer_flags}
@@ -333,8 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-work", action="store_true",
                    help="with --with-trainer: keep each run's copy of the catalogue (OUT/work, about 1 GB at 100k "
                         "items) instead of removing it after the run; the logs and results stay either way")
+    p.add_argument("--stall", default="", metavar="EVERY_S,MS",
+                   help="the unfriendly case of a host that pauses: stop the server process for MS milliseconds "
+                        "every EVERY_S seconds during the load (SIGSTOP/SIGCONT; warm-up included), e.g. 2,50")
     p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
     args = p.parse_args(argv)
+    try:
+        every_s, stall_ms = (float(x) for x in args.stall.split(",")) if args.stall else (0.0, 0.0)
+    except ValueError:
+        p.error(f"--stall takes EVERY_S,MS (e.g. 2,50), got {args.stall!r}")
+    args.stall = (every_s, stall_ms / 1e3) if args.stall else None
+    if args.stall is not None and not every_s > stall_ms / 1e3 > 0:
+        p.error(f"--stall: need EVERY_S > MS / 1000 > 0, got {every_s:g},{stall_ms:g}")
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
     args.headline_only = {x for x in args.headline_only.split(",") if x}
     args.mix = args.mix or ("recommend=0.95,log=0.05" if args.with_trainer else "recommend=1.0")

@@ -114,10 +114,9 @@ def test_deadline_admission_and_expiry():
 
 
 def test_predicted_queue_delay_over_the_bound_is_shed():
-    """Admitted requests keep a bounded wait: one that would queue longer than max_queue_delay_ms is shed (with
-    standing_queue_ms 0 the queue always counts as standing)."""
+    """Admitted requests keep a bounded wait: one that would queue longer than max_queue_delay_ms is shed."""
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50, standing_queue_ms=0))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
         b.start()
         eng = SlowEngine(0.03)
         await b.recommend(eng, q(0), None)
@@ -194,7 +193,7 @@ def test_a_standing_queue_sheds_at_the_target_until_it_has_not_stood_for_as_long
 def test_queued_work_counts_each_engine_at_its_own_cost():
     """A slow canary's queued jobs weigh what they cost; a fast engine's many jobs weigh little."""
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50, standing_queue_ms=0))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=50))
         b.start()
         fast, slow = SlowEngine(0.001), SlowEngine(0.03)
         await b.recommend(fast, q(0), None)
@@ -215,7 +214,7 @@ def test_queued_work_counts_each_engine_at_its_own_cost():
 
 def test_the_running_batch_counts_as_work_ahead():
     async def main():
-        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20, standing_queue_ms=0))
+        b = MicroBatcher(BatchingConfig(max_batch=1, max_queue=100, max_queue_delay_ms=20))
         b.start()
         eng = SlowEngine(0.05)
         await b.recommend(eng, q(0), None)

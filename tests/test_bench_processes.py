@@ -1,12 +1,16 @@
-"""benchmarks/processes.py's stop_server stops what a benchmark started, in a process group of its own or not."""
+"""benchmarks/processes.py: stop_server stops what a benchmark started, in a process group of its own or not; Staller
+pauses a process and always resumes it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from benchmarks.processes import stop_server
+import pytest
+
+from benchmarks.processes import Staller, stop_server
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 IGNORES_TERM = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -27,3 +31,25 @@ def test_one_that_ignores_sigterm_is_killed_after_the_grace():
     stop_server(proc, grace_s=0.5)
     assert proc.returncode == -9
     stop_server(proc)  # stopped already: nothing to do
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # R, S, T (stopped), ...
+
+
+def test_the_staller_stops_the_process_for_its_pauses_and_leaves_it_running():
+    proc = subprocess.Popen(SLEEPER)
+    try:
+        seen = set()
+        with Staller(proc.pid, every_s=0.1, stall_s=0.05) as staller:
+            t_end = time.monotonic() + 0.5
+            while time.monotonic() < t_end:
+                seen.add(_state(proc.pid))
+                time.sleep(0.005)
+        assert "T" in seen and seen - {"T"}  # stopped during pauses, running (sleeping) between them
+        assert 3 <= staller.stalls <= 6
+        assert _state(proc.pid) != "T"  # resumed when the staller ended
+    finally:
+        stop_server(proc, grace_s=5)
+    with pytest.raises(ValueError, match="every_s > stall_s"):
+        Staller(proc.pid, every_s=0.05, stall_s=0.05)
