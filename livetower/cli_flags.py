@@ -109,7 +109,7 @@ def priority_flags() -> FlagSet:
     from trainer.priority import SidecarPriority
 
     return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"),
-                    Flag("cpu_max", name="trainer-cpu-max"),
+                    Flag("cpu_max", name="trainer-cpu-max"), Flag("cpus", name="trainer-cpus"),
                     Flag("idle_policy", name="trainer-idle-policy"))
 
 

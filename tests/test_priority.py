@@ -13,7 +13,7 @@ from trainer.priority import SidecarPriority, join_cgroup
 
 def test_config_names_the_field_on_bad_values():
     for bad, field in ((dict(nice=20), "nice"), (dict(cpu_weight=-1), "cpu_weight"), (dict(cgroup="a/b"), "cgroup"),
-                       (dict(cpu_max=-1), "cpu_max"), (dict(cpu_max=0.5, cpu_weight=0), "cpu_max")):
+                       (dict(cpu_max=-1), "cpu_max"), (dict(cpu_max=0.5, cpu_weight=0), "cpu_max"), (dict(cpus=-1), "cpus")):
         with pytest.raises(ValueError, match=f"SidecarPriority.{field}"):
             SidecarPriority(**bad)
 
@@ -71,3 +71,19 @@ def test_a_trainer_process_lowers_itself_and_its_children_inherit():
 def test_idle_policy_is_inherited_by_the_trainers_children():
     idle = "os.sched_getscheduler(0) == os.SCHED_IDLE"
     assert _lowered_process("nice=0, cpu_weight=0, idle_policy=True", idle) == ["True", "True"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to confine to one")
+def test_cpus_confines_the_trainer_its_threads_and_children_to_the_last_cpus():
+    last = str(max(os.sched_getaffinity(0)))
+    code = ("import os, subprocess, sys, threading; from trainer.priority import SidecarPriority, lower_priority; "
+            "started = threading.Event(); seen = []; "
+            "t = threading.Thread(target=lambda: (started.wait(), seen.append(sorted(os.sched_getaffinity(0))))); "
+            "t.start(); done = lower_priority(SidecarPriority(nice=0, cpu_weight=0, idle_policy=False, cpus=1)); "
+            "started.set(); t.join(); "
+            "child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], "
+            "capture_output=True, text=True).stdout.strip(); "
+            "print(done['cpus'], sorted(os.sched_getaffinity(0)), seen[0], child, sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip().split("|")
+    assert out == [last, f"[{last}]", f"[{last}]", f"[{last}]"]  # itself, a thread started before, a child
