@@ -283,17 +283,15 @@ class MicroBatcher:
         over the target, and keeps standing until none has for as long (hysteresis: past capacity the queue
         drains now and then between batches, and leaving at once re-admitted a burst's worth each time)."""
         window_s = self.config.standing_queue_ms / 1e3
+        if not window_s:  # off: the queue always stands
+            return
         if min(now - j.queued_at for j in batch) * 1e3 <= self.config.max_queue_delay_ms:
-            self._calm()
+            self._above_since = None
         else:
             if self._above_since is None:
                 self._above_since = now
             if now - self._above_since >= window_s:
                 self._stands_until = now + window_s
-
-    def _calm(self) -> None:
-        """A job taken within the target, or the queue drained: no standing stretch is building."""
-        self._above_since = None
 
     def _runs_inline(self, job: _Job) -> bool:
         """Cheap enough to compute right here: an engine measured (an unmeasured one might be slow and would
@@ -410,7 +408,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                self._calm()  # drained: nothing waited through the last batch
+                self._above_since = None  # drained: nothing waited through the last batch
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.config.max_delay_ms > 0 and len(self._queue) < self.config.max_batch:
