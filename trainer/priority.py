@@ -29,8 +29,8 @@ class SidecarPriority:
                                # server on 2 cores (P99 56.9 vs 57.2 ms uncapped, more shed, no round finished: docs/serving.md §7)
     cpus: int = 0              # > 0: the trainer (its threads, workers and builds) runs only on the last `cpus` CPUs
                                # it may use (sched_setaffinity), so the other CPUs' caches stay the server's; 0: any.
-                               # Beside a 300 QPS server on 2 cores, 1: P99 9.7 / 12.8 / 11.7 ms against 15.6 / 11.4
-                               # / 18.1 unpinned, pairs interleaved (docs/serving.md section 7)
+                               # Beside a 300 QPS server on 2 cores, 1: P99 8.4 against 11.1 ms (medians of 4
+                               # interleaved pairs), the trainer at half its events/s (docs/serving.md section 7)
     cgroup: str = "livetower-trainer"  # name of that cgroup under the CPU controller's root
     idle_policy: bool = True   # Linux SCHED_IDLE for the trainer and its own cgroup (cpu.idle, where the kernel has
                                # it): a serving thread's wake-up preempts the trainer at once, which a weight alone
