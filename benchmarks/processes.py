@@ -147,6 +147,21 @@ def stop_otlp_sink(proc: subprocess.Popen, port: int, log_path: Path) -> int:
     return int(total[-1].split()[1]) if total else -1
 
 
+def _check_stall(every_s: float, stall_s: float) -> None:
+    if not every_s > stall_s > 0:
+        raise ValueError(f"need every_s > stall_s > 0, got every_s={every_s:g}, stall_s={stall_s:g}")
+
+
+def parse_stall(text: str) -> tuple[float, float]:
+    """"EVERY_S,MS" (bench slo --stall) -> (every_s, stall_s), checked as Staller checks them."""
+    try:
+        every_s, stall_ms = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"takes EVERY_S,MS (e.g. 2,50), got {text!r}") from None
+    _check_stall(every_s, stall_ms / 1e3)
+    return every_s, stall_ms / 1e3
+
+
 class Staller:
     """Stops a process for stall_s every every_s seconds (SIGSTOP, then SIGCONT), from a thread: the unfriendly
     case of a host that pauses (a VM's vCPU descheduled, a page read back from disk, a long GC). Requests sent
@@ -154,8 +169,7 @@ class Staller:
     counts the pauses made."""
 
     def __init__(self, pid: int, every_s: float, stall_s: float) -> None:
-        if not every_s > stall_s > 0:
-            raise ValueError(f"stall: need every_s > stall_s > 0, got every_s={every_s}, stall_s={stall_s}")
+        _check_stall(every_s, stall_s)
         self.pid, self.every_s, self.stall_s = pid, every_s, stall_s
         self.stalls = 0
         self._stop = threading.Event()

@@ -27,8 +27,8 @@ import numpy as np
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
-from benchmarks.processes import (PEER_METADATA, Staller, free_port, start_otlp_sink, start_server, start_trainer,
-                                  stop_otlp_sink, stop_server, trainer_events)
+from benchmarks.processes import (PEER_METADATA, Staller, free_port, parse_stall, start_otlp_sink, start_server,
+                                  start_trainer, stop_otlp_sink, stop_server, trainer_events)
 from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason
 from benchmarks.workload import KINDS, make_workload, parse_mix
 
@@ -344,12 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results/slo"))
     args = p.parse_args(argv)
     try:
-        every_s, stall_ms = (float(x) for x in args.stall.split(",")) if args.stall else (0.0, 0.0)
-    except ValueError:
-        p.error(f"--stall takes EVERY_S,MS (e.g. 2,50), got {args.stall!r}")
-    args.stall = (every_s, stall_ms / 1e3) if args.stall else None
-    if args.stall is not None and not every_s > stall_ms / 1e3 > 0:
-        p.error(f"--stall: need EVERY_S > MS / 1000 > 0, got {every_s:g},{stall_ms:g}")
+        args.stall = parse_stall(args.stall) if args.stall else None
+    except ValueError as e:
+        p.error(f"--stall: {e}")
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
     args.headline_only = {x for x in args.headline_only.split(",") if x}
     args.mix = args.mix or ("recommend=0.95,log=0.05" if args.with_trainer else "recommend=1.0")
