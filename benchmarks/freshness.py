@@ -58,6 +58,8 @@ def parse_args(argv):
                                                      "--poll-interval-s 0.25: a publish is seen sooner)")
     p.add_argument("--small-step-shadow-qps", type=float, default=CanaryPolicy().small_step_shadow_qps,
                    help="the short configuration's CanaryPolicy.small_step_shadow_qps")
+    p.add_argument("--small-step-interval-s", type=float, default=CanaryPolicy().small_step_interval_s,
+                   help="the short configuration's CanaryPolicy.small_step_interval_s (-1: none)")
     return p.parse_args(argv)
 
 
@@ -126,7 +128,8 @@ def wait_bootstrapped(registry: Registry, n_events: int, procs, timeout_s: float
 def run_config(name: str, args, root: Path) -> dict:
     work = root / name
     broker, target, url = fresh_loop_dir(work, work / "tansu.log")
-    policy = (CanaryPolicy(small_step_shadow_qps=args.small_step_shadow_qps) if name == "short"
+    policy = (CanaryPolicy(small_step_shadow_qps=args.small_step_shadow_qps,
+                           small_step_interval_s=args.small_step_interval_s) if name == "short"
               else CanaryPolicy(small_step_events=-1))
     Registry(work / "data" / "registry").update_rollout(lambda st: setattr(st, "policy", policy))
     flags = ["--round-interval-s", str(args.round_interval_s), *args.train_flags.split()]
@@ -186,7 +189,8 @@ def run_config(name: str, args, root: Path) -> dict:
     live = box["r"]
     result = {"trainer_flags": flags, "serve_flags": args.serve_flags.split(),
               "policy": {"small_step_events": policy.small_step_events,
-                         "small_step_shadow_qps": policy.small_step_shadow_qps},
+                         "small_step_shadow_qps": policy.small_step_shadow_qps,
+                         "small_step_interval_s": policy.small_step_interval_s},
               "freshness_s": percentiles_s([s["freshness_s"] for s in counted]),
               "counted_from_t": counted[0]["t"] if counted else None, "series": series,
               "events_produced": producer.produced,

@@ -66,6 +66,13 @@ class CanaryPolicy:
                                      # canary (superseded), so serving does not step back to older weights and
                                      # forward again (freshness: docs/cold_start.md). -1 (or 0 in process):
                                      # promote at once (0 over the API takes this default)
+    small_step_interval_s: float = 2.0  # a small step's canary starts no sooner than this after the last canary
+                                     # began: at most one engine load and shadow burst per interval, whatever
+                                     # the trainer publishes meanwhile (the newest waiting step is taken; steps
+                                     # published in between are never loaded). Short rounds at 10 events/s
+                                     # beside 200 QPS on 2 cores: live P99 13 against 26 ms with none, freshness
+                                     # P50 2.4 against 1.5 s (docs/cold_start.md). -1 (or 0 in process): none
+                                     # (0 over the API takes this default)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +97,9 @@ class CanaryPolicy:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.behind_hold_s < 0 and self.behind_hold_s != -1:
             raise ValueError(f"behind_hold_s must be >= 0, or -1 to promote at once, got {self.behind_hold_s}")
+        if self.small_step_interval_s < 0 and self.small_step_interval_s != -1:
+            raise ValueError(f"small_step_interval_s must be >= 0, or -1 for no interval, got "
+                             f"{self.small_step_interval_s}")
         for name in ("shadow_qps", "small_step_shadow_qps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

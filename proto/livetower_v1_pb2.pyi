@@ -203,7 +203,7 @@ class ListEnginesResponse(_message.Message):
     def __init__(self, engines: _Optional[_Iterable[_Union[EngineManifest, _Mapping]]] = ..., serving_version: _Optional[int] = ...) -> None: ...
 
 class CanaryPolicy(_message.Message):
-    __slots__ = ("mode", "fraction", "min_requests", "min_duration_s", "max_duration_s", "max_p99_ratio", "max_error_rate", "min_topk_overlap", "max_score_drift", "shadow_samples", "shadow_qps", "outcome_test", "outcome_margin", "outcome_alpha", "outcome_effect", "outcome_horizon", "outcome_min_impressions", "outcome_settle_s", "small_step_events", "small_step_shadow_samples", "small_step_shadow_qps", "behind_hold_s")
+    __slots__ = ("mode", "fraction", "min_requests", "min_duration_s", "max_duration_s", "max_p99_ratio", "max_error_rate", "min_topk_overlap", "max_score_drift", "shadow_samples", "shadow_qps", "outcome_test", "outcome_margin", "outcome_alpha", "outcome_effect", "outcome_horizon", "outcome_min_impressions", "outcome_settle_s", "small_step_events", "small_step_shadow_samples", "small_step_shadow_qps", "behind_hold_s", "small_step_interval_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class CanaryPolicy(_message.Message):
     SMALL_STEP_SHADOW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SMALL_STEP_SHADOW_QPS_FIELD_NUMBER: _ClassVar[int]
     BEHIND_HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    SMALL_STEP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     fraction: float
     min_requests: int
@@ -248,7 +249,8 @@ class CanaryPolicy(_message.Message):
     small_step_shadow_samples: int
     small_step_shadow_qps: float
     behind_hold_s: float
-    def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ..., outcome_test: _Optional[str] = ..., outcome_margin: _Optional[float] = ..., outcome_alpha: _Optional[float] = ..., outcome_effect: _Optional[float] = ..., outcome_horizon: _Optional[int] = ..., outcome_min_impressions: _Optional[int] = ..., outcome_settle_s: _Optional[float] = ..., small_step_events: _Optional[int] = ..., small_step_shadow_samples: _Optional[int] = ..., small_step_shadow_qps: _Optional[float] = ..., behind_hold_s: _Optional[float] = ...) -> None: ...
+    small_step_interval_s: float
+    def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ..., outcome_test: _Optional[str] = ..., outcome_margin: _Optional[float] = ..., outcome_alpha: _Optional[float] = ..., outcome_effect: _Optional[float] = ..., outcome_horizon: _Optional[int] = ..., outcome_min_impressions: _Optional[int] = ..., outcome_settle_s: _Optional[float] = ..., small_step_events: _Optional[int] = ..., small_step_shadow_samples: _Optional[int] = ..., small_step_shadow_qps: _Optional[float] = ..., behind_hold_s: _Optional[float] = ..., small_step_interval_s: _Optional[float] = ...) -> None: ...
 
 class CanaryAnalysis(_message.Message):
     __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason", "canary_impressions", "stable_impressions", "canary_hit_rate", "stable_hit_rate", "hit_rate_diff", "hit_rate_lo", "hit_rate_hi")

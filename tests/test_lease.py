@@ -171,3 +171,50 @@ def test_hit_rates_are_added_over_every_replicas_reports(managers):
     merged = fleet_outcomes(reg, "a", 1000, {("canary", 2): (60, 6), ("stable", 1): (240, 12)}, leading=True)
     assert merged == {("canary", 2): (100, 10), ("stable", 1): (400, 20)}
     assert fleet_outcomes(reg, "a", 2000, {("canary", 3): (5, 0)}, leading=True) == {("canary", 3): (5, 0)}
+
+
+def test_small_steps_published_within_the_interval_wait_and_only_the_newest_is_loaded(trained_dir):
+    """CanaryPolicy.small_step_interval_s: a short round's refit published less than the interval after the last
+    canary began is not canaried (nor loaded) yet; when the interval is over the newest one is, and the ones
+    published in between are never loaded. A publish that is not a small step does not wait."""
+    from proto import livetower_v1_pb2 as pb
+    from server.engine.engine import Engine
+
+    def as_copy(registry, version, config):  # the staged "refits" are copies of engine 1 (torch backend): loaded
+        manifest = registry.read_manifest(version)  # as such, judged as the refits their manifests say they are
+        plain = pb.EngineManifest()
+        plain.CopyFrom(manifest)
+        plain.graph_version = 0
+        engine = Engine.load(registry.engine_dir(version), plain)
+        engine.manifest = manifest
+        return engine
+
+    reg = Registry(trained_dir / "registry")
+    reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="auto", small_step_interval_s=30.0)))
+    loads = []
+    m = EngineManager(reg, EngineManagerConfig(replica_id="a", warmup_calls=0, lease_s=60.0), loader=as_copy,
+                      on_event=lambda kind, v, _: loads.append(v) if kind == "load" else None)
+    try:
+        m.poll_once()
+
+        def publish(trained: int, graph: int = 1) -> int:
+            staging, manifest = stage(reg, 1, reg)
+            manifest.graph_version, manifest.trained_events = graph, manifest.trained_events + trained
+            return reg.publish(staging, manifest)
+
+        v2 = publish(50)
+        m.poll_once()  # no canary began before: at once
+        assert m.canary.version == v2
+        m.promote(reason="test")
+        v3, v4 = publish(100), publish(150)
+        m.poll_once()
+        assert m.canary is None and m.standby is None and v3 not in loads and v4 not in loads  # within 30 s
+        m.canary_started -= 31.0  # the interval is over
+        m.poll_once()
+        assert m.canary.version == v4 and v3 not in loads
+        m.promote(reason="test")
+        v5 = publish(200, graph=0)  # recompiled (a full round's engine): not a small step
+        m.poll_once()
+        assert m.canary.version == v5  # at once, though a canary began just now
+    finally:
+        m.close()

@@ -28,7 +28,7 @@ def test_round_trip_of_every_field_set_away_from_its_default():
                    shadow_samples=31, shadow_qps=7.5, outcome_test="fixed", outcome_margin=0.03, outcome_alpha=0.01,
                    outcome_effect=0.05, outcome_horizon=5000, outcome_min_impressions=300, outcome_settle_s=2.0,
                    small_step_events=-1, small_step_shadow_samples=7, small_step_shadow_qps=9.5,
-                   behind_hold_s=0.75)
+                   behind_hold_s=0.75, small_step_interval_s=0.5)
     assert set(changed) == {f.name for f in dataclasses.fields(CanaryPolicy)}  # a new field needs a value here
     policy = CanaryPolicy(**changed)
     assert all(getattr(policy, n) != getattr(CanaryPolicy(), n) for n in changed)

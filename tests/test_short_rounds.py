@@ -344,3 +344,28 @@ def test_a_small_steps_shadow_pairs_come_at_its_own_rate():
     assert [full._rate(n) for n in (0, 19, 20, 99, 100)] == [20.0, 20.0, 20.0, 20.0, 1.0]
     with pytest.raises(ValueError, match="small_step_shadow_qps must be > 0"):
         CanaryPolicy(small_step_shadow_qps=0.0)
+
+
+def test_a_small_step_waits_out_the_interval_since_the_last_canary_began():
+    """At most one small-step canary (an engine load and a shadow burst) per policy.small_step_interval_s: a small
+    step published sooner waits, a publish that is not a small step does not, and -1 (or 0 in process) is none."""
+    import time
+
+    lineage = _Rollouts(manifest(2, 1, 1100, parent=1))
+    c = lineage.control
+    step = lineage.publish(3, 2, 1150)        # a short round's refit of stable's graph
+    c.manifests[4] = manifest(4, 0, 1400, parent=2)  # a full round recompiled: not a small step
+    c.policy = CanaryPolicy(small_step_interval_s=2.0)
+    c.canary_started = time.monotonic() - 0.5
+    assert c.small_step_waits(step)
+    assert not c.small_step_waits(4)
+    c.canary_started = time.monotonic() - 2.1
+    assert not c.small_step_waits(step)
+    c.canary_started = time.monotonic()
+    for none in (-1, 0):
+        c.policy = CanaryPolicy(small_step_interval_s=none)
+        assert not c.small_step_waits(step)
+    assert CanaryPolicy.from_proto(CanaryPolicy(small_step_interval_s=-1).to_proto()).small_step_interval_s == -1
+    assert CanaryPolicy.from_proto(CanaryPolicy(small_step_interval_s=0).to_proto()).small_step_interval_s == 2.0
+    with pytest.raises(ValueError, match="small_step_interval_s"):
+        CanaryPolicy(small_step_interval_s=-0.5)

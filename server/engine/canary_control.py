@@ -38,6 +38,7 @@ class CanaryControl:
     standby: Engine | None
     rollout: RolloutState
     canary_fraction: float
+    canary_started: float
 
     if TYPE_CHECKING:  # provided by EngineManager (and the other mixin)
         @property
@@ -98,6 +99,16 @@ class CanaryControl:
             self.standby = None
         if want and self.standby is None and self.experiment is None and not self._small_step_pending(want):
             self.standby = self._load_or_refuse(want, "prefetch")
+
+    def small_step_waits(self, version: int) -> bool:
+        """Auto mode: whether the pending small step `version` waits, because the last canary began less than
+        policy.small_step_interval_s ago. Each canary costs an engine load and a shadow burst beside the traffic;
+        when the trainer publishes faster than that, the newest step is taken at the end of the interval and the
+        ones in between are never loaded. A publish that is not a small step never waits."""
+        interval = self.policy.small_step_interval_s
+        if interval <= 0 or time.monotonic() - self.canary_started >= interval:
+            return False
+        return self._small_step_pending(version)
 
     def _small_step_pending(self, version: int) -> bool:
         """A small step from stable is not prefetched: short rounds publish one every few seconds, most are

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import sys
 import threading
 import time
@@ -107,6 +108,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.stable: Engine | None = None   # read by request handlers; replaced atomically
         self.canary: Engine | None = None
         self.canary_fraction = 0.0
+        self.canary_started = -math.inf  # time.monotonic() when this process last began serving a canary
         self.stats: CanaryStats | None = None
         self.last_verdict: Verdict | None = None
         self.rollout = RolloutState()       # as last read or written
@@ -254,6 +256,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.stats, self.canary_fraction = stats, fraction
         self._reports = CanaryReports(self.registry, self.replica)
         self.canary = engine
+        self.canary_started = time.monotonic()
         if self.config.leader and self.stable is not None:
             small = self._small_step(engine.manifest, self.stable.manifest, self.policy) is not None
             self._shadow = ShadowScorer(self.stable, engine, stats, self.policy,
@@ -325,7 +328,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             elif (self.leading and self.policy.mode == "auto" and self.stable and not self.canary
                     and not self.experiment):  # publishes wait while an experiment runs
                 new = self.pending_versions(versions)
-                if new:
+                if new and not self.small_step_waits(max(new)):
                     try:
                         self.start_canary(max(new), actor="auto", reason="newly published")
                     except RolloutError as e:
