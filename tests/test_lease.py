@@ -3,6 +3,7 @@ lapses, and a holder that paused past its lease cannot decide after its successo
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -173,35 +174,40 @@ def test_hit_rates_are_added_over_every_replicas_reports(managers):
     assert fleet_outcomes(reg, "a", 2000, {("canary", 3): (5, 0)}, leading=True) == {("canary", 3): (5, 0)}
 
 
+def load_as_refit(registry, version, config):
+    """EngineManager loader for engines staged as copies of engine 1 (torch backend) whose manifests say they are
+    refits (graph_version set): loaded as the copies they are, judged as the refits their manifests say."""
+    from proto import livetower_v1_pb2 as pb
+    from server.engine.engine import Engine
+
+    manifest = registry.read_manifest(version)
+    plain = pb.EngineManifest()
+    plain.CopyFrom(manifest)
+    plain.graph_version = 0
+    engine = Engine.load(registry.engine_dir(version), plain)
+    engine.manifest = manifest
+    return engine
+
+
+def publish_refit(reg: Registry, trained: int, graph: int = 1) -> int:
+    """A copy of engine 1 published as a refit of `graph` (0: not a refit) trained on `trained` events more."""
+    staging, manifest = stage(reg, 1, reg)
+    manifest.graph_version, manifest.trained_events = graph, manifest.trained_events + trained
+    return reg.publish(staging, manifest)
+
+
 def test_small_steps_published_within_the_interval_wait_and_only_the_newest_is_loaded(trained_dir):
     """CanaryPolicy.small_step_interval_s: a short round's refit published less than the interval after the last
     canary began is not canaried (nor loaded) yet; when the interval is over the newest one is, and the ones
     published in between are never loaded. A publish that is not a small step does not wait."""
-    from proto import livetower_v1_pb2 as pb
-    from server.engine.engine import Engine
-
-    def as_copy(registry, version, config):  # the staged "refits" are copies of engine 1 (torch backend): loaded
-        manifest = registry.read_manifest(version)  # as such, judged as the refits their manifests say they are
-        plain = pb.EngineManifest()
-        plain.CopyFrom(manifest)
-        plain.graph_version = 0
-        engine = Engine.load(registry.engine_dir(version), plain)
-        engine.manifest = manifest
-        return engine
-
     reg = Registry(trained_dir / "registry")
     reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="auto", small_step_interval_s=30.0)))
     loads = []
-    m = EngineManager(reg, EngineManagerConfig(replica_id="a", warmup_calls=0, lease_s=60.0), loader=as_copy,
+    m = EngineManager(reg, EngineManagerConfig(replica_id="a", warmup_calls=0, lease_s=60.0), loader=load_as_refit,
                       on_event=lambda kind, v, _: loads.append(v) if kind == "load" else None)
     try:
         m.poll_once()
-
-        def publish(trained: int, graph: int = 1) -> int:
-            staging, manifest = stage(reg, 1, reg)
-            manifest.graph_version, manifest.trained_events = graph, manifest.trained_events + trained
-            return reg.publish(staging, manifest)
-
+        publish = functools.partial(publish_refit, reg)
         v2 = publish(50)
         m.poll_once()  # no canary began before: at once
         assert m.canary.version == v2
@@ -218,3 +224,25 @@ def test_small_steps_published_within_the_interval_wait_and_only_the_newest_is_l
         assert m.canary.version == v5  # at once, though a canary began just now
     finally:
         m.close()
+
+
+def test_a_refit_of_a_graph_this_process_serves_is_warmed_up_briefly(trained_dir, monkeypatch):
+    """EngineManagerConfig.refit_warmup_calls: a refit of the compiled graph a serving engine runs gets the short
+    warm-up; a full engine, and a refit of a graph nothing here runs, the full one."""
+    from server.engine.engine import Engine
+
+    warmed = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self, calls: warmed.append((self.version, calls)) or 0.0)
+    reg = Registry(trained_dir / "registry")
+    reg.write_rollout(RolloutState(stable=1, policy=CanaryPolicy(mode="manual")))
+    m = EngineManager(reg, EngineManagerConfig(warmup_calls=20, refit_warmup_calls=2), loader=load_as_refit)
+    try:
+        m.poll_once()
+        v2, v3 = publish_refit(reg, 50), publish_refit(reg, 50, graph=99)
+        m.load_verified(v2)
+        m.load_verified(v3)
+        assert warmed == [(1, 20), (v2, 2), (v3, 20)]
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="refit_warmup_calls"):
+        EngineManagerConfig(refit_warmup_calls=-1)

@@ -50,6 +50,9 @@ class EngineManagerConfig:
     analysis_interval_s: float = 0.5   # how often a running canary is analysed (about 1 ms of GIL each)
     parity_tolerance: float = 1e-3  # max abs diff vs the stored golden outputs before an engine is refused
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
+    refit_warmup_calls: int = 2     # ... on a refit whose compiled graph an engine this process serves already runs:
+                                    # its code paths are warm, only its weights and item rows are new. Short rounds
+                                    # publish one every 1-2 s, and 20 calls took half of each load's CPU
     verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
     load_nice: int = 0              # an engine load (files, parity, warm-up) runs this much lower in CPU priority.
     # 0 by default: a load's Python holds the GIL while it runs, and a lowered thread preempted while holding it
@@ -77,8 +80,9 @@ class EngineManagerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.recall_tolerance < 1:
             raise ValueError(f"recall_tolerance must be in [0, 1), got {self.recall_tolerance}")
-        if self.warmup_calls < 0:
-            raise ValueError(f"warmup_calls must be >= 0, got {self.warmup_calls}")
+        for name in ("warmup_calls", "refit_warmup_calls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.load_nice <= 19:
             raise ValueError(f"load_nice must be in [0, 19], got {self.load_nice}")
         if not 0 <= self.verify_pause_s <= 0.1:
@@ -193,7 +197,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             if recall is not None and recall[0] < recall[1] - self.config.recall_tolerance:
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
-            engine.warm_up(self.config.warmup_calls)
+            engine.warm_up(self.config.refit_warmup_calls if self._graph_is_warm(engine) else self.config.warmup_calls)
             if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
                 self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
         engine.clock = self.clock  # counted from here: warm-up is not serving
@@ -203,6 +207,11 @@ class EngineManager(CanaryControl, ExperimentControl):
                  engine.manifest.item_count, diff, seconds)
         self._on_event("load", version, seconds)
         return engine
+
+    def _graph_is_warm(self, engine: Engine) -> bool:
+        """Whether `engine` is a refit of a compiled graph that an engine this process serves runs too."""
+        graph = engine.manifest.graph_version
+        return bool(graph) and any((e.manifest.graph_version or e.version) == graph for e in self.serving_engines())
 
     def _load_or_refuse(self, version: int, actor: str) -> Engine | None:
         try:
