@@ -71,7 +71,7 @@ class CanaryPolicy:
                                      # the trainer publishes meanwhile (the newest waiting step is taken; steps
                                      # published in between are never loaded). Short rounds at 10 events/s
                                      # beside 200 QPS on 2 cores: live P99 13 against 26 ms with none, freshness
-                                     # P50 2.4 against 1.5 s (docs/cold_start.md). -1 (or 0 in process): none
+                                     # P50 2.5 against 1.5 s (docs/cold_start.md). -1 (or 0 in process): none
                                      # (0 over the API takes this default)
 
     def __post_init__(self) -> None:

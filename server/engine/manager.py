@@ -52,7 +52,8 @@ class EngineManagerConfig:
     warmup_calls: int = 20          # requests run on a new engine before it takes traffic
     refit_warmup_calls: int = 2     # ... on a refit whose compiled graph an engine this process serves already runs:
                                     # its code paths are warm, only its weights and item rows are new. Short rounds
-                                    # publish one every 1-2 s, and 20 calls took half of each load's CPU
+                                    # publish one every 1-2 s: refit loads took 0.14 s with 20, 0.03 s with 2
+                                    # (docs/cold_start.md)
     verify_pause_s: float = 0.001   # pause after each MiB of an engine's files hashed at load (leaves CPU to requests)
     load_nice: int = 0              # an engine load (files, parity, warm-up) runs this much lower in CPU priority.
     # 0 by default: a load's Python holds the GIL while it runs, and a lowered thread preempted while holding it
