@@ -111,6 +111,24 @@ def short_round_seconds(log: Path) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(r"short round .* in ([0-9.]+)s", log.read_text(errors="replace"))]
 
 
+LOAD_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO livetower\.engine: engine \d+ loaded", re.M)
+
+
+def load_windows(server_log: Path, duration_s: float):
+    """run_load's `windows`: the live load's latency split by what the server did in each second (by completion
+    time): the second in which an engine load finished (its canary's shadow burst follows at once), the second
+    after one, and the seconds with neither, so a step's cost is told from the rest of the traffic."""
+    def windows(start_unix: float) -> dict[str, list[tuple[int, int]]]:
+        ends = [time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - start_unix
+                for m in LOAD_LINE.finditer(server_log.read_text(errors="replace"))]  # log: local time, ms
+        loads = {int(t // 1) for t in ends if 0 <= t < duration_s}
+        after = {s + 1 for s in loads if s + 1 < duration_s} - loads
+        quiet = set(range(int(duration_s))) - loads - after
+        return {name: [(s, s + 1) for s in sorted(secs)]
+                for name, secs in (("load_second", loads), ("second_after", after), ("no_load", quiet))}
+    return windows
+
+
 def wait_bootstrapped(registry: Registry, n_events: int, procs, timeout_s: float) -> None:
     """Until the stable engine was trained on every bootstrap event (the trainer may take it in several rounds):
     the live phase measures events arriving at a trainer that has caught up."""
@@ -163,7 +181,8 @@ def run_config(name: str, args, root: Path) -> dict:
         producer = EventProducer(target, args.event_rate, args.users)
         box: dict = {}
         loader = threading.Thread(target=lambda: box.setdefault("r", run_load(
-            LoadConfig(**load, duration_s=args.seconds, label=f"{name} live"), log=lambda s: None)))
+            LoadConfig(**load, duration_s=args.seconds, label=f"{name} live"), log=lambda s: None,
+            windows=load_windows(work / "server.log", args.seconds))))
         loader.start()
         producer.start()
         t_start, series = time.time(), []
@@ -197,11 +216,16 @@ def run_config(name: str, args, root: Path) -> dict:
               "engine_events_in_live_phase": {k: after.get(k, 0) - before.get(k, 0) for k in after},
               "short_round_s": percentiles_s(short_round_seconds(work / "trainer.log")),
               "load_idle": {"latency_ms": idle["latency_ms"], "errors": idle["errors"]},
-              "load_live": {"latency_ms": live["latency_ms"], "errors": live["errors"]}}
+              "load_live": {"latency_ms": live["latency_ms"], "errors": live["errors"]},
+              "load_live_by_second": live.get("windows", {})}
     fr, li, lv = result["freshness_s"], idle["latency_ms"], live["latency_ms"]
     print(f"[{name}] freshness p50 {fr.get('p50', float('nan')):.1f} s p90 {fr.get('p90', float('nan')):.1f} s "
           f"({fr['count']} samples); load P99 idle {li['p99']:.2f} ms, live {lv['p99']:.2f} ms; "
           f"engine events {result['engine_events_in_live_phase']}", flush=True)
+    for what, w in result["load_live_by_second"].items():
+        if w.get("count"):
+            print(f"[{name}]   live, {what} ({w['seconds']} s): P50 {w['p50']:.2f} P99 {w['p99']:.2f} ms, "
+                  f"{w['count']} requests, {w['errors']} errors", flush=True)
     return result
 
 

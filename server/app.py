@@ -112,6 +112,7 @@ class LivetowerServer:
         await self.health.set(RECOMMENDER, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._tasks.append(asyncio.create_task(self.manager.run(self._stop)))
         self.metrics.watch_freshness(lambda: self.manager.current)
+        self.metrics.watch_versions(lambda: {e.version for e in self.manager.serving_engines()})
         self.metrics.watch_stages(self.manager.clock)
         if self.batcher is not None:
             self.metrics.watch_batcher(self.batcher)

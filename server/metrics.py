@@ -9,6 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Request-latency series are labelled by engine version. Those of a version the server no longer holds are
+# dropped at the first load of a version more than this many above it: short rounds publish an engine every few
+# seconds, and kept series would grow without bound, each scrape rendering all of them while it holds the GIL.
+RETIRED_VERSIONS_KEPT = 8
 
 
 class ServerMetrics:
@@ -52,6 +56,19 @@ class ServerMetrics:
                                            "Recommend responses not recorded for attribution (writer queue full, "
                                            "write failed or shutting down)", registry=r)
         self.history_users = Gauge("livetower_history_users", "Users with a recent history held", registry=r)
+        self._held: Callable[[], set[int]] = set  # watch_versions
+        self._labelled: set[int] = set()  # versions loaded whose latency series are kept
+
+    def watch_versions(self, held: Callable[[], set[int]]) -> None:
+        """held: the engine versions the server holds for serving now; the latency series of any other version
+        are dropped at the first load of a version more than RETIRED_VERSIONS_KEPT above it."""
+        self._held = held
+
+    def _forget_retired(self, newest: int) -> None:
+        keep = self._held() | set(range(newest - RETIRED_VERSIONS_KEPT, newest + 1))
+        for v in self._labelled - keep:
+            self.latency.remove_by_labels({"engine_version": str(v)})
+        self._labelled &= keep
 
     def watch_stages(self, clock) -> None:
         """Export a StageClock (server/engine/stages.py): compute seconds per stage, batches and queries."""
@@ -89,6 +106,8 @@ class ServerMetrics:
         self.engine_events.labels(kind).inc()
         if kind == "load":
             self.engine_load_seconds.observe(value)
+            self._labelled.add(version)  # every version a request can be labelled with was loaded first
+            self._forget_retired(version)
         elif kind == "swap":
             self.serving_version.set(version)
         elif kind == "canary":
