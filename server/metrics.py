@@ -80,8 +80,10 @@ class ServerMetrics:
 
     def watch_outcomes(self, read: Callable[[], dict]) -> None:
         """Export the attribution outcomes (contracts/attribution.py read_outcomes: {(arm, version): Outcome}),
-        read at scrape time on the metrics server's thread: one small table scan per scrape."""
-        self.registry.register(_OutcomeCollector(read))
+        read at scrape time on the metrics server's thread: one small table scan per scrape. Only the versions
+        whose latency series are kept (held, or retired recently): the store keeps one row per version ever
+        served."""
+        self.registry.register(_OutcomeCollector(read, lambda: self._held() | self._labelled))
 
     def watch_freshness(self, current_engine: Callable[[], object | None]) -> None:
         def freshness() -> float:
@@ -158,14 +160,16 @@ class _OutcomeCollector:
               ("hit_events", "Attributed events on a shown item"),
               ("joined_events", "Events joined to an impression within the attribution window"))
 
-    def __init__(self, read: Callable[[], dict]) -> None:
-        self.read = read
+    def __init__(self, read: Callable[[], dict], versions: Callable[[], set[int]]) -> None:
+        self.read, self.versions = read, versions
 
     def collect(self):
         try:
             outcomes = self.read()
         except Exception:  # noqa: BLE001 - a locked or missing store must not fail the whole scrape
             outcomes = {}
+        kept = self.versions()
+        outcomes = {key: o for key, o in outcomes.items() if key[1] in kept}
         for name, doc in self.FIELDS:
             family = GaugeMetricFamily(f"livetower_outcome_{name}", doc, labels=["arm", "engine_version"])
             for (arm, version), outcome in outcomes.items():

@@ -27,3 +27,17 @@ def test_latency_series_of_retired_versions_are_dropped_and_held_ones_kept():
     metrics.on_engine_event("load", 41, 0.01)
     assert "3" not in _versions_exported(metrics) and "41" not in _versions_exported(metrics)
     assert len(_versions_exported(metrics)) == RETIRED_VERSIONS_KEPT + 1  # 33..40 and ""
+
+
+def test_outcome_gauges_follow_the_kept_versions():
+    from contracts.attribution import Outcome
+
+    metrics = ServerMetrics()
+    metrics.watch_versions(lambda: {2})
+    metrics.watch_outcomes(lambda: {("stable", v): Outcome(10, 1, 1, 1, 0, 0) for v in range(1, 31)})
+    for v in range(1, 31):
+        metrics.on_engine_event("load", v, 0.01)
+    text = generate_latest(metrics.registry).decode()
+    exported = {int(line.split('engine_version="', 1)[1].split('"', 1)[0]) for line in text.splitlines()
+                if line.startswith("livetower_outcome_impressions{")}
+    assert exported == {2, *range(30 - RETIRED_VERSIONS_KEPT, 31)}
