@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import threading
 from pathlib import Path
@@ -69,12 +70,14 @@ def trained_dir(trained_dir_template, tmp_path) -> Path:
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 # Decides a canary within about a second on a test server with little or no traffic.
-# max_p99_ratio 4: with min_requests 20 each arm's live P99 is its slowest of ~20 requests, in a pytest process
-# whose GIL the test's clients (and in some tests a trainer) share: one late request read 7.44 against 4.63 ms
-# (ratio 1.61) and rolled a good engine back in CI. A slow engine still reads far above 4 (the faulty-canary
-# test's burns 20 ms of CPU per call, against ~1 ms).
+# Latency is not judged here (max_p99_ratio 1000): with min_requests 20 each arm's live P99 is its slowest of ~20
+# requests, in a pytest process whose GIL and GC the test's clients (and in some tests a trainer) share, so one
+# stalled request rolls a good engine back (CI: 7.44 against 4.63 ms, and 440 against 6.9 ms at a ratio limit of 4).
+# The slow-engine test sets its own limit (LATENCY_POLICY); tests/test_canary.py's unit tests cover the verdicts.
 FAST_POLICY = CanaryPolicy(min_duration_s=0.2, max_duration_s=1.0, min_requests=20, shadow_samples=10,
-                           shadow_qps=200.0, max_p99_ratio=4.0)
+                           shadow_qps=200.0, max_p99_ratio=1000.0)
+LATENCY_POLICY = dataclasses.replace(FAST_POLICY, max_p99_ratio=4.0)  # a slow engine reads far above 4 (20 ms of
+                                                                       # CPU per call against ~1 ms)
 
 
 # The test server shares its process (and GIL) with the test's client threads, and in some tests with an

@@ -18,7 +18,7 @@ from contracts.rollout import CanaryPolicy
 from proto import livetower_v1_pb2 as pb
 from server.engine import manager as manager_mod
 from server.engine.canary import CanaryStats, analyse, in_canary, ks_distance, quality_vouch, topk_overlap
-from tests.conftest import ADMIN_TOKEN, make_trainer, running_server, server_config, stream_events, wait_for
+from tests.conftest import ADMIN_TOKEN, LATENCY_POLICY, make_trainer, running_server, server_config, stream_events, wait_for
 
 MANUAL = CanaryPolicy(mode="manual", min_duration_s=0.2, max_duration_s=1.0, min_requests=20, shadow_samples=10,
                       shadow_qps=200.0)
@@ -319,7 +319,7 @@ def test_faulty_canary_is_rolled_back_without_failed_requests(trained_dir, monke
     real = manager_mod.load_from_registry
     monkeypatch.setattr(manager_mod, "load_from_registry",
                         lambda reg, v, cfg: wrap(real(reg, v, cfg)) if v == 2 else real(reg, v, cfg))
-    with running_server(server_config(trained_dir)) as (server, port):
+    with running_server(server_config(trained_dir, policy=LATENCY_POLICY)) as (server, port):
         c = admin_client(server, port)
         wait_for(lambda: server.manager.stable is not None, 30, "engine 1")
         with Traffic(port) as traffic:
