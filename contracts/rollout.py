@@ -32,7 +32,8 @@ class CanaryPolicy:
     min_requests: int = 200          # live requests per arm before live P99 / error rate are judged
     min_duration_s: float = 5.0      # no promotion before this (an error-rate rollback may come earlier)
     max_duration_s: float = 30.0     # live sample still short by then: decide on the shadow comparison alone
-    max_p99_ratio: float = 1.5       # canary P99 / stable P99 (live and paired shadow) above this: roll back
+    max_p99_ratio: float = 1.5       # canary P99 / stable P99 (live and paired shadow) above this: roll back (live:
+                                     # once at least 3 canary requests are over this x stable's P99; canary.py)
     max_error_rate: float = 0.01     # canary errors / canary requests above this: roll back
     min_topk_overlap: float = 0.2    # mean chance-corrected top-k overlap with stable (shadow sample) below this: roll back
     max_score_drift: float = 0.8     # KS distance of canary vs stable top-k scores above this: roll back

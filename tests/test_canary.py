@@ -66,13 +66,14 @@ def test_overlap_and_ks():
 
 
 def _stats(*, overlap=0.9, drift_shift=0.0, engine_ratio=1.0, canary_lat=0.002, errors=0, n=300, shadow=50,
-           age_s=10.0) -> CanaryStats:
+           age_s=10.0, stalled=0) -> CanaryStats:
+    """stalled: that many of the n canary requests took 0.44 s (a paused process), the rest canary_lat."""
     st = CanaryStats()
     st.started -= age_s
     rng = np.random.default_rng(0)
-    for _ in range(n):
+    for i in range(n):
         st.observe(False, 0.002 * rng.uniform(0.9, 1.1), error=False)
-        st.observe(True, canary_lat * rng.uniform(0.9, 1.1), error=False)
+        st.observe(True, 0.44 if i < stalled else canary_lat * rng.uniform(0.9, 1.1), error=False)
     for _ in range(errors):
         st.observe(True, 0.0, error=True)
     for _ in range(shadow):
@@ -97,6 +98,21 @@ def _stats(*, overlap=0.9, drift_shift=0.0, engine_ratio=1.0, canary_lat=0.002, 
 def test_analysis_verdicts(kwargs, action, words):
     v = analyse(_stats(**kwargs), CanaryPolicy(min_duration_s=5, max_duration_s=60, min_requests=200,
                                                 shadow_samples=20))
+    assert v.action == action and words in v.reason, v
+
+
+@pytest.mark.parametrize("stalled,age_s,action,words", [
+    (1, 10.0, "wait", "rests on fewer than 3 canary requests"),
+    (2, 10.0, "wait", "rests on fewer than 3 canary requests"),
+    (1, 100.0, "promote", "on the shadow comparison"),  # max_duration_s: decided without the lone outlier
+    (3, 10.0, "rollback", "at least 3 canary requests over"),
+])
+def test_a_live_p99_breach_needs_several_slow_canary_requests(stalled, age_s, action, words):
+    """40 requests per arm: P99 is about the slowest one, so one stalled canary request breaches max_p99_ratio
+    (0.44 s against 2 ms) without being a regression; three are."""
+    policy = CanaryPolicy(min_duration_s=5, max_duration_s=60, min_requests=40, shadow_samples=20)
+    v = analyse(_stats(n=40, stalled=stalled, age_s=age_s), policy)
+    assert v.figures["p99_ratio"] > policy.max_p99_ratio
     assert v.action == action and words in v.reason, v
 
 

@@ -97,6 +97,8 @@ def test_merged_report_matches_the_replicas_own_figures():
         assert merged[key] == exact[key], key
     assert merged["canary_p99_ms"] == pytest.approx(exact["canary_p99_ms"], rel=0.04)  # one ~3 % bucket
     assert merged["p99_ratio"] == pytest.approx(exact["p99_ratio"], rel=0.06)
+    # the third-slowest canary request, read as its bucket's lower edge: within one ~3 % bucket below the exact one
+    assert 0.96 * exact["canary_tail_floor_ms"] <= merged["canary_tail_floor_ms"] <= exact["canary_tail_floor_ms"]
 
 
 def test_the_lease_holder_judges_the_canary_on_every_replicas_traffic(managers):

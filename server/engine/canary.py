@@ -43,6 +43,12 @@ SHADOW_KEEP_QPS = 1.0    # shadow rate once policy.shadow_samples pairs are in: 
 LATENCY_EDGES_S = tuple(float(x) for x in np.geomspace(1e-5, 30.0, 501))
 
 
+# A live-latency rollback needs at least this many canary requests beyond max_p99_ratio x the stable arm's P99:
+# the canary serves a small slice, and the P99 of ~20-200 requests is their slowest one or two, so one request
+# stalled by a GC pause or a busy host (CI: 440 ms against a stable P99 of 6.9 ms) read as a latency regression.
+LIVE_TAIL_MIN_REQUESTS = 3
+
+
 def latency_bucket(seconds: float) -> int:
     return bisect_left(LATENCY_EDGES_S, seconds)
 
@@ -136,6 +142,8 @@ class CanaryStats:
             scores = {arm: list(self.scores[arm]) for arm in (True, False)}
             engine_s = {arm: list(self.engine_s[arm]) for arm in (True, False)}
         c99, s99 = (float(np.percentile(lat[arm], 99) * 1e3) if len(lat[arm]) else 0.0 for arm in (True, False))
+        n_tail = LIVE_TAIL_MIN_REQUESTS
+        floor = float(np.partition(lat[True], -n_tail)[-n_tail] * 1e3) if len(lat[True]) >= n_tail else 0.0
         med_c = float(np.median(engine_s[True])) if overlaps else 0.0
         med_s = float(np.median(engine_s[False])) if overlaps else 0.0
         return {
@@ -143,6 +151,7 @@ class CanaryStats:
             "canary_requests": requests[True], "stable_requests": requests[False],
             "canary_errors": errors[True], "stable_errors": errors[False],
             "canary_p99_ms": c99, "stable_p99_ms": s99, "p99_ratio": c99 / s99 if s99 > 0 else 0.0,
+            "canary_tail_floor_ms": floor,  # LIVE_TAIL_MIN_REQUESTS canary requests took at least this
             "shadow_samples": len(overlaps),
             "topk_overlap": float(np.mean(overlaps)) if overlaps else 0.0,
             "score_drift": ks_distance(scores[True], scores[False]),
@@ -247,9 +256,17 @@ def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = Non
     if n_c >= policy.min_requests and n_s >= policy.min_requests:
         if err_c / n_c > policy.max_error_rate:
             return verdict("rollback", f"canary error rate {err_c / n_c:.3f} > max_error_rate {policy.max_error_rate}")
-        if f["p99_ratio"] > policy.max_p99_ratio:
+        limit_ms = policy.max_p99_ratio * f["stable_p99_ms"]
+        if f["p99_ratio"] > policy.max_p99_ratio and f["canary_tail_floor_ms"] > limit_ms:
             return verdict("rollback", f"live P99 {f['canary_p99_ms']:.2f} ms vs stable {f['stable_p99_ms']:.2f} ms: "
-                                       f"ratio {f['p99_ratio']:.2f} > max_p99_ratio {policy.max_p99_ratio}")
+                                       f"ratio {f['p99_ratio']:.2f} > max_p99_ratio {policy.max_p99_ratio} "
+                                       f"(at least {LIVE_TAIL_MIN_REQUESTS} canary requests over {limit_ms:.2f} ms)")
+        if f["p99_ratio"] > policy.max_p99_ratio:
+            few = (f"live P99 ratio {f['p99_ratio']:.2f} rests on fewer than {LIVE_TAIL_MIN_REQUESTS} canary requests "
+                   f"over {limit_ms:.2f} ms")
+            if f["elapsed_s"] < policy.max_duration_s:
+                return verdict("wait", f"{few}: more live sample")
+            return verdict("promote", f"on the shadow comparison ({shadow}): {few} after {f['elapsed_s']:.0f}s")
         return verdict("promote", f"live P99 ratio {f['p99_ratio']:.2f} and {err_c:.0f} errors on {n_c:.0f}/{n_s:.0f} "
                                   f"canary/stable requests; {shadow}")
     if f["elapsed_s"] >= policy.max_duration_s:

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from server.engine.canary import LATENCY_EDGES_S, CanaryStats, ks_distance
+from server.engine.canary import LATENCY_EDGES_S, LIVE_TAIL_MIN_REQUESTS, CanaryStats, ks_distance
 
 log = logging.getLogger("livetower.engine")
 REPORT_INTERVAL_S = 1.0  # how often a replica rewrites its report (and the lease holder reads them all)
@@ -60,6 +60,17 @@ def _p99_ms(hist: dict[int, int]) -> float:
     return 0.0
 
 
+def _nth_slowest_floor_ms(hist: dict[int, int], n: int) -> float:
+    """A latency the n slowest requests all reached: the lower edge of the bucket holding the n-th slowest
+    (0.0 with fewer than n requests)."""
+    seen = 0
+    for i in sorted(hist, reverse=True):
+        seen += hist[i]
+        if seen >= n:
+            return 1e3 * LATENCY_EDGES_S[i - 1] if i > 0 else 0.0
+    return 0.0
+
+
 def merged_figures(reports: list[dict]) -> dict[str, float]:
     """The figures CanaryStats.figures() gives, over every report (same keys)."""
     def add_hist(arm: int) -> dict[int, int]:
@@ -71,7 +82,9 @@ def merged_figures(reports: list[dict]) -> dict[str, float]:
 
     requests = [sum(r["requests"][a] for r in reports) for a in (0, 1)]
     errors = [sum(r["errors"][a] for r in reports) for a in (0, 1)]
-    c99, s99 = _p99_ms(add_hist(0)), _p99_ms(add_hist(1))
+    canary_hist = add_hist(0)
+    c99, s99 = _p99_ms(canary_hist), _p99_ms(add_hist(1))
+    floor = _nth_slowest_floor_ms(canary_hist, LIVE_TAIL_MIN_REQUESTS)
     n_shadow = sum(r["overlap_n"] for r in reports)
     engine = [np.concatenate([np.asarray(r["engine_s"][a], float) for r in reports]) for a in (0, 1)]
     med_c = float(np.median(engine[0])) if len(engine[0]) else 0.0
@@ -81,6 +94,7 @@ def merged_figures(reports: list[dict]) -> dict[str, float]:
         "canary_requests": requests[0], "stable_requests": requests[1],
         "canary_errors": errors[0], "stable_errors": errors[1],
         "canary_p99_ms": c99, "stable_p99_ms": s99, "p99_ratio": c99 / s99 if s99 > 0 else 0.0,
+        "canary_tail_floor_ms": floor,
         "shadow_samples": n_shadow,
         "topk_overlap": sum(r["overlap_sum"] for r in reports) / n_shadow if n_shadow else 0.0,
         "score_drift": ks_distance([x for r in reports for x in r["scores"][0]],
