@@ -253,7 +253,7 @@ class CanaryPolicy(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., fraction: _Optional[float] = ..., min_requests: _Optional[int] = ..., min_duration_s: _Optional[float] = ..., max_duration_s: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_topk_overlap: _Optional[float] = ..., max_score_drift: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., shadow_qps: _Optional[float] = ..., outcome_test: _Optional[str] = ..., outcome_margin: _Optional[float] = ..., outcome_alpha: _Optional[float] = ..., outcome_effect: _Optional[float] = ..., outcome_horizon: _Optional[int] = ..., outcome_min_impressions: _Optional[int] = ..., outcome_settle_s: _Optional[float] = ..., small_step_events: _Optional[int] = ..., small_step_shadow_samples: _Optional[int] = ..., small_step_shadow_qps: _Optional[float] = ..., behind_hold_s: _Optional[float] = ..., small_step_interval_s: _Optional[float] = ...) -> None: ...
 
 class CanaryAnalysis(_message.Message):
-    __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason", "canary_impressions", "stable_impressions", "canary_hit_rate", "stable_hit_rate", "hit_rate_diff", "hit_rate_lo", "hit_rate_hi")
+    __slots__ = ("elapsed_s", "canary_requests", "stable_requests", "canary_errors", "stable_errors", "canary_p99_ms", "stable_p99_ms", "p99_ratio", "shadow_samples", "topk_overlap", "score_drift", "shadow_latency_ratio", "verdict", "reason", "canary_impressions", "stable_impressions", "canary_hit_rate", "stable_hit_rate", "hit_rate_diff", "hit_rate_lo", "hit_rate_hi", "canary_tail_floor_ms")
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STABLE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +275,7 @@ class CanaryAnalysis(_message.Message):
     HIT_RATE_DIFF_FIELD_NUMBER: _ClassVar[int]
     HIT_RATE_LO_FIELD_NUMBER: _ClassVar[int]
     HIT_RATE_HI_FIELD_NUMBER: _ClassVar[int]
+    CANARY_TAIL_FLOOR_MS_FIELD_NUMBER: _ClassVar[int]
     elapsed_s: float
     canary_requests: int
     stable_requests: int
@@ -296,7 +297,8 @@ class CanaryAnalysis(_message.Message):
     hit_rate_diff: float
     hit_rate_lo: float
     hit_rate_hi: float
-    def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary_impressions: _Optional[int] = ..., stable_impressions: _Optional[int] = ..., canary_hit_rate: _Optional[float] = ..., stable_hit_rate: _Optional[float] = ..., hit_rate_diff: _Optional[float] = ..., hit_rate_lo: _Optional[float] = ..., hit_rate_hi: _Optional[float] = ...) -> None: ...
+    canary_tail_floor_ms: float
+    def __init__(self, elapsed_s: _Optional[float] = ..., canary_requests: _Optional[int] = ..., stable_requests: _Optional[int] = ..., canary_errors: _Optional[int] = ..., stable_errors: _Optional[int] = ..., canary_p99_ms: _Optional[float] = ..., stable_p99_ms: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., shadow_samples: _Optional[int] = ..., topk_overlap: _Optional[float] = ..., score_drift: _Optional[float] = ..., shadow_latency_ratio: _Optional[float] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary_impressions: _Optional[int] = ..., stable_impressions: _Optional[int] = ..., canary_hit_rate: _Optional[float] = ..., stable_hit_rate: _Optional[float] = ..., hit_rate_diff: _Optional[float] = ..., hit_rate_lo: _Optional[float] = ..., hit_rate_hi: _Optional[float] = ..., canary_tail_floor_ms: _Optional[float] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("time_ms", "action", "version", "stable_version", "actor", "reason", "replica")
