@@ -125,23 +125,24 @@ class CanaryControl:
         """A published engine's manifest, read once: manifests never change, and the auto poll (every 0.25-1 s)
         asks about the same pending versions each time (a parse took 0.9 ms of the GIL for a short round's engine;
         an object-store registry reads over the network). Raises what Registry.read_manifest raises."""
-        memo = self.__dict__.setdefault("_manifest_memo", {})
-        if version not in memo:
+        return self._memoised("_manifest_memo", version, lambda: self.registry.read_manifest(version))
+
+    def _memoised(self, name: str, key, compute):
+        """compute() once per key, kept in this object's memo `name` (cleared past 256 entries): for facts about
+        published engines, which never change. What compute() raises is raised and not kept."""
+        memo = self.__dict__.setdefault(name, {})
+        if key not in memo:
             if len(memo) > 256:
                 memo.clear()
-            memo[version] = self.registry.read_manifest(version)
-        return memo[version]
+            memo[key] = compute()
+        return memo[key]
 
     def _small_step(self, manifest: pb.EngineManifest, stable: pb.EngineManifest, policy) -> str | None:
         # Manifests never change, so each (engine, stable) pair's descent is looked up once (an object-store
         # registry reads one manifest per hop over the network; the canary's analysis asks every tick).
-        memo = self.__dict__.setdefault("_descent_memo", {})
-        key = (manifest.version, stable.version)
-        if key not in memo:
-            if len(memo) > 256:
-                memo.clear()
-            memo[key] = self._descends_from(manifest, stable.version)
-        return small_step(manifest, stable, policy, descends=memo[key])
+        descends = self._memoised("_descent_memo", (manifest.version, stable.version),
+                                  lambda: self._descends_from(manifest, stable.version))
+        return small_step(manifest, stable, policy, descends=descends)
 
     def _descends_from(self, manifest: pb.EngineManifest, version: int, max_hops: int = 64) -> bool:
         """Whether `version` is an ancestor of the engine (its parent, its parent's parent ...), by the registry's
