@@ -45,7 +45,10 @@ CONFIGS = {
     "no-batching": {"dir": ".", "flags": ["--no-batching"], "what": "optimised without micro-batching (inline)"},
     "inline": {"dir": ".", "flags": ["--inline-below-ms", "1"],
                "what": "optimised, Recommends on engines under 1 ms computed on the event loop when idle"},
-    "workers2": {"dir": ".", "flags": ["--workers", "2"], "what": "optimised, 2 processes with SO_REUSEPORT"},
+    # SO_REUSEPORT spreads connections, not requests: over one connection every request reaches one process (how this
+    # ablation was measured until 2026-12-06, docs/serving.md). So its load goes over several connections.
+    "workers2": {"dir": ".", "flags": ["--workers", "2"], "channels": 8,
+                 "what": "optimised, 2 processes with SO_REUSEPORT, the load over 8 connections"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},
@@ -59,6 +62,12 @@ CONFIGS = {
     "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
                   "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},
 }
+
+
+def load_for(spec: dict, base: LoadConfig) -> LoadConfig:
+    """The load a configuration gets: the common one, over the configuration's own number of connections (a server
+    of several processes on one port needs several, or one process gets every request)."""
+    return dataclasses.replace(base, channels=spec["channels"]) if "channels" in spec else base
 
 
 def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
@@ -109,6 +118,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     mport = -1 if "--workers" in flags or peer else free_port()
     if peer:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
+    base = load_for(spec, base)
     data = catalog / spec["dir"]
     sidecar = args.with_trainer and not peer
     if sidecar:

@@ -265,3 +265,22 @@ def test_request_kinds_and_mix():
 def test_unreachable_target_fails_fast():
     with pytest.raises(RuntimeError, match="no connection"):
         run_load(cfg("127.0.0.1:1", connect_timeout_s=0.5))
+
+
+def test_a_server_of_several_processes_gets_its_load_over_several_connections():
+    """SO_REUSEPORT spreads connections: `bench slo`'s `--workers N` configurations send over at least 4 N of them
+    (over the one connection of the common load, one process got every request); the others keep the common load."""
+    from benchmarks.slo import CONFIGS, load_for
+
+    base = LoadConfig()
+    multi = 0
+    for name, spec in CONFIGS.items():
+        flags = spec["flags"]
+        workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+        load = load_for(spec, base)
+        if workers > 1:
+            multi += 1
+            assert load.channels >= 4 * workers, name
+        else:
+            assert load == base, name
+    assert multi >= 1
