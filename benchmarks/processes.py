@@ -20,6 +20,8 @@ from proto import livetower_v1_pb2_grpc as pb_grpc
 
 # gRPC metadata a peer's ingress needs on every request (Ray Serve routes by application name).
 PEER_METADATA = {"ray": (("application", "livetower"),)}
+# The module each peer runs as (`python -m MODULE --data-dir DIR --port P [flags]`, "serving gRPC on" when ready).
+PEER_MODULES = {"ray": "benchmarks.ray_peer", "floor": "benchmarks.grpc_floor"}
 
 
 def free_port() -> int:
@@ -48,8 +50,8 @@ def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port:
 def _start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int, peer: str | None,
                   admin_port: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    if peer == "ray":
-        cmd = [sys.executable, "-m", "benchmarks.ray_peer", "--data-dir", str(data_dir), "--port", str(port), *flags]
+    if peer is not None:
+        cmd = [sys.executable, "-m", PEER_MODULES[peer], "--data-dir", str(data_dir), "--port", str(port), *flags]
     else:
         cmd = [sys.executable, "-m", "livetower", "serve", "--data-dir", str(data_dir), "--port", str(port),
                "--admin-port", str(admin_port), "--metrics-port", str(metrics_port), *flags]

@@ -58,6 +58,9 @@ CONFIGS = {
                      "what": "optimised, OpenTelemetry request spans sampled at 1 %, exported over OTLP"},
     "tracing-100pct": {"dir": ".", "flags": [], "tracing_ratio": 1.0,
                        "what": "optimised, every request traced (request, batch-wait and compute spans), exported over OTLP"},
+    # The gRPC floor: the same stack answering with a canned response, no engine (benchmarks/grpc_floor.py).
+    "grpc-floor": {"dir": ".", "flags": [], "peer": "floor",
+                   "what": "grpc.aio on uvloop answering a canned k-item Recommend: no engine, no server logic"},
     # A peer: the same engine (tower package, item index) served by another widely used model server.
     "ray-serve": {"dir": ".", "flags": [], "peer": "ray",
                   "what": "the same engine behind Ray Serve's gRPC ingress (benchmarks/ray_peer.py), one replica"},
@@ -116,7 +119,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     flags = spec["flags"] + args.server_flags.get(name, [])
     peer = spec.get("peer")
     mport = -1 if "--workers" in flags or peer else free_port()
-    if peer:
+    if peer in PEER_METADATA:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
     base = load_for(spec, base)
     data = catalog / spec["dir"]

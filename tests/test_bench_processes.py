@@ -53,3 +53,21 @@ def test_the_staller_stops_the_process_for_its_pauses_and_leaves_it_running():
         stop_server(proc, grace_s=5)
     with pytest.raises(ValueError, match="every_s > stall_s"):
         Staller(proc.pid, every_s=0.05, stall_s=0.05)
+
+
+def test_the_grpc_floor_starts_as_a_peer_and_answers_a_canned_recommend(tmp_path):
+    """bench slo's grpc-floor configuration: benchmarks/grpc_floor.py started like a server, k items per answer."""
+    import grpc
+
+    from benchmarks.processes import start_server, stop_server
+    from proto import livetower_v1_pb2 as pb
+    from proto import livetower_v1_pb2_grpc as pb_grpc
+
+    proc, port = start_server(tmp_path, ["--k", "7"], tmp_path / "floor.log", peer="floor")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            r = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id="u", k=7), timeout=10)
+        assert len(r.item_ids) == len(r.scores) == 7 and r.source == "model"
+    finally:
+        stop_server(proc)
+    assert proc.poll() is not None
