@@ -121,6 +121,8 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     mport = -1 if "--workers" in flags or peer else free_port()
     if peer in PEER_METADATA:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
+    if peer == "floor":
+        flags = [*flags, "--k", str(base.k)]  # its canned answer as long as the load asks for
     base = load_for(spec, base)
     data = catalog / spec["dir"]
     sidecar = args.with_trainer and not peer
