@@ -27,6 +27,7 @@ import numpy as np
 from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
+from benchmarks.report import paired_differences
 from benchmarks.processes import (PEER_METADATA, Staller, free_port, parse_stall, start_otlp_sink, start_server,
                                   start_trainer, stop_otlp_sink, stop_server, trainer_events)
 from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason
@@ -237,10 +238,13 @@ def interleaved(names: list[str], catalog: Path, args, base: LoadConfig, out: Pa
         if all(a.get("cpu_ms_per_request") and b.get("cpu_ms_per_request") for a, b in pairs):
             diff["cpu_ms_per_request"] = [a["cpu_ms_per_request"]["total"] - b["cpu_ms_per_request"]["total"]
                                           for a, b in pairs]
+        stats = {k: paired_differences(v) for k, v in diff.items()}
         res[n]["vs_" + names[0]] = {**{f"{k}_per_round": v for k, v in diff.items()},
-                                    **{f"median_{k}": statistics.median(v) for k, v in diff.items()}}
-        print(f"  {n} - {names[0]}: " + ", ".join(f"median {k} {statistics.median(v):+.3f}"
-                                                 for k, v in diff.items()), flush=True)
+                                    **{f"median_{k}": s["median"] for k, s in stats.items()},
+                                    **{f"{k}_paired": s for k, s in stats.items()}}
+        print(f"  {n} - {names[0]}: " + "; ".join(
+            f"median {k} {s['median']:+.3f} (95% CI {s['ci95'][0]:+.3f} .. {s['ci95'][1]:+.3f}; {s['lower']} of "
+            f"{s['n']} rounds lower, sign test p {s['sign_test_p']:.2f})" for k, s in stats.items()), flush=True)
     return res
 
 

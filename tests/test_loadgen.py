@@ -284,3 +284,19 @@ def test_a_server_of_several_processes_gets_its_load_over_several_connections():
         else:
             assert load == base, name
     assert multi >= 1
+
+
+def test_paired_differences_say_when_the_rounds_show_a_difference_and_when_not():
+    clear = report.paired_differences([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    assert clear["median"] == 4.5 and clear["lower"] == 0 and clear["higher"] == 8 and clear["n"] == 8
+    assert 1.0 <= clear["ci95"][0] <= clear["median"] <= clear["ci95"][1] <= 8.0 and clear["ci95"][0] > 0
+    assert clear["sign_test_p"] == pytest.approx(2 / 256)  # all 8 one way: 2 * (1/2)^8
+
+    noise = report.paired_differences([-13.0, 20.0, -3.5, 9.0, -1.0, 2.0])  # a day like 2026-12-06's
+    assert noise["ci95"][0] < 0 < noise["ci95"][1] and noise["sign_test_p"] == 1.0
+
+    ties = report.paired_differences([0.0, 0.0, 1.0])  # ties count neither way
+    assert (ties["lower"], ties["higher"], ties["sign_test_p"]) == (0, 1, 1.0)
+    assert report.paired_differences([3.0, -1.0, 2.0]) == report.paired_differences([3.0, -1.0, 2.0])  # seeded
+    with pytest.raises(ValueError):
+        report.paired_differences([])
