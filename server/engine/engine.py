@@ -30,6 +30,8 @@ from server.engine.user_vectors import UserVectors
 from contracts.engine_format.verify import ParityError, golden_set, parity_max_abs_diff
 from server.engine.vocabulary import VOCABULARIES, Vocabulary
 
+NEG_INF = float("-inf")
+
 PAD_ROW = 0
 
 
@@ -279,11 +281,14 @@ class Engine:
             else:
                 scores_BK, idx_BK = self._exact_topk(u_BD, k_max, seen_B)
             t3 = time.perf_counter()
-            ids = self.vocab.ids  # indices come from this engine's own items (< n_items): no bounds check needed
+            # indices come from this engine's own items (< n_items): no bounds check needed
+            id_of = self.vocab.ids.__getitem__
             for b, i in enumerate(model_q):
                 q = queries[i]
-                scores = [s for s in scores_BK[b][:q.k] if s != float("-inf")]
-                items = [ids[j] for j in idx_BK[b][:len(scores)]]
+                scores = scores_BK[b][:q.k]
+                if scores and scores[-1] == NEG_INF:  # rows are sorted: excluded or missing (-inf) ones are last
+                    scores = [s for s in scores if s != NEG_INF]
+                items = list(map(id_of, idx_BK[b][:len(scores)]))  # C-level loop: ~100 ids a query
                 if live.ids:
                     scores, items = merge_topk(scores, items, live, torch.from_numpy(u_BD[b]), q.k,
                                                set(q.history) if q.exclude_seen else set())
