@@ -5,10 +5,11 @@ from prometheus_client import generate_latest
 from server.metrics import RETIRED_VERSIONS_KEPT, ServerMetrics
 
 
-def _versions_exported(metrics: ServerMetrics) -> set[str]:
+def _versions_exported(metrics: ServerMetrics, series: str = "livetower_request_seconds_count") -> set[str]:
+    """The engine_version labels of one series in a scrape."""
     text = generate_latest(metrics.registry).decode()
     return {line.split('engine_version="', 1)[1].split('"', 1)[0] for line in text.splitlines()
-            if line.startswith("livetower_request_seconds_count{")}
+            if line.startswith(series + "{")}
 
 
 def test_latency_series_of_retired_versions_are_dropped_and_held_ones_kept():
@@ -37,7 +38,5 @@ def test_outcome_gauges_follow_the_kept_versions():
     metrics.watch_outcomes(lambda: {("stable", v): Outcome(10, 1, 1, 1, 0, 0) for v in range(1, 31)})
     for v in range(1, 31):
         metrics.on_engine_event("load", v, 0.01)
-    text = generate_latest(metrics.registry).decode()
-    exported = {int(line.split('engine_version="', 1)[1].split('"', 1)[0]) for line in text.splitlines()
-                if line.startswith("livetower_outcome_impressions{")}
-    assert exported == {2, *range(30 - RETIRED_VERSIONS_KEPT, 31)}
+    exported = _versions_exported(metrics, "livetower_outcome_impressions")
+    assert exported == {str(v) for v in (2, *range(30 - RETIRED_VERSIONS_KEPT, 31))}

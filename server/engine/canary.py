@@ -256,12 +256,12 @@ def analyse(stats: CanaryStats, policy: CanaryPolicy, *, vouch: str | None = Non
     if n_c >= policy.min_requests and n_s >= policy.min_requests:
         if err_c / n_c > policy.max_error_rate:
             return verdict("rollback", f"canary error rate {err_c / n_c:.3f} > max_error_rate {policy.max_error_rate}")
-        limit_ms = policy.max_p99_ratio * f["stable_p99_ms"]
-        if f["p99_ratio"] > policy.max_p99_ratio and f["canary_tail_floor_ms"] > limit_ms:
-            return verdict("rollback", f"live P99 {f['canary_p99_ms']:.2f} ms vs stable {f['stable_p99_ms']:.2f} ms: "
-                                       f"ratio {f['p99_ratio']:.2f} > max_p99_ratio {policy.max_p99_ratio} "
-                                       f"(at least {LIVE_TAIL_MIN_REQUESTS} canary requests over {limit_ms:.2f} ms)")
         if f["p99_ratio"] > policy.max_p99_ratio:
+            limit_ms = policy.max_p99_ratio * f["stable_p99_ms"]
+            if f["canary_tail_floor_ms"] > limit_ms:
+                return verdict("rollback", f"live P99 {f['canary_p99_ms']:.2f} ms vs stable {f['stable_p99_ms']:.2f} "
+                                           f"ms: ratio {f['p99_ratio']:.2f} > max_p99_ratio {policy.max_p99_ratio} "
+                                           f"(at least {LIVE_TAIL_MIN_REQUESTS} canary requests over {limit_ms:.2f} ms)")
             few = (f"live P99 ratio {f['p99_ratio']:.2f} rests on fewer than {LIVE_TAIL_MIN_REQUESTS} canary requests "
                    f"over {limit_ms:.2f} ms")
             if f["elapsed_s"] < policy.max_duration_s:
