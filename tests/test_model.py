@@ -56,6 +56,27 @@ def test_parity_with_transformers(cfg):
     assert (ref[:1] - via_tower).abs().max().item() < 1e-5
 
 
+
+def test_parity_with_transformers_on_left_padded_inputs():
+    """Pads masked as transformers masks them (attention_mask): the additive-bias attention agrees at every real
+    position, for a row of pads, a row of two items and a full row."""
+    cfg = PARITY_CONFIGS[0]
+    hf = _hf_model(cfg, seed=3)
+    model = TwoTower(cfg, num_rows=20).eval()
+    model.stack.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.startswith("embed_tokens.")})
+    x_BTD = torch.randn(3, 9, cfg.dim, generator=torch.Generator().manual_seed(4))
+    valid_BT = torch.ones(3, 9, dtype=torch.bool)
+    valid_BT[0, :7] = False
+    valid_BT[1, :4] = False
+    x_BTD = x_BTD * valid_BT[..., None]  # pads embed to zeros, as row PAD_ROW does
+    with torch.no_grad():
+        ref = hf(inputs_embeds=x_BTD, attention_mask=valid_BT.long()).last_hidden_state
+        ours = model.stack(x_BTD, valid_BT)
+        last = model.stack(x_BTD, valid_BT, last_only=True)
+    assert torch.isfinite(ours).all()
+    assert (ref - ours)[valid_BT].abs().max().item() < 1e-5
+    assert (ref[:, -1:] - last).abs().max().item() < 1e-5
+
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig.tiny_debug() if not kw else ModelConfig(**{**ModelConfig.tiny_debug().to_dict(), **kw})

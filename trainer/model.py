@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 PAD_ROW = 0  # row 0 of the item table is padding; histories are LEFT-padded with 0 (newest item last)
 INIT_STD = 0.02  # HF initializer_range
-MASK_VALUE = -1e9  # large finite negative for masked attention scores (never -inf: no NaN)
+MASK_VALUE = -1e9  # additive attention bias of a masked key: large and finite (never -inf: no NaN)
 # ModelConfig fields added after the first checkpoints and engines were written, with the value every config
 # had before the field existed. to_dict leaves a field out at that value and from_dict fills it back in, so
 # those configs (and the architecture hashes of their engines) read the same whatever the defaults are now.
@@ -190,9 +190,10 @@ class Attention(nn.Module):  # = DeepseekV3Attention (multi-head latent attentio
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
         self.scale = self.qk_head_dim ** -0.5
 
-    def forward(self, x_BTD: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, allowed_B1TT: Tensor,
+    def forward(self, x_BTD: Tensor, cos_TR2: Tensor, sin_TR2: Tensor, bias_B1TT: Tensor,
                 last_only: bool = False) -> Tensor:
-        """last_only: queries from the last position only (keys/values from all) -> (B, 1, D)."""
+        """bias_B1TT: fp32 additive attention bias, 0 where a query may read a key (causal_bias, pad keys).
+        last_only: queries from the last position only (keys/values from all) -> (B, 1, D)."""
         c = self.cfg
         B, T, _ = x_BTD.shape
         xq_BSD = x_BTD[:, -1:] if last_only else x_BTD  # S = 1 or T query positions
@@ -213,9 +214,8 @@ class Attention(nn.Module):  # = DeepseekV3Attention (multi-head latent attentio
         q_BHTK = torch.cat([q_nope, q_rot], dim=-1)
         k_BHTK = torch.cat([k_nope, k_rot_B1TR.expand(-1, c.n_heads, -1, -1)], dim=-1)
 
-        att_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) * self.scale
-        fill = max(MASK_VALUE, torch.finfo(att_BHTT.dtype).min)  # fp16 autocast cannot hold -1e9 (max 65504)
-        att_BHTT = att_BHTT.masked_fill(~allowed_B1TT[:, :, -S:], fill)
+        # + an fp32 bias: fp32 scores even under fp16 autocast (which could not hold -1e9)
+        att_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) * self.scale + bias_B1TT[:, :, -S:]
         att_BHTT = F.softmax(att_BHTT, dim=-1, dtype=torch.float32).to(q_BHTK.dtype)
         att_BHTT = F.dropout(att_BHTT, p=c.dropout, training=self.training)
         y_BTHV = (att_BHTT @ v_BHTV).transpose(1, 2).reshape(B, S, -1)
@@ -293,9 +293,9 @@ class DecoderLayer(nn.Module):  # = DeepseekV3DecoderLayer (pre-norm)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT, last_only: bool = False):
+    def forward(self, x_BTD, cos_TR2, sin_TR2, bias_B1TT, valid_BT, last_only: bool = False):
         """last_only: only the last position's output (B, 1, D); attention still reads every position."""
-        att = self.self_attn(self.input_layernorm(x_BTD), cos_TR2, sin_TR2, allowed_B1TT, last_only)
+        att = self.self_attn(self.input_layernorm(x_BTD), cos_TR2, sin_TR2, bias_B1TT, last_only)
         if last_only:
             x_BTD = x_BTD[:, -1:]
             valid_BT = None if valid_BT is None else valid_BT[:, -1:]
@@ -314,6 +314,9 @@ class DeepseekV3Stack(nn.Module):
         R = cfg.qk_rope_head_dim
         inv_freq_R2 = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float) / R))
         self.register_buffer("inv_freq", inv_freq_R2, persistent=False)  # not in HF state_dict either
+        # A constant, not built per call: compiled, a mask's construction (aranges, compares, casts) is inlined
+        # into the softmax loops, where it cost a quarter of the served tower (docs/serving.md, 2026-12-06 tower)
+        self.register_buffer("causal_bias", causal_bias(cfg.max_history), persistent=False)
 
     def forward(self, x_BTD: Tensor, valid_BT: Tensor | None = None, last_only: bool = False) -> Tensor:
         """valid_BT: bool, False at pad positions (keys masked, not counted in expert loads); None = all valid.
@@ -323,18 +326,24 @@ class DeepseekV3Stack(nn.Module):
         pos_T = torch.arange(T, device=x_BTD.device, dtype=torch.float)  # relative RoPE: left pad is harmless
         freqs_TR2 = pos_T[:, None] * self.inv_freq.float()[None, :]
         cos_TR2, sin_TR2 = freqs_TR2.cos().to(x_BTD.dtype), freqs_TR2.sin().to(x_BTD.dtype)
-        causal_TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
-        if valid_BT is None:
-            allowed_B1TT = causal_TT[None, None]
-        else:  # causal AND key valid; the diagonal always allowed so fully-padded rows stay finite
-            eye_TT = torch.eye(T, dtype=torch.bool, device=x_BTD.device)
-            allowed_B1TT = (causal_TT & (valid_BT[:, None, :] | eye_TT))[:, None]
+        causal_TT = (self.causal_bias[:T, :T] if T <= self.causal_bias.shape[0]
+                     else causal_bias(T).to(x_BTD.device))
+        # Causal, and no pad key. A pad query (its past keys all pads) reads its past pads evenly: finite, and
+        # read by nothing (later layers mask it as a key; the user vector is the last, newest position)
+        bias_B1TT = (causal_TT[None, None] if valid_BT is None else
+                     causal_TT + torch.where(valid_BT, 0.0, MASK_VALUE)[:, None, None, :])
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            x_BTD = layer(x_BTD, cos_TR2, sin_TR2, allowed_B1TT, valid_BT, last_only and i == n - 1)
+            x_BTD = layer(x_BTD, cos_TR2, sin_TR2, bias_B1TT, valid_BT, last_only and i == n - 1)
         if last_only and n == 0:
             x_BTD = x_BTD[:, -1:]
         return self.norm(x_BTD)
+
+
+def causal_bias(T: int) -> Tensor:
+    """(T, T) fp32 additive attention bias: 0 on and below the diagonal, 2 * MASK_VALUE above it (a future key
+    always weighs less than a past pad key, at MASK_VALUE: a query of pads reads past pads only, as causality says)."""
+    return torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 2 * MASK_VALUE)
 
 
 def _init_weights(m: nn.Module) -> None:  # as HF DeepseekV3PreTrainedModel._init_weights
