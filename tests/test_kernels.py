@@ -204,8 +204,10 @@ def test_empty_batch():
 
 
 def stable_oracle(q, it, k, normalized=False, exclude_BN=None):
-    """Indices of the top-k by fp64 score, ties -> lower index first (the kernel's rule)."""
-    s = ref_scores_BN(q, it, normalized, exclude_BN)
+    """Indices of the top-k by fp64 score, ties -> lower index first (the kernel's rule). Scores within 2^-40 are
+    ties: two different rows with the same exact cosine can normalise one fp64 ulp apart (this machine's MKL did,
+    2026-12-06), far below what fp32 or the kernel can tell apart."""
+    s = torch.round(ref_scores_BN(q, it, normalized, exclude_BN) * 2.0**40)
     return torch.sort(s, dim=1, descending=True, stable=True).indices[:, :min(k, it.shape[0])]
 
 
