@@ -50,6 +50,29 @@ def test_every_method_is_measured_and_the_cheapest_qualifying_one_wins():
     assert choice.meta["recall_holdout"] >= 0.9
 
 
+
+def test_searches_are_timed_after_the_tower_and_charged_only_for_themselves():
+    """With the engine's tower, each timed search follows a tower call of its batch size; the cost recorded is the
+    pair's minus the tower's alone, so a slow tower (here 2 ms a call) makes no method look slow."""
+    import time
+
+    items, queries = _clustered(3000, 120, seed=3)
+    calls = []
+
+    def tower(batch):
+        calls.append(batch)
+        time.sleep(0.002)
+
+    opts = AnnOptions(k=20, methods=("exact", "ivf"), **FAST)
+    choice = choose_retrieval(items, queries, opts, tower=tower, progress=lambda s: None)
+    assert choice.meta["timed_beside_tower"] and set(calls) == {1, 4}
+    tower_us = choice.meta["tower_us_per_query"]
+    assert tower_us["1"] >= 2000 and 500 <= tower_us["4"] < tower_us["1"]  # 2 ms a call, per query
+    timed = [c for c in choice.meta["candidates"] if c["qualified"]]
+    assert timed and all(c["us_per_query"]["1"] < 1500 for c in timed)  # the sleep is not charged to a search
+    alone = choose_retrieval(items, queries, opts, progress=lambda s: None)
+    assert not alone.meta["timed_beside_tower"] and alone.meta["tower_us_per_query"] is None
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8", "pq4"])
 def test_a_forced_index_reaches_the_target_on_held_out_queries(kind):
     items, queries = _clustered(3000, 200, seed=1)
@@ -141,6 +164,7 @@ def test_engine_with_an_index_matches_exact_search(hnsw_engine_dir):
     meta = json.loads((reg.engine_dir(1) / ANN_META_FILE).read_text())
     assert json.loads(manifest.retrieval_json) == meta and meta["kind"] == "hnsw"
     assert meta["recall_at_k"] >= 0.95 and manifest.eval_metrics["ann_recall@20"] == meta["recall_at_k"]
+    assert meta["timed_beside_tower"] and set(meta["tower_us_per_query"]) == {"1", "4"}  # the engine's own tower
     engine = Engine.load(reg.engine_dir(1), manifest)
     assert engine.ann is not None
     recall, target = engine.index_recall()

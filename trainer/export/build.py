@@ -141,25 +141,28 @@ def _parity(runner, golden_BT: torch.Tensor, want_BD: np.ndarray) -> float:
 
 
 def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: torch.Tensor, want_BD: np.ndarray,
-               tolerance: float, graph_version: int, progress: Callable[[str], None]) -> float | None:
-    """Write the refit weights and check them on the compiled graph; the parity diff, or None when
+               tolerance: float, graph_version: int, progress: Callable[[str], None]):
+    """Write the refit weights and check them on the compiled graph: (the parity diff, the runner), or None when
     the caller must compile (constants that do not map, or parity over tolerance)."""
     if not _write_refit_weights(tower, graph_file, weights):
         progress("refit impossible (graph constants differ from the model's tensors): compiling")
         return None
-    diff = _parity(load_runner("aoti", graph_file, weights=weights), golden_BT, want_BD)
+    runner = load_runner("aoti", graph_file, weights=weights)
+    diff = _parity(runner, golden_BT, want_BD)
     if not diff <= tolerance:
         weights.unlink()
         progress(f"refit of engine {graph_version}'s graph differs from the torch reference by {diff:.3g} "
                  f"(tolerance {tolerance:g}): compiling")
         return None
     progress(f"refit: weights for the compiled graph of engine {graph_version} (no recompile, parity {diff:.2g})")
-    return diff
+    return diff, runner
 
 
-def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_ND: np.ndarray, ann: AnnOptions | None,
-                      queries_QT: np.ndarray | None, staging: Path, progress: Callable[[str], None]) -> dict | None:
-    """Measure and choose the retrieval method; write items.index (when an index won), ann.json, ann_queries.npy."""
+def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, runner, items_ND: np.ndarray,
+                      ann: AnnOptions | None, queries_QT: np.ndarray | None, staging: Path,
+                      progress: Callable[[str], None]) -> dict | None:
+    """Measure and choose the retrieval method; write items.index (when an index won), ann.json, ann_queries.npy.
+    runner: the engine's compiled user tower, run on these histories before each timed search (ann.TowerCall)."""
     if ann is None or queries_QT is None or len(items_ND) < ann.min_items:
         return None
     import faiss
@@ -170,8 +173,17 @@ def _choose_retrieval(registry: Registry, parent: int, tower: nn.Module, items_N
     previous = read_index_meta(registry.engine_dir(parent)) if parent and registry.engine_dir(parent).is_dir() else None
     warm_ivf = previous is not None and previous.get("kind") == "ivf" and ann.ivf_warm_iterations is not None
     centroids = _ivf_centroids(registry.engine_dir(parent) / ANN_FILE) if warm_ivf else None
+    rows_QT = np.ascontiguousarray(queries_QT, dtype=np.int64)
+    cursor = [0]
+
+    def tower_call(batch: int) -> object:  # the next `batch` histories, cycling, as served batches arrive
+        start = cursor[0] if cursor[0] + batch <= len(rows_QT) else 0
+        cursor[0] = start + batch
+        return runner(rows_QT[start:start + batch])
+
     choice = choose_retrieval(items_ND, queries_QD, ann, previous=previous, parent_centroids_LD=centroids,
-                              progress=progress)
+                              tower=tower_call if ann.time_beside_tower and len(rows_QT) >= max(ann.batch_sizes)
+                              else None, progress=progress)
     if choice.index is not None:
         write_file(staging / ANN_FILE, faiss.serialize_index(choice.index))
     save_file(staging / ANN_CHECK_FILE, lambda f: np.save(f, choice.check_queries_QD))
@@ -237,15 +249,17 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
     try:
         with torch.no_grad():
             want_BD = tower(golden_BT).numpy()
-        diff = None
+        diff = runner = None
         if graph_version:
-            diff = _try_refit(tower, registry.engine_dir(graph_version) / USER_TOWER_FILE[options.backend],
-                              staging / WEIGHTS_FILE, golden_BT, want_BD, parity_tolerance, graph_version, progress)
+            refit = _try_refit(tower, registry.engine_dir(graph_version) / USER_TOWER_FILE[options.backend],
+                               staging / WEIGHTS_FILE, golden_BT, want_BD, parity_tolerance, graph_version, progress)
+            diff, runner = refit if refit is not None else (None, None)
             graph_version = graph_version if diff is not None else 0
         if diff is None:
             progress(f"building {options.backend} engine: {n_items} items, table {frozen.num_rows} rows")
             compile_user_tower(tower, golden_BT, staging, options, progress=progress)
-            diff = _parity(load_runner(options.backend, staging / USER_TOWER_FILE[options.backend]), golden_BT, want_BD)
+            runner = load_runner(options.backend, staging / USER_TOWER_FILE[options.backend])
+            diff = _parity(runner, golden_BT, want_BD)
             if not diff <= parity_tolerance:
                 raise BuildFailed(f"{options.backend} engine differs from the torch reference by {diff:.3g} "
                                   f"(tolerance {parity_tolerance:g}); not publishing")
@@ -269,7 +283,7 @@ def build_engine(model: TwoTower, vocab_ids: list[str], item_counts: np.ndarray,
             shipped = export_user_vectors(staging, user_catalog,
                                           registry.engine_dir(parent) / USER_ENCODER_META if parent else None, progress)
             users_from = user_vectors_source(registry, parent) if shipped == -1 else 0
-        retrieval = _choose_retrieval(registry, parent, tower, items_ND, ann, ann_queries_QT, staging, progress)
+        retrieval = _choose_retrieval(registry, parent, tower, runner, items_ND, ann, ann_queries_QT, staging, progress)
         (staging / ITEM_IDS_FILE).write_text(json.dumps(vocab_ids))
         counts = item_counts[1:n_items + 1].astype(np.float64)
         top = np.argsort(-counts, kind="stable")[:POPULARITY_TOP]
