@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-TowerCall = Callable[[int], object]  # tower(batch): the engine's user tower on the next `batch` real histories
-
 import numpy as np
 import torch
 
@@ -33,6 +31,8 @@ from contracts.engine_format.item_index import (KINDS, ItemIndex, SearchSettings
 from kernels.retrieval import topk_cosine_reference
 
 __all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "recall_at_k"]
+
+TowerCall = Callable[[int], object]  # tower(batch): the engine's user tower on the next `batch` real histories
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
