@@ -50,7 +50,6 @@ def test_every_method_is_measured_and_the_cheapest_qualifying_one_wins():
     assert choice.meta["recall_holdout"] >= 0.9
 
 
-
 def test_searches_are_timed_after_the_tower_and_charged_only_for_themselves():
     """With the engine's tower, each timed search follows a tower call of its batch size; the cost recorded is the
     pair's minus the tower's alone, so a slow tower (here 2 ms a call) makes no method look slow."""
@@ -72,6 +71,7 @@ def test_searches_are_timed_after_the_tower_and_charged_only_for_themselves():
     assert timed and all(c["us_per_query"]["1"] < 1500 for c in timed)  # the sleep is not charged to a search
     alone = choose_retrieval(items, queries, opts, progress=lambda s: None)
     assert not alone.meta["timed_beside_tower"] and alone.meta["tower_us_per_query"] is None
+
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "sq8", "pq4"])
 def test_a_forced_index_reaches_the_target_on_held_out_queries(kind):

@@ -56,7 +56,6 @@ def test_parity_with_transformers(cfg):
     assert (ref[:1] - via_tower).abs().max().item() < 1e-5
 
 
-
 def test_parity_with_transformers_on_left_padded_inputs():
     """Pads masked as transformers masks them (attention_mask): the additive-bias attention agrees at every real
     position, for a row of pads, a row of two items and a full row."""
@@ -76,6 +75,7 @@ def test_parity_with_transformers_on_left_padded_inputs():
     assert torch.isfinite(ours).all()
     assert (ref - ours)[valid_BT].abs().max().item() < 1e-5
     assert (ref[:, -1:] - last).abs().max().item() < 1e-5
+
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
