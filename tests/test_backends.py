@@ -263,6 +263,30 @@ def test_call_while_another_runner_loads(engines, runners, tower):
     assert not errors, errors
 
 
+def test_aoti_inputs_cross_as_views_with_no_python_owner(engines, monkeypatch):
+    """A run's input handles view the inputs' memory (libtorch's C shim): unlike a handle of the Python tensor, they
+    hold no reference to its Python object, so the run frees them mid-call without taking the GIL
+    (contracts/engine_format/aoti_abi.py). The answers are those of handles of the Python tensors."""
+    from contracts.engine_format import aoti_abi
+
+    assert aoti_abi._TENSOR_SHIM is not None, "libtorch's C shim did not load"
+    x = torch.arange(24, dtype=torch.int64).view(4, 6)[:, 1:]  # strided, not contiguous
+    before = sys.getrefcount(x)
+    owned = aoti_abi._new_handles([x])
+    assert sys.getrefcount(x) == before + 1  # the old way: the handle keeps the Python object alive
+    aoti_abi._steal_handles(owned)
+    view = aoti_abi._TENSOR_SHIM.view_handle(x)
+    assert sys.getrefcount(x) == before
+    (seen,) = aoti_abi._steal_handles([view])
+    assert seen.data_ptr() == x.data_ptr() and seen.stride() == x.stride() and torch.equal(seen, x)
+
+    runner = load_runner("aoti", engines["aoti"])
+    hist = _history(5, seed=13).numpy()
+    via_views = runner(hist)
+    monkeypatch.setattr(aoti_abi, "_TENSOR_SHIM", None)  # a libtorch without the shim: handles of the tensors
+    assert np.array_equal(runner(hist), via_views)
+
+
 def test_server_side_imports_no_trainer_or_grpc():
     code = (
         "import sys, contracts.engine_format.backends, server.engine.manager; "
