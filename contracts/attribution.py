@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -86,6 +87,19 @@ class Impression(NamedTuple):
     engine_version: int
     item_ids: Sequence[str]
     served_ms: int
+
+
+def new_impression_id(served_ms: int) -> str:
+    """A fresh impression id: the UUIDv7 layout (RFC 9562) as 32 hex digits, 48 bits of the serving time in Unix
+    milliseconds, then 74 random bits (os.urandom: not guessable, so a client cannot name another's impression).
+    Time first because the store's unique index on the id then takes each insert at its right edge: with uuid4 ids
+    every insert of a transaction dirtied another leaf page of a large index, and writing an impression into a
+    515 MB store cost the writer thread 51.5 us of CPU against 23.4 us with these (40,000 impressions in
+    transactions of 50; docs/serving.md)."""
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, of which 74 are used
+    value = ((served_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68) << 64  # time, version 7, rand_a (12)
+             | 0b10 << 62 | (rand & 0x3FFF_FFFF_FFFF_FFFF))  # RFC 9562 variant, rand_b (62)
+    return f"{value:032x}"
 
 
 class Outcome(NamedTuple):

@@ -31,8 +31,8 @@ class EventLimits:
 
 
 DEFAULT_LIMITS = EventLimits()
-# What an impression id may hold: the server's are uuid4 hex; clients echo them back. A closed alphabet keeps
-# the attribution store's keys printable and free of separators.
+# What an impression id may hold: the server's are 32 hex digits (UUIDv7 layout); clients echo them back. A
+# closed alphabet keeps the attribution store's keys printable and free of separators.
 IMPRESSION_ID_CHARS = re.compile(r"[A-Za-z0-9_-]*")
 
 

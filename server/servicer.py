@@ -6,12 +6,11 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
-from contracts.attribution import Impression, ImpressionWriter
+from contracts.attribution import Impression, ImpressionWriter, new_impression_id
 from contracts.catalog import CatalogRecord
 from contracts.client import LEASE_HOLDER_KEY
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem
@@ -122,10 +121,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         ranked, engine, arm = await self._on_routed_engine(context, request.user_id, recommend, query)
         impression_id = ""
         if self.impressions is not None:  # only answered requests: an abort above never gets here
-            impression_id = uuid.uuid4().hex
+            served_ms = int(time.time() * 1000)
+            impression_id = new_impression_id(served_ms)
             # submit() only queues (never blocks, never touches the disk); a full queue drops it, counted
             self.impressions.submit(Impression(impression_id, request.user_id, arm, engine.version,
-                                               list(ranked.item_ids), int(time.time() * 1000)))
+                                               list(ranked.item_ids), served_ms))
         return pb.RecommendResponse(item_ids=ranked.item_ids, scores=ranked.scores, engine_version=engine.version,
                                     source=ranked.source, canary=arm == "canary", impression_id=impression_id,
                                     arm=arm)

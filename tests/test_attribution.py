@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from contracts.attribution import (ATTRIBUTION_FILE, Impression, ImpressionConfig, ImpressionWriter, JoinConfig,
-                                   Joiner, Outcome, connect, insert_impressions, read_outcomes)
+                                   Joiner, Outcome, connect, insert_impressions, new_impression_id,
+                                   read_outcomes)
 from contracts.eventlog import SqliteEventLog
 from livetower import cli
 from contracts.events import event_problem
@@ -103,6 +104,21 @@ def test_server_returns_impression_ids_and_stores_them(trained_dir):
     assert read_outcomes(store)[("stable", first.engine_version)] == Outcome(len(ids), 1, 1, 1, 0, 0)
     joiner.close()
     store.close()
+
+
+def test_impression_ids_are_uuid7_layout_time_first_and_random_after():
+    """32 hex digits in RFC 9562's UUIDv7 layout: the store's unique index takes them in time order (inserts at its
+    right edge), and the 74 random bits keep them unguessable and distinct within a millisecond."""
+    import uuid
+
+    ms = 1_765_000_000_123
+    ids = [new_impression_id(ms + i // 1000) for i in range(3000)]  # 1,000 in each of three milliseconds
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in ids) and len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(hex=i) for i in ids]
+    assert {u.version for u in parsed} == {7} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    assert [u.int >> 80 for u in parsed] == [ms + i // 1000 for i in range(3000)]
+    assert sorted(ids[:1000])[-1] < sorted(ids[1000:2000])[0]  # a later millisecond sorts after
+    assert len({i[12:] for i in ids}) == len(ids)  # the random part differs
 
 
 def test_impressions_off_means_no_id(trained_dir):
