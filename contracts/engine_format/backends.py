@@ -162,7 +162,9 @@ def _check_input(history_BT: np.ndarray, history_len: int, max_batch: int | None
 
 def _to_output(out: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(out, torch.Tensor):
-        out = out.detach().numpy()
+        # No detach() unless needed: a torch op releases the GIL, and on the compute thread every release is a wait
+        # to get it back from a busy event loop (up to the switch interval).
+        out = (out.detach() if out.requires_grad else out).numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
