@@ -24,7 +24,8 @@ def _group(pid: int, tid: int, comm: str) -> str:
         return "event_loop"
     if comm == COMPUTE_THREAD_NAME:
         return "compute"
-    if comm.startswith(("grpc", "default-execu", "resolver-exec", "timer_manager", "global-cq")):
+    # gRPC core's own threads; since grpc 1.6x most of its work runs on EventEngine threads ("event_engine")
+    if comm.startswith(("grpc", "event_engine", "default-execu", "resolver-exec", "timer_manager", "global-cq")):
         return "grpc_threads"
     return "other"
 

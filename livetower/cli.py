@@ -247,6 +247,7 @@ BENCHES = {
     "kill": ("kill_campaign", "kill -9 the Kafka-fed trainer many times, count lost events"),
     "stream": ("stream", "event -> history latency and event -> serving freshness on Kafka"),
     "kernels": ("kernels", "Triton retrieval kernel vs torch on a GPU"),
+    "gil": ("gil_handoffs", "the compute thread's calls alone and beside a thread busy in Python: GIL hand-offs"),
     "train": ("train_bench", "training throughput per worker count and precision, elastic scaling events"),
     "replay": ("replay", "ml-100k in time order, continuous vs frozen engines vs popularity"),
     "hardening-limits": ("hardening_limits", "16 concurrent 60 MiB requests: status codes, server RSS growth"),

@@ -28,3 +28,14 @@ def test_cpu_per_request_by_component(trained_dir):
     assert 1 <= got["mean_batch"] <= 2
     assert abs(got["total"] - sum(got[g] for g in ("event_loop", "compute", "grpc_threads", "other"))) < 1e-9
     assert set(thread_cpu_s(os.getpid())) == {"event_loop", "compute", "grpc_threads", "other"}
+
+
+def test_grpc_core_threads_are_told_from_the_rest():
+    from benchmarks.server_cpu import _group
+
+    pid = 100
+    assert _group(pid, pid, "python") == "event_loop"
+    assert _group(pid, 101, "lt-compute") == "compute"
+    assert _group(pid, 102, "event_engine") == "grpc_threads"  # grpc >= 1.6x: EventEngine threads
+    assert _group(pid, 103, "grpc_global_tim") == "grpc_threads"
+    assert _group(pid, 104, "python") == "other"  # Python threads (gRPC aio's poller, the impression writer)
