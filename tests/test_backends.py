@@ -280,6 +280,11 @@ def test_aoti_inputs_cross_as_views_with_no_python_owner(engines, monkeypatch):
     (seen,) = aoti_abi._steal_handles([view])
     assert seen.data_ptr() == x.data_ptr() and seen.stride() == x.stride() and torch.equal(seen, x)
 
+    base = torch.zeros(10, 10, dtype=torch.float32)  # an output aliasing an input is copied: the span test
+    col, row = aoti_abi._extent(base[:, 3]), aoti_abi._extent(base[4])
+    assert col == (base.data_ptr() + 3 * 4, base.data_ptr() + (3 + 9 * 10 + 1) * 4)
+    assert aoti_abi._overlaps(row, [col]) and not aoti_abi._overlaps(aoti_abi._extent(torch.zeros(3)), [col, row])
+
     runner = load_runner("aoti", engines["aoti"])
     hist = _history(5, seed=13).numpy()
     via_views = runner(hist)

@@ -124,8 +124,28 @@ def _input_handles(tensors: list[torch.Tensor]) -> tuple[list[int], bool]:
     """Handles for a run's inputs, and whether they view the tensors' memory (the caller keeps the tensors alive
     through the run and copies any output that aliases them)."""
     if _TENSOR_SHIM is not None and all(_TENSOR_SHIM.supports(t) for t in tensors):
-        return [_TENSOR_SHIM.view_handle(t) for t in tensors], True
+        handles: list[int] = []
+        try:
+            for t in tensors:
+                handles.append(_TENSOR_SHIM.view_handle(t))
+        except BaseException:
+            _steal_handles(handles)  # free the ones made
+            raise
+        return handles, True
     return _new_handles(tensors), False
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, end) byte addresses a (possibly strided) tensor's elements lie in; empty for no elements."""
+    if not t.numel():
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _overlaps(span: tuple[int, int], others: list[tuple[int, int]]) -> bool:
+    a, b = span
+    return any(a < f and e < b for e, f in others)
 
 
 def _steal_handles(handles: list[int]) -> list[torch.Tensor]:
@@ -210,8 +230,8 @@ class AotiContainer:
         self.library.check(rc, "running the model")
         results = _steal_handles([outs[i] for i in range(self.num_outputs)])
         if views:  # an output that aliases an input would outlive the memory it views: give it its own
-            spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in inputs]
-            results = [r.clone() if any(a <= r.data_ptr() < b for a, b in spans) else r for r in results]
+            spans = [_extent(t) for t in inputs]
+            results = [r.clone() if _overlaps(_extent(r), spans) else r for r in results]
         return results
 
     def close(self) -> None:
