@@ -230,8 +230,15 @@ class Engine:
     # ---- serving
     def history_rows(self, history: Sequence[str]) -> np.ndarray:
         """Known items of the history, newest last, truncated to the newest max_history, left-padded."""
+        return self._padded(self._known_rows(history))
+
+    def _known_rows(self, history: Sequence[str]) -> list[int]:
+        """Rows of the history's items this engine serves, in order (an id lookup each: cache-cold in the server)."""
         row_of, n = self.vocab.row_of, self.n_items
-        rows = [r for r in map(row_of.get, history) if r is not None and r <= n][-self.max_history:]
+        return [r for r in map(row_of.get, history) if r is not None and r <= n]
+
+    def _padded(self, rows: list[int]) -> np.ndarray:
+        rows = rows[-self.max_history:]
         out_T = np.zeros(self.max_history, dtype=np.int64)
         if rows:
             out_T[-len(rows):] = rows
@@ -257,22 +264,22 @@ class Engine:
         """One user-tower call and one scoring pass (exact (B, N) or ANN) for every query with a known item."""
         t0 = time.perf_counter()
         out: list[Ranked | None] = [None] * len(queries)
-        rows, model_q = [], []
+        rows, model_q, seen_B = [], [], []
         for i, q in enumerate(queries):
-            rows_T = self.history_rows(q.history)
-            if rows_T[-1] == PAD_ROW:
+            known = self._known_rows(q.history)  # looked up once: the tower's rows and the items to exclude
+            if not known:
                 out[i] = self._popular(q)  # no known item
             else:
-                rows.append(rows_T)
+                rows.append(self._padded(known))
                 model_q.append(i)
+                # Item indices (rows - 1) the query must not get back: its whole history, when exclude_seen
+                seen_B.append(list({r - 1 for r in known}) if q.exclude_seen else ())
         t1 = t2 = t3 = time.perf_counter()
         if model_q:
             u_BD = self.fuse_user_features(self.runner(np.stack(rows)), [queries[i].user_id for i in model_q])
             t2 = time.perf_counter()
-            # Item indices (rows - 1) each query must not get back: its history, when exclude_seen, and the
-            # build-time items deleted or replaced since the build.
+            # Build-time items deleted or replaced since the build are excluded from every query too.
             live = self.live.current
-            seen_B = [self._seen_indices(queries[i]) if queries[i].exclude_seen else () for i in model_q]
             if live.deleted:
                 seen_B = [[*seen, *live.deleted] for seen in seen_B]
             k_max = max(queries[i].k for i in model_q)
@@ -296,10 +303,6 @@ class Engine:
         if self.clock is not None:
             self.clock.add((t0, t1, t2, t3, time.perf_counter()), len(queries))
         return out  # type: ignore[return-value]
-
-    def _seen_indices(self, q: "RecommendQuery") -> list[int]:
-        row_of, n = self.vocab.row_of, self.n_items
-        return [r - 1 for r in map(row_of.get, set(q.history)) if r is not None and r <= n]
 
     def _exact_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
         exclude_BN = None
