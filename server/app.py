@@ -24,7 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from contracts.attribution import ImpressionWriter, read_outcomes, window_counts
+from contracts.attribution import read_outcomes, window_counts
+from contracts.impressions import ImpressionWriter
 from contracts.eventlog import SqliteEventLog
 from contracts.kafka_events import parse_events_url
 from contracts.object_registry import open_registry

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contracts.attribution import ATTRIBUTION_FILE, ImpressionConfig
+from contracts.attribution import ATTRIBUTION_FILE
+from contracts.impressions import ImpressionConfig
 from contracts.events import EventLimits
 from contracts.tls import TlsConfig
 from contracts.tracing import TracingConfig

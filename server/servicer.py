@@ -10,7 +10,8 @@ from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
-from contracts.attribution import Impression, ImpressionWriter, new_impression_id
+from contracts.attribution import Impression
+from contracts.impressions import ImpressionWriter, new_impression_id
 from contracts.catalog import CatalogRecord
 from contracts.client import LEASE_HOLDER_KEY
 from contracts.events import DEFAULT_LIMITS, EventLimits, event_problem

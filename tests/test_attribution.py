@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from contracts.attribution import (ATTRIBUTION_FILE, Impression, ImpressionConfig, ImpressionWriter, JoinConfig,
-                                   Joiner, Outcome, connect, insert_impressions, new_impression_id,
-                                   read_outcomes)
+from contracts.attribution import (ATTRIBUTION_FILE, Impression, JoinConfig, Joiner, Outcome, connect,
+                                   insert_impressions, read_outcomes)
+from contracts.impressions import ImpressionConfig, ImpressionWriter, new_impression_id
 from contracts.eventlog import SqliteEventLog
 from livetower import cli
 from contracts.events import event_problem
