@@ -29,7 +29,7 @@ from contracts.registry import (ANN_CHECK_FILE, ANN_EXACT_FILE, ANN_FILE, ANN_ME
 from contracts.signing import ManifestTrust, load_private_key
 from proto import livetower_v1_pb2 as pb
 from contracts.engine_format.aoti_graphs import GRAPHS
-from contracts.engine_format.backends import LIFTED_CONSTANT_PREFIX, load_runner
+from contracts.engine_format.backends import LIFTED_CONSTANT_PREFIX, UserTowerRunner, load_runner
 from contracts.engine_format.item_index import read_meta as read_index_meta
 from contracts.engine_format.verify import ParityError, parity_max_abs_diff
 from trainer.export.ann import AnnOptions, choose_retrieval
@@ -141,7 +141,8 @@ def _parity(runner, golden_BT: torch.Tensor, want_BD: np.ndarray) -> float:
 
 
 def _try_refit(tower: nn.Module, graph_file: Path, weights: Path, golden_BT: torch.Tensor, want_BD: np.ndarray,
-               tolerance: float, graph_version: int, progress: Callable[[str], None]):
+               tolerance: float, graph_version: int,
+               progress: Callable[[str], None]) -> tuple[float, UserTowerRunner] | None:
     """Write the refit weights and check them on the compiled graph: (the parity diff, the runner), or None when
     the caller must compile (constants that do not map, or parity over tolerance)."""
     if not _write_refit_weights(tower, graph_file, weights):
