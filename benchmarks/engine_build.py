@@ -23,7 +23,8 @@ from contracts.registry import USER_TOWER_FILE, Registry
 from contracts.engine_format.backends import load_runner
 from trainer.export.build import BuildInfo, UserTowerExport, build_engine
 from trainer.export.compile import CompileOptions
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.vocab import table_rows_for
 
 

@@ -297,7 +297,7 @@ QUICK_TRAIN = dict(round_min_events=500)
 
 def base_config(quick: bool) -> ReplayConfig:
     """The config the flags are applied to: ReplayConfig's defaults, or the --quick ones."""
-    from trainer.model import ModelConfig
+    from trainer.model_config import ModelConfig
 
     base = ReplayConfig()
     if not quick:

@@ -33,7 +33,8 @@ from trainer.data.synthetic import SyntheticConfig, generate
 from trainer.elastic import FaultInjection, run_distributed_round, train_windows_elastic
 from trainer.evaluate import evaluate_model
 from trainer.examples import left_pad, stack_windows, windows_for_new
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.training import global_batches, make_optimizer
 from trainer.vocab import ItemVocab, table_rows_for
 

@@ -44,7 +44,7 @@ def build(data_dir: Path, records: list, backend: str) -> int:
     from trainer.export.build import BuildInfo, build_engine
     from trainer.export.compile import CompileOptions
     from trainer.features import FeatureTwoTower
-    from trainer.model import ModelConfig
+    from trainer.model_config import ModelConfig
 
     mcfg = ModelConfig()
     fcfg = FeatureConfig(dim=mcfg.dim, numeric=("release_year",))

@@ -38,7 +38,8 @@ from server.engine.manager import EngineManagerConfig
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.export.item_encoder import export_user_vectors
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.user_features import attach_user_features, user_feature_config
 
 OCCUPATIONS = ("writer", "engineer", "student", "artist", "doctor", "other")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trainer.checkpoint import CHECKPOINT_FILE, FORMAT_VERSION, TrainerState, load_checkpoint, save_checkpoint
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 
 
 def make_state(seed=0, step=3):

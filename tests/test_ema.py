@@ -9,7 +9,8 @@ from contracts.eventlog import SqliteEventLog
 from tests.conftest import SMALL_DATA, make_trainer
 from trainer import ema
 from trainer.data.synthetic import generate
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.training import grow_table, make_optimizer
 from trainer.config import TrainConfig
 

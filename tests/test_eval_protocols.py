@@ -14,7 +14,8 @@ import torch
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData, load_ml100k_sequences, load_sasrec_txt
 from trainer.studies.incremental import training_events
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.studies.offline import run_eval
 from trainer.studies.offline_train import OfflineTrainConfig
 from trainer.evaluate import evaluate_popularity, expected_metrics

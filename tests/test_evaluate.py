@@ -7,7 +7,8 @@ import torch
 
 from trainer.evaluate import (evaluate_model, evaluate_popularity, expected_metrics, model_rank_counts,
                               popularity_rank_counts, rank_counts)
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 
 N = 30
 

@@ -13,7 +13,7 @@ from contracts.catalog import CatalogRecord
 from contracts.engine_format.item_features import FeatureConfig, bucket, featurize, text_tokens
 from trainer.features import FeatureTwoTower, FeatureEncoder, combine_item_embedding
 from trainer.loss import sampled_softmax_loss
-from trainer.model import ModelConfig
+from trainer.model_config import ModelConfig
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 CFG = FeatureConfig(dim=32, cat_buckets=256, text_buckets=1024, max_cat_values=4, max_text_tokens=8,

@@ -16,7 +16,7 @@ from server.engine.live_items import LiveItems
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.features import FeatureTwoTower
-from trainer.model import ModelConfig
+from trainer.model_config import ModelConfig
 
 GENRES = ("Comedy", "Drama", "Horror", "Action")
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.loss import MASK_LOGIT, sampled_softmax_loss
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 
 N_ITEMS = 20
 

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from trainer.model import PAD_ROW, ModelConfig, TwoTower
+from trainer.model import PAD_ROW, TwoTower
+from trainer.model_config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,7 +277,7 @@ def test_abs_positions_and_emb_dropout_options():
 def test_added_fields_leave_legacy_config_dicts_unchanged():
     """Fields added later are left out of to_dict at their legacy value, and filled back in by from_dict, so
     older architecture hashes hold and older checkpoints read the same whatever the defaults are now."""
-    from trainer.model import LEGACY_VALUES
+    from trainer.model_config import LEGACY_VALUES
 
     legacy = dataclasses.replace(ModelConfig(), **LEGACY_VALUES)
     d = legacy.to_dict()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.model import ModelConfig
+from trainer.model_config import ModelConfig
 from trainer.studies.offline import run_eval
 from trainer.studies.offline_train import OfflineTrainConfig
 from trainer.studies.sasrec import SASRec

@@ -25,7 +25,8 @@ from trainer.data.synthetic import generate
 from trainer.export.build import BuildInfo, build_engine
 from trainer.export.compile import CompileOptions
 from trainer.loop import Trainer
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.training import WindowLoss, window_loss
 from trainer.user_features import attach_user_features, user_feature_config, window_user_rows
 

@@ -10,7 +10,7 @@ from contracts.eventlog import RetentionConfig
 from contracts.registry import BACKENDS
 from contracts.tracing import TracingConfig
 from trainer.export.ann import AnnOptions
-from trainer.model import ModelConfig
+from trainer.model_config import ModelConfig
 
 # Training precision: "bf16" autocast (default), "fp16" autocast + GradScaler, "fp32". No fp8: it is only worth it
 # where measured faster on Hopper for our shapes, and no such measurement exists yet (issue 6, GPU numbers blocked).

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contracts.engine_format.item_features import PAD_BUCKET, FeatureConfig, FeatureTensors
-from trainer.model import INIT_STD, PAD_ROW, ModelConfig, TwoTower
+from trainer.model import PAD_ROW, TwoTower
+from trainer.model_config import INIT_STD, ModelConfig
 
 # ---- 2. the encoder ----
 

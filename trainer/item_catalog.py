@@ -23,7 +23,7 @@ import torch
 from contracts.catalog import CatalogRecord, CatalogStore
 from contracts.engine_format.item_features import FeatureConfig, featurize
 from trainer.features import FeatureTwoTower
-from trainer.model import ModelConfig
+from trainer.model_config import ModelConfig
 from trainer.vocab import ItemVocab
 
 

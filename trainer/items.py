@@ -35,7 +35,8 @@ import torch
 from contracts.eventlog import StoredEvent
 from trainer import ema
 from trainer.checkpoint import TrainerState
-from trainer.model import INIT_STD, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import INIT_STD
 from trainer.training import grow_table
 from trainer.vocab import ItemVocab, table_rows_for
 

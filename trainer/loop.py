@@ -39,7 +39,8 @@ from trainer.features import FeatureTwoTower
 from trainer.gate import RoundGate, gate_decision
 from trainer.items import AdmissionSketch, map_rows, place_items, remember_users
 from trainer.metrics import TrainerMetrics
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.elastic import (ElasticMetrics, RoundFailed, available_devices, choose_workers, record_choice,
                              resolve_device, train_windows_elastic)
 from trainer.publishing import Publishing

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from trainer.config import TrainConfig
 from trainer.elastic.files import load_tensors, save_tensors
-from trainer.model import ModelConfig, TwoTower
+from trainer.model import TwoTower
+from trainer.model_config import ModelConfig
 from trainer.training import Shard, WindowLoss, make_grad_scaler, make_optimizer, train_epochs, window_loss
 
 # Objects that hold the gloo process group are never freed in a worker. ~ProcessGroupGloo runs with the GIL held

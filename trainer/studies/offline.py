@@ -15,7 +15,7 @@ import numpy as np
 
 from trainer.config import TrainConfig
 from trainer.data.sequences import SequenceData
-from trainer.model import LEGACY_VALUES, ModelConfig
+from trainer.model_config import LEGACY_VALUES, ModelConfig
 from trainer.studies.offline_train import OfflineTrainConfig, train_offline
 from trainer.studies.protocols import PROTOCOLS, EvalSet, make_split, negatives_for
 from trainer.studies.ranking import evaluate_model_on, evaluate_popularity_on, popularity_counts

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.model import PAD_ROW, ModelConfig
+from trainer.model import PAD_ROW
+from trainer.model_config import ModelConfig
 
 
 class SASRecBlock(nn.Module):
