@@ -49,6 +49,7 @@ from server.engine.stages import STAGES
 
 
 LAG_DECAY_S = 0.01  # time constant of the loop-lag signal's decay
+BUSY_WINDOW_S = 0.1  # how often the inline bound is measured (the loop thread's CPU time over the window)
 
 
 SHED_REASONS = ("queue_full", "loop_lag", "queue_delay", "deadline", "shutdown")  # Overloaded.reason values
@@ -84,10 +85,16 @@ class BatchingConfig:
                                          # not stand (a burst); never below max_queue_delay_ms
     max_loop_lag_ms: float = 50.0     # event-loop lag beyond which new requests are shed (0: never)
     inline_below_ms: float = 0.0      # > 0: a Recommend whose engine takes less than this per request (measured)
-                                      # runs on the event loop itself when nothing is queued or computing.
-                                      # Off by default: faster up to capacity (P99 at 500 QPS 3.6 vs 4.5 ms),
-                                      # but past it the loop saturates before any queue bound applies
-                                      # (P99 ~1 s, deadlines missed at 1,000 QPS over 100k items)
+                                      # runs on the event loop itself when nothing is queued or computing, and
+                                      # while the loop could carry it (inline_max_loop_busy). Faster up to
+                                      # capacity (P99 at 500 QPS 3.6 vs 4.5 ms); without the busy bound, past
+                                      # capacity the loop saturated before any queue bound applied (P99 ~1 s,
+                                      # deadlines missed at 1,000 QPS over 100k items)
+    inline_max_loop_busy: float = 0.85  # inline only while the event loop's own work per second plus the compute
+                                      # the Recommends of the last window would add (their rate x the engine's
+                                      # measured cost) stays below this fraction of one core; measured every
+                                      # BUSY_WINDOW_S from the loop thread's CPU time. Past it every request goes
+                                      # through the queue and its bounds
     loop_probe_ms: float = 2.0        # how often the loop lag is sampled
 
     def __post_init__(self) -> None:
@@ -110,6 +117,8 @@ class BatchingConfig:
             raise ValueError(f"inline_below_ms must be >= 0 (0: never inline), got {self.inline_below_ms}")
         if not self.loop_probe_ms > 0:
             raise ValueError(f"loop_probe_ms must be > 0, got {self.loop_probe_ms}")
+        if not 0 < self.inline_max_loop_busy <= 1:
+            raise ValueError(f"inline_max_loop_busy must be in (0, 1], got {self.inline_max_loop_busy}")
 
 
 @dataclass(slots=True)
@@ -173,6 +182,12 @@ class MicroBatcher:
         self.batched_queries = 0
         self.inline = 0           # Recommend requests computed on the event loop
         self._computing = False   # a batch is on the compute thread
+        # The inline bound (BatchingConfig.inline_max_loop_busy), measured by the probe each BUSY_WINDOW_S
+        self._recommends = 0      # Recommend requests admitted so far
+        self._inline_s = 0.0      # seconds computed inline so far
+        self.loop_busy = 0.0      # the loop's own share of a core in the last window, inline compute not counted
+        self.inline_demand = 0.0  # ... and the share the window's Recommends would have added, computed inline
+        self._inline_ok = False   # their sum is below the bound (False until a window is measured)
 
     @property
     def shed(self) -> int:
@@ -185,7 +200,7 @@ class MicroBatcher:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._run())
-        if self.config.max_loop_lag_ms > 0:
+        if self.config.max_loop_lag_ms > 0 or self.config.inline_below_ms > 0:
             self._probe_due = time.monotonic() + self.config.loop_probe_ms / 1e3
             self._probe = loop.create_task(self._probe_loop_lag())
 
@@ -206,10 +221,24 @@ class MicroBatcher:
         still seen while the loop works through it."""
         period = self.config.loop_probe_ms / 1e3
         decay = math.exp(-period / LAG_DECAY_S)
+        window = (time.monotonic(), time.thread_time(), self._inline_s, self._recommends)
         while True:
             self._probe_due = time.monotonic() + period
             await asyncio.sleep(period)
-            self._lag_s = max(time.monotonic() - self._probe_due, self._lag_s * decay, 0.0)
+            now = time.monotonic()
+            self._lag_s = max(now - self._probe_due, self._lag_s * decay, 0.0)
+            if now - window[0] >= BUSY_WINDOW_S:
+                window = self._measure_busy(window, now)
+
+    def _measure_busy(self, window: tuple[float, float, float, int], now: float) -> tuple[float, float, float, int]:
+        """Close a window of the inline bound and return the next one's start. On the loop thread: its
+        thread_time() is the loop's CPU."""
+        start, cpu, inline_s, recommends = window
+        cpu_now, wall = time.thread_time(), now - start
+        self.loop_busy = max(0.0, (cpu_now - cpu) - (self._inline_s - inline_s)) / wall
+        self.inline_demand = (self._recommends - recommends) * self._per_item_s / wall
+        self._inline_ok = self.loop_busy + self.inline_demand < self.config.inline_max_loop_busy
+        return now, cpu_now, self._inline_s, self._recommends
 
     @property
     def loop_lag_s(self) -> float:
@@ -259,9 +288,11 @@ class MicroBatcher:
         if job.deadline is not None and time.monotonic() + ahead + job.cost_s > job.deadline:
             raise self._shed("deadline", f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued "
                              "work exceeds the request's deadline; retry with back-off")
-        if job.query is not None and self._runs_inline(job):
-            self._compute_inline(job)
-            return job.future
+        if job.query is not None:
+            self._recommends += 1
+            if self._runs_inline(job):
+                self._compute_inline(job)
+                return job.future
         job.queued_at = time.monotonic()
         self._queue.append(job)
         self._queued_s += job.cost_s
@@ -295,10 +326,11 @@ class MicroBatcher:
 
     def _runs_inline(self, job: _Job) -> bool:
         """Cheap enough to compute right here: an engine measured (an unmeasured one might be slow and would
-        stall the loop) below inline_below_ms per request, with the compute thread idle and nothing queued."""
+        stall the loop) below inline_below_ms per request, with the compute thread idle, nothing queued, and the
+        loop able to carry the compute (inline_max_loop_busy, as of the last window)."""
         limit_s = self.config.inline_below_ms / 1e3
         measured = self._engine_cost_s.get(job.engine)
-        return (limit_s > 0 and not self._queue and not self._computing
+        return (limit_s > 0 and self._inline_ok and not self._queue and not self._computing
                 and measured is not None and measured < limit_s)
 
     def _compute_inline(self, job: _Job) -> None:
@@ -309,7 +341,9 @@ class MicroBatcher:
         except Exception as e:  # noqa: BLE001 - the request's error, as on the compute thread
             job.future.set_exception(e)
             return
-        self._learn_cost(job.engine, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self._inline_s += elapsed
+        self._learn_cost(job.engine, elapsed)
         if timing is not None:
             self._trace_batch([job], timing, inline=True)
         self.inline += 1

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from server.batching import BatchingConfig, DeadlineExpired, MicroBatcher, Overloaded
+from server.batching import BUSY_WINDOW_S, BatchingConfig, DeadlineExpired, MicroBatcher, Overloaded
 from server.engine.engine import Ranked, RecommendQuery
 
 
@@ -337,6 +337,8 @@ def test_config_validation_names_field():
         BatchingConfig(max_loop_lag_ms=-1)
     with pytest.raises(ValueError, match="inline_below_ms"):
         BatchingConfig(inline_below_ms=-1)
+    with pytest.raises(ValueError, match="inline_max_loop_busy"):
+        BatchingConfig(inline_max_loop_busy=0)
 
 
 class FastEngine(SlowEngine):
@@ -347,12 +349,67 @@ class FastEngine(SlowEngine):
         super().__init__(0.0)
 
 
+async def idle_window() -> None:
+    await asyncio.sleep(BUSY_WINDOW_S * 1.5)
+
+
+def test_nothing_runs_inline_before_the_loops_load_is_measured():
+    async def main():
+        b = MicroBatcher(BatchingConfig(inline_below_ms=1000.0, max_queue_delay_ms=1000))
+        b.start()
+        eng = FastEngine()
+        for i in range(3):  # measured cheap after the first, but no window has closed yet
+            await b.recommend(eng, q(i), None)
+        await b.stop()
+        return b
+
+    b = run(main())
+    assert b.inline == 0 and b.batches == 3
+
+
+class SpinningEngine(SlowEngine):
+    """Burns `seconds` of CPU per query (a real engine's inline compute is the loop's CPU)."""
+
+    def recommend_batch(self, queries):
+        end = time.perf_counter() + self.seconds * len(queries)
+        while time.perf_counter() < end:
+            pass
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(len(queries))
+        return [Ranked([q.history[0]], [float(q.k)], "model") for q in queries]
+
+
+def test_inline_stops_once_the_loop_could_not_carry_the_compute():
+    """Back-to-back Recommends on a 2 ms engine ask for about a whole core: over inline_max_loop_busy (0.5), so after
+    the first window they go through the compute thread and its queue bounds, not onto the loop."""
+    async def main():
+        b = MicroBatcher(BatchingConfig(inline_below_ms=1000.0, inline_max_loop_busy=0.5, max_queue_delay_ms=1000))
+        b.start()
+        eng = SpinningEngine(0.002)
+        await b.recommend(eng, q(0), None)
+        await idle_window()
+        inline_at, end = [], time.monotonic() + 4 * BUSY_WINDOW_S
+        while time.monotonic() < end:
+            await b.recommend(eng, q(1), None)
+            inline_at.append(b.inline)
+            await asyncio.sleep(0)  # as between a server's requests: the loop runs its timers (the probe)
+        await b.stop()
+        return b, inline_at
+
+    b, inline_at = run(main())
+    assert b.inline >= 1                             # the first window's requests: the loop was idle before them
+    assert inline_at[-1] == inline_at[len(inline_at) // 2]  # none inline in the second half
+    assert b.batches >= len(inline_at) // 2
+    assert b.inline_demand > 0.5
+
+
 def test_a_cheap_measured_engine_runs_on_the_event_loop_when_idle():
     async def main():
         b = MicroBatcher(BatchingConfig(inline_below_ms=1000.0, max_queue_delay_ms=1000))
         b.start()
         eng = FastEngine()
         first = await b.recommend(eng, q(0), None)   # unmeasured: the compute thread
+        await idle_window()                          # the loop's load measured: it can carry the compute
         after = [await b.recommend(eng, q(i), None) for i in range(1, 6)]  # measured cheap: inline
         await b.stop()
         return b, eng, first, after
@@ -398,6 +455,7 @@ def test_inline_errors_reach_the_caller_and_zero_disables_it():
         b.start()
         eng = Failing()
         await b.recommend(eng, q(0), None)
+        await idle_window()
         eng.fail = True
         with pytest.raises(RuntimeError, match="engine broke"):
             await b.recommend(eng, q(1), None)
