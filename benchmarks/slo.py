@@ -44,8 +44,8 @@ CONFIGS = {
     "exact": {"dir": ".", "flags": ["--no-ann"], "what": "optimised, exact top-k instead of the HNSW index"},
     "no-uvloop": {"dir": ".", "flags": ["--no-uvloop"], "what": "optimised, default asyncio loop"},
     "no-batching": {"dir": ".", "flags": ["--no-batching"], "what": "optimised without micro-batching (inline)"},
-    "inline": {"dir": ".", "flags": ["--inline-below-ms", "1"],
-               "what": "optimised, Recommends on engines under 1 ms computed on the event loop when idle"},
+    "no-inline": {"dir": ".", "flags": ["--inline-below-ms", "0"],
+                  "what": "optimised, every Recommend through the compute thread (none computed on the event loop)"},
     # SO_REUSEPORT spreads connections, not requests: over one connection every request reaches one process (how this
     # ablation was measured until 2026-12-06, docs/serving.md). So its load goes over several connections.
     "workers2": {"dir": ".", "flags": ["--workers", "2"], "channels": 8,

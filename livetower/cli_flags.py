@@ -35,7 +35,8 @@ def server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                        Flag("leader", name="rollout-follower", negate=True,
                             note="--workers makes every process but the first a follower"))
     batching = flag_set(BatchingConfig, "max_batch", "max_delay_ms", "max_queue", "max_queue_delay_ms",
-                        "standing_queue_ms", "burst_queue_delay_ms", "max_loop_lag_ms", "inline_below_ms")
+                        "standing_queue_ms", "burst_queue_delay_ms", "max_loop_lag_ms", "inline_below_ms",
+                        "inline_max_loop_busy")
     return server, engines, batching, flag_set(TlsConfig, prefix="tls-"), flag_set(MethodDeadlines, prefix="deadline-")
 
 

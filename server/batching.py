@@ -1,10 +1,12 @@
 """Dynamic micro-batching with admission control, between the servicers and the engine.
 
 Requests queue here; one worker runs them on a dedicated compute thread, so the event loop keeps
-accepting and (de)serialising while the engine works. Optionally (inline_below_ms > 0), a Recommend
-on an engine measured to be cheap is computed on the event loop itself when nothing is queued or
-computing: for a sub-millisecond engine the two GIL hand-offs to the thread and back cost more than
-the call, but nothing then bounds the work the loop takes on past capacity (docs/serving.md).
+accepting and (de)serialising while the engine works. A Recommend on an engine measured to be cheap
+(inline_below_ms) is computed on the event loop itself when nothing is queued or computing and the loop
+could carry that compute for every Recommend at the current rate (inline_max_loop_busy): for a
+millisecond engine the thread hand-offs cost more than they save. Near and past capacity the bound
+sends every request through the queue and its bounds, which the loop's own compute would escape
+(docs/serving.md).
 Whatever queued while the last batch ran is taken together (up to max_batch, after waiting up to
 max_delay_ms for more): under light load a request runs alone at once, under heavy load batches
 grow and amortise the user tower and the scoring pass. Past capacity requests are shed quickly
@@ -84,12 +86,13 @@ class BatchingConfig:
     burst_queue_delay_ms: float = 100.0  # predicted wait beyond which a request is shed while the queue does
                                          # not stand (a burst); never below max_queue_delay_ms
     max_loop_lag_ms: float = 50.0     # event-loop lag beyond which new requests are shed (0: never)
-    inline_below_ms: float = 0.0      # > 0: a Recommend whose engine takes less than this per request (measured)
+    inline_below_ms: float = 2.0      # > 0: a Recommend whose engine takes less than this per request (measured)
                                       # runs on the event loop itself when nothing is queued or computing, and
-                                      # while the loop could carry it (inline_max_loop_busy). Faster up to
-                                      # capacity (P99 at 500 QPS 3.6 vs 4.5 ms); without the busy bound, past
-                                      # capacity the loop saturated before any queue bound applied (P99 ~1 s,
-                                      # deadlines missed at 1,000 QPS over 100k items)
+                                      # while the loop could carry it (inline_max_loop_busy); 0: never. Hard
+                                      # catalogue, 500 QPS, 3 pairs: P99 8.0 / 6.8 / 8.7 vs 9.8 / 9.8 / 10.7 ms;
+                                      # trainer beside, 300 QPS: 11.4 / 9.6 / 9.3 vs 18.2 / 14.3 / 12.5 ms. Without
+                                      # the busy bound, past capacity the loop saturated before any queue bound
+                                      # applied (P99 ~1 s at 1,000 QPS); with it, 1,200 QPS reads as with 0
     inline_max_loop_busy: float = 0.85  # inline only while the event loop's own work per second plus the compute
                                       # the Recommends of the last window would add (their rate x the engine's
                                       # measured cost) stays below this fraction of one core; measured every
