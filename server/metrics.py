@@ -151,6 +151,14 @@ class _BatcherCollector:
         yield shed
         yield CounterMetricFamily("livetower_expired_in_queue", "Requests whose deadline passed while queued "
                                   "(DEADLINE_EXCEEDED, not computed)", value=self.batcher.expired)
+        yield CounterMetricFamily("livetower_inline_queries", "Recommend queries computed on the event loop "
+                                  "(inline_below_ms), not on the compute thread", value=self.batcher.inline)
+        yield GaugeMetricFamily("livetower_event_loop_busy", "The event loop's own share of a core in the last "
+                                "window (inline compute not counted)", value=self.batcher.loop_busy)
+        yield GaugeMetricFamily("livetower_inline_demand", "The share of a core the last window's Recommends "
+                                "would add computed on the loop; inline runs while this plus "
+                                "livetower_event_loop_busy is under inline_max_loop_busy",
+                                value=self.batcher.inline_demand)
 
 
 class _OutcomeCollector:

@@ -402,6 +402,15 @@ def test_inline_stops_once_the_loop_could_not_carry_the_compute():
     assert b.batches >= len(inline_at) // 2
     assert b.inline_demand > 0.5
 
+    from prometheus_client import generate_latest
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.watch_batcher(b)
+    text = generate_latest(metrics.registry).decode()
+    assert f"livetower_inline_queries_total {float(b.inline)}" in text
+    assert f"livetower_inline_demand {b.inline_demand!r}" in text and "livetower_event_loop_busy " in text
+
 
 def test_a_cheap_measured_engine_runs_on_the_event_loop_when_idle():
     async def main():
