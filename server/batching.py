@@ -89,7 +89,7 @@ class BatchingConfig:
     inline_below_ms: float = 2.0      # > 0: a Recommend whose engine takes less than this per request (measured)
                                       # runs on the event loop itself when nothing is queued or computing, and
                                       # while the loop could carry it (inline_max_loop_busy); 0: never. Hard
-                                      # catalogue, 500 QPS, 3 pairs: P99 8.0 / 6.8 / 8.7 vs 9.8 / 9.8 / 10.7 ms;
+                                      # catalogue, 500 QPS, 3 pairs: P99 11.1 / 10.3 / 11.8 vs 14.8 / 12.8 / 11.6 ms;
                                       # trainer beside, 300 QPS: 11.4 / 9.6 / 9.3 vs 18.2 / 14.3 / 12.5 ms. Without
                                       # the busy bound, past capacity the loop saturated before any queue bound
                                       # applied (P99 ~1 s at 1,000 QPS); with it, 1,200 QPS reads as with 0
