@@ -37,7 +37,6 @@ batch). They are recorded after the fact on the event loop: no span is open on t
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import weakref
 from collections import deque
@@ -48,10 +47,9 @@ from typing import Any, Callable
 from contracts.tracing import TRACING_OFF, Tracing, child_span
 from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.stages import STAGES
+from server.loop_watch import LoopWatch
 
 
-LAG_DECAY_S = 0.01  # time constant of the loop-lag signal's decay
-BUSY_WINDOW_S = 0.1  # how often the inline bound is measured (the loop thread's CPU time over the window)
 
 
 SHED_REASONS = ("queue_full", "loop_lag", "queue_delay", "deadline", "shutdown")  # Overloaded.reason values
@@ -96,8 +94,8 @@ class BatchingConfig:
     inline_max_loop_busy: float = 0.85  # inline only while the event loop's own work per second plus the compute
                                       # the Recommends of the last window would add (their rate x the engine's
                                       # measured cost) stays below this fraction of one core; measured every
-                                      # BUSY_WINDOW_S from the loop thread's CPU time. Past it every request goes
-                                      # through the queue and its bounds
+                                      # BUSY_WINDOW_S from the loop thread's CPU time (server/loop_watch.py).
+                                      # Past it every request goes through the queue and its bounds
     loop_probe_ms: float = 2.0        # how often the loop lag is sampled
 
     def __post_init__(self) -> None:
@@ -169,14 +167,14 @@ class MicroBatcher:
                                             initargs=(COMPUTE_THREAD_NAME,))
         self._worker: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
+        # The loop's lag (max_loop_lag_ms) and busy share (inline_max_loop_busy), measured each BUSY_WINDOW_S
+        self._watch = LoopWatch(config.loop_probe_ms, self._window_closed)
         self._per_item_s = 0.001  # EWMA of compute time per job (any engine): a new engine's first guess
         # Per engine (stable and canary differ): EWMA of compute time per job. Admission predicts a new
         # job's wait as the queued work ahead of it, so a slow canary's jobs count at their own cost.
         self._engine_cost_s: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._queued_s = 0.0      # sum of the queued jobs' cost_s
         self._running_until = 0.0  # predicted end of the batch being computed (time.perf_counter())
-        self._lag_s = 0.0         # recent loop lag: the latest probe's lateness, older ones decaying
-        self._probe_due = 0.0     # when the next probe should run (monotonic); overdue = the loop is behind
         self._above_since: float | None = None  # monotonic() since when every job taken waited > max_queue_delay_ms
         self._stands_until = 0.0  # monotonic(): a queue that stood counts as standing until then (hysteresis)
         self.shed_by_reason = dict.fromkeys(SHED_REASONS, 0)  # requests shed, by the bound that shed them
@@ -185,9 +183,6 @@ class MicroBatcher:
         self.batched_queries = 0
         self.inline = 0           # Recommend requests computed on the event loop
         self._computing = False   # a batch is on the compute thread
-        # The inline bound (BatchingConfig.inline_max_loop_busy), measured by the probe each BUSY_WINDOW_S
-        self._recommends = 0      # Recommend requests admitted so far
-        self._inline_s = 0.0      # seconds computed inline so far
         self.loop_busy = 0.0      # the loop's own share of a core in the last window, inline compute not counted
         self.inline_demand = 0.0  # ... and the share the window's Recommends would have added, computed inline
         self._inline_ok = False   # their sum is below the bound (False until a window is measured)
@@ -204,8 +199,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._run())
         if self.config.max_loop_lag_ms > 0 or self.config.inline_below_ms > 0:
-            self._probe_due = time.monotonic() + self.config.loop_probe_ms / 1e3
-            self._probe = loop.create_task(self._probe_loop_lag())
+            self._probe = self._watch.start()
 
     async def stop(self) -> None:
         tasks = [t for t in (self._worker, self._probe) if t is not None]
@@ -218,37 +212,16 @@ class MicroBatcher:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def _probe_loop_lag(self) -> None:
-        """Sample how late the event loop runs a timer: about the time a new request waits before its
-        handler. Older samples decay with a 10 ms time constant, so the backlog a stall left behind is
-        still seen while the loop works through it."""
-        period = self.config.loop_probe_ms / 1e3
-        decay = math.exp(-period / LAG_DECAY_S)
-        window = (time.monotonic(), time.thread_time(), self._inline_s, self._recommends)
-        while True:
-            self._probe_due = time.monotonic() + period
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            self._lag_s = max(now - self._probe_due, self._lag_s * decay, 0.0)
-            if now - window[0] >= BUSY_WINDOW_S:
-                window = self._measure_busy(window, now)
-
-    def _measure_busy(self, window: tuple[float, float, float, int], now: float) -> tuple[float, float, float, int]:
-        """Close a window of the inline bound and return the next one's start. On the loop thread: its
-        thread_time() is the loop's CPU."""
-        start, cpu, inline_s, recommends = window
-        cpu_now, wall = time.thread_time(), now - start
-        self.loop_busy = max(0.0, (cpu_now - cpu) - (self._inline_s - inline_s)) / wall
-        self.inline_demand = (self._recommends - recommends) * self._per_item_s / wall
+    def _window_closed(self, loop_busy: float, recommends_per_s: float) -> None:
+        """The inline bound, as of the window LoopWatch just closed."""
+        self.loop_busy = loop_busy
+        self.inline_demand = recommends_per_s * self._per_item_s
         self._inline_ok = self.loop_busy + self.inline_demand < self.config.inline_max_loop_busy
-        return now, cpu_now, self._inline_s, self._recommends
 
     @property
     def loop_lag_s(self) -> float:
-        """How far behind the event loop runs: the recent probe lag, or how overdue the next probe is."""
-        if self._probe is None:
-            return 0.0
-        return max(self._lag_s, time.monotonic() - self._probe_due)
+        """How far behind the event loop runs (LoopWatch.lag_s)."""
+        return self._watch.lag_s
 
     def _admit(self, job: _Job) -> asyncio.Future:
         if self._tracer is None:
@@ -292,7 +265,7 @@ class MicroBatcher:
             raise self._shed("deadline", f"server overloaded: about {(ahead + job.cost_s) * 1e3:.1f} ms of queued "
                              "work exceeds the request's deadline; retry with back-off")
         if job.query is not None:
-            self._recommends += 1
+            self._watch.recommends += 1
             if self._runs_inline(job):
                 self._compute_inline(job)
                 return job.future
@@ -345,7 +318,7 @@ class MicroBatcher:
             job.future.set_exception(e)
             return
         elapsed = time.perf_counter() - t0
-        self._inline_s += elapsed
+        self._watch.inline_s += elapsed
         self._learn_cost(job.engine, elapsed)
         if timing is not None:
             self._trace_batch([job], timing, inline=True)
