@@ -166,7 +166,6 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=name_os_thread,
                                             initargs=(COMPUTE_THREAD_NAME,))
         self._worker: asyncio.Task | None = None
-        self._probe: asyncio.Task | None = None
         # The loop's lag (max_loop_lag_ms) and busy share (inline_max_loop_busy), measured each BUSY_WINDOW_S
         self._watch = LoopWatch(config.loop_probe_ms, self._window_closed)
         self._per_item_s = 0.001  # EWMA of compute time per job (any engine): a new engine's first guess
@@ -199,10 +198,10 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._run())
         if self.config.max_loop_lag_ms > 0 or self.config.inline_below_ms > 0:
-            self._probe = self._watch.start()
+            self._watch.start()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._worker, self._probe) if t is not None]
+        tasks = [t for t in (self._worker, self._watch.task) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
