@@ -29,17 +29,16 @@ class LoopWatch:
         self.recommends = 0   # Recommend requests admitted (the caller counts them)
         self._lag_s = 0.0     # recent loop lag: the latest probe's lateness, older ones decaying
         self._due = 0.0       # when the next probe should run (monotonic); overdue = the loop is behind
-        self._task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None  # the probe, once started
 
-    def start(self) -> asyncio.Task:
+    def start(self) -> None:
         self._due = time.monotonic() + self.period_s
-        self._task = asyncio.get_running_loop().create_task(self._probe())
-        return self._task
+        self.task = asyncio.get_running_loop().create_task(self._probe())
 
     @property
     def lag_s(self) -> float:
         """How far behind the event loop runs: the recent probe lag, or how overdue the next probe is."""
-        if self._task is None:
+        if self.task is None:
             return 0.0
         return max(self._lag_s, time.monotonic() - self._due)
 
