@@ -31,7 +31,8 @@ Tracing (when on, and only for requests whose span is sampled): admission adds a
 ("admitted", or "shed" with the reason); after its batch, a request gets two finished child spans, "batch.wait"
 (admission to the compute thread picking it up) and "engine.compute" (its batch: batch.size, engine version and
 the engine's stage times tower/retrieval/rows/assemble in ms, read off the StageClock before and after the
-batch). They are recorded after the fact on the event loop: no span is open on the compute thread.
+batch). A request computed inline never queued: engine.compute only, with batch.inline true. They are recorded
+after the fact on the event loop: no span is open on the compute thread.
 """
 
 from __future__ import annotations

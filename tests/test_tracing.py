@@ -4,6 +4,7 @@ the caller, sampling, and export over OTLP/gRPC to a real receiver."""
 from __future__ import annotations
 
 import os
+import dataclasses
 import random
 import subprocess
 import sys
@@ -18,17 +19,19 @@ from contracts.eventlog import SqliteEventLog
 from contracts.tracing import Tracing, TracingConfig
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
-from tests.conftest import SMALL_DATA, make_trainer, running_server, server_config, wait_for
+from tests.conftest import SMALL_DATA, TEST_BATCHING, make_trainer, running_server, server_config, wait_for
 from trainer.data.synthetic import generate
 
 RECOMMEND = "livetower.v1.Recommender/Recommend"
 ROOT = Path(__file__).resolve().parents[1]
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
+# The compute thread's path (a batch.wait span, then engine.compute); the inline path has its own test.
+THREAD_ONLY = dataclasses.replace(TEST_BATCHING, inline_below_ms=0)
 
 
-def _served(trained_dir, **tracing):
-    config = server_config(trained_dir, tracing=TracingConfig(enabled=True, **tracing))
+def _served(trained_dir, *, batching=THREAD_ONLY, **tracing):
+    config = server_config(trained_dir, batching=batching, tracing=TracingConfig(enabled=True, **tracing))
     return running_server(config)
 
 
@@ -80,8 +83,31 @@ def test_recommend_span_has_its_stages_as_children(trained_dir):
     assert compute.attributes["stage.tower_ms"] > 0 and compute.attributes["stage.retrieval_ms"] > 0
     stages_ms = sum(compute.attributes[f"stage.{s}_ms"] for s in ("rows", "tower", "retrieval", "assemble"))
     assert stages_ms <= (compute.end_time - compute.start_time) / 1e6
+    assert compute.attributes["batch.inline"] is False
     # A refused request never reached the batcher: no stage spans under it.
     assert not [s for s in spans if s.parent is not None and s.parent.span_id == bad.context.span_id]
+
+
+def test_a_request_computed_on_the_event_loop_has_no_wait_span(trained_dir):
+    """The inline path (a cheap Recommend while the loop has room): one engine.compute child marked batch.inline,
+    with the same stage times, and no batch.wait (it never queued)."""
+    exporter = InMemorySpanExporter()
+    inline = dataclasses.replace(TEST_BATCHING, inline_below_ms=1000.0)
+    with _served(trained_dir, batching=inline, exporter=exporter) as (server, port):
+        wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
+        # The first request measures the engine on the compute thread; inline starts once a load window closed.
+        wait_for(lambda: _recommend(port) and server.batcher.inline > 0, 10, "a request computed inline")
+        sent = server.batcher.inline + server.batcher.batches
+        spans = _finished(server, exporter, requests=sent)
+    computes = [s for s in spans if s.name == "engine.compute"]
+    inline_spans = [s for s in computes if s.attributes["batch.inline"]]
+    assert len(inline_spans) == server.batcher.inline and len(computes) == sent
+    request_ids = {s.parent.span_id for s in inline_spans}
+    assert not [s for s in spans if s.name == "batch.wait" and s.parent.span_id in request_ids]
+    compute = inline_spans[-1]
+    assert compute.attributes["batch.size"] == 1 and compute.attributes["stage.tower_ms"] > 0
+    (request,) = [s for s in spans if s.context.span_id == compute.parent.span_id]
+    assert request.name == RECOMMEND and request.start_time <= compute.start_time <= compute.end_time <= request.end_time
 
 
 def test_sampling_and_the_callers_traceparent(trained_dir):
