@@ -50,6 +50,8 @@ CONFIGS = {
     # ablation was measured until 2026-12-06, docs/serving.md). So its load goes over several connections.
     "workers2": {"dir": ".", "flags": ["--workers", "2"], "channels": 8,
                  "what": "optimised, 2 processes with SO_REUSEPORT, the load over 8 connections"},
+    "conns8": {"dir": ".", "flags": [], "channels": 8, "control_for": "workers2",
+               "what": "optimised, one process, the load over 8 connections (workers2's control)"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},
