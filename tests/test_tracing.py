@@ -3,8 +3,8 @@ the caller, sampling, and export over OTLP/gRPC to a real receiver."""
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 import random
 import subprocess
 import sys
@@ -97,7 +97,7 @@ def test_a_request_computed_on_the_event_loop_has_no_wait_span(trained_dir):
         wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
         # The first request measures the engine on the compute thread; inline starts once a load window closed.
         wait_for(lambda: _recommend(port) and server.batcher.inline > 0, 10, "a request computed inline")
-        sent = server.batcher.inline + server.batcher.batches
+        sent = server.batcher.inline + server.batcher.batches  # one request at a time: each batch is one
         spans = _finished(server, exporter, requests=sent)
     computes = [s for s in spans if s.name == "engine.compute"]
     inline_spans = [s for s in computes if s.attributes["batch.inline"]]
