@@ -51,8 +51,6 @@ from server.engine.stages import STAGES
 from server.loop_watch import LoopWatch
 
 
-
-
 SHED_REASONS = ("queue_full", "loop_lag", "queue_delay", "deadline", "shutdown")  # Overloaded.reason values
 
 
@@ -87,18 +85,15 @@ class BatchingConfig:
     max_loop_lag_ms: float = 50.0     # event-loop lag beyond which new requests are shed (0: never)
     inline_below_ms: float = 2.0      # > 0: a Recommend whose engine takes less than this per request (measured)
                                       # runs on the event loop itself when nothing is queued or computing, and
-                                      # while the loop could carry it (inline_max_loop_busy); 0: never. Hard
-                                      # catalogue, 500 QPS, 3 pairs: P99 11.1 / 10.3 / 11.8 vs 14.8 / 12.8 / 11.6 ms;
-                                      # trainer beside, 300 QPS: 11.4 / 9.6 / 9.3 vs 18.2 / 14.3 / 12.5 ms. Without
-                                      # the busy bound, past capacity the loop saturated before any queue bound
-                                      # applied (P99 ~1 s at 1,000 QPS); with it, 1,200 QPS reads as with 0
+                                      # while the loop could carry it (inline_max_loop_busy); 0: never. Without
+                                      # that bound, past capacity the loop saturated before any queue bound
+                                      # applied (P99 ~1 s at 1,000 QPS). Measured: docs/serving.md section 7
     inline_max_loop_busy: float = 0.95  # inline only while the event loop's own work per second plus the compute
                                       # the Recommends of the last window would add (their rate x the engine's
                                       # measured cost) stays below this fraction of one core; measured every
                                       # BUSY_WINDOW_S from the loop thread's CPU time (server/loop_watch.py).
-                                      # Past it every request goes through the queue and its bounds. 0.95 against
-                                      # 0.85, hard catalogue, pairs: 500 QPS P99 7.5 / 8.3 / 7.4 vs 8.7 / 9.2 / 9.2
-                                      # ms, 650 QPS 11.7 / 10.4 vs 21.0 / 12.8; 1,200 QPS the same (bound off)
+                                      # Past it every request goes through the queue and its bounds (0.95 against
+                                      # 0.85: docs/serving.md section 7, 2026-12-06/07)
     loop_probe_ms: float = 2.0        # how often the loop lag is sampled
 
     def __post_init__(self) -> None:
