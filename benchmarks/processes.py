@@ -32,6 +32,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int, tries: int = 50) -> int:
+    """The first of n consecutive free ports (a `serve --workers n` metrics port p serves on p .. p+n-1)."""
+    import socket
+
+    for _ in range(tries):
+        first = free_port()
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in {tries} tries")
+
+
 def start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port: int = -1,
                  peer: str | None = None, admin_port: int = 0) -> tuple[subprocess.Popen, int]:
     """`livetower serve` (or a peer serving the same engine) on a free port, warmed up; its own process group.

@@ -5,12 +5,15 @@ runs the event loop (gRPC aio's Python side: request parse, admission, response 
 handler Python), the compute thread (named `lt-compute`, server/batching.py) runs engine batches, gRPC's
 C-core threads move bytes. Inside the compute thread, the engine's stage clock (the metrics endpoint's
 `livetower_engine_stage_seconds`) splits the time into item rows, user tower, retrieval and assembly.
+A server of several processes (`serve --workers N`) is sampled as the sum of its workers: each one's threads
+and its own metrics endpoint (the supervisor that started them only waits, and is left out).
 """
 
 from __future__ import annotations
 
 import os
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.batching import COMPUTE_THREAD_NAME
@@ -67,12 +70,52 @@ def scrape(metrics_port: int, host: str = "127.0.0.1") -> dict[str, float]:
     return out
 
 
-class CpuSample:
-    """CPU per thread group and the server's counters at one moment."""
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The server processes a `serve --workers N` supervisor started (its children), oldest first."""
+    import psutil
 
-    def __init__(self, pid: int, metrics_port: int) -> None:
-        self.threads = thread_cpu_s(pid)
-        self.counters = scrape(metrics_port)
+    return [p.pid for p in sorted(psutil.Process(supervisor_pid).children(), key=lambda p: p.create_time())]
+
+
+def wait_for_workers(supervisor_pid: int, n: int, first_metrics_port: int,
+                     timeout_s: float = 120.0) -> tuple[list[int], list[int]]:
+    """(pids, metrics ports) of a `serve --workers n` server once all n processes answer on their metrics ports
+    (worker w on first_metrics_port + w, the order they were started in)."""
+    import time
+
+    ports = [first_metrics_port + w for w in range(n)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = worker_pids(supervisor_pid)
+        try:
+            if len(pids) == n:
+                for port in ports:
+                    metrics_text(port)
+                return pids, ports
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(pids)} of {n} server processes answer on metrics ports {ports} after "
+                               f"{timeout_s:g} s; see the server log")
+        time.sleep(0.5)
+
+
+class CpuSample:
+    """CPU per thread group and the server's counters at one moment, summed over a server's processes (one pid
+    and metrics port each)."""
+
+    def __init__(self, pids: int | Sequence[int], metrics_ports: int | Sequence[int]) -> None:
+        pids = [pids] if isinstance(pids, int) else list(pids)
+        ports = [metrics_ports] if isinstance(metrics_ports, int) else list(metrics_ports)
+        if len(pids) != len(ports) or not pids:
+            raise ValueError(f"pids: one metrics port per process (got {len(pids)} pids, {len(ports)} ports)")
+        self.threads = dict.fromkeys(GROUPS, 0.0)
+        self.counters: dict[str, float] = {}
+        for pid, port in zip(pids, ports):
+            for g, v in thread_cpu_s(pid).items():
+                self.threads[g] += v
+            for k, v in scrape(port).items():
+                self.counters[k] = self.counters.get(k, 0.0) + v
 
 
 def shed_by_reason(before: CpuSample, after: CpuSample) -> dict[str, int]:

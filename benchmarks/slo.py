@@ -28,9 +28,9 @@ from benchmarks.calibration import grpc_roundtrip_ms, python_loop_s, tower_ms
 from benchmarks.catalog import BASELINE_DIR
 from benchmarks.loadgen import LoadConfig, run_load
 from benchmarks.report import paired_differences
-from benchmarks.processes import (PEER_METADATA, Staller, free_port, parse_stall, start_otlp_sink, start_server,
+from benchmarks.processes import (PEER_METADATA, Staller, free_port_block, parse_stall, start_otlp_sink, start_server,
                                   start_trainer, stop_otlp_sink, stop_server, trainer_events)
-from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason
+from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason, wait_for_workers
 from benchmarks.workload import KINDS, make_workload, parse_mix
 
 CONFIGS = {
@@ -114,14 +114,15 @@ def passes(s: dict, slo_ms: float, budget: float) -> bool:
 
 
 def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: float, label: str) -> dict:
-    """One load run against a freshly started server: no backlog from an earlier run leaks in. Single-process
-    servers also report their CPU time per request by component (benchmarks/server_cpu.py). With
+    """One load run against a freshly started server: no backlog from an earlier run leaks in. livetower servers
+    (of one process or several) also report their CPU time per request by component (benchmarks/server_cpu.py). With
     --with-trainer, a copy of the catalogue is served while `livetower train` trains on it beside the server,
     on the events the load itself logs, publishing engines the server canaries and promotes."""
     spec = CONFIGS[name]
     flags = spec["flags"] + args.server_flags.get(name, [])
     peer = spec.get("peer")
-    mport = -1 if "--workers" in flags or peer else free_port()
+    workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+    mport = -1 if peer else free_port_block(workers)
     if peer in PEER_METADATA:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])
     if peer == "floor":
@@ -144,7 +145,10 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     trainer = start_trainer(data, args.trainer_flags.split(), out / f"trainer-{name}.log") if sidecar else None
     summary = None
     try:
-        before = CpuSample(proc.pid, mport) if mport > 0 else None
+        pids, ports = [proc.pid], [mport]
+        if workers > 1:  # every process up (the warm-up reached one of them): both lists complete
+            pids, ports = wait_for_workers(proc.pid, workers, mport)
+        before = CpuSample(pids, ports) if mport > 0 else None
         trained_before = trainer_events(trainer[1]) if trainer else 0.0
         t0 = time.monotonic()
         if args.stall is None:
@@ -158,7 +162,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
                                   / (time.monotonic() - t0), "flags": args.trainer_flags}
             print(f"    trainer beside it: {summary['trainer']['events_per_s']:.1f} events/s trained", flush=True)
         if before is not None:
-            after = CpuSample(proc.pid, mport)
+            after = CpuSample(pids, ports)
             summary["cpu_ms_per_request"] = per_request_ms(before, after)
             summary["shed_by_reason"] = shed_by_reason(before, after)  # the server's own count, warm-up included
             c = summary["cpu_ms_per_request"]

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 
+import grpc
+import pytest
+
 from benchmarks.server_cpu import CpuSample, per_request_ms, thread_cpu_s
 from contracts.client import Client
+from proto import livetower_v1_pb2 as pb
+from proto import livetower_v1_pb2_grpc as pb_grpc
 from tests.conftest import running_server, server_config, wait_for
 
 
@@ -39,3 +44,38 @@ def test_grpc_core_threads_are_told_from_the_rest():
     assert _group(pid, 102, "event_engine") == "grpc_threads"  # grpc >= 1.6x: EventEngine threads
     assert _group(pid, 103, "grpc_global_tim") == "grpc_threads"
     assert _group(pid, 104, "python") == "other"  # Python threads (gRPC aio's poller, the impression writer)
+
+
+def test_a_server_of_several_processes_is_sampled_as_the_sum_of_its_workers(trained_dir, tmp_path):
+    """`serve --workers 2` for real (SO_REUSEPORT): both processes serve, each on its own metrics port, and the
+    sample adds both up: every response of the load is counted once, whichever process answered it."""
+    from benchmarks.processes import free_port_block, start_server, stop_server
+    from benchmarks.server_cpu import wait_for_workers
+
+    mport = free_port_block(2)
+    proc, port = start_server(trained_dir, ["--workers", "2"], tmp_path / "server.log", metrics_port=mport)
+    try:
+        pids, ports = wait_for_workers(proc.pid, 2, mport, timeout_s=60)
+        assert len(set(pids)) == 2 and proc.pid not in pids and ports == [mport, mport + 1]
+        before = CpuSample(pids, ports)
+        # 16 connections (own subchannel pools: no two share one); the kernel gives each to one process, so both
+        # get some but with odds of 2 in 65,536
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(16)]
+        for i in range(160):
+            pb_grpc.RecommenderStub(channels[i % 16]).Recommend(
+                pb.RecommendRequest(user_id=f"user-{i}", k=10, history=["item-1", "item-2"]), timeout=10)
+        for ch in channels:
+            ch.close()
+        alone = [CpuSample(p, q) for p, q in zip(pids, ports)]
+        after = wait_for(lambda: (s := CpuSample(pids, ports)).counters["responses"]
+                         - before.counters["responses"] >= 160 and s, 5, "160 responses counted")
+    finally:
+        stop_server(proc, grace_s=20)
+    got = per_request_ms(before, after)
+    assert got["requests"] == 160
+    assert all(s.counters["responses"] > 0 for s in alone), "SO_REUSEPORT gave every connection to one process"
+    assert sum(s.threads["event_loop"] for s in alone) <= after.threads["event_loop"]
+    assert got["tower"] > 0 and got["retrieval"] > 0
+    with pytest.raises(ValueError, match="pids"):
+        CpuSample([1, 2], [3])
