@@ -207,6 +207,10 @@ def run_load(config: LoadConfig, *, log: Callable[[str], None] = print,
     results = report.build_results(merged, config=config.to_json(), label=config.label, started_at=started_at,
                                    duration_s=config.duration_s, warmup_s=config.warmup_s)
     results["measured_start_unix"] = start_value.value + config.warmup_s
+    # What the load itself costs the host it runs on (a server on the same cores competes with it): the workers'
+    # CPU from the start signal to their last answer, per request sent (warm-up included, as in the CPU time).
+    cpu_s, sent = sum(e["cpu_s"] for e in exports.values()), sum(e["sent_total"] for e in exports.values())
+    results["client_cpu"] = {"seconds": cpu_s, "ms_per_request": cpu_s / sent * 1e3 if sent else None}
     if windows is not None:
         results["windows"] = {name: report.seconds_summary(merged, spans)
                               for name, spans in windows(results["measured_start_unix"]).items()}

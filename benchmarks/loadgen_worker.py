@@ -130,6 +130,7 @@ async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, 
         if not await loop.run_in_executor(None, start_event.wait, 120.0):
             raise TimeoutError(f"worker {idx}: no start signal")
         base = time.monotonic() + (start_value.value - time.time())  # monotonic time of offset 0
+        cpu0 = time.process_time()  # this worker's CPU (all its threads, gRPC core's too) from here to the end
         deadline_s = cfg.deadline_ms / 1e3
         metadata = cfg.metadata or None
         inflight: set[asyncio.Task] = set()
@@ -188,7 +189,7 @@ async def _worker_async(cfg: LoadConfig, idx: int, q, start_event, start_value, 
         finished = True
         if prog is not None:
             prog.cancel()
-        q.put(("done", idx, rec.export(uvloop)))
+        q.put(("done", idx, {**rec.export(uvloop), "cpu_s": time.process_time() - cpu0}))
     finally:
         for ch in channels:
             await ch.close()

@@ -210,6 +210,9 @@ def format_table(r: dict) -> str:
     lag = r["client_lag_ms"]
     lines.append(f"client send lag: p99 {_f(lag['p99'])} ms, max {_f(lag['max'])} ms"
                  + ("  << client could not keep up; latencies include it" if (lag["p99"] or 0) > 5 else ""))
+    cpu = r.get("client_cpu", {}).get("ms_per_request")
+    if cpu is not None:
+        lines.append(f"client CPU: {cpu:.3f} ms per request sent (on the cores a local server shares with it)")
     return "\n".join(lines)
 
 

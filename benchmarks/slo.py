@@ -89,6 +89,8 @@ def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
                # How late the load generator itself sent (scheduled -> sent): a client stall shows here, and as a
                # burst at the server, not as server time.
                "client_lag_ms": {q: r["client_lag_ms"].get(q) for q in ("p99", "max")},
+               # The load generator's own CPU per request, on the cores it shares with the server.
+               "client_cpu_ms_per_request": r["client_cpu"]["ms_per_request"],
                # Per second of the measured window (t_s from measured_start_unix), to line slow seconds up with
                # the server's log (engine loads, canaries, swaps).
                "measured_start_unix": r["measured_start_unix"],
@@ -101,8 +103,9 @@ def one_run(base: LoadConfig, port: int, rate: float, label: str) -> dict:
     print(f"  {label}: offered {rate:.0f} achieved {r['achieved_qps']:.0f} QPS  p50 {summary['p50_ms']:.2f}  "
           f"p99 {summary['p99_ms']:.2f}  max {summary['max_ms']:.2f} ms  errors {summary['errors_by_code']}",
           flush=True)
-    print(f"    client send lag: p99 {summary['client_lag_ms']['p99']} ms, max {summary['client_lag_ms']['max']} ms",
-          flush=True)
+    cpu = summary["client_cpu_ms_per_request"]
+    print(f"    client send lag: p99 {summary['client_lag_ms']['p99']} ms, max {summary['client_lag_ms']['max']} ms; "
+          f"client CPU/request {cpu if cpu is None else round(cpu, 3)} ms", flush=True)
     if len(summary["kinds"]) > 1:
         kinds = ", ".join(f"{kind} p99 {v['p99']} ms ({v['count']})" for kind, v in summary["kinds"].items())
         print(f"    by kind: {kinds}", flush=True)

@@ -124,11 +124,15 @@ def test_open_loop_run_counts_latency_errors_and_writes_outputs(tmp_path):
     assert len(measured) == 2 and all(t["p99_ms"] is not None for t in measured)
     assert any(t["phase"] == "warmup" for t in r["timeseries"])
     assert r["slo"] == {"p99_ms": None, "error_budget": None, "violations": [], "passed": True}
+    # the workers' own CPU (spawned processes: none of the in-process fake server's), per request sent
+    cpu = r["client_cpu"]
+    assert cpu["seconds"] > 0 and cpu["ms_per_request"] == pytest.approx(cpu["seconds"] / 500 * 1e3)
+    assert cpu["seconds"] < 2.5 * 3  # at most ~the run's wall time (2.5 s) on each of a few threads
 
     data = json.loads((tmp_path / "results.json").read_text())
     for key in ("label", "started_at", "config", "window", "workers", "requests", "offered_qps", "achieved_qps",
-                "latency_ms", "latency_ms_incl_errors", "client_lag_ms", "errors", "kinds", "percentile_curve",
-                "timeseries", "slo"):
+                "latency_ms", "latency_ms_incl_errors", "client_lag_ms", "client_cpu", "errors", "kinds",
+                "percentile_curve", "timeseries", "slo"):
         assert key in data, key
     assert data["label"] == "fake" and data["config"]["rate"] == 200.0
     assert data["percentile_curve"][-1]["latency_ms"] == pytest.approx(lat["max"])
