@@ -223,8 +223,11 @@ def calibrate(catalog: Path, out: Path) -> dict:
 
 def headline(runs: list[dict], rate: float) -> dict:
     cpu = [r["cpu_ms_per_request"] for r in runs if r.get("cpu_ms_per_request")]
+    # Over the components every run has: which thread's time is "unstaged" depends on where a run computed
+    # (compute thread, or inline on the event loop), so runs of one configuration can name different ones.
+    common = [k for k in cpu[0] if all(k in c for c in cpu)] if cpu else []
     return {"rate": rate, "runs": runs,
-            "median_cpu_ms_per_request": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} if cpu else None,
+            "median_cpu_ms_per_request": {k: statistics.median(c[k] for c in cpu) for k in common} if cpu else None,
             "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "median_error_rate": statistics.median(r["error_rate"] for r in runs)}

@@ -307,3 +307,18 @@ def test_paired_differences_say_when_the_rounds_show_a_difference_and_when_not()
     assert report.paired_differences([3.0, -1.0, 2.0]) == report.paired_differences([3.0, -1.0, 2.0])  # seeded
     with pytest.raises(ValueError):
         report.paired_differences([])
+
+
+def test_the_headline_takes_medians_over_the_cpu_components_every_run_has():
+    """One run computed a few requests on the compute thread (compute_unstaged), the others all inline
+    (event_loop_unstaged): the headline's medians skip what not every run has, instead of failing the benchmark
+    after its runs (a 2026-12-07 `bench slo` died so)."""
+    from benchmarks.slo import headline
+
+    def run(p99, unstaged_key):
+        return {"p99_ms": p99, "p50_ms": 1.0, "error_rate": 0.0,
+                "cpu_ms_per_request": {"total": p99 / 4, "event_loop": 1.3, unstaged_key: 0.1}}
+
+    h = headline([run(6.6, "compute_unstaged"), run(5.0, "event_loop_unstaged"), run(4.8, "event_loop_unstaged")], 500)
+    assert h["median_p99_ms"] == 5.0
+    assert h["median_cpu_ms_per_request"] == {"total": 1.25, "event_loop": 1.3}
