@@ -319,6 +319,7 @@ def test_the_headline_takes_medians_over_the_cpu_components_every_run_has():
         return {"p99_ms": p99, "p50_ms": 1.0, "error_rate": 0.0,
                 "cpu_ms_per_request": {"total": p99 / 4, "event_loop": 1.3, unstaged_key: 0.1}}
 
-    h = headline([run(6.6, "compute_unstaged"), run(5.0, "event_loop_unstaged"), run(4.8, "event_loop_unstaged")], 500)
+    h = headline([run(6.6, "compute_unstaged"), run(5.0, "event_loop_unstaged"), run(4.8, "event_loop_unstaged")],
+                 500)
     assert h["median_p99_ms"] == 5.0
     assert h["median_cpu_ms_per_request"] == {"total": 1.25, "event_loop": 1.3}
