@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -186,28 +187,37 @@ def parse_stall(text: str) -> tuple[float, float]:
 
 
 class Staller:
-    """Stops a process for stall_s every every_s seconds (SIGSTOP, then SIGCONT), from a thread: the unfriendly
-    case of a host that pauses (a VM's vCPU descheduled, a page read back from disk, a long GC). Requests sent
-    meanwhile queue in the kernel and reach the server together when it resumes. A context manager; `stalls`
-    counts the pauses made."""
+    """Stops a server's processes for stall_s every every_s seconds (SIGSTOP, then SIGCONT), from a thread: the
+    unfriendly case of a host that pauses (a VM's vCPU descheduled, a page read back from disk, a long GC). Requests
+    sent meanwhile queue in the kernel and reach the server together when it resumes. `pids`: every process that
+    serves (each worker of `serve --workers N`: a host pauses them all). A context manager; `stalls` counts the
+    pauses made."""
 
-    def __init__(self, pid: int, every_s: float, stall_s: float) -> None:
+    def __init__(self, pids: int | Sequence[int], every_s: float, stall_s: float) -> None:
         _check_stall(every_s, stall_s)
-        self.pid, self.every_s, self.stall_s = pid, every_s, stall_s
+        self.pids = [pids] if isinstance(pids, int) else list(pids)
+        self.every_s, self.stall_s = every_s, stall_s
         self.stalls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="staller", daemon=True)
 
+    def _signal(self, sig: int) -> bool:
+        """sig to every process still there; False if one has gone (the server ended: stop pausing)."""
+        alive = True
+        for pid in self.pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                alive = False
+        return alive
+
     def _run(self) -> None:
         while not self._stop.wait(self.every_s - self.stall_s):
-            try:
-                os.kill(self.pid, signal.SIGSTOP)
-            except ProcessLookupError:
+            if not self._signal(signal.SIGSTOP):
+                self._signal(signal.SIGCONT)  # none left stopped
                 return
             time.sleep(self.stall_s)
-            try:
-                os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
+            if not self._signal(signal.SIGCONT):
                 return
             self.stalls += 1
 

@@ -157,7 +157,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
         if args.stall is None:
             summary = one_run(base, port, rate, label)
         else:
-            with Staller(proc.pid, *args.stall) as staller:
+            with Staller(pids, *args.stall) as staller:
                 summary = one_run(base, port, rate, label)
             summary["stalls"] = {"every_s": args.stall[0], "ms": args.stall[1] * 1e3, "count": staller.stalls}
         if trainer:

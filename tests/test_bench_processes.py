@@ -55,6 +55,23 @@ def test_the_staller_stops_the_process_for_its_pauses_and_leaves_it_running():
         Staller(proc.pid, every_s=0.05, stall_s=0.05)
 
 
+def test_the_staller_pauses_every_process_of_a_server_together():
+    """A host that pauses stops all of `serve --workers N`'s processes, not one (bench slo passes every worker)."""
+    procs = [subprocess.Popen(SLEEPER) for _ in range(2)]
+    try:
+        both_stopped = False
+        with Staller([p.pid for p in procs], every_s=0.1, stall_s=0.05) as staller:
+            t_end = time.monotonic() + 0.5
+            while time.monotonic() < t_end:
+                both_stopped |= all(_state(p.pid) == "T" for p in procs)
+                time.sleep(0.005)
+        assert both_stopped and staller.stalls >= 3
+        assert all(_state(p.pid) != "T" for p in procs)
+    finally:
+        for p in procs:
+            stop_server(p, grace_s=5)
+
+
 def test_the_grpc_floor_starts_as_a_peer_and_answers_a_canned_recommend(tmp_path):
     """bench slo's grpc-floor configuration: benchmarks/grpc_floor.py started like a server, k items per answer."""
     import grpc

@@ -3,6 +3,7 @@ found by its OS name, the stage clock counts what the engine did, responses are 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import grpc
@@ -12,11 +13,15 @@ from benchmarks.server_cpu import CpuSample, per_request_ms, thread_cpu_s
 from contracts.client import Client
 from proto import livetower_v1_pb2 as pb
 from proto import livetower_v1_pb2_grpc as pb_grpc
-from tests.conftest import running_server, server_config, wait_for
+from tests.conftest import TEST_BATCHING, running_server, server_config, wait_for
 
 
 def test_cpu_per_request_by_component(trained_dir):
-    with running_server(server_config(trained_dir)) as (server, port):
+    # Every batch on the compute thread (no inline path): once the batcher's first 100 ms load window closes,
+    # requests would otherwise be computed on the event loop and the thread would have nothing to account for
+    # (a fresh-clone CI run failed so on 2026-12-07).
+    thread_only = dataclasses.replace(TEST_BATCHING, inline_below_ms=0)
+    with running_server(server_config(trained_dir, batching=thread_only)) as (server, port):
         wait_for(lambda: server.manager.current is not None, 30, "engine 1 to load")
         client = Client(f"127.0.0.1:{port}")
         client.recommend("user-1", k=10, history=["item-1"])  # the compute thread exists from the first batch
