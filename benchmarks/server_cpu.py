@@ -12,6 +12,7 @@ and its own metrics endpoint (the supervisor that started them only waits, and i
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,8 +82,6 @@ def wait_for_workers(supervisor_pid: int, n: int, first_metrics_port: int,
                      timeout_s: float = 120.0) -> tuple[list[int], list[int]]:
     """(pids, metrics ports) of a `serve --workers n` server once all n processes answer on their metrics ports
     (worker w on first_metrics_port + w, the order they were started in)."""
-    import time
-
     ports = [first_metrics_port + w for w in range(n)]
     deadline = time.monotonic() + timeout_s
     while True:

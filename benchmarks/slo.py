@@ -70,6 +70,11 @@ CONFIGS = {
 }
 
 
+def server_processes(flags: list[str]) -> int:
+    """How many processes a configuration's server flags start (`--workers N`; 1 without it)."""
+    return int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+
+
 def load_for(spec: dict, base: LoadConfig) -> LoadConfig:
     """The load a configuration gets: the common one, over the configuration's own number of connections (a server
     of several processes on one port needs several, or one process gets every request)."""
@@ -124,7 +129,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
     spec = CONFIGS[name]
     flags = spec["flags"] + args.server_flags.get(name, [])
     peer = spec.get("peer")
-    workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+    workers = server_processes(flags)
     mport = -1 if peer else free_port_block(workers)
     if peer in PEER_METADATA:
         base = dataclasses.replace(base, metadata=PEER_METADATA[peer])

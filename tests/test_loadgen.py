@@ -275,13 +275,12 @@ def test_a_server_of_several_processes_gets_its_load_over_several_connections():
     """SO_REUSEPORT spreads connections: `bench slo`'s `--workers N` configurations send over at least 4 N of them
     (over the one connection of the common load, one process got every request); the others keep the common load,
     but for a one-process control of a several-process configuration, which sends as that one does."""
-    from benchmarks.slo import CONFIGS, load_for
+    from benchmarks.slo import CONFIGS, load_for, server_processes
 
     base = LoadConfig()
     multi = 0
     for name, spec in CONFIGS.items():
-        flags = spec["flags"]
-        workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+        workers = server_processes(spec["flags"])
         load = load_for(spec, base)
         if workers > 1:
             multi += 1
