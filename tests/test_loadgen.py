@@ -151,7 +151,11 @@ def test_serialising_server_shows_queueing_no_coordinated_omission():
     assert 40 < r["achieved_qps"] < 125  # about the server's capacity (100/s), not the offered 200
     ts = [t for t in r["timeseries"] if t["p50_ms"] is not None]
     assert len(ts) >= 3  # the queue drains after the schedule ends
-    assert ts[-1]["p50_ms"] > 3 * ts[0]["p50_ms"] and ts[-1]["p99_ms"] > 2 * ts[0]["p99_ms"]  # grows over time
+    # Grows over time: ~5 ms a request at 100/s served of 200/s offered, so the last second's requests waited
+    # ~1 s longer than the first second's. A difference, not a ratio: a slow start (CI: the first second's P50
+    # read 812 ms once) shifts every latency alike; a closed-loop client would show none.
+    assert ts[-1]["p50_ms"] - ts[0]["p50_ms"] > 500, ts
+    assert ts[-1]["p99_ms"] - ts[0]["p99_ms"] > 300, ts
     assert r["client_lag_ms"]["p99"] < 50  # the client itself kept to the schedule
 
 
