@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.batching import COMPUTE_THREAD_NAME
+from server.engine.compute_process import PROCESS_NAME as COMPUTE_PROCESS_NAME
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 GROUPS = ("event_loop", "compute", "grpc_threads", "other")
@@ -35,7 +36,25 @@ def _group(pid: int, tid: int, comm: str) -> str:
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds so far per thread group (threads that ended are lost: take both samples while it runs)."""
+    """CPU seconds so far per thread group (threads that ended are lost: take both samples while it runs). The
+    server's compute processes (`--compute-process`: its children named lt-compute) count as compute."""
+    out = _threads_cpu_s(pid)
+    for child in compute_processes(pid):
+        out["compute"] += sum(_threads_cpu_s(child).values())
+    return out
+
+
+def compute_processes(pid: int) -> list[int]:
+    """The compute processes a server runs its engines' towers and searches in (server/engine/compute_process.py)."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children() if c.name() == COMPUTE_PROCESS_NAME]
+    except psutil.Error:
+        return []
+
+
+def _threads_cpu_s(pid: int) -> dict[str, float]:
     out = dict.fromkeys(GROUPS, 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

@@ -52,6 +52,8 @@ CONFIGS = {
                  "what": "optimised, 2 processes with SO_REUSEPORT, the load over 8 connections"},
     "conns8": {"dir": ".", "flags": [], "channels": 8, "control_for": "workers2",
                "what": "optimised, one process, the load over 8 connections (workers2's control)"},
+    "compute-process": {"dir": ".", "flags": ["--compute-process"],
+                        "what": "optimised, each engine's tower and search in a process of its own (no inline path)"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},

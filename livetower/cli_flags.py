@@ -31,7 +31,7 @@ def server_flag_sets() -> tuple[FlagSet, FlagSet, FlagSet, FlagSet, FlagSet]:
                       Flag("max_concurrent_rpcs", to_field=lambda n: None if n <= 0 else n, note="0: no cap"))
     engines = flag_set(EngineManagerConfig, "poll_interval_s", Flag("num_threads", name="threads"),
                        "trusted_keys", "require_signature", "replica_id", "lease_s", "load_nice",
-                       Flag("use_ann", name="ann"),
+                       Flag("use_ann", name="ann"), "compute_process",
                        Flag("leader", name="rollout-follower", negate=True,
                             note="--workers makes every process but the first a follower"))
     batching = flag_set(BatchingConfig, "max_batch", "max_delay_ms", "max_queue", "max_queue_delay_ms",

@@ -45,8 +45,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from contracts.tracing import TRACING_OFF, Tracing, child_span
-from server.engine.engine import Engine, Ranked, RecommendQuery
+from server.engine.engine import Engine, Ranked, RecommendQuery, drop_excluded
 from server.engine.stages import STAGES
 from server.loop_watch import LoopWatch
 
@@ -118,6 +120,16 @@ class BatchingConfig:
             raise ValueError(f"loop_probe_ms must be > 0, got {self.loop_probe_ms}")
         if not 0 < self.inline_max_loop_busy <= 1:
             raise ValueError(f"inline_max_loop_busy must be in (0, 1], got {self.inline_max_loop_busy}")
+
+
+def _remote(batch: list[_Job]) -> Any:
+    """The compute process a batch runs its tower and search in, or None: in this process (a Score, an engine
+    without one or whose process is gone, an engine that fuses users' feature vectors between the two)."""
+    job = batch[0]
+    proc = getattr(job.engine, "compute_process", None)  # engines of unit tests may lack it
+    if job.call is not None or proc is None or not proc.alive or getattr(job.engine, "users", None) is not None:
+        return None
+    return proc
 
 
 @dataclass(slots=True)
@@ -304,7 +316,7 @@ class MicroBatcher:
         limit_s = self.config.inline_below_ms / 1e3
         measured = self._engine_cost_s.get(job.engine)
         return (limit_s > 0 and self._inline_ok and not self._queue and not self._computing
-                and measured is not None and measured < limit_s)
+                and measured is not None and measured < limit_s and _remote([job]) is None)
 
     def _compute_inline(self, job: _Job) -> None:
         t0 = time.perf_counter()
@@ -373,6 +385,29 @@ class MicroBatcher:
             return [batch[0].call()]
         return batch[0].engine.recommend_batch([j.query for j in batch])
 
+    @staticmethod
+    async def _compute_remote(batch: list[_Job], timing: _Timing) -> list[Any]:
+        """A Recommend batch whose tower and search run in the engine's compute process: the rows before and the
+        answers after on the event loop (Engine.prepare / finish), the native half awaited, not waited for."""
+        engine = batch[0].engine
+        timing.start = time.perf_counter()
+        prepared = engine.prepare([j.query for j in batch])
+        u_BD, scores_BK, idx_BK = None, [], []
+        tower_s = search_s = 0.0
+        if prepared.rows:
+            u_BD, dist_BK, ids_BK, tower_s, search_s = await engine.compute_process.submit(np.stack(prepared.rows),
+                                                                                           prepared.k_search)
+            scores_BK, idx_BK = drop_excluded(dist_BK, ids_BK, prepared.k_max, prepared.seen_B)
+            # The stage clock's stamps, shifted so that each stage counts its own time (not the wait between)
+            t0, t1 = prepared.stamps
+            end = time.perf_counter()
+            prepared.stamps = [end - search_s - tower_s - (t1 - t0), end - search_s - tower_s, end - search_s, end]
+        results = engine.finish(prepared, u_BD, scores_BK, idx_BK)
+        timing.end = time.perf_counter()
+        s = prepared.stamps
+        timing.stages = (s[1] - s[0], tower_s, search_s, timing.end - s[-1])
+        return results
+
     @classmethod
     def _compute_clocked(cls, batch: list[_Job], timing: _Timing) -> list[Any]:
         """_compute, noting its start and end on the compute thread."""
@@ -428,8 +463,11 @@ class MicroBatcher:
             traced = self._tracer is not None and any(j.span is not None for j in batch)
             timing = _Timing()
             try:
-                results = await loop.run_in_executor(self._executor, self._compute_timed if traced
-                                                     else self._compute_clocked, batch, timing)
+                if _remote(batch) is not None:
+                    results = await self._compute_remote(batch, timing)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._compute_timed if traced
+                                                         else self._compute_clocked, batch, timing)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep the worker alive
                 for job in batch:
                     if not job.future.done():

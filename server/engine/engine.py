@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
@@ -52,6 +53,36 @@ class Ranked:
     item_ids: list[str]
     scores: list[float]
     source: str  # "model" | "popularity"
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch between Engine.prepare and Engine.finish: what the tower and the search need, and the answers so far."""
+    queries: Sequence[RecommendQuery]
+    stamps: list[float]  # perf_counter() at the start and after rows (then after tower and search): the StageClock's
+    live: Any  # the LiveItems snapshot it was prepared with (deleted and upserted items)
+    out: list[Ranked | None] = field(default_factory=list)  # per query; popularity answers filled by prepare
+    rows: list[np.ndarray] = field(default_factory=list)  # (T,) left-padded rows per query the model answers
+    model_q: list[int] = field(default_factory=list)  # those queries' positions in `queries`
+    seen_B: list[list[int]] = field(default_factory=list)  # item indices each of them must not get back
+    k_max: int = 0  # the largest k asked
+    k_search: int = 0  # how many a search returns so that k_max remain after the exclusions
+
+
+def drop_excluded(dist_BK: np.ndarray, idx_BK: np.ndarray, k: int,
+                  seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
+    """The first k of each row of a search's answer, its excluded items (seen_B) and misses (-1) dropped."""
+    scores_out, idx_out = [], []
+    for b, (dist_K, ids_K) in enumerate(zip(dist_BK.tolist(), idx_BK.tolist())):
+        if not seen_B[b] and -1 not in ids_K:  # the common case: nothing to drop
+            scores_out.append(dist_K[:k])
+            idx_out.append(ids_K[:k])
+            continue
+        seen = set(seen_B[b])
+        keep = [(d, i) for d, i in zip(dist_K, ids_K) if i >= 0 and i not in seen][:k]
+        scores_out.append([d for d, _ in keep])
+        idx_out.append([i for _, i in keep])
+    return scores_out, idx_out
 
 
 class _ItemIds(Sequence):
@@ -116,6 +147,8 @@ class Engine:
         self.popularity_scores = popularity_scores
         self.ann = ann  # the index chosen at build for large catalogues (None: exact search)
         self.engine_dir: Path | None = None  # set by load(): where the index's held-out check queries are
+        self.graph_dir: Path | None = None  # set by load(): a refit's graph version directory (its compiled tower)
+        self.compute_process = None  # a ComputeProcess running its tower and search (EngineManagerConfig.compute_process)
         self.listed: frozenset[str] | None = None  # set by load(): the manifest's file names (the only ones read)
         self.clock: StageClock | None = None  # set once the engine serves: time per stage of recommend_batch
         self.encoder: ItemEncoder | None = None  # set by load() for a feature model's engine: features -> vectors
@@ -156,7 +189,7 @@ class Engine:
         pop = json.loads(own(POPULARITY_FILE).read_text())
         ann = load_item_index(engine_dir, num_threads=num_threads, listed=listed) if use_ann else None
         engine = cls(manifest, runner, vocab, n_items, items_ND, pop["item_ids"], pop["scores"], ann)
-        engine.engine_dir = engine_dir
+        engine.engine_dir, engine.graph_dir = engine_dir, (Path(graph_dir) if manifest.graph_version else None)
         engine.listed = listed
         if ITEM_ENCODER_FILE in listed:
             engine.encoder = ItemEncoder.load(own(ITEM_ENCODER_FILE), own(ITEM_ENCODER_META))
@@ -262,47 +295,62 @@ class Engine:
 
     def recommend_batch(self, queries: Sequence["RecommendQuery"]) -> list[Ranked]:
         """One user-tower call and one scoring pass (exact (B, N) or ANN) for every query with a known item."""
-        t0 = time.perf_counter()
-        out: list[Ranked | None] = [None] * len(queries)
-        rows, model_q, seen_B = [], [], []
+        batch = self.prepare(queries)
+        if batch.rows:
+            u_BD = self.fuse_user_features(self.runner(np.stack(batch.rows)),
+                                           [queries[i].user_id for i in batch.model_q])
+            t2 = time.perf_counter()
+            if self.ann is not None:
+                scores_BK, idx_BK = self._ann_topk(u_BD, batch.k_max, batch.seen_B)
+            else:
+                scores_BK, idx_BK = self._exact_topk(u_BD, batch.k_max, batch.seen_B)
+            batch.stamps += [t2, time.perf_counter()]
+            return self.finish(batch, u_BD, scores_BK, idx_BK)
+        return self.finish(batch, None, [], [])
+
+    def prepare(self, queries: Sequence["RecommendQuery"]) -> "PreparedBatch":
+        """The Python half before the tower: item rows of each query's history (or popularity, none known)."""
+        live = self.live.current
+        batch = PreparedBatch(queries, [time.perf_counter()], live, out=[None] * len(queries))
         for i, q in enumerate(queries):
             known = self._known_rows(q.history)  # looked up once: the tower's rows and the items to exclude
             if not known:
-                out[i] = self._popular(q)  # no known item
+                batch.out[i] = self._popular(q)  # no known item
             else:
-                rows.append(self._padded(known))
-                model_q.append(i)
-                # Item indices (rows - 1) the query must not get back: its whole history, when exclude_seen
-                seen_B.append(list({r - 1 for r in known}) if q.exclude_seen else ())
-        t1 = t2 = t3 = time.perf_counter()
-        if model_q:
-            u_BD = self.fuse_user_features(self.runner(np.stack(rows)), [queries[i].user_id for i in model_q])
-            t2 = time.perf_counter()
-            # Build-time items deleted or replaced since the build are excluded from every query too.
-            live = self.live.current
-            if live.deleted:
-                seen_B = [[*seen, *live.deleted] for seen in seen_B]
-            k_max = max(queries[i].k for i in model_q)
-            if self.ann is not None:
-                scores_BK, idx_BK = self._ann_topk(u_BD, k_max, seen_B)
-            else:
-                scores_BK, idx_BK = self._exact_topk(u_BD, k_max, seen_B)
-            t3 = time.perf_counter()
-            # indices come from this engine's own items (< n_items): no bounds check needed
-            id_of = self.vocab.ids.__getitem__
-            for b, i in enumerate(model_q):
-                q = queries[i]
-                scores = scores_BK[b][:q.k]
-                if scores and scores[-1] == NEG_INF:  # rows are sorted: excluded or missing (-inf) ones are last
-                    scores = [s for s in scores if s != NEG_INF]
-                items = list(map(id_of, idx_BK[b][:len(scores)]))  # C-level loop: ~100 ids a query
-                if live.ids:
-                    scores, items = merge_topk(scores, items, live, torch.from_numpy(u_BD[b]), q.k,
-                                               set(q.history) if q.exclude_seen else set())
-                out[i] = Ranked(items, scores, "model")
+                batch.rows.append(self._padded(known))
+                batch.model_q.append(i)
+                # Item indices (rows - 1) the query must not get back: its whole history, when exclude_seen;
+                # build-time items deleted or replaced since the build are excluded from every query too.
+                seen = list({r - 1 for r in known}) if q.exclude_seen else []
+                batch.seen_B.append([*seen, *live.deleted] if live.deleted else seen)
+        if batch.model_q:
+            batch.k_max = max(queries[i].k for i in batch.model_q)
+            # What a search must return so that k_max remain once the excluded are dropped
+            batch.k_search = min(batch.k_max + max(len(s) for s in batch.seen_B), self.items_ND.shape[0])
+        batch.stamps.append(time.perf_counter())
+        return batch
+
+    def finish(self, batch: "PreparedBatch", u_BD: np.ndarray | None, scores_BK: list[list[float]],
+               idx_BK: list[list[int]]) -> list[Ranked]:
+        """The Python half after the search: ids and scores per query (k of them, excluded ones dropped), merged
+        with the items upserted since the build. batch.stamps must hold the tower's and the search's ends."""
+        queries, live = batch.queries, batch.live
+        id_of = self.vocab.ids.__getitem__  # indices come from this engine's own items (< n_items): no bounds check
+        for b, i in enumerate(batch.model_q):
+            q = queries[i]
+            scores = scores_BK[b][:q.k]
+            if scores and scores[-1] == NEG_INF:  # rows are sorted: excluded or missing (-inf) ones are last
+                scores = [s for s in scores if s != NEG_INF]
+            items = list(map(id_of, idx_BK[b][:len(scores)]))  # C-level loop: ~100 ids a query
+            if live.ids:
+                scores, items = merge_topk(scores, items, live, torch.from_numpy(u_BD[b]), q.k,
+                                           set(q.history) if q.exclude_seen else set())
+            batch.out[i] = Ranked(items, scores, "model")
         if self.clock is not None:
-            self.clock.add((t0, t1, t2, t3, time.perf_counter()), len(queries))
-        return out  # type: ignore[return-value]
+            t0, t1, *rest = batch.stamps
+            stamps = (t0, t1, *rest) if rest else (t0, t1, t1, t1)  # no query used the model: no tower, no search
+            self.clock.add((*stamps, time.perf_counter()), len(queries))
+        return batch.out  # type: ignore[return-value]
 
     def _exact_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
         exclude_BN = None
@@ -315,21 +363,19 @@ class Engine:
                                                   exclude_BN=exclude_BN)
         return scores_BK.tolist(), idx_BK.tolist()
 
+    def search(self, u_BD: np.ndarray, k_search: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k_search best items of each row, nothing excluded: (scores (B, K) float32, item indices (B, K) int64,
+        -1 where the index found fewer). The index's search, or an exact scan without one."""
+        if self.ann is not None:
+            return self.ann.search(u_BD, k_search)
+        scores_BK, idx_BK = topk_cosine_reference(torch.from_numpy(u_BD), self.items_ND, k_search,
+                                                  items_normalized=True)
+        return scores_BK.numpy(), idx_BK.numpy()
+
     def _ann_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
         """Index search for k + (most items any query excludes), then drop the excluded ones."""
         kk = min(k + max(len(s) for s in seen_B), self.items_ND.shape[0])
-        dist_BK, idx_BK = self.ann.search(u_BD, kk)
-        scores_out, idx_out = [], []
-        for b, (dist_K, ids_K) in enumerate(zip(dist_BK.tolist(), idx_BK.tolist())):
-            if not seen_B[b] and -1 not in ids_K:  # the common case: nothing to drop
-                scores_out.append(dist_K[:k])
-                idx_out.append(ids_K[:k])
-                continue
-            seen = set(seen_B[b])
-            keep = [(d, i) for d, i in zip(dist_K, ids_K) if i >= 0 and i not in seen][:k]
-            scores_out.append([d for d, _ in keep])
-            idx_out.append([i for _, i in keep])
-        return scores_out, idx_out
+        return drop_excluded(*self.ann.search(u_BD, kk), k, seen_B)
 
     def score(self, history: Sequence[str], candidates: Sequence[str],
               user_id: str = "") -> tuple[list[float], list[str], str]:

@@ -7,12 +7,14 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contracts.registry import USER_VECTORS_FILE, EngineCorrupt, Registry
 from contracts.signing import KeyFileError, ManifestTrust
 from proto import livetower_v1_pb2 as pb
+from server.engine.compute_process import ComputeProcess, ComputeProcessError
 from server.engine.engine import Engine, EngineRejected
 
 if TYPE_CHECKING:
@@ -41,6 +43,22 @@ def load_from_registry(registry: Registry, version: int, config: EngineManagerCo
                            users_dir=_users_vectors_dir(registry, manifest, config, trust))
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise EngineRejected(f"engine {version}: load failed: {e}") from e
+
+
+def start_compute_process(engine: Engine, config: EngineManagerConfig) -> ComputeProcess:
+    """The engine's compute process, started, loaded and checked; closed when the engine is freed."""
+    try:
+        proc = ComputeProcess.start(engine.engine_dir, engine.manifest.SerializeToString(), engine.version,
+                                    graph_dir=engine.graph_dir, num_threads=config.num_threads,
+                                    use_ann=config.use_ann and engine.ann is not None)
+    except ComputeProcessError as e:
+        raise EngineRejected(str(e)) from e
+    if proc.parity_max_abs_diff > config.parity_tolerance:
+        proc.close()
+        raise EngineRejected(f"engine {engine.version}: its compute process's golden parity max abs diff "
+                             f"{proc.parity_max_abs_diff:.3g} > tolerance {config.parity_tolerance:g}")
+    weakref.finalize(engine, proc.close)
+    return proc
 
 
 def _users_vectors_dir(registry: Registry, manifest: pb.EngineManifest, config: EngineManagerConfig,

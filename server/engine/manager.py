@@ -38,7 +38,7 @@ from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.fleet_stats import CanaryReports
 from server.engine.lease import check_holder, default_replica_id, hold, renew_until
-from server.engine.loading import load_from_registry, lower_thread_priority
+from server.engine.loading import load_from_registry, lower_thread_priority, start_compute_process
 from server.engine.stages import StageClock
 
 log = logging.getLogger("livetower.engine")
@@ -61,6 +61,10 @@ class EngineManagerConfig:
     # trainer beside the server, 300 QPS, 6 runs each: P99 median 8.9 ms at 0, 29 ms at 10 (docs/serving.md §7)
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
+    compute_process: bool = False   # run each engine's user tower and item search in a process of its own
+                                    # (server/engine/compute_process.py), beside the event loop without sharing its
+                                    # GIL; every Recommend then goes through the batcher (never inline). Off by
+                                    # default: measured in docs/serving.md section 7, 2026-12-07 (later)
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
@@ -199,6 +203,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.refit_warmup_calls if self._graph_is_warm(engine) else self.config.warmup_calls)
+            if self.config.compute_process and engine.engine_dir is not None:
+                engine.compute_process = start_compute_process(engine, self.config)
             if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
                 self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
         engine.clock = self.clock  # counted from here: warm-up is not serving
