@@ -151,6 +151,7 @@ class LivetowerServer:
         await asyncio.gather(self.grpc_server.stop(grace), self.admin_server.stop(grace))
         if self.batcher is not None:
             await self.batcher.stop()
+        await asyncio.to_thread(self.manager.close)  # nothing computes now: the engines' compute processes go
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.feed is not None:

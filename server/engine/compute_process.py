@@ -15,7 +15,8 @@ Wire format over a socketpair (multiprocessing.connection framing), one batch in
   reply    b"R" + "<iiidd" B, D, K, tower seconds, search seconds + u (B, D) float32 + scores (B, K) float32
            + item indices (B, K) int64;  b"E" + a UTF-8 message: the batch failed (the process keeps serving)
 Start-up: the child sends b"ready" + "<d" its golden parity max abs diff once loaded and warmed, or b"E" + why not.
-The child exits when its connection closes (the server closed it, or died: PR_SET_PDEATHSIG as well).
+The child exits when its connection closes: the server closed it, or exited (not PR_SET_PDEATHSIG: that follows
+the thread that started the child, a loading thread here, not the server process).
 
     python -m server.engine.compute_process --fd N --engine-dir DIR [--graph-dir DIR] [--threads 1] [--no-ann]
 """
@@ -158,7 +159,7 @@ class ComputeProcess:
 def decode_reply(msg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     B, D, K, tower_s, search_s = REPLY.unpack_from(msg, 1)
     at = 1 + REPLY.size
-    u_BD = np.frombuffer(msg, np.float32, B * D, at).reshape(B, D)
+    u_BD = np.frombuffer(msg, np.float32, B * D, at).reshape(B, D).copy()  # writable: torch views it (live merge)
     at += 4 * B * D
     scores_BK = np.frombuffer(msg, np.float32, B * K, at).reshape(B, K)
     at += 4 * B * K
@@ -172,9 +173,7 @@ def _name_process() -> None:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, PROCESS_NAME.encode(), 0, 0, 0)  # PR_SET_NAME
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: never outlive the server
+        ctypes.CDLL(None).prctl(15, PROCESS_NAME.encode(), 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
 
@@ -204,7 +203,7 @@ def serve(conn: Connection, engine_dir: Path, graph_dir: Path | None, threads: i
             return  # the server closed the connection (or died)
         try:
             B, T, K = REQUEST.unpack_from(msg)
-            rows_BT = np.frombuffer(msg, np.int64, B * T, REQUEST.size).reshape(B, T)
+            rows_BT = np.frombuffer(msg, np.int64, B * T, REQUEST.size).reshape(B, T).copy()  # writable, for torch
             t0 = time.perf_counter()
             u_BD = np.ascontiguousarray(engine.runner(rows_BT), dtype=np.float32)
             t1 = time.perf_counter()

@@ -22,6 +22,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -142,6 +143,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._outcome_counts = outcome_counts
         self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
         self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine
+        self._compute_processes: weakref.WeakSet = weakref.WeakSet()  # of engines loaded here (closed with them)
 
     @property
     def current(self) -> Engine | None:
@@ -205,6 +207,7 @@ class EngineManager(CanaryControl, ExperimentControl):
             engine.warm_up(self.config.refit_warmup_calls if self._graph_is_warm(engine) else self.config.warmup_calls)
             if self.config.compute_process and engine.engine_dir is not None:
                 engine.compute_process = start_compute_process(engine, self.config)
+                self._compute_processes.add(engine.compute_process)
             if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
                 self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
         engine.clock = self.clock  # counted from here: warm-up is not serving
@@ -399,10 +402,13 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.state = "no_engine"
 
     def close(self) -> None:
-        """Stop this process's canary work (its shadow thread); run() does this when it stops."""
+        """Stop this process's canary work (its shadow thread) and its engines' compute processes (a request still
+        running computes in this process); the server does this once it has drained."""
         self._end_canary()
         self._retire(self.standby)
         self.standby = None
+        for proc in list(self._compute_processes):
+            proc.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         lease = (asyncio.create_task(renew_until(stop, self.keep_lease, self.config.lease_s / 4))

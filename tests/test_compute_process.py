@@ -1,0 +1,146 @@
+"""An engine's tower and search in a process of its own (server/engine/compute_process.py, `--compute-process`):
+real child processes loading real engines; the answers must be the ones the engine computes in the server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+
+import numpy as np
+import psutil
+import pytest
+
+from benchmarks.server_cpu import compute_processes, thread_cpu_s
+from contracts.registry import Registry
+from server.batching import BatchingConfig, MicroBatcher
+from server.engine.compute_process import PROCESS_NAME, ComputeProcess, ComputeProcessError
+from server.engine.engine import Engine, EngineRejected, RecommendQuery
+from server.engine.loading import load_from_registry, start_compute_process
+from server.engine.manager import EngineManagerConfig
+from tests.conftest import client_for, running_server, server_config, wait_for
+from tests.test_ann import hnsw_engine_dir  # noqa: F401 - a module fixture: an engine with an HNSW index
+from tests.test_live_items import publish_feature_engine, record
+
+# The compute thread's path for whatever the process does not take; nothing inline (the process's path never is)
+BATCHING = BatchingConfig(max_queue_delay_ms=3000, max_loop_lag_ms=0, inline_below_ms=0)
+CONFIG = EngineManagerConfig()
+
+
+def queries_for(engine: Engine) -> list[RecommendQuery]:
+    ids = list(engine.item_ids)
+    qs = [RecommendQuery(ids[u:u + 2 + u % 7], k=[5, 20, 1000][u % 3], exclude_seen=u % 2 == 0, user_id=f"u{u}")
+          for u in range(0, min(24, len(ids) - 9))]
+    return [*qs, RecommendQuery(["never-seen-item"], k=10, exclude_seen=True)]  # no known item: popularity
+
+
+async def through_batcher(engine: Engine, queries: list[RecommendQuery], sizes=(1, 3, 8)) -> list:
+    """The queries through a MicroBatcher, a few at a time (batches of several when they queue together)."""
+    batcher = MicroBatcher(BATCHING)
+    batcher.start()
+    try:
+        out, i, s = [], 0, 0
+        while i < len(queries):
+            n = sizes[s % len(sizes)]
+            out += await asyncio.gather(*(batcher.recommend(engine, q, None) for q in queries[i:i + n]))
+            i, s = i + n, s + 1
+        return out
+    finally:
+        await batcher.stop()
+
+
+def assert_same_answers(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.source == w.source and g.item_ids == w.item_ids
+        np.testing.assert_allclose(g.scores, w.scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["exact", "hnsw"])
+def test_a_compute_process_answers_as_the_engine_does(which, trained_dir, hnsw_engine_dir):  # noqa: F811
+    data_dir = trained_dir if which == "exact" else hnsw_engine_dir[0]
+    engine = load_from_registry(Registry(data_dir / "registry"), 1, CONFIG)
+    assert (engine.ann is not None) == (which == "hnsw")
+    queries = queries_for(engine)
+    want = [engine.recommend_batch([q])[0] for q in queries]
+    engine.compute_process = start_compute_process(engine, CONFIG)
+    proc = engine.compute_process
+    assert proc.parity_max_abs_diff <= CONFIG.parity_tolerance
+    assert psutil.Process(proc.proc.pid).name() == PROCESS_NAME
+    got = asyncio.run(through_batcher(engine, queries))
+    assert_same_answers(got, want)
+    assert proc.alive and engine.clock is None  # nothing else changed
+    proc.close()
+    assert proc.proc.returncode == 0  # it exits on the closed connection
+
+
+def test_items_upserted_and_deleted_since_the_build_are_merged_with_the_process_answers(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    manifest = reg.verify(publish_feature_engine(reg))
+    engine = Engine.load(reg.engine_dir(manifest.version), manifest)
+    engine.apply_catalog([*((f"item-{100 + i}", record(100 + i)) for i in range(6)), ("item-3", None)])
+    queries = [RecommendQuery(["item-1", "item-5", "item-9"], k, exclude_seen=True) for k in (5, 60)]
+    want = [engine.recommend_batch([q])[0] for q in queries]
+    assert "item-100" in want[1].item_ids and "item-3" not in want[1].item_ids
+    engine.compute_process = start_compute_process(engine, CONFIG)
+    try:
+        assert_same_answers(asyncio.run(through_batcher(engine, queries)), want)
+    finally:
+        engine.compute_process.close()
+
+
+def test_a_killed_compute_process_fails_its_batch_and_the_server_computes_the_next(trained_dir):
+    engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    queries = queries_for(engine)[:6]
+    want = [engine.recommend_batch([q])[0] for q in queries]
+    engine.compute_process = proc = start_compute_process(engine, CONFIG)
+
+    async def scenario():
+        batcher = MicroBatcher(BATCHING)
+        batcher.start()
+        try:
+            assert_same_answers([await batcher.recommend(engine, queries[0], None)], want[:1])
+            os.kill(proc.proc.pid, signal.SIGKILL)
+            proc.proc.wait(10)
+            with pytest.raises(ComputeProcessError, match="compute process"):
+                await batcher.recommend(engine, queries[1], None)
+            assert not proc.alive
+            # from now on computed in this process, with the same answers
+            return await asyncio.gather(*(batcher.recommend(engine, q, None) for q in queries))
+        finally:
+            await batcher.stop()
+
+    assert_same_answers(asyncio.run(scenario()), want)
+
+
+def test_a_process_that_cannot_load_the_engine_says_why_and_the_engine_is_refused(trained_dir, tmp_path):
+    engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    with pytest.raises(ComputeProcessError, match="could not load it: .*no such file"):
+        ComputeProcess.start(tmp_path / "no-such-engine", engine.manifest.SerializeToString(), 1, graph_dir=None,
+                             num_threads=1, use_ann=False)
+    engine.engine_dir = tmp_path / "no-such-engine"
+    with pytest.raises(EngineRejected, match="engine 1: .*could not load it"):
+        start_compute_process(engine, CONFIG)
+
+
+def test_a_server_with_compute_processes_serves_them_and_counts_their_cpu(trained_dir):
+    cfg = server_config(trained_dir, batching=BATCHING)
+    cfg = dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, compute_process=True))
+    want = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    with running_server(cfg) as (server, port):
+        client = client_for(server, port)
+        engine = wait_for(lambda: server.manager.current, 60, "engine 1 to load")
+        assert engine.compute_process is not None and engine.compute_process.alive
+        children = compute_processes(os.getpid())  # the test's process is the server's
+        assert len(children) == 1
+        before = thread_cpu_s(os.getpid())["compute"]
+        for q in queries_for(want)[:10]:
+            r = client.recommend(f"new-{q.user_id}", k=q.k, history=list(q.history), exclude_seen=q.exclude_seen)
+            w = want.recommend_batch([q])[0]
+            assert list(r.item_ids) == w.item_ids and r.source == w.source
+            np.testing.assert_allclose(list(r.scores), w.scores, rtol=0, atol=1e-5)
+        child_cpu = sum(t.user + t.system for t in [psutil.Process(children[0]).cpu_times()])
+        assert thread_cpu_s(os.getpid())["compute"] > before and child_cpu > 0
+    wait_for(lambda: not psutil.pid_exists(children[0]) or psutil.Process(children[0]).status() == "zombie",
+             30, "the compute process to exit with its server")
