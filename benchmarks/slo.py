@@ -53,7 +53,10 @@ CONFIGS = {
     "conns8": {"dir": ".", "flags": [], "channels": 8, "control_for": "workers2",
                "what": "optimised, one process, the load over 8 connections (workers2's control)"},
     "compute-process": {"dir": ".", "flags": ["--compute-process"],
-                        "what": "optimised, each engine's tower and search in a process of its own (no inline path)"},
+                        "what": "optimised, each engine's tower and search in a process of its own for the batches "
+                                "(inline on the event loop while the loop's load allows, as optimised)"},
+    "compute-process-only": {"dir": ".", "flags": ["--compute-process", "--inline-below-ms", "0"],
+                             "what": "optimised, every Recommend's tower and search in the engine's own process"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},

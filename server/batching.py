@@ -38,6 +38,7 @@ after the fact on the event loop: no span is open on the compute thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections import deque
@@ -48,10 +49,13 @@ from typing import Any, Callable
 import numpy as np
 
 from contracts.tracing import TRACING_OFF, Tracing, child_span
+from server.engine.compute_process import ComputeProcessError
 from server.engine.engine import Engine, Ranked, RecommendQuery, drop_excluded
 from server.engine.stages import STAGES
 from server.loop_watch import LoopWatch
 
+
+log = logging.getLogger("livetower.batching")
 
 SHED_REASONS = ("queue_full", "loop_lag", "queue_delay", "deadline", "shutdown")  # Overloaded.reason values
 
@@ -316,7 +320,7 @@ class MicroBatcher:
         limit_s = self.config.inline_below_ms / 1e3
         measured = self._engine_cost_s.get(job.engine)
         return (limit_s > 0 and self._inline_ok and not self._queue and not self._computing
-                and measured is not None and measured < limit_s and _remote([job]) is None)
+                and measured is not None and measured < limit_s)
 
     def _compute_inline(self, job: _Job) -> None:
         t0 = time.perf_counter()
@@ -385,18 +389,23 @@ class MicroBatcher:
             return [batch[0].call()]
         return batch[0].engine.recommend_batch([j.query for j in batch])
 
-    @staticmethod
-    async def _compute_remote(batch: list[_Job], timing: _Timing) -> list[Any]:
+    async def _compute_remote(self, batch: list[_Job], timing: _Timing) -> list[Any]:
         """A Recommend batch whose tower and search run in the engine's compute process: the rows before and the
-        answers after on the event loop (Engine.prepare / finish), the native half awaited, not waited for."""
+        answers after on the event loop (Engine.prepare / finish), the native half awaited, not waited for. If the
+        process fails it (or is gone), the batch is computed on the compute thread instead: nothing is lost."""
         engine = batch[0].engine
         timing.start = time.perf_counter()
         prepared = engine.prepare([j.query for j in batch])
         u_BD, scores_BK, idx_BK = None, [], []
         tower_s = search_s = 0.0
         if prepared.rows:
-            u_BD, dist_BK, ids_BK, tower_s, search_s = await engine.compute_process.submit(np.stack(prepared.rows),
-                                                                                           prepared.k_search)
+            try:
+                u_BD, dist_BK, ids_BK, tower_s, search_s = await engine.compute_process.compute(
+                    np.stack(prepared.rows), prepared.k_search)
+            except ComputeProcessError as e:
+                log.warning("a batch of %d computed in the server process: %s", len(batch), e)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self._compute_clocked,
+                                                                         batch, timing)
             scores_BK, idx_BK = drop_excluded(dist_BK, ids_BK, prepared.k_max, prepared.seen_B)
             # The stage clock's stamps, shifted so that each stage counts its own time (not the wait between)
             t0, t1 = prepared.stamps

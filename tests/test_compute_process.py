@@ -7,6 +7,11 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import psutil
@@ -15,7 +20,8 @@ import pytest
 from benchmarks.server_cpu import compute_processes, thread_cpu_s
 from contracts.registry import Registry
 from server.batching import BatchingConfig, MicroBatcher
-from server.engine.compute_process import PROCESS_NAME, ComputeProcess, ComputeProcessError
+from server.engine.compute_process import (FRAME, PROCESS_NAME, REPLY, REQUEST, ComputeProcess, ComputeProcessError,
+                                           recv_frame)
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.loading import load_from_registry, start_compute_process
 from server.engine.manager import EngineManagerConfig
@@ -23,7 +29,7 @@ from tests.conftest import client_for, running_server, server_config, wait_for
 from tests.test_ann import hnsw_engine_dir  # noqa: F401 - a module fixture: an engine with an HNSW index
 from tests.test_live_items import publish_feature_engine, record
 
-# The compute thread's path for whatever the process does not take; nothing inline (the process's path never is)
+# Nothing inline: every batch goes to the compute process (or, without one, the compute thread)
 BATCHING = BatchingConfig(max_queue_delay_ms=3000, max_loop_lag_ms=0, inline_below_ms=0)
 CONFIG = EngineManagerConfig()
 
@@ -48,6 +54,45 @@ async def through_batcher(engine: Engine, queries: list[RecommendQuery], sizes=(
         return out
     finally:
         await batcher.stop()
+
+
+def test_a_reply_that_arrives_in_pieces_is_read_whole_on_uvloop():
+    """The server's socket is non-blocking (uvloop makes any fd it watches so): a reply split across reads must be
+    awaited, not fail with EAGAIN (a first version's blocking read did, under load)."""
+    import uvloop
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = ComputeProcess(sleeper, ours, 7, 0.0)
+    u_BD, scores_BK = np.arange(6, dtype=np.float32).reshape(2, 3), -np.arange(8, dtype=np.float32).reshape(2, 4)
+    idx_BK = np.arange(8, dtype=np.int64).reshape(2, 4)
+    reply = b"".join((b"R", REPLY.pack(2, 3, 4, 0.25, 0.5), u_BD.tobytes(), scores_BK.tobytes(), idx_BK.tobytes()))
+
+    def child() -> None:
+        rows = recv_frame(theirs)
+        assert REQUEST.unpack_from(rows) == (2, 5, 4)
+        framed = FRAME.pack(len(reply)) + reply
+        for piece in (framed[:3], framed[3:20], framed[20:]):
+            theirs.sendall(piece)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=child)
+    t.start()
+    try:
+        got = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(proc.compute(np.ones((2, 5), np.int64), 4))
+    finally:
+        t.join(10)
+        sleeper.kill()
+        sleeper.wait()
+    np.testing.assert_array_equal(got[0], u_BD)
+    np.testing.assert_array_equal(got[1], scores_BK)
+    np.testing.assert_array_equal(got[2], idx_BK)
+    assert got[3:] == (0.25, 0.5) and proc.alive
+    theirs.close()  # the child gone: the next batch says so, and the process counts as gone for good
+    with pytest.raises(ComputeProcessError, match="engine 7: its compute process is gone"):
+        asyncio.Runner(loop_factory=uvloop.new_event_loop).run(proc.compute(np.ones((1, 5), np.int64), 4))
+    assert not proc.alive
 
 
 def assert_same_answers(got: list, want: list) -> None:
@@ -90,7 +135,7 @@ def test_items_upserted_and_deleted_since_the_build_are_merged_with_the_process_
         engine.compute_process.close()
 
 
-def test_a_killed_compute_process_fails_its_batch_and_the_server_computes_the_next(trained_dir):
+def test_the_batches_of_a_killed_compute_process_are_computed_in_the_server(trained_dir):
     engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
     queries = queries_for(engine)[:6]
     want = [engine.recommend_batch([q])[0] for q in queries]
@@ -103,11 +148,12 @@ def test_a_killed_compute_process_fails_its_batch_and_the_server_computes_the_ne
             assert_same_answers([await batcher.recommend(engine, queries[0], None)], want[:1])
             os.kill(proc.proc.pid, signal.SIGKILL)
             proc.proc.wait(10)
-            with pytest.raises(ComputeProcessError, match="compute process"):
-                await batcher.recommend(engine, queries[1], None)
+            # the batch it was sent to fails over to the compute thread; from then on computed in this process
+            got = await asyncio.gather(*(batcher.recommend(engine, q, None) for q in queries))
             assert not proc.alive
-            # from now on computed in this process, with the same answers
-            return await asyncio.gather(*(batcher.recommend(engine, q, None) for q in queries))
+            with pytest.raises(ComputeProcessError, match="engine 1: its compute process is gone"):
+                await proc.compute(engine.history_rows(queries[0].history)[None, :], 10)
+            return got
         finally:
             await batcher.stop()
 

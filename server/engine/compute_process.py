@@ -10,7 +10,7 @@ the user vectors and the top k_search of each row out. The item-row lookups befo
 and live-item merge after stay in the server (Engine.prepare / Engine.finish), so the answers are the ones the
 engine computes in-process.
 
-Wire format over a socketpair (multiprocessing.connection framing), one batch in flight:
+Wire format over a socketpair, each message prefixed by its length ("<I"), one batch in flight:
   request  "<iii" B, T, K + rows (B, T) int64
   reply    b"R" + "<iiidd" B, D, K, tower seconds, search seconds + u (B, D) float32 + scores (B, K) float32
            + item indices (B, K) int64;  b"E" + a UTF-8 message: the batch failed (the process keeps serving)
@@ -32,11 +32,11 @@ import struct
 import subprocess
 import sys
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
+FRAME = struct.Struct("<I")          # the length of the message that follows
 REQUEST = struct.Struct("<iii")      # B, T, K
 REPLY = struct.Struct("<iiidd")      # B, D, K, tower seconds, search seconds
 PROCESS_NAME = "lt-compute"          # its /proc comm: bench slo counts its CPU as the compute component
@@ -50,13 +50,14 @@ class ComputeProcessError(Exception):
 
 
 class ComputeProcess:
-    """The server's end: submit a batch's rows on the event loop, await the tower's and the search's outputs."""
+    """The server's end: a batch's rows go out and the tower's and the search's outputs come back, awaited on the
+    event loop (non-blocking socket: uvloop makes any fd it watches non-blocking anyway)."""
 
-    def __init__(self, proc: subprocess.Popen, conn: Connection, version: int, parity: float) -> None:
-        self.proc, self.conn, self.version = proc, conn, version
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket, version: int, parity: float) -> None:
+        self.proc, self.sock, self.version = proc, sock, version
         self.parity_max_abs_diff = parity  # the child's own golden check of the files it loaded
         self.alive = True
-        self._pending: asyncio.Future | None = None
+        self._busy = False
 
     @classmethod
     def start(cls, engine_dir: Path, manifest_bytes: bytes, version: int, *, graph_dir: Path | None,
@@ -73,87 +74,107 @@ class ComputeProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
-        conn = Connection(ours.detach())
         try:
-            conn.send_bytes(manifest_bytes)
-            if not conn.poll(timeout_s):
+            ours.settimeout(timeout_s)
+            send_frame(ours, manifest_bytes)
+            msg = recv_frame(ours)
+        except (OSError, EOFError) as e:
+            ours.close()
+            if isinstance(e, socket.timeout):
+                proc.kill()
+                proc.wait()
                 raise ComputeProcessError(f"engine {version}: the compute process did not start in {timeout_s:g} s")
-            msg = conn.recv_bytes()
-        except (EOFError, OSError) as e:
-            conn.close()
             proc.wait(10)
             raise ComputeProcessError(f"engine {version}: the compute process exited (code {proc.returncode}) while "
                                       f"loading: {e or 'connection closed'}; see the server log") from e
-        except ComputeProcessError:
-            conn.close()
-            proc.kill()
-            raise
         if not msg.startswith(b"ready"):
-            conn.close()
+            ours.close()
             proc.wait(10)
             raise ComputeProcessError(f"engine {version}: the compute process could not load it: "
                                       f"{msg[1:].decode(errors='replace')}")
+        ours.setblocking(False)
         (parity,) = struct.unpack_from("<d", msg, 5)
-        return cls(proc, conn, version, parity)
+        return cls(proc, ours, version, parity)
 
-    def submit(self, rows_BT: np.ndarray, k_search: int) -> asyncio.Future:
-        """On the event loop: a future of (u (B, D) float32, scores (B, K) float32, indices (B, K) int64,
-        tower seconds, search seconds). One batch at a time."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+    async def compute(self, rows_BT: np.ndarray,
+                      k_search: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+        """On the event loop: (u (B, D) float32, scores (B, K) float32, indices (B, K) int64, tower seconds, search
+        seconds). One batch at a time. ComputeProcessError: the batch failed there, or the process is gone (then
+        alive turns False for good)."""
         if not self.alive:
-            fut.set_exception(ComputeProcessError(f"engine {self.version}: its compute process is gone"))
-            return fut
-        if self._pending is not None:
-            raise RuntimeError("ComputeProcess.submit: a batch is already in flight (one at a time)")
+            raise ComputeProcessError(f"engine {self.version}: its compute process is gone")
+        if self._busy:
+            raise RuntimeError("ComputeProcess.compute: a batch is already in flight (one at a time)")
         rows_BT = np.ascontiguousarray(rows_BT, dtype=np.int64)
-        B, T = rows_BT.shape
+        loop = asyncio.get_running_loop()
+        self._busy = True
         try:
-            self.conn.send_bytes(REQUEST.pack(B, T, k_search) + rows_BT.tobytes())
-        except OSError as e:
+            payload = REQUEST.pack(*rows_BT.shape, k_search) + rows_BT.tobytes()
+            await loop.sock_sendall(self.sock, FRAME.pack(len(payload)) + payload)
+            (n,) = FRAME.unpack(await _recv_exactly(loop, self.sock, FRAME.size))
+            msg = await _recv_exactly(loop, self.sock, n)
+        except (OSError, EOFError) as e:
             self._gone(e)
-            fut.set_exception(ComputeProcessError(f"engine {self.version}: its compute process is gone ({e})"))
-            return fut
-        self._pending = fut
-        loop.add_reader(self.conn.fileno(), self._on_reply, loop)
-        return fut
-
-    def _on_reply(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.conn.fileno())
-        fut, self._pending = self._pending, None
-        try:
-            msg = self.conn.recv_bytes()  # readable: the reply is here or being written (~10 KB)
-        except (EOFError, OSError) as e:
-            self._gone(e)
-            if fut is not None and not fut.done():
-                fut.set_exception(ComputeProcessError(f"engine {self.version}: its compute process exited "
-                                                      f"(code {self.proc.poll()}); see the server log"))
-            return
-        if fut is None or fut.done():
-            return
+            raise ComputeProcessError(f"engine {self.version}: its compute process is gone ({e or 'closed'}, exit "
+                                      f"code {self.proc.poll()})") from e
+        except BaseException:  # cancelled mid-exchange: the stream is out of step
+            self._gone(RuntimeError("a batch was cancelled mid-exchange"))
+            raise
+        finally:
+            self._busy = False
         if msg[:1] == b"E":
-            fut.set_exception(ComputeProcessError(f"engine {self.version}: {msg[1:].decode(errors='replace')}"))
-            return
-        fut.set_result(decode_reply(msg))
+            raise ComputeProcessError(f"engine {self.version}: {msg[1:].decode(errors='replace')}")
+        return decode_reply(msg)
 
-    def _gone(self, why: Exception) -> None:
+    def _gone(self, why: BaseException) -> None:
         if self.alive:
             self.alive = False
             log.error("engine %d: its compute process is gone (%s, exit code %s); its batches are computed in the "
                       "server process from now on", self.version, why or "connection closed", self.proc.poll())
+            self.sock.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close the connection (the child exits on it) and reap the child; kill it if it does not go."""
         self.alive = False
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+        self.sock.close()
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if k == 0:
+            raise EOFError("connection closed")
+        got += k
+    return bytes(buf)
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    """A blocking send of one length-prefixed message."""
+    sock.sendall(FRAME.pack(len(payload)) + payload)
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    """A blocking receive of one length-prefixed message; EOFError when the peer closed the connection."""
+    (n,) = FRAME.unpack(_recv_blocking(sock, FRAME.size))
+    return _recv_blocking(sock, n)
+
+
+def _recv_blocking(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError("connection closed")
+        got += k
+    return bytes(buf)
 
 
 def decode_reply(msg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -178,7 +199,7 @@ def _name_process() -> None:
         pass
 
 
-def serve(conn: Connection, engine_dir: Path, graph_dir: Path | None, threads: int, use_ann: bool) -> None:
+def serve(sock: socket.socket, engine_dir: Path, graph_dir: Path | None, threads: int, use_ann: bool) -> None:
     import torch
 
     from proto import livetower_v1_pb2 as pb
@@ -186,19 +207,19 @@ def serve(conn: Connection, engine_dir: Path, graph_dir: Path | None, threads: i
 
     torch.set_num_threads(threads)
     try:
-        manifest = pb.EngineManifest.FromString(conn.recv_bytes())
+        manifest = pb.EngineManifest.FromString(recv_frame(sock))
         engine = Engine.load(engine_dir, manifest, num_threads=threads, use_ann=use_ann, graph_dir=graph_dir)
         parity = engine.golden_max_abs_diff()
         rows_BT = engine.history_rows(engine.item_ids[:engine.max_history])[None, :]
         for _ in range(20):  # lazy init and allocator growth before the first live batch
             engine.search(engine.runner(rows_BT), min(150, engine.n_items))
     except Exception as e:  # noqa: BLE001 - whatever stops the load is the server's answer
-        conn.send_bytes(b"E" + f"{type(e).__name__}: {e}".encode())
+        send_frame(sock, b"E" + f"{type(e).__name__}: {e}".encode())
         return
-    conn.send_bytes(b"ready" + struct.pack("<d", parity))
+    send_frame(sock, b"ready" + struct.pack("<d", parity))
     while True:
         try:
-            msg = conn.recv_bytes()
+            msg = recv_frame(sock)
         except (EOFError, OSError):
             return  # the server closed the connection (or died)
         try:
@@ -215,7 +236,7 @@ def serve(conn: Connection, engine_dir: Path, graph_dir: Path | None, threads: i
         except Exception as e:  # noqa: BLE001 - this batch failed; the next may not
             reply = b"E" + f"{type(e).__name__}: {e}".encode()
         try:
-            conn.send_bytes(reply)
+            send_frame(sock, reply)
         except OSError:
             return
 
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ann", action="store_true", help="exact search, as the server's --no-ann")
     args = p.parse_args(argv)
     _name_process()
-    serve(Connection(args.fd), args.engine_dir, args.graph_dir, args.threads, not args.no_ann)
+    serve(socket.socket(fileno=args.fd), args.engine_dir, args.graph_dir, args.threads, not args.no_ann)
 
 
 if __name__ == "__main__":

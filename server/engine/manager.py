@@ -64,8 +64,9 @@ class EngineManagerConfig:
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
     compute_process: bool = False   # run each engine's user tower and item search in a process of its own
                                     # (server/engine/compute_process.py), beside the event loop without sharing its
-                                    # GIL; every Recommend then goes through the batcher (never inline). Off by
-                                    # default: measured in docs/serving.md section 7, 2026-12-07 (later)
+                                    # GIL: the batches of the compute thread go there (a Recommend computed inline
+                                    # on the event loop still is, while the loop's load allows). Off by default:
+                                    # measured in docs/serving.md section 7, 2026-12-07 (later)
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
