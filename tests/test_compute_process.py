@@ -56,7 +56,8 @@ async def through_batcher(engine: Engine, queries: list[RecommendQuery], sizes=(
         await batcher.stop()
 
 
-def test_a_reply_that_arrives_in_pieces_is_read_whole_on_uvloop():
+@pytest.mark.parametrize("K", [4, 20_000])  # the second larger than the reply buffer (64 KiB)
+def test_a_reply_that_arrives_in_pieces_is_read_whole_on_uvloop(K):
     """The server's socket is non-blocking (uvloop makes any fd it watches so): a reply split across reads must be
     awaited, not fail with EAGAIN (a first version's blocking read did, under load)."""
     import uvloop
@@ -65,13 +66,13 @@ def test_a_reply_that_arrives_in_pieces_is_read_whole_on_uvloop():
     ours.setblocking(False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     proc = ComputeProcess(sleeper, ours, 7, 0.0)
-    u_BD, scores_BK = np.arange(6, dtype=np.float32).reshape(2, 3), -np.arange(8, dtype=np.float32).reshape(2, 4)
-    idx_BK = np.arange(8, dtype=np.int64).reshape(2, 4)
-    reply = b"".join((b"R", REPLY.pack(2, 3, 4, 0.25, 0.5), u_BD.tobytes(), scores_BK.tobytes(), idx_BK.tobytes()))
+    u_BD, scores_BK = np.arange(6, dtype=np.float32).reshape(2, 3), -np.arange(2 * K, dtype=np.float32).reshape(2, K)
+    idx_BK = np.arange(2 * K, dtype=np.int64).reshape(2, K)
+    reply = b"".join((b"R", REPLY.pack(2, 3, K, 0.25, 0.5), u_BD.tobytes(), scores_BK.tobytes(), idx_BK.tobytes()))
 
     def child() -> None:
         rows = recv_frame(theirs)
-        assert REQUEST.unpack_from(rows) == (2, 5, 4)
+        assert REQUEST.unpack_from(rows) == (2, 5, K)
         framed = FRAME.pack(len(reply)) + reply
         for piece in (framed[:3], framed[3:20], framed[20:]):
             theirs.sendall(piece)
@@ -80,7 +81,7 @@ def test_a_reply_that_arrives_in_pieces_is_read_whole_on_uvloop():
     t = threading.Thread(target=child)
     t.start()
     try:
-        got = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(proc.compute(np.ones((2, 5), np.int64), 4))
+        got = asyncio.Runner(loop_factory=uvloop.new_event_loop).run(proc.compute(np.ones((2, 5), np.int64), K))
     finally:
         t.join(10)
         sleeper.kill()

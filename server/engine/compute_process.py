@@ -58,6 +58,7 @@ class ComputeProcess:
         self.parity_max_abs_diff = parity  # the child's own golden check of the files it loaded
         self.alive = True
         self._busy = False
+        self._buf = bytearray(1 << 16)  # replies are read into it (one in flight: nothing follows a reply)
 
     @classmethod
     def start(cls, engine_dir: Path, manifest_bytes: bytes, version: int, *, graph_dir: Path | None,
@@ -111,8 +112,7 @@ class ComputeProcess:
         try:
             payload = REQUEST.pack(*rows_BT.shape, k_search) + rows_BT.tobytes()
             await loop.sock_sendall(self.sock, FRAME.pack(len(payload)) + payload)
-            (n,) = FRAME.unpack(await _recv_exactly(loop, self.sock, FRAME.size))
-            msg = await _recv_exactly(loop, self.sock, n)
+            msg = await self._recv_frame(loop)
         except (OSError, EOFError) as e:
             self._gone(e)
             raise ComputeProcessError(f"engine {self.version}: its compute process is gone ({e or 'closed'}, exit "
@@ -144,15 +144,19 @@ class ComputeProcess:
             self.proc.wait()
 
 
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
-        if k == 0:
-            raise EOFError("connection closed")
-        got += k
-    return bytes(buf)
+    async def _recv_frame(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        """One reply: usually a single read (the child writes it at once), more when it arrives in pieces."""
+        buf, got, need = self._buf, 0, FRAME.size
+        while got < need:
+            k = await loop.sock_recv_into(self.sock, memoryview(buf)[got:])
+            if k == 0:
+                raise EOFError("connection closed")
+            got += k
+            if need == FRAME.size and got >= FRAME.size:  # the length is in: read up to the frame's end
+                need += FRAME.unpack_from(buf)[0]
+                if len(buf) < need:  # a large batch
+                    buf = self._buf = buf + bytearray(need - len(buf))
+        return bytes(memoryview(buf)[FRAME.size:need])  # a copy: the buffer is the next reply's
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
