@@ -49,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from contracts.tracing import TRACING_OFF, Tracing, child_span
-from server.engine.compute_process import ComputeProcessError
+from server.engine.compute_process import ComputeProcessError, name_os_thread
 from server.engine.engine import Engine, Ranked, RecommendQuery, drop_excluded
 from server.engine.stages import STAGES
 from server.loop_watch import LoopWatch
@@ -158,16 +158,6 @@ class _Timing:
 
 
 COMPUTE_THREAD_NAME = "lt-compute"  # the compute thread's OS name (/proc/PID/task/TID/comm): CPU accounting
-
-
-def name_os_thread(name: str) -> None:
-    """Name the calling OS thread (Linux prctl PR_SET_NAME, 15 bytes), so per-thread CPU can be told apart."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class MicroBatcher:

@@ -126,6 +126,20 @@ class ComputeProcess:
             raise ComputeProcessError(f"engine {self.version}: {msg[1:].decode(errors='replace')}")
         return decode_reply(msg)
 
+    async def _recv_frame(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        """One reply: usually a single read (the child writes it at once), more when it arrives in pieces."""
+        buf, got, need = self._buf, 0, FRAME.size
+        while got < need:
+            k = await loop.sock_recv_into(self.sock, memoryview(buf)[got:])
+            if k == 0:
+                raise EOFError("connection closed")
+            got += k
+            if need == FRAME.size and got >= FRAME.size:  # the length is in: read up to the frame's end
+                need += FRAME.unpack_from(buf)[0]
+                if len(buf) < need:  # a large batch
+                    buf = self._buf = buf + bytearray(need - len(buf))
+        return bytes(memoryview(buf)[FRAME.size:need])  # a copy: the buffer is the next reply's
+
     def _gone(self, why: BaseException) -> None:
         if self.alive:
             self.alive = False
@@ -142,21 +156,6 @@ class ComputeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-    async def _recv_frame(self, loop: asyncio.AbstractEventLoop) -> bytes:
-        """One reply: usually a single read (the child writes it at once), more when it arrives in pieces."""
-        buf, got, need = self._buf, 0, FRAME.size
-        while got < need:
-            k = await loop.sock_recv_into(self.sock, memoryview(buf)[got:])
-            if k == 0:
-                raise EOFError("connection closed")
-            got += k
-            if need == FRAME.size and got >= FRAME.size:  # the length is in: read up to the frame's end
-                need += FRAME.unpack_from(buf)[0]
-                if len(buf) < need:  # a large batch
-                    buf = self._buf = buf + bytearray(need - len(buf))
-        return bytes(memoryview(buf)[FRAME.size:need])  # a copy: the buffer is the next reply's
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -192,16 +191,17 @@ def decode_reply(msg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, float,
     return u_BD, scores_BK, idx_BK, tower_s, search_s
 
 
-# ---- the child
-
-def _name_process() -> None:
+def name_os_thread(name: str) -> None:
+    """Name the calling OS thread (Linux prctl PR_SET_NAME, 15 bytes), so per-thread CPU can be told apart."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(15, PROCESS_NAME.encode(), 0, 0, 0)  # PR_SET_NAME
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
+
+# ---- the child
 
 def serve(sock: socket.socket, engine_dir: Path, graph_dir: Path | None, threads: int, use_ann: bool) -> None:
     import torch
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the tower and the search")
     p.add_argument("--no-ann", action="store_true", help="exact search, as the server's --no-ann")
     args = p.parse_args(argv)
-    _name_process()
+    name_os_thread(PROCESS_NAME)  # the main thread's name is the process's (/proc/PID/comm)
     serve(socket.socket(fileno=args.fd), args.engine_dir, args.graph_dir, args.threads, not args.no_ann)
 
 
