@@ -81,6 +81,7 @@ def _start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.monotonic() + 300
+    last_error = None
     while time.monotonic() < deadline:
         if "serving gRPC on" in log_path.read_text():
             stub = pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -90,13 +91,17 @@ def _start_server(data_dir: Path, flags: list[str], log_path: Path, metrics_port
                         stub.Recommend(pb.RecommendRequest(user_id="warm", k=10, history=["item-1"]), timeout=5,
                                        metadata=metadata)
                     return proc, port
-                except grpc.RpcError:
+                except grpc.RpcError as e:
+                    last_error = f"{e.code().name}: {e.details()}"
                     time.sleep(0.5)
         if proc.poll() is not None:
             break
         time.sleep(0.2)
     stop_server(proc)
-    raise RuntimeError(f"server did not start serving; see {log_path}")
+    # What it said last: a CI run lost the one log that would have told why a server never answered
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(f"server did not start serving (exit code {proc.returncode}; the warm-up's last Recommend: "
+                       f"{last_error or 'none sent'}); see {log_path}, which ends:\n{tail}")
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 60.0) -> None:

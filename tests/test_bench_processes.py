@@ -88,3 +88,10 @@ def test_the_grpc_floor_starts_as_a_peer_and_answers_a_canned_recommend(tmp_path
     finally:
         stop_server(proc)
     assert proc.poll() is not None
+
+
+def test_a_server_that_never_serves_is_reported_with_its_logs_last_lines(tmp_path):
+    from benchmarks.processes import start_server
+
+    with pytest.raises(RuntimeError, match=r"(?s)exit code 2.*none sent.*max_batch must be in 1\.\.256"):
+        start_server(tmp_path, ["--max-batch", "0"], tmp_path / "server.log")
