@@ -46,11 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from contracts.tracing import TRACING_OFF, Tracing, child_span
-from server.engine.compute_process import ComputeProcessError, name_os_thread
-from server.engine.engine import Engine, Ranked, RecommendQuery, drop_excluded
+from server.engine.compute_process import ComputeProcessError, name_os_thread, recommend_batch_remote
+from server.engine.engine import Engine, Ranked, RecommendQuery
 from server.engine.stages import STAGES
 from server.loop_watch import LoopWatch
 
@@ -380,31 +378,16 @@ class MicroBatcher:
         return batch[0].engine.recommend_batch([j.query for j in batch])
 
     async def _compute_remote(self, batch: list[_Job], timing: _Timing) -> list[Any]:
-        """A Recommend batch whose tower and search run in the engine's compute process: the rows before and the
-        answers after on the event loop (Engine.prepare / finish), the native half awaited, not waited for. If the
-        process fails it (or is gone), the batch is computed on the compute thread instead: nothing is lost."""
-        engine = batch[0].engine
+        """A Recommend batch whose tower and search run in the engine's compute process, awaited on the event loop.
+        If the process fails it (or is gone), the batch is computed on the compute thread instead: nothing is lost."""
         timing.start = time.perf_counter()
-        prepared = engine.prepare([j.query for j in batch])
-        u_BD, scores_BK, idx_BK = None, [], []
-        tower_s = search_s = 0.0
-        if prepared.rows:
-            try:
-                u_BD, dist_BK, ids_BK, tower_s, search_s = await engine.compute_process.compute(
-                    np.stack(prepared.rows), prepared.k_search)
-            except ComputeProcessError as e:
-                log.warning("a batch of %d computed in the server process: %s", len(batch), e)
-                return await asyncio.get_running_loop().run_in_executor(self._executor, self._compute_clocked,
-                                                                         batch, timing)
-            scores_BK, idx_BK = drop_excluded(dist_BK, ids_BK, prepared.k_max, prepared.seen_B)
-            # The stage clock's stamps, shifted so that each stage counts its own time (not the wait between)
-            t0, t1 = prepared.stamps
-            end = time.perf_counter()
-            prepared.stamps = [end - search_s - tower_s - (t1 - t0), end - search_s - tower_s, end - search_s, end]
-        results = engine.finish(prepared, u_BD, scores_BK, idx_BK)
+        try:
+            results, timing.stages = await recommend_batch_remote(batch[0].engine, [j.query for j in batch])
+        except ComputeProcessError as e:
+            log.warning("a batch of %d computed in the server process: %s", len(batch), e)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._compute_clocked,
+                                                                     batch, timing)
         timing.end = time.perf_counter()
-        s = prepared.stamps
-        timing.stages = (s[1] - s[0], tower_s, search_s, timing.end - s[-1])
         return results
 
     @classmethod

@@ -32,9 +32,12 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from server.engine.engine import Engine, Ranked, RecommendQuery, drop_excluded
 
 FRAME = struct.Struct("<I")          # the length of the message that follows
 REQUEST = struct.Struct("<iii")      # B, T, K
@@ -158,6 +161,26 @@ class ComputeProcess:
             self.proc.wait()
 
 
+async def recommend_batch_remote(engine: Engine, queries: Sequence[RecommendQuery]) -> tuple[list[Ranked], tuple]:
+    """Engine.recommend_batch with the tower and the search in engine.compute_process: the rows before and the
+    answers after here (Engine.prepare / finish, on the event loop), the native half awaited. Returns the answers and
+    the batch's stage seconds (rows, tower, search, assembly). ComputeProcessError: nothing was answered."""
+    prepared = engine.prepare(queries)
+    u_BD, scores_BK, idx_BK = None, [], []
+    tower_s = search_s = 0.0
+    if prepared.rows:
+        u_BD, dist_BK, ids_BK, tower_s, search_s = await engine.compute_process.compute(np.stack(prepared.rows),
+                                                                                       prepared.k_search)
+        scores_BK, idx_BK = drop_excluded(dist_BK, ids_BK, prepared.k_max, prepared.seen_B)
+        # The stage clock's stamps, shifted so that each stage counts its own time (not the wait between)
+        t0, t1 = prepared.stamps
+        end = time.perf_counter()
+        prepared.stamps = [end - search_s - tower_s - (t1 - t0), end - search_s - tower_s, end - search_s, end]
+    results = engine.finish(prepared, u_BD, scores_BK, idx_BK)
+    s = prepared.stamps
+    return results, (s[1] - s[0], tower_s, search_s, time.perf_counter() - s[-1])
+
+
 def send_frame(sock: socket.socket, payload: bytes) -> None:
     """A blocking send of one length-prefixed message."""
     sock.sendall(FRAME.pack(len(payload)) + payload)
@@ -207,7 +230,6 @@ def serve(sock: socket.socket, engine_dir: Path, graph_dir: Path | None, threads
     import torch
 
     from proto import livetower_v1_pb2 as pb
-    from server.engine.engine import Engine
 
     torch.set_num_threads(threads)
     try:

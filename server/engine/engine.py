@@ -300,8 +300,8 @@ class Engine:
             u_BD = self.fuse_user_features(self.runner(np.stack(batch.rows)),
                                            [queries[i].user_id for i in batch.model_q])
             t2 = time.perf_counter()
-            if self.ann is not None:
-                scores_BK, idx_BK = self._ann_topk(u_BD, batch.k_max, batch.seen_B)
+            if self.ann is not None:  # k_search: enough that k_max remain once the excluded are dropped
+                scores_BK, idx_BK = drop_excluded(*self.ann.search(u_BD, batch.k_search), batch.k_max, batch.seen_B)
             else:
                 scores_BK, idx_BK = self._exact_topk(u_BD, batch.k_max, batch.seen_B)
             batch.stamps += [t2, time.perf_counter()]
@@ -371,11 +371,6 @@ class Engine:
         scores_BK, idx_BK = topk_cosine_reference(torch.from_numpy(u_BD), self.items_ND, k_search,
                                                   items_normalized=True)
         return scores_BK.numpy(), idx_BK.numpy()
-
-    def _ann_topk(self, u_BD: np.ndarray, k: int, seen_B: list) -> tuple[list[list[float]], list[list[int]]]:
-        """Index search for k + (most items any query excludes), then drop the excluded ones."""
-        kk = min(k + max(len(s) for s in seen_B), self.items_ND.shape[0])
-        return drop_excluded(*self.ann.search(u_BD, kk), k, seen_B)
 
     def score(self, history: Sequence[str], candidates: Sequence[str],
               user_id: str = "") -> tuple[list[float], list[str], str]:
