@@ -220,6 +220,10 @@ def test_swaps_to_new_engine_and_refuses_corrupt_one(served):
         return reg.read_rollout().stable == 3
 
     wait_for(promoted, 30, "engine 3 to be promoted")
+    # rollout.json is written before the swap it records (durable, then visible), both inside the manager's lock:
+    # taking the lock once waits out a promotion the file already shows.
+    with server.manager._lock:
+        pass
     assert client.recommend("user-1", k=5).engine_version == 3
 
 
