@@ -57,6 +57,9 @@ CONFIGS = {
                                 "(inline on the event loop while the loop's load allows, as optimised)"},
     "compute-process-only": {"dir": ".", "flags": ["--compute-process", "--inline-below-ms", "0"],
                              "what": "optimised, every Recommend's tower and search in the engine's own process"},
+    # Beside the training sidecar (--with-trainer): the trainer's own settings, against optimised's defaults.
+    "trainer-spins": {"dir": ".", "flags": [], "trainer_flags": ["--no-trainer-passive-wait"],
+                      "what": "optimised, beside a trainer whose OpenMP threads spin when idle (libgomp's default)"},
     "no-gc-freeze": {"dir": ".", "flags": ["--no-gc-freeze"], "what": "optimised without gc.freeze()"},
     "gil-5ms": {"dir": ".", "flags": ["--gil-switch-interval-ms", "5"],
                 "what": "optimised with Python's default 5 ms GIL switch interval"},
@@ -155,7 +158,8 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
         if sink is not None:
             stop_otlp_sink(*sink)
         raise
-    trainer = start_trainer(data, args.trainer_flags.split(), out / f"trainer-{name}.log") if sidecar else None
+    trainer_flags = [*args.trainer_flags.split(), *spec.get("trainer_flags", [])]
+    trainer = start_trainer(data, trainer_flags, out / f"trainer-{name}.log") if sidecar else None
     summary = None
     try:
         pids, ports = [proc.pid], [mport]
@@ -172,7 +176,7 @@ def measured(name: str, catalog: Path, args, base: LoadConfig, out: Path, rate: 
             summary["stalls"] = {"every_s": args.stall[0], "ms": args.stall[1] * 1e3, "count": staller.stalls}
         if trainer:
             summary["trainer"] = {"events_per_s": (trainer_events(trainer[1]) - trained_before)
-                                  / (time.monotonic() - t0), "flags": args.trainer_flags}
+                                  / (time.monotonic() - t0), "flags": " ".join(trainer_flags)}
             print(f"    trainer beside it: {summary['trainer']['events_per_s']:.1f} events/s trained", flush=True)
         if before is not None:
             after = CpuSample(pids, ports)
@@ -390,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--stall: {e}")
     args.sweep = [float(x) for x in args.sweep.split(",") if x.strip()]  # "": headline only
     args.headline_only = {x for x in args.headline_only.split(",") if x}
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            p.error(f"--configs: unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+        if "trainer_flags" in CONFIGS[name] and not args.with_trainer:
+            p.error(f"--configs: {name} sets the trainer's flags: it needs --with-trainer")
     args.mix = args.mix or ("recommend=0.95,log=0.05" if args.with_trainer else "recommend=1.0")
     args.server_flags = {"optimised": args.optimised_flags.split()}
     catalog = json.loads((args.catalog / "catalog.json").read_text())

@@ -73,16 +73,20 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from trainer.priority import lower_priority, prefer_passive_openmp
+
+    priority = config_from_args(priority_flags(), args)
+    prefer_passive_openmp(priority)  # before torch (and faiss) load libgomp, which reads it once
+
     import torch
 
     from prometheus_client import start_http_server
 
     from contracts.object_registry import open_registry
     from trainer.loop import Trainer
-    from trainer.priority import lower_priority
 
     cfg = train_config(args)
-    lower_priority(config_from_args(priority_flags(), args))  # before any thread or worker starts: they inherit it
+    lower_priority(priority)  # before any thread or worker starts: they inherit it
     torch.set_num_threads(args.train_threads)
     if args.backfill:
         if args.events:

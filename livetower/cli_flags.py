@@ -111,7 +111,7 @@ def priority_flags() -> FlagSet:
 
     return flag_set(SidecarPriority, Flag("nice", name="trainer-nice"), Flag("cpu_weight", name="trainer-cpu-weight"),
                     Flag("cpu_max", name="trainer-cpu-max"), Flag("cpus", name="trainer-cpus"),
-                    Flag("idle_policy", name="trainer-idle-policy"))
+                    Flag("idle_policy", name="trainer-idle-policy"), Flag("passive_wait", name="trainer-passive-wait"))
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -173,8 +173,8 @@ def test_livetower_serve_train_up_defaults_are_the_dataclasses(capsys):
     server_sets, train_sets = cli_flags.server_flag_sets(), (*cli_flags.train_flag_sets(), cli_flags.priority_flags())
     tracing = cli_flags.tracing_flags()  # serve, train and up each take it once
     assert _check_helps((*server_sets, tracing), _help(cli.main, ["serve"], capsys)) == 53
-    assert _check_helps((*train_sets, tracing), _help(cli.main, ["train"], capsys)) == 35
-    assert _check_helps((*server_sets, *train_sets, tracing), _help(cli.main, ["up"], capsys)) == 80
+    assert _check_helps((*train_sets, tracing), _help(cli.main, ["train"], capsys)) == 36
+    assert _check_helps((*server_sets, *train_sets, tracing), _help(cli.main, ["up"], capsys)) == 81
 
 
 def test_livetower_flags_keep_their_meaning():

@@ -328,3 +328,14 @@ def test_the_headline_takes_medians_over_the_cpu_components_every_run_has():
                  500)
     assert h["median_p99_ms"] == 5.0
     assert h["median_cpu_ms_per_request"] == {"total": 1.25, "event_loop": 1.3}
+
+
+def test_slo_refuses_an_unknown_configuration_and_a_trainer_setting_without_the_trainer(tmp_path, capsys):
+    from benchmarks.slo import main
+
+    for configs, message in (("optimised,nope", "unknown configuration 'nope'"),
+                             ("optimised,trainer-spins", "trainer-spins sets the trainer's flags: it needs --with-trainer")):
+        with pytest.raises(SystemExit) as e:
+            main(["--catalog", str(tmp_path), "--configs", configs, "--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran

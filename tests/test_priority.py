@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer.priority import SidecarPriority, join_cgroup
+from trainer.priority import SidecarPriority, join_cgroup, prefer_passive_openmp
 
 
 def test_config_names_the_field_on_bad_values():
@@ -87,3 +87,26 @@ def test_cpus_confines_the_trainer_its_threads_and_children_to_the_last_cpus():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip().split("|")
     assert out == [last, f"[{last}]", f"[{last}]", f"[{last}]"]  # itself, a thread started before, a child
+
+
+def test_passive_openmp_is_set_unless_off_or_already_chosen():
+    env: dict = {}
+    assert prefer_passive_openmp(SidecarPriority(), env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "active"}  # the operator's own choice stands
+    assert prefer_passive_openmp(SidecarPriority(), env) == "active"
+    env = {}
+    assert prefer_passive_openmp(SidecarPriority(passive_wait=False), env).startswith("default") and env == {}
+
+
+@pytest.mark.parametrize("flags, spincount", [((), "0"), (("--no-trainer-passive-wait",), "300000")])
+def test_the_train_command_sets_openmp_before_libgomp_loads(tmp_path, flags, spincount):
+    # libgomp reads its environment once, when torch loads it, and prints what it read with OMP_DISPLAY_ENV=VERBOSE:
+    # passive means no spinning (GOMP_SPINCOUNT 0); its default spins 300,000 times first.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    out = subprocess.run([sys.executable, "-m", "livetower", "train", "--data-dir", str(tmp_path), "--tiny", "--once",
+                          "--trainer-nice", "0", "--trainer-cpu-weight", "0", "--no-trainer-idle-policy",
+                          "--trainer-metrics-port", "-1", *flags], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"GOMP_SPINCOUNT = '{spincount}'" in out.stderr

@@ -38,6 +38,10 @@ class SidecarPriority:
                                # and nice only, 13.5 with no trainer). The scheduler compares the server with the
                                # cgroup, not the task inside it: SCHED_IDLE on the task alone gained nothing. False:
                                # weight and nice only
+    passive_wait: bool = True  # the trainer's OpenMP threads (torch's and FAISS's libgomp) sleep when idle
+                               # (OMP_WAIT_POLICY=PASSIVE, set before torch loads) instead of spinning: a spinning
+                               # vCPU stalled the server beside it for up to 0.1 s even at SCHED_IDLE (docs/serving.md
+                               # section 7). An OMP_WAIT_POLICY already in the environment is kept
 
     def __post_init__(self) -> None:
         if not 0 <= self.nice <= 19:
@@ -101,6 +105,15 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
     return f"cgroup {group} ({version}, weight {p.cpu_weight}{cap})"
 
 
+def prefer_passive_openmp(p: SidecarPriority, environ: dict | None = None) -> str:
+    """OMP_WAIT_POLICY=PASSIVE for this process and its children when p asks for it. libgomp reads it once, when
+    it is loaded (with torch or faiss): call this before either is imported. Returns the policy in force."""
+    environ = os.environ if environ is None else environ
+    if p.passive_wait:
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return environ.get("OMP_WAIT_POLICY", "default (spins, then sleeps)")
+
+
 def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
     """Apply p to the calling process (before it starts threads or workers, so they inherit it)."""
     done = {"nice": os.nice(p.nice) if p.nice else os.nice(0)}
@@ -113,7 +126,9 @@ def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
         except OSError as e:
             done["policy"] = f"SCHED_OTHER (SCHED_IDLE refused: {e.strerror})"
     done["cpus"] = confine_to_last_cpus(p.cpus) if p.cpus else "any"
-    log.info("sidecar priority: nice %d, %s, %s, CPUs %s", done["nice"], done["cgroup"], done["policy"], done["cpus"])
+    done["openmp_wait"] = os.environ.get("OMP_WAIT_POLICY", "default (spins, then sleeps)")
+    log.info("sidecar priority: nice %d, %s, %s, CPUs %s, OpenMP wait %s", done["nice"], done["cgroup"], done["policy"],
+             done["cpus"], done["openmp_wait"])
     return done
 
 

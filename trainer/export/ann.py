@@ -21,14 +21,15 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from contracts.engine_format.item_index import (KINDS, ItemIndex, SearchSettings, exact_topk, recall_at_k,
                                              set_search_threads)
-from kernels.retrieval import topk_cosine_reference
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "recall_at_k"]
 
@@ -187,6 +188,10 @@ def _time(cand: _Candidate, items_t: torch.Tensor, queries_QD: np.ndarray, k: in
     if cand.settings is None:
         return
     if cand.settings.kind == "exact":  # the server's exact path: torch matmul + top-k
+        import torch
+
+        from kernels.retrieval import topk_cosine_reference
+
         def search(q):
             return topk_cosine_reference(torch.from_numpy(q), items_t, k, items_normalized=True)
     else:
@@ -210,6 +215,9 @@ def _tower_us(tower: TowerCall, queries_QD: np.ndarray, opts: AnnOptions) -> dic
 
 @contextmanager
 def _serving_threads(opts: AnnOptions):
+    import torch  # here, not at module level: config modules import this one, and the trainer's CLI sets the
+    # OpenMP wait policy before torch loads libgomp (trainer/priority.py)
+
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.serving_threads)
     set_search_threads(opts.serving_threads)
@@ -265,6 +273,8 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
     tune_QD, check_QD = queries_QD[:-n_check], queries_QD[-n_check:]
     k = min(opts.k, len(items_ND))
     exact_QK = exact_topk(tune_QD, items_ND, k)
+    import torch
+
     items_t = torch.from_numpy(items_ND)
     tower_us = _tower_us(tower, tune_QD, opts) if tower is not None else None
     if tower_us is not None:
