@@ -106,13 +106,18 @@ def join_cgroup(p: SidecarPriority, pid: int, root: Path = CGROUP_ROOT) -> str:
     return f"cgroup {group} ({version}, weight {p.cpu_weight}{cap})"
 
 
+def openmp_wait_policy(environ=None) -> str:
+    """The OpenMP wait policy libgomp reads from the environment (os.environ by default), as words."""
+    return (os.environ if environ is None else environ).get("OMP_WAIT_POLICY", "default (spins, then sleeps)")
+
+
 def prefer_passive_openmp(p: SidecarPriority, environ: dict | None = None) -> str:
     """OMP_WAIT_POLICY=PASSIVE for this process and its children when p asks for it. libgomp reads it once, when
     it is loaded (with torch or faiss): call this before either is imported. Returns the policy in force."""
     environ = os.environ if environ is None else environ
     if p.passive_wait:
         environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return environ.get("OMP_WAIT_POLICY", "default (spins, then sleeps)")
+    return openmp_wait_policy(environ)
 
 
 def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
@@ -127,7 +132,7 @@ def lower_priority(p: SidecarPriority, root: Path = CGROUP_ROOT) -> dict:
         except OSError as e:
             done["policy"] = f"SCHED_OTHER (SCHED_IDLE refused: {e.strerror})"
     done["cpus"] = confine_to_last_cpus(p.cpus) if p.cpus else "any"
-    done["openmp_wait"] = os.environ.get("OMP_WAIT_POLICY", "default (spins, then sleeps)")
+    done["openmp_wait"] = openmp_wait_policy()
     log.info("sidecar priority: nice %d, %s, %s, CPUs %s, OpenMP wait %s", done["nice"], done["cgroup"], done["policy"],
              done["cpus"], done["openmp_wait"])
     return done

@@ -28,8 +28,8 @@ import numpy as np
 from contracts.engine_format.item_index import (KINDS, ItemIndex, SearchSettings, exact_topk, recall_at_k,
                                              set_search_threads)
 
-if TYPE_CHECKING:
-    import torch
+if TYPE_CHECKING:  # torch is imported where it is used: config modules import this one, and the train command sets
+    import torch    # the OpenMP wait policy before torch loads libgomp (trainer/priority.py)
 
 __all__ = ["AnnOptions", "RetrievalChoice", "choose_retrieval", "exact_topk", "recall_at_k"]
 
@@ -215,8 +215,7 @@ def _tower_us(tower: TowerCall, queries_QD: np.ndarray, opts: AnnOptions) -> dic
 
 @contextmanager
 def _serving_threads(opts: AnnOptions):
-    import torch  # here, not at module level: config modules import this one, and the trainer's CLI sets the
-    # OpenMP wait policy before torch loads libgomp (trainer/priority.py)
+    import torch
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.serving_threads)
@@ -265,6 +264,8 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
     parent_centroids_LD: the parent's IVF centroids (nlist, D), where its choice is IVF: the child's k-means
     starts from them (opts.ivf_warm_iterations). tower: the engine's compiled user tower on real histories
     (TowerCall): each candidate is timed right after it, as served; None: searches timed alone."""
+    import torch
+
     set_search_threads(opts.threads)  # OpenMP's count is per thread: the build's threads on this one
     t0 = time.perf_counter()
     items_ND = np.ascontiguousarray(items_ND, dtype=np.float32)
@@ -273,8 +274,6 @@ def choose_retrieval(items_ND: np.ndarray, queries_QD: np.ndarray, opts: AnnOpti
     tune_QD, check_QD = queries_QD[:-n_check], queries_QD[-n_check:]
     k = min(opts.k, len(items_ND))
     exact_QK = exact_topk(tune_QD, items_ND, k)
-    import torch
-
     items_t = torch.from_numpy(items_ND)
     tower_us = _tower_us(tower, tune_QD, opts) if tower is not None else None
     if tower_us is not None:
