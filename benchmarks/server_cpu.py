@@ -37,21 +37,33 @@ def _group(pid: int, tid: int, comm: str) -> str:
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds so far per thread group (threads that ended are lost: take both samples while it runs). The
-    server's compute processes (`--compute-process`: its children named lt-compute) count as compute."""
+    server's compute host (`--compute-process`: its child named lt-compute) counts as compute, all of it: the
+    threads of the engines it has dropped too."""
     out = _threads_cpu_s(pid)
     for child in compute_processes(pid):
-        out["compute"] += sum(_threads_cpu_s(child).values())
+        out["compute"] += _process_cpu_s(child)
     return out
 
 
 def compute_processes(pid: int) -> list[int]:
-    """The compute processes a server runs its engines' towers and searches in (server/engine/compute_process.py)."""
+    """The compute host a server runs its engines' towers and searches in (server/engine/compute_process.py): one,
+    or none; a list, as a host that died and its successor may both show for a moment."""
     import psutil
 
     try:
         return [c.pid for c in psutil.Process(pid).children() if c.name() == COMPUTE_PROCESS_NAME]
     except psutil.Error:
         return []
+
+
+def _process_cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far, its ended threads included (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
 def _threads_cpu_s(pid: int) -> dict[str, float]:

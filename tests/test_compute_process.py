@@ -1,5 +1,6 @@
-"""An engine's tower and search in a process of its own (server/engine/compute_process.py, `--compute-process`):
-real child processes loading real engines; the answers must be the ones the engine computes in the server."""
+"""Engines' towers and searches in the server's compute host (server/engine/compute_process.py and compute_host.py,
+`--compute-process`): a real child process loading real engines; the answers must be the ones the engine computes
+in the server, one host must serve every engine, and a host that dies must cost no answer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -20,18 +22,38 @@ import pytest
 from benchmarks.server_cpu import compute_processes, thread_cpu_s
 from contracts.registry import Registry
 from server.batching import BatchingConfig, MicroBatcher
-from server.engine.compute_process import (FRAME, PROCESS_NAME, REPLY, REQUEST, ComputeProcess, ComputeProcessError,
-                                           recv_frame)
+from server.engine.compute_process import (FRAME, PROCESS_NAME, REPLY, REQUEST, ComputeHost, ComputeProcess,
+                                           ComputeProcessError, recv_frame)
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
 from server.engine.loading import load_from_registry, start_compute_process
 from server.engine.manager import EngineManagerConfig
-from tests.conftest import client_for, running_server, server_config, wait_for
+from tests.conftest import client_for, make_trainer, running_server, server_config, stream_events, wait_for
 from tests.test_ann import hnsw_engine_dir  # noqa: F401 - a module fixture: an engine with an HNSW index
 from tests.test_live_items import publish_feature_engine, record
 
 # Nothing inline: every batch goes to the compute process (or, without one, the compute thread)
 BATCHING = BatchingConfig(max_queue_delay_ms=3000, max_loop_lag_ms=0, inline_below_ms=0)
 CONFIG = EngineManagerConfig()
+
+
+@pytest.fixture
+def host():
+    h = ComputeHost(num_threads=1)
+    yield h
+    h.close()
+
+
+def engine_threads(pid: int) -> set[str]:
+    """The host's engine threads now, by name (lt-engine-VERSION): one per engine it holds."""
+    names = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        if name.startswith("lt-engine-"):
+            names.add(name)
+    return names
 
 
 def queries_for(engine: Engine) -> list[RecommendQuery]:
@@ -104,24 +126,27 @@ def assert_same_answers(got: list, want: list) -> None:
 
 
 @pytest.mark.parametrize("which", ["exact", "hnsw"])
-def test_a_compute_process_answers_as_the_engine_does(which, trained_dir, hnsw_engine_dir):  # noqa: F811
+def test_a_compute_process_answers_as_the_engine_does(which, trained_dir, hnsw_engine_dir, host):  # noqa: F811
     data_dir = trained_dir if which == "exact" else hnsw_engine_dir[0]
     engine = load_from_registry(Registry(data_dir / "registry"), 1, CONFIG)
     assert (engine.ann is not None) == (which == "hnsw")
     queries = queries_for(engine)
     want = [engine.recommend_batch([q])[0] for q in queries]
-    engine.compute_process = start_compute_process(engine, CONFIG)
+    engine.compute_process = start_compute_process(engine, CONFIG, host)
     proc = engine.compute_process
     assert proc.parity_max_abs_diff <= CONFIG.parity_tolerance
-    assert psutil.Process(proc.proc.pid).name() == PROCESS_NAME
+    assert psutil.Process(proc.proc.pid).name() == PROCESS_NAME and proc.proc is host.proc
     got = asyncio.run(through_batcher(engine, queries))
     assert_same_answers(got, want)
     assert proc.alive and engine.clock is None  # nothing else changed
-    proc.close()
-    assert proc.proc.returncode == 0  # it exits on the closed connection
+    proc.close()  # the host drops the engine, and keeps running
+    wait_for(lambda: not engine_threads(host.proc.pid), 10, "the host to drop engine 1")
+    assert host.proc.poll() is None
+    host.close()
+    assert proc.proc.returncode == 0  # it exits on the closed control connection
 
 
-def test_items_upserted_and_deleted_since_the_build_are_merged_with_the_process_answers(tmp_path):
+def test_items_upserted_and_deleted_since_the_build_are_merged_with_the_process_answers(tmp_path, host):
     reg = Registry(tmp_path / "reg")
     manifest = reg.verify(publish_feature_engine(reg))
     engine = Engine.load(reg.engine_dir(manifest.version), manifest)
@@ -129,18 +154,18 @@ def test_items_upserted_and_deleted_since_the_build_are_merged_with_the_process_
     queries = [RecommendQuery(["item-1", "item-5", "item-9"], k, exclude_seen=True) for k in (5, 60)]
     want = [engine.recommend_batch([q])[0] for q in queries]
     assert "item-100" in want[1].item_ids and "item-3" not in want[1].item_ids
-    engine.compute_process = start_compute_process(engine, CONFIG)
+    engine.compute_process = start_compute_process(engine, CONFIG, host)
     try:
         assert_same_answers(asyncio.run(through_batcher(engine, queries)), want)
     finally:
         engine.compute_process.close()
 
 
-def test_the_batches_of_a_killed_compute_process_are_computed_in_the_server(trained_dir):
+def test_the_batches_of_a_killed_compute_process_are_computed_in_the_server(trained_dir, host):
     engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
     queries = queries_for(engine)[:6]
     want = [engine.recommend_batch([q])[0] for q in queries]
-    engine.compute_process = proc = start_compute_process(engine, CONFIG)
+    engine.compute_process = proc = start_compute_process(engine, CONFIG, host)
 
     async def scenario():
         batcher = MicroBatcher(BATCHING)
@@ -161,17 +186,64 @@ def test_the_batches_of_a_killed_compute_process_are_computed_in_the_server(trai
     assert_same_answers(asyncio.run(scenario()), want)
 
 
-def test_a_process_that_cannot_load_the_engine_says_why_and_the_engine_is_refused(trained_dir, tmp_path):
+def test_a_host_that_cannot_load_an_engine_says_why_the_engine_is_refused_and_the_host_serves_on(trained_dir,
+                                                                                                  tmp_path, host):
     engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    good = start_compute_process(engine, CONFIG, host)
     with pytest.raises(ComputeProcessError, match="could not load it: .*no such file"):
-        ComputeProcess.start(tmp_path / "no-such-engine", engine.manifest.SerializeToString(), 1, graph_dir=None,
-                             num_threads=1, use_ann=False)
-    engine.engine_dir = tmp_path / "no-such-engine"
+        host.open(tmp_path / "no-such-engine", engine.manifest.SerializeToString(), 1, graph_dir=None, use_ann=False)
+    bad = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    bad.engine_dir = tmp_path / "no-such-engine"
     with pytest.raises(EngineRejected, match="engine 1: .*could not load it"):
-        start_compute_process(engine, CONFIG)
+        start_compute_process(bad, CONFIG, host)
+    queries = queries_for(engine)[:5]
+    want = [engine.recommend_batch([q])[0] for q in queries]
+    engine.compute_process = good
+    assert_same_answers(asyncio.run(through_batcher(engine, queries)), want)  # the engine it had still answers
+    assert engine_threads(host.proc.pid) == {"lt-engine-1"} and host.starts == 1
 
 
-def test_a_server_with_compute_processes_serves_them_and_counts_their_cpu(trained_dir):
+def test_one_host_serves_several_engines_at_once_and_frees_each_on_its_own(trained_dir, hnsw_engine_dir,  # noqa: F811
+                                                                            host):
+    exact = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    hnsw = load_from_registry(Registry(hnsw_engine_dir[0] / "registry"), 1, CONFIG)
+    hnsw.version = 2  # two engines of version 1 from two registries: told apart by the host's thread names
+    qs = {e: queries_for(e) for e in (exact, hnsw)}
+    want = {e: [e.recommend_batch([q])[0] for q in qs[e]] for e in (exact, hnsw)}
+    for e in (exact, hnsw):
+        e.compute_process = start_compute_process(e, CONFIG, host)
+    assert exact.compute_process.proc is hnsw.compute_process.proc is host.proc and host.starts == 1
+    assert engine_threads(host.proc.pid) == {"lt-engine-1", "lt-engine-2"}
+
+    async def both():  # their batches in flight together, as a canary's and its stable's
+        return await asyncio.gather(through_batcher(exact, qs[exact]), through_batcher(hnsw, qs[hnsw]))
+
+    got_exact, got_hnsw = asyncio.run(both())
+    assert_same_answers(got_exact, want[exact])
+    assert_same_answers(got_hnsw, want[hnsw])
+    exact.compute_process.close()
+    wait_for(lambda: engine_threads(host.proc.pid) == {"lt-engine-2"}, 10, "the host to drop the exact engine")
+    assert_same_answers(asyncio.run(through_batcher(hnsw, qs[hnsw])), want[hnsw])
+    assert hnsw.compute_process.alive
+
+
+def test_a_host_that_died_is_started_again_for_the_next_engine(trained_dir, host):
+    first = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    first.compute_process = start_compute_process(first, CONFIG, host)
+    dead = host.proc.pid
+    os.kill(dead, signal.SIGKILL)
+    host.proc.wait(10)
+    second = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    second.compute_process = start_compute_process(second, CONFIG, host)
+    assert host.proc.pid != dead and host.starts == 2
+    queries = queries_for(second)[:6]
+    want = [second.recommend_batch([q])[0] for q in queries]
+    assert_same_answers(asyncio.run(through_batcher(second, queries)), want)
+    assert_same_answers(asyncio.run(through_batcher(first, queries)), want)  # in the server: its host is gone
+    assert not first.compute_process.alive and second.compute_process.alive
+
+
+def test_a_server_serves_every_engine_in_one_host_and_counts_its_cpu(trained_dir):
     cfg = server_config(trained_dir, batching=BATCHING)
     cfg = dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, compute_process=True))
     want = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
@@ -189,5 +261,16 @@ def test_a_server_with_compute_processes_serves_them_and_counts_their_cpu(traine
             np.testing.assert_allclose(list(r.scores), w.scores, rtol=0, atol=1e-5)
         child_cpu = sum(t.user + t.system for t in [psutil.Process(children[0]).cpu_times()])
         assert thread_cpu_s(os.getpid())["compute"] > before and child_cpu > 0
+        # The trainer publishes engine 2: the same host loads it (no process per engine), beside engine 1
+        client.log_events(stream_events(seed=21))
+        assert make_trainer(trained_dir).run_round().published_version == 2
+
+        def engine_2():
+            return next((e for e in server.manager.serving_engines() if e.version == 2), None)
+
+        second = wait_for(engine_2, 60, "engine 2 to load")
+        assert second.compute_process is not None and second.compute_process.alive
+        assert second.compute_process.proc.pid == children[0] and compute_processes(os.getpid()) == children
+        assert "lt-engine-2" in engine_threads(children[0])
     wait_for(lambda: not psutil.pid_exists(children[0]) or psutil.Process(children[0]).status() == "zombie",
-             30, "the compute process to exit with its server")
+             30, "the compute host to exit with its server")

@@ -1,36 +1,42 @@
-"""An engine's user tower and item search in a process of its own, so they run beside the event loop without
-sharing its GIL.
+"""An engine's user tower and item search in a process beside the server's, so they run beside the event loop
+without sharing its GIL.
 
 In one server process the event loop (gRPC, validation, admission, response building) and the engine's work take
 turns on one GIL: computed inline the loop carries both (~1.2 ms a Recommend on this project's 2-core machine, so
 one core caps the rate), and on the compute thread every batch hands the GIL back and forth between them
-(docs/serving.md section 7). With `--compute-process` each serving engine gets a child process that loads the same
-verified files (tower package, item index) and runs only the two native calls of a batch: (B, T) item rows in,
-the user vectors and the top k_search of each row out. The item-row lookups before and the id mapping, exclusions
-and live-item merge after stay in the server (Engine.prepare / Engine.finish), so the answers are the ones the
-engine computes in-process.
+(docs/serving.md section 7). With `--compute-process` a server runs one long-lived child, its compute host
+(server/engine/compute_host.py), which loads each serving engine from the same verified files (tower package, item
+index) and runs only the two native calls of a batch: (B, T) item rows in, the user vectors and the top k_search
+of each row out. The item-row lookups before and the id mapping, exclusions and live-item merge after stay in the
+server (Engine.prepare / Engine.finish), so the answers are the ones the engine computes in-process.
 
-Wire format over a socketpair, each message prefixed by its length ("<I"), one batch in flight:
+One host for all engines, not a process per engine: the sidecar publishes an engine every few seconds, and a new
+process per engine paid Python's start and torch's import (~1.3 s of CPU) each time, beside the requests it
+competed with (docs/serving.md section 7). The host imports once; each engine is a connection of its own.
+
+Per engine, a stream socketpair whose far end the server hands the host (SCM_RIGHTS over the host's control
+socket, with the engine's directory and options); over it, each message prefixed by its length ("<I"), one batch
+in flight:
+  start    server: the engine's manifest;  host: b"ready" + "<d" its golden parity max abs diff once loaded and
+           warmed, or b"E" + why not
   request  "<iii" B, T, K + rows (B, T) int64
   reply    b"R" + "<iiidd" B, D, K, tower seconds, search seconds + u (B, D) float32 + scores (B, K) float32
-           + item indices (B, K) int64;  b"E" + a UTF-8 message: the batch failed (the process keeps serving)
-Start-up: the child sends b"ready" + "<d" its golden parity max abs diff once loaded and warmed, or b"E" + why not.
-The child exits when its connection closes: the server closed it, or exited (not PR_SET_PDEATHSIG: that follows
-the thread that started the child, a loading thread here, not the server process).
-
-    python -m server.engine.compute_process --fd N --engine-dir DIR [--graph-dir DIR] [--threads 1] [--no-ann]
+           + item indices (B, K) int64;  b"E" + a UTF-8 message: the batch failed (the engine keeps serving)
+Closing an engine's connection frees it in the host; closing the control socket (the server closed it, or exited:
+not PR_SET_PDEATHSIG, which follows the thread that started the child, a loading thread here) ends the host.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,52 +59,16 @@ class ComputeProcessError(Exception):
 
 
 class ComputeProcess:
-    """The server's end: a batch's rows go out and the tower's and the search's outputs come back, awaited on the
-    event loop (non-blocking socket: uvloop makes any fd it watches non-blocking anyway)."""
+    """The server's end of one engine in the compute host: a batch's rows go out and the tower's and the search's
+    outputs come back, awaited on the event loop (non-blocking socket: uvloop makes any fd it watches non-blocking
+    anyway). `proc` is the host process (shared by every engine it serves)."""
 
     def __init__(self, proc: subprocess.Popen, sock: socket.socket, version: int, parity: float) -> None:
         self.proc, self.sock, self.version = proc, sock, version
-        self.parity_max_abs_diff = parity  # the child's own golden check of the files it loaded
+        self.parity_max_abs_diff = parity  # the host's own golden check of the files it loaded
         self.alive = True
         self._busy = False
         self._buf = bytearray(1 << 16)  # replies are read into it (one in flight: nothing follows a reply)
-
-    @classmethod
-    def start(cls, engine_dir: Path, manifest_bytes: bytes, version: int, *, graph_dir: Path | None,
-              num_threads: int, use_ann: bool, timeout_s: float = START_TIMEOUT_S) -> "ComputeProcess":
-        """Start the child and wait until it has loaded, checked and warmed the engine (blocking: a loading thread)."""
-        ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "server.engine.compute_process", "--fd", str(theirs.fileno()),
-               "--engine-dir", str(engine_dir), "--threads", str(num_threads)]
-        if graph_dir is not None:
-            cmd += ["--graph-dir", str(graph_dir)]
-        if not use_ann:
-            cmd.append("--no-ann")
-        root = Path(__file__).resolve().parents[2]  # the project root, importable in the child
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
-        theirs.close()
-        try:
-            ours.settimeout(timeout_s)
-            send_frame(ours, manifest_bytes)
-            msg = recv_frame(ours)
-        except (OSError, EOFError) as e:
-            ours.close()
-            if isinstance(e, socket.timeout):
-                proc.kill()
-                proc.wait()
-                raise ComputeProcessError(f"engine {version}: the compute process did not start in {timeout_s:g} s")
-            proc.wait(10)
-            raise ComputeProcessError(f"engine {version}: the compute process exited (code {proc.returncode}) while "
-                                      f"loading: {e or 'connection closed'}; see the server log") from e
-        if not msg.startswith(b"ready"):
-            ours.close()
-            proc.wait(10)
-            raise ComputeProcessError(f"engine {version}: the compute process could not load it: "
-                                      f"{msg[1:].decode(errors='replace')}")
-        ours.setblocking(False)
-        (parity,) = struct.unpack_from("<d", msg, 5)
-        return cls(proc, ours, version, parity)
 
     async def compute(self, rows_BT: np.ndarray,
                       k_search: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -150,15 +120,117 @@ class ComputeProcess:
                       "server process from now on", self.version, why or "connection closed", self.proc.poll())
             self.sock.close()
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Close the connection (the child exits on it) and reap the child; kill it if it does not go."""
+    def close(self) -> None:
+        """Close this engine's connection: the host frees the engine (and keeps serving the others)."""
         self.alive = False
         self.sock.close()
+
+
+class ComputeHost:
+    """A server's compute host: one child process, started on the first engine and again after it died, that loads
+    and serves every engine the server hands it (`open`). Thread-safe: engines load on loading threads."""
+
+    def __init__(self, *, num_threads: int, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        self.num_threads = num_threads          # intra-op threads of the towers and searches in the host
+        self.start_timeout_s = start_timeout_s  # one engine's load, parity check and warm-up in the host
+        self.proc: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+        self._lock = threading.Lock()
+        self.starts = 0                         # host processes started so far (1 unless one died)
+
+    def open(self, engine_dir: Path, manifest_bytes: bytes, version: int, *, graph_dir: Path | None,
+             use_ann: bool) -> ComputeProcess:
+        """Have the host load `engine_dir` and wait until it has loaded, checked and warmed it (blocking: a loading
+        thread). ComputeProcessError: it could not; the host keeps serving the engines it has."""
+        ours, theirs = socket.socketpair()
+        spec = json.dumps({"engine_dir": str(engine_dir), "graph_dir": str(graph_dir) if graph_dir else None,
+                           "use_ann": use_ann, "version": version}).encode()
         try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            with self._lock:
+                proc = self._handover(spec, theirs)
+        finally:
+            theirs.close()
+        try:
+            ours.settimeout(self.start_timeout_s)
+            send_frame(ours, manifest_bytes)
+            msg = recv_frame(ours)
+        except (OSError, EOFError) as e:
+            ours.close()  # a load still running there ends on the closed connection
+            if isinstance(e, socket.timeout):
+                raise ComputeProcessError(f"engine {version}: the compute host did not load it in "
+                                          f"{self.start_timeout_s:g} s")
+            raise ComputeProcessError(f"engine {version}: the compute host (pid {proc.pid}, exit code "
+                                      f"{proc.poll()}) closed the connection while loading it: "
+                                      f"{e or 'connection closed'}; see the server log") from e
+        if not msg.startswith(b"ready"):
+            ours.close()
+            raise ComputeProcessError(f"engine {version}: the compute host could not load it: "
+                                      f"{msg[1:].decode(errors='replace')}")
+        ours.setblocking(False)
+        (parity,) = struct.unpack_from("<d", msg, 5)
+        return ComputeProcess(proc, ours, version, parity)
+
+    def _handover(self, spec: bytes, theirs: socket.socket) -> subprocess.Popen:
+        """Send the host an engine's spec and its end of the connection; a host that is gone is started again
+        (once: a fresh host that cannot take it is an error). Under the lock."""
+        for attempt in (1, 2):
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                socket.send_fds(self._control, [spec], [theirs.fileno()])
+                return self.proc
+            except OSError as e:
+                log.error("the compute host (pid %d) is gone (%s, exit code %s)", self.proc.pid, e,
+                          self.proc.poll())
+                self._stop(timeout_s=5.0)
+                if attempt == 2:
+                    raise ComputeProcessError(f"the compute host took no engine after a restart: {e}") from e
+        raise AssertionError("unreachable")
+
+    def _start(self) -> None:
+        """Start the host and wait until it has imported what engines need (blocking)."""
+        self._stop(timeout_s=5.0)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per engine, + its fd
+        cmd = [sys.executable, "-m", "server.engine.compute_host", "--fd", str(theirs.fileno()),
+               "--threads", str(self.num_threads)]
+        root = Path(__file__).resolve().parents[2]  # the project root, importable in the child
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        try:
+            ours.settimeout(self.start_timeout_s)
+            hello = ours.recv(64)
+        except OSError as e:
+            hello = b""
+            why = e
+        else:
+            why = "it closed the connection"
+        if hello != b"ready":
+            ours.close()
+            proc.kill()
+            proc.wait()
+            raise ComputeProcessError(f"the compute host did not start ({why}, exit code {proc.returncode}); "
+                                      f"see the server log")
+        ours.settimeout(10.0)  # a handover is one small message: a host that cannot take it in 10 s is stuck
+        self.proc, self._control = proc, ours
+        self.starts += 1
+        log.info("compute host started (pid %d, %d intra-op threads)", proc.pid, self.num_threads)
+
+    def _stop(self, timeout_s: float) -> None:
+        if self._control is not None:
+            self._control.close()  # the host exits on it
+            self._control = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End the host (its engines' batches are computed in the server from then on); kill it if it does not go."""
+        with self._lock:
+            self._stop(timeout_s)
 
 
 async def recommend_batch_remote(engine: Engine, queries: Sequence[RecommendQuery]) -> tuple[list[Ranked], tuple]:
@@ -222,63 +294,3 @@ def name_os_thread(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-# ---- the child
-
-def serve(sock: socket.socket, engine_dir: Path, graph_dir: Path | None, threads: int, use_ann: bool) -> None:
-    import torch
-
-    from proto import livetower_v1_pb2 as pb
-
-    torch.set_num_threads(threads)
-    try:
-        manifest = pb.EngineManifest.FromString(recv_frame(sock))
-        engine = Engine.load(engine_dir, manifest, num_threads=threads, use_ann=use_ann, graph_dir=graph_dir)
-        parity = engine.golden_max_abs_diff()
-        rows_BT = engine.history_rows(engine.item_ids[:engine.max_history])[None, :]
-        for _ in range(20):  # lazy init and allocator growth before the first live batch
-            engine.search(engine.runner(rows_BT), min(150, engine.n_items))
-    except Exception as e:  # noqa: BLE001 - whatever stops the load is the server's answer
-        send_frame(sock, b"E" + f"{type(e).__name__}: {e}".encode())
-        return
-    send_frame(sock, b"ready" + struct.pack("<d", parity))
-    while True:
-        try:
-            msg = recv_frame(sock)
-        except (EOFError, OSError):
-            return  # the server closed the connection (or died)
-        try:
-            B, T, K = REQUEST.unpack_from(msg)
-            rows_BT = np.frombuffer(msg, np.int64, B * T, REQUEST.size).reshape(B, T).copy()  # writable, for torch
-            t0 = time.perf_counter()
-            u_BD = np.ascontiguousarray(engine.runner(rows_BT), dtype=np.float32)
-            t1 = time.perf_counter()
-            scores_BK, idx_BK = engine.search(u_BD, K)
-            t2 = time.perf_counter()
-            reply = b"".join((b"R", REPLY.pack(B, u_BD.shape[1], scores_BK.shape[1], t1 - t0, t2 - t1),
-                              u_BD.tobytes(), np.ascontiguousarray(scores_BK, dtype=np.float32).tobytes(),
-                              np.ascontiguousarray(idx_BK, dtype=np.int64).tobytes()))
-        except Exception as e:  # noqa: BLE001 - this batch failed; the next may not
-            reply = b"E" + f"{type(e).__name__}: {e}".encode()
-        try:
-            send_frame(sock, reply)
-        except OSError:
-            return
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m server.engine.compute_process", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fd", type=int, required=True, help="the socket (inherited) the server talks over")
-    p.add_argument("--engine-dir", type=Path, required=True)
-    p.add_argument("--graph-dir", type=Path, help="a refit engine's graph version directory")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the tower and the search")
-    p.add_argument("--no-ann", action="store_true", help="exact search, as the server's --no-ann")
-    args = p.parse_args(argv)
-    name_os_thread(PROCESS_NAME)  # the main thread's name is the process's (/proc/PID/comm)
-    serve(socket.socket(fileno=args.fd), args.engine_dir, args.graph_dir, args.threads, not args.no_ann)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from contracts.registry import USER_VECTORS_FILE, EngineCorrupt, Registry
 from contracts.signing import KeyFileError, ManifestTrust
 from proto import livetower_v1_pb2 as pb
-from server.engine.compute_process import ComputeProcess, ComputeProcessError
+from server.engine.compute_process import ComputeHost, ComputeProcess, ComputeProcessError
 from server.engine.engine import Engine, EngineRejected
 
 if TYPE_CHECKING:
@@ -45,17 +45,17 @@ def load_from_registry(registry: Registry, version: int, config: EngineManagerCo
         raise EngineRejected(f"engine {version}: load failed: {e}") from e
 
 
-def start_compute_process(engine: Engine, config: EngineManagerConfig) -> ComputeProcess:
-    """The engine's compute process, started, loaded and checked; closed when the engine is freed."""
+def start_compute_process(engine: Engine, config: EngineManagerConfig, host: ComputeHost) -> ComputeProcess:
+    """The engine loaded, checked and warmed in the server's compute host; its connection closed (the host frees
+    it) when the engine is freed."""
     try:
-        proc = ComputeProcess.start(engine.engine_dir, engine.manifest.SerializeToString(), engine.version,
-                                    graph_dir=engine.graph_dir, num_threads=config.num_threads,
-                                    use_ann=config.use_ann and engine.ann is not None)
+        proc = host.open(engine.engine_dir, engine.manifest.SerializeToString(), engine.version,
+                         graph_dir=engine.graph_dir, use_ann=config.use_ann and engine.ann is not None)
     except ComputeProcessError as e:
         raise EngineRejected(str(e)) from e
     if proc.parity_max_abs_diff > config.parity_tolerance:
         proc.close()
-        raise EngineRejected(f"engine {engine.version}: its compute process's golden parity max abs diff "
+        raise EngineRejected(f"engine {engine.version}: its compute host's golden parity max abs diff "
                              f"{proc.parity_max_abs_diff:.3g} > tolerance {config.parity_tolerance:g}")
     weakref.finalize(engine, proc.close)
     return proc

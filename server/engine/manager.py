@@ -39,6 +39,7 @@ from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.fleet_stats import CanaryReports
 from server.engine.lease import check_holder, default_replica_id, hold, renew_until
+from server.engine.compute_process import ComputeHost
 from server.engine.loading import load_from_registry, lower_thread_priority, start_compute_process
 from server.engine.stages import StageClock
 
@@ -62,7 +63,7 @@ class EngineManagerConfig:
     # trainer beside the server, 300 QPS, 6 runs each: P99 median 8.9 ms at 0, 29 ms at 10 (docs/serving.md §7)
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
-    compute_process: bool = False   # run each engine's user tower and item search in a process of its own
+    compute_process: bool = False   # run the engines' user towers and item searches in one long-lived child process
                                     # (server/engine/compute_process.py), beside the event loop without sharing its
                                     # GIL: the batches of the compute thread go there (a Recommend computed inline
                                     # on the event loop still is, while the loop's load allows). Off by default:
@@ -145,6 +146,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
         self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine
         self._compute_processes: weakref.WeakSet = weakref.WeakSet()  # of engines loaded here (closed with them)
+        self._compute_host = ComputeHost(num_threads=config.num_threads) if config.compute_process else None
 
     @property
     def current(self) -> Engine | None:
@@ -206,8 +208,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.refit_warmup_calls if self._graph_is_warm(engine) else self.config.warmup_calls)
-            if self.config.compute_process and engine.engine_dir is not None:
-                engine.compute_process = start_compute_process(engine, self.config)
+            if self._compute_host is not None and engine.engine_dir is not None:
+                engine.compute_process = start_compute_process(engine, self.config, self._compute_host)
                 self._compute_processes.add(engine.compute_process)
             if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
                 self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
@@ -410,6 +412,8 @@ class EngineManager(CanaryControl, ExperimentControl):
         self.standby = None
         for proc in list(self._compute_processes):
             proc.close()
+        if self._compute_host is not None:
+            self._compute_host.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         lease = (asyncio.create_task(renew_until(stop, self.keep_lease, self.config.lease_s / 4))
