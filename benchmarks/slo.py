@@ -34,12 +34,13 @@ from benchmarks.server_cpu import CpuSample, per_request_ms, shed_by_reason, wai
 from benchmarks.workload import KINDS, make_workload, parse_mix
 
 CONFIGS = {
-    "baseline": {"dir": BASELINE_DIR, "flags": ["--no-batching", "--no-uvloop"],
+    "baseline": {"dir": BASELINE_DIR, "flags": ["--no-batching", "--no-uvloop", "--no-compute-process"],
                  "what": "torch.export eager user tower, torch matmul + topk, inline on the event loop, no batching"},
     "optimised": {"dir": ".", "flags": [],
-                  "what": "AOTInductor user tower, micro-batching on a compute thread, admission control, uvloop"},
+                  "what": "AOTInductor user tower, micro-batching, the batches' towers and searches in a compute "
+                          "host process, admission control, uvloop"},
     # Ablations: each drops one step of the optimised path, to show what that step buys.
-    "aoti-inline": {"dir": ".", "flags": ["--no-batching", "--no-uvloop"],
+    "aoti-inline": {"dir": ".", "flags": ["--no-batching", "--no-uvloop", "--no-compute-process"],
                     "what": "AOTInductor user tower only (inline, no batching, asyncio loop)"},
     "exact": {"dir": ".", "flags": ["--no-ann"], "what": "optimised, exact top-k instead of the HNSW index"},
     "no-uvloop": {"dir": ".", "flags": ["--no-uvloop"], "what": "optimised, default asyncio loop"},
@@ -52,11 +53,11 @@ CONFIGS = {
                  "what": "optimised, 2 processes with SO_REUSEPORT, the load over 8 connections"},
     "conns8": {"dir": ".", "flags": [], "channels": 8, "control_for": "workers2",
                "what": "optimised, one process, the load over 8 connections (workers2's control)"},
-    "compute-process": {"dir": ".", "flags": ["--compute-process"],
-                        "what": "optimised, each engine's tower and search in a process of its own for the batches "
-                                "(inline on the event loop while the loop's load allows, as optimised)"},
-    "compute-process-only": {"dir": ".", "flags": ["--compute-process", "--inline-below-ms", "0"],
-                             "what": "optimised, every Recommend's tower and search in the engine's own process"},
+    "in-process": {"dir": ".", "flags": ["--no-compute-process"],
+                   "what": "optimised, the batches' towers and searches on the server's compute thread (no compute "
+                           "host process: the default until 2026-12-07)"},
+    "compute-process-only": {"dir": ".", "flags": ["--inline-below-ms", "0"],
+                             "what": "optimised, every Recommend's tower and search in the compute host process"},
     # Beside the training sidecar (--with-trainer): the trainer's own settings, against optimised's defaults.
     "trainer-spins": {"dir": ".", "flags": [], "trainer_flags": ["--no-trainer-passive-wait"],
                       "what": "optimised, beside a trainer whose OpenMP threads spin when idle (libgomp's default)"},

@@ -63,11 +63,11 @@ class EngineManagerConfig:
     # trainer beside the server, 300 QPS, 6 runs each: P99 median 8.9 ms at 0, 29 ms at 10 (docs/serving.md §7)
     num_threads: int = 1            # intra-op threads of the user-tower runner
     use_ann: bool = True            # use an engine's item index when it has one (False: exact top-k)
-    compute_process: bool = False   # run the engines' user towers and item searches in one long-lived child process
+    compute_process: bool = True    # run the engines' user towers and item searches in one long-lived child process
                                     # (server/engine/compute_process.py), beside the event loop without sharing its
                                     # GIL: the batches of the compute thread go there (a Recommend computed inline
-                                    # on the event loop still is, while the loop's load allows). Off by default:
-                                    # measured in docs/serving.md section 7, 2026-12-07 (later)
+                                    # on the event loop still is, while the loop's load allows). Costs a second copy
+                                    # of each engine in memory; measured in docs/serving.md section 7
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
