@@ -274,3 +274,29 @@ def test_a_server_serves_every_engine_in_one_host_and_counts_its_cpu(trained_dir
         assert "lt-engine-2" in engine_threads(children[0])
     wait_for(lambda: not psutil.pid_exists(children[0]) or psutil.Process(children[0]).status() == "zombie",
              30, "the compute host to exit with its server")
+
+
+def test_a_server_whose_compute_host_died_loads_its_engine_into_a_new_one(trained_dir):
+    cfg = server_config(trained_dir, batching=BATCHING)
+    cfg = dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, compute_restart_backoff_s=60.0))
+    want = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+    queries = queries_for(want)[:6]
+    with running_server(cfg) as (server, port):
+        client = client_for(server, port)
+        engine = wait_for(lambda: server.manager.current, 60, "engine 1 to load")
+        first = engine.compute_process
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        for q in queries:  # answered all the while: the lost batch in the server, then in the new host
+            r = client.recommend(f"new-{q.user_id}", k=q.k, history=list(q.history), exclude_seen=q.exclude_seen)
+            assert list(r.item_ids) == want.recommend_batch([q])[0].item_ids
+        second = wait_for(lambda: engine.compute_process if engine.compute_process is not first else None, 60,
+                          "the engine to be loaded into a new compute host")
+        assert second.proc.pid != first.proc.pid and compute_processes(os.getpid()) == [second.proc.pid]
+        os.kill(second.proc.pid, signal.SIGKILL)  # again: not before the backoff (60 s here)
+        second.proc.wait(10)
+        time.sleep(1.5)  # the watcher's interval is 0.05-0.1 s
+        for q in queries:
+            r = client.recommend(f"new-{q.user_id}", k=q.k, history=list(q.history), exclude_seen=q.exclude_seen)
+            assert list(r.item_ids) == want.recommend_batch([q])[0].item_ids
+        assert engine.compute_process is second and not second.alive and compute_processes(os.getpid()) == []

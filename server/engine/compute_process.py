@@ -113,11 +113,17 @@ class ComputeProcess:
                     buf = self._buf = buf + bytearray(need - len(buf))
         return bytes(memoryview(buf)[FRAME.size:need])  # a copy: the buffer is the next reply's
 
+    def poll(self) -> bool:
+        """Whether the host still serves this engine: False once a batch found it gone, or once its process has
+        exited (seen before a batch is sent there). Only reads: the socket is the event loop's to close."""
+        return self.alive and self.proc.poll() is None
+
     def _gone(self, why: BaseException) -> None:
         if self.alive:
             self.alive = False
-            log.error("engine %d: its compute process is gone (%s, exit code %s); its batches are computed in the "
-                      "server process from now on", self.version, why or "connection closed", self.proc.poll())
+            log.error("engine %d: its compute host is gone (%s, exit code %s); its batches are computed in the "
+                      "server process until a new host takes it", self.version, why or "connection closed",
+                      self.proc.poll())
             self.sock.close()
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,57 @@ def start_compute_process(engine: Engine, config: EngineManagerConfig, host: Com
                              f"{proc.parity_max_abs_diff:.3g} > tolerance {config.parity_tolerance:g}")
     weakref.finalize(engine, proc.close)
     return proc
+
+
+class ComputeKeeper:
+    """A manager's compute host and the engines in it: attached as they load, restored into a new host when it died
+    (at once, then no sooner than a backoff that doubles each time). Thread-safe as ComputeHost is."""
+
+    MAX_BACKOFF_S = 300.0
+
+    def __init__(self, config: EngineManagerConfig) -> None:
+        self.config = config
+        self.host = ComputeHost(num_threads=config.num_threads)
+        self._procs: weakref.WeakSet = weakref.WeakSet()  # every engine's connection (closed with its engine)
+        self._restore_at = 0.0                            # time.monotonic(): no restore before
+        self._backoff_s = config.compute_restart_backoff_s
+
+    def attach(self, engine: Engine) -> None:
+        """Load `engine` into the host (EngineRejected: it could not be)."""
+        engine.compute_process = start_compute_process(engine, self.config, self.host)  # the batcher reads it per
+        self._procs.add(engine.compute_process)                                         # batch
+
+    def lost(self, engines: list[Engine]) -> list[Engine]:
+        """Those of `engines` whose host is gone, if a restore is due now (else none)."""
+        if time.monotonic() < self._restore_at:
+            return []
+        return [e for e in engines if getattr(e, "compute_process", None) is not None and not e.compute_process.poll()]
+
+    def restore(self, engines: list[Engine]) -> int:
+        """Load `engines` into a new host (blocking, off the event loop); one it cannot take keeps computing in the
+        server. Returns how many were restored."""
+        restored = 0
+        try:
+            for engine in engines:
+                try:
+                    self.attach(engine)
+                    restored += 1
+                except EngineRejected as e:
+                    log.warning("engine %d computes in the server: the compute host could not take it again (%s)",
+                                engine.version, e)
+        finally:
+            self._restore_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self.MAX_BACKOFF_S, 2 * self._backoff_s)
+        log.warning("compute host restored: %d of %d engines in it again (pid %s, start %d); the next restore no "
+                    "sooner than in %g s", restored, len(engines), getattr(self.host.proc, "pid", None),
+                    self.host.starts, self._restore_at - time.monotonic())
+        return restored
+
+    def close(self) -> None:
+        """Close every engine's connection, then the host."""
+        for proc in list(self._procs):
+            proc.close()
+        self.host.close()
 
 
 def _users_vectors_dir(registry: Registry, manifest: pb.EngineManifest, config: EngineManagerConfig,

@@ -22,7 +22,6 @@ import math
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,8 +38,7 @@ from server.engine.experiment_control import ExperimentControl
 from server.engine.experiments import CONTROL, RunningExperiment
 from server.engine.fleet_stats import CanaryReports
 from server.engine.lease import check_holder, default_replica_id, hold, renew_until
-from server.engine.compute_process import ComputeHost
-from server.engine.loading import load_from_registry, lower_thread_priority, start_compute_process
+from server.engine.loading import ComputeKeeper, load_from_registry, lower_thread_priority
 from server.engine.stages import StageClock
 
 log = logging.getLogger("livetower.engine")
@@ -68,6 +66,9 @@ class EngineManagerConfig:
                                     # GIL: the batches of the compute thread go there (a Recommend computed inline
                                     # on the event loop still is, while the loop's load allows). Costs a second copy
                                     # of each engine in memory; measured in docs/serving.md section 7
+    compute_restart_backoff_s: float = 5.0  # the serving engines of a compute host that died are loaded into a
+                                    # new one at once, the next time no sooner than this, doubled each time up to
+                                    # 300 s (a host that keeps dying costs little); meanwhile they compute here
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
@@ -83,7 +84,8 @@ class EngineManagerConfig:
     default_policy: CanaryPolicy = field(default_factory=CanaryPolicy)  # until an operator sets one
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance", "outcome_interval_s", "lease_s"):
+        for name in ("poll_interval_s", "analysis_interval_s", "parity_tolerance", "outcome_interval_s", "lease_s",
+                     "compute_restart_backoff_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.recall_tolerance < 1:
@@ -145,8 +147,7 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._outcome_counts = outcome_counts
         self._outcomes_read = (-1.0, 0, {})  # (monotonic time, window start, counts): reads throttled
         self.catalog = CatalogSync(catalog) if catalog is not None else None  # catalogue changes -> every engine
-        self._compute_processes: weakref.WeakSet = weakref.WeakSet()  # of engines loaded here (closed with them)
-        self._compute_host = ComputeHost(num_threads=config.num_threads) if config.compute_process else None
+        self._compute = ComputeKeeper(config) if config.compute_process else None  # the engines' compute host
 
     @property
     def current(self) -> Engine | None:
@@ -208,9 +209,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                 raise EngineRejected(f"engine {version}: index recall {recall[0]:.4f} on its held-out queries is "
                                      f"below the build's target {recall[1]:g} - {self.config.recall_tolerance:g}")
             engine.warm_up(self.config.refit_warmup_calls if self._graph_is_warm(engine) else self.config.warmup_calls)
-            if self._compute_host is not None and engine.engine_dir is not None:
-                engine.compute_process = start_compute_process(engine, self.config, self._compute_host)
-                self._compute_processes.add(engine.compute_process)
+            if self._compute is not None and engine.engine_dir is not None:
+                self._compute.attach(engine)
             if self.catalog is not None:  # every catalogue change so far, before it serves (users' records are
                 self.catalog.catch_up([engine])  # encoded here: load work, at the loading thread's priority)
         engine.clock = self.clock  # counted from here: warm-up is not serving
@@ -410,10 +410,8 @@ class EngineManager(CanaryControl, ExperimentControl):
         self._end_canary()
         self._retire(self.standby)
         self.standby = None
-        for proc in list(self._compute_processes):
-            proc.close()
-        if self._compute_host is not None:
-            self._compute_host.close()
+        if self._compute is not None:
+            self._compute.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         lease = (asyncio.create_task(renew_until(stop, self.keep_lease, self.config.lease_s / 4))
@@ -435,6 +433,8 @@ class EngineManager(CanaryControl, ExperimentControl):
                     await asyncio.to_thread(self.analyse_once)
                 if self._retired:
                     await asyncio.to_thread(self.release_retired)
+                if self._compute is not None and (lost := self._compute.lost(self.serving_engines())):
+                    await asyncio.to_thread(self._compute.restore, lost)
             except Exception:  # a registry hiccup must never kill the watcher
                 log.exception("engine watcher failed; retrying")
             try:
