@@ -92,8 +92,11 @@ TEST_BATCHING = BatchingConfig(max_queue_delay_ms=3000, max_loop_lag_ms=0)
 
 def server_config(data_dir: Path, *, policy: CanaryPolicy = FAST_POLICY, **overrides) -> ServerConfig:
     base = dict(data_dir=data_dir, port=0, admin_port=0, metrics_port=0, batching=TEST_BATCHING, gc_freeze=False,
+                # compute_process off: the host costs each test server ~3 s of CPU (its start, and the tiny torch
+                # engines' loads there) on CI's 2 cores; tests/test_compute_process.py runs servers with it, as do
+                # the tests that start `livetower serve` processes (the default)
                 engines=EngineManagerConfig(poll_interval_s=0.1, analysis_interval_s=0.05, warmup_calls=2,
-                                            default_policy=policy), grace_s=1.0)
+                                            default_policy=policy, compute_process=False), grace_s=1.0)
     base.update(overrides)
     return ServerConfig(**base)
 

@@ -25,7 +25,7 @@ from server.batching import BatchingConfig, MicroBatcher
 from server.engine.compute_process import (FRAME, PROCESS_NAME, REPLY, REQUEST, ComputeHost, ComputeProcess,
                                            ComputeProcessError, recv_frame)
 from server.engine.engine import Engine, EngineRejected, RecommendQuery
-from server.engine.loading import load_from_registry, start_compute_process
+from server.engine.loading import ComputeKeeper, load_from_registry, start_compute_process
 from server.engine.manager import EngineManagerConfig
 from tests.conftest import client_for, make_trainer, running_server, server_config, stream_events, wait_for
 from tests.test_ann import hnsw_engine_dir  # noqa: F401 - a module fixture: an engine with an HNSW index
@@ -278,7 +278,8 @@ def test_a_server_serves_every_engine_in_one_host_and_counts_its_cpu(trained_dir
 
 def test_a_server_whose_compute_host_died_loads_its_engine_into_a_new_one(trained_dir):
     cfg = server_config(trained_dir, batching=BATCHING)
-    cfg = dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, compute_restart_backoff_s=60.0))
+    cfg = dataclasses.replace(cfg, engines=dataclasses.replace(cfg.engines, compute_process=True,
+                                                               compute_restart_backoff_s=60.0))
     want = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
     queries = queries_for(want)[:6]
     with running_server(cfg) as (server, port):
@@ -300,3 +301,24 @@ def test_a_server_whose_compute_host_died_loads_its_engine_into_a_new_one(traine
             r = client.recommend(f"new-{q.user_id}", k=q.k, history=list(q.history), exclude_seen=q.exclude_seen)
             assert list(r.item_ids) == want.recommend_batch([q])[0].item_ids
         assert engine.compute_process is second and not second.alive and compute_processes(os.getpid()) == []
+
+
+def test_an_engine_the_host_cannot_take_is_served_in_process_and_tried_again_after_the_backoff(trained_dir, tmp_path):
+    keeper = ComputeKeeper(dataclasses.replace(CONFIG, compute_restart_backoff_s=0.5))
+    try:
+        engine = load_from_registry(Registry(trained_dir / "registry"), 1, CONFIG)
+        queries = queries_for(engine)[:6]
+        want = [engine.recommend_batch([q])[0] for q in queries]
+        real_dir, engine.engine_dir = engine.engine_dir, tmp_path / "gone"  # the host cannot load it from there
+        assert not keeper.attach(engine) and engine.compute_process is None  # not refused: served in-process
+        assert_same_answers(asyncio.run(through_batcher(engine, queries)), want)
+        assert keeper.lost([engine]) == [engine]  # due at once
+        assert keeper.restore([engine]) == 0 and keeper.lost([engine]) == []  # failed again: the backoff runs
+        engine.engine_dir = real_dir
+        time.sleep(0.6)
+        assert keeper.lost([engine]) == [engine] and keeper.restore([engine]) == 1
+        assert engine.compute_process.poll() and keeper.lost([engine]) == []
+        assert_same_answers(asyncio.run(through_batcher(engine, queries)), want)
+    finally:
+        keeper.close()
+    assert keeper.host.proc.returncode == 0

@@ -36,7 +36,7 @@ VERSION = 1
 REFUSALS = (EngineRejected, EngineCorrupt)
 PATH_TRICKS = ("../{f}", "../../{f}", "../../../secret", "/etc/passwd", "{sandbox}/secret", "./{f}", "{f}/",
                "a/{f}", "{f}\x00", ".{f}", "..", ".", "", "x" * 300, "ñ{f}", "{f}" + "\u202e")
-CONFIG = EngineManagerConfig(warmup_calls=1, verify_pause_s=0.0, load_nice=0)
+CONFIG = EngineManagerConfig(warmup_calls=1, verify_pause_s=0.0, load_nice=0, compute_process=False)  # files, not compute
 
 
 # ---------------------------------------------------------------- which files get opened

@@ -63,8 +63,10 @@ def start_compute_process(engine: Engine, config: EngineManagerConfig, host: Com
 
 
 class ComputeKeeper:
-    """A manager's compute host and the engines in it: attached as they load, restored into a new host when it died
-    (at once, then no sooner than a backoff that doubles each time). Thread-safe as ComputeHost is."""
+    """A manager's compute host and the engines in it. An engine the host cannot take (it did not start, could not
+    load the files, or its parity check failed there) is served from the server process, as one whose host died;
+    both are loaded into the host again at once, then no sooner than a backoff that doubles each time. Thread-safe
+    as ComputeHost is."""
 
     MAX_BACKOFF_S = 300.0
 
@@ -75,35 +77,35 @@ class ComputeKeeper:
         self._restore_at = 0.0                            # time.monotonic(): no restore before
         self._backoff_s = config.compute_restart_backoff_s
 
-    def attach(self, engine: Engine) -> None:
-        """Load `engine` into the host (EngineRejected: it could not be)."""
-        engine.compute_process = start_compute_process(engine, self.config, self.host)  # the batcher reads it per
-        self._procs.add(engine.compute_process)                                         # batch
+    def attach(self, engine: Engine) -> bool:
+        """Load `engine` into the host; False (logged): it computes in the server process instead."""
+        try:
+            proc = start_compute_process(engine, self.config, self.host)
+        except EngineRejected as e:
+            log.error("engine %d computes in the server process: %s", engine.version, e)
+            return False
+        engine.compute_process = proc  # the batcher reads it per batch
+        self._procs.add(proc)
+        return True
 
     def lost(self, engines: list[Engine]) -> list[Engine]:
-        """Those of `engines` whose host is gone, if a restore is due now (else none)."""
+        """Those of `engines` that should compute in the host and do not, if a restore is due now (else none)."""
         if time.monotonic() < self._restore_at:
             return []
-        return [e for e in engines if getattr(e, "compute_process", None) is not None and not e.compute_process.poll()]
+        return [e for e in engines if getattr(e, "engine_dir", None) is not None
+                and (getattr(e, "compute_process", None) is None or not e.compute_process.poll())]
 
     def restore(self, engines: list[Engine]) -> int:
-        """Load `engines` into a new host (blocking, off the event loop); one it cannot take keeps computing in the
-        server. Returns how many were restored."""
-        restored = 0
+        """Load `engines` into the host (started again if it died; blocking, off the event loop). Returns how many
+        it took."""
         try:
-            for engine in engines:
-                try:
-                    self.attach(engine)
-                    restored += 1
-                except EngineRejected as e:
-                    log.warning("engine %d computes in the server: the compute host could not take it again (%s)",
-                                engine.version, e)
+            restored = sum(self.attach(engine) for engine in engines)
         finally:
             self._restore_at = time.monotonic() + self._backoff_s
             self._backoff_s = min(self.MAX_BACKOFF_S, 2 * self._backoff_s)
-        log.warning("compute host restored: %d of %d engines in it again (pid %s, start %d); the next restore no "
-                    "sooner than in %g s", restored, len(engines), getattr(self.host.proc, "pid", None),
-                    self.host.starts, self._restore_at - time.monotonic())
+        log.warning("compute host: %d of %d engines in it again (pid %s, start %d); the next try no sooner than in "
+                    "%g s", restored, len(engines), getattr(self.host.proc, "pid", None), self.host.starts,
+                    self._restore_at - time.monotonic())
         return restored
 
     def close(self) -> None:

@@ -66,9 +66,10 @@ class EngineManagerConfig:
                                     # GIL: the batches of the compute thread go there (a Recommend computed inline
                                     # on the event loop still is, while the loop's load allows). Costs a second copy
                                     # of each engine in memory; measured in docs/serving.md section 7
-    compute_restart_backoff_s: float = 5.0  # the serving engines of a compute host that died are loaded into a
-                                    # new one at once, the next time no sooner than this, doubled each time up to
-                                    # 300 s (a host that keeps dying costs little); meanwhile they compute here
+    compute_restart_backoff_s: float = 5.0  # serving engines the compute host lost (it died) or could not take are
+                                    # loaded into it again at once, the next time no sooner than this, doubled each
+                                    # time up to 300 s (a host that keeps failing costs little); meanwhile they
+                                    # compute in the server process
     recall_tolerance: float = 0.02  # refuse an engine whose index recall@k on its held-out queries falls more than
                                     # this below the target it was built for (sampling noise of a few hundred queries)
     leader: bool = True             # may hold the decision lease and so make the automatic rollout decisions
