@@ -59,10 +59,14 @@ def compute_processes(pid: int) -> list[int]:
 def _process_cpu_s(pid: int) -> float:
     """A process's CPU seconds so far, its ended threads included (0 once it is gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
+
+
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds from a /proc stat line (a process's or a thread's)."""
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime, stime are fields 14, 15
     return (int(fields[11]) + int(fields[12])) * TICK_S
 
 
@@ -74,8 +78,7 @@ def _threads_cpu_s(pid: int) -> dict[str, float]:
             comm = (task / "comm").read_text().strip()
         except OSError:
             continue  # the thread ended meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime, stime are fields 14, 15
-        out[_group(pid, int(task.name), comm)] += (int(fields[11]) + int(fields[12])) * TICK_S
+        out[_group(pid, int(task.name), comm)] += _stat_cpu_s(stat)
     return out
 
 

@@ -52,7 +52,7 @@ def serve_engine(sock: socket.socket, spec: dict, threads: int) -> None:
         for _ in range(WARMUP_BATCHES):
             engine.search(engine.runner(rows_BT), min(150, engine.n_items))
     except Exception as e:  # noqa: BLE001 - whatever stops the load is the server's answer
-        _send_or_close(sock, b"E" + f"{type(e).__name__}: {e}".encode())
+        _send_or_close(sock, _failure(e))
         return
     if not _send_or_close(sock, b"ready" + struct.pack("<d", parity)):
         return
@@ -80,7 +80,12 @@ def answer(engine: Engine, msg: bytes) -> bytes:
                          np.ascontiguousarray(scores_BK, dtype=np.float32).tobytes(),
                          np.ascontiguousarray(idx_BK, dtype=np.int64).tobytes()))
     except Exception as e:  # noqa: BLE001 - this batch failed; the next may not
-        return b"E" + f"{type(e).__name__}: {e}".encode()
+        return _failure(e)
+
+
+def _failure(e: Exception) -> bytes:
+    """The protocol's failure message: b"E" + the exception, in UTF-8."""
+    return b"E" + f"{type(e).__name__}: {e}".encode()
 
 
 def _send_or_close(sock: socket.socket, payload: bytes) -> bool:
